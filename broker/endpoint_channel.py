@@ -1,0 +1,308 @@
+"""One endpoint's WebSocket session: hello/reconcile, credit-based dispatch, results, heartbeats.
+
+Tasks move from the endpoint's queue to the socket in batches: the batch is
+recorded in the in-flight set, its deliveries acked, then sent. A task is never
+held unacked in RabbitMQ while it runs; if the connection dies, the next hello
+reconciles the in-flight set and queues the lost tasks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+
+from fastapi import WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from farcall.broker import auth
+from farcall.broker.errors import Forbidden, Unauthorized, deny_websocket
+from farcall.broker.queue.base import Consumer, Delivery
+from farcall.broker.services import Services
+from farcall.broker.store.base import TERMINAL
+from farcall.messages import (
+    PROTOCOL_VERSION,
+    Credit,
+    ErrorFrame,
+    HeartbeatFrame,
+    Hello,
+    ResultsAck,
+    ResultsFrame,
+    ResultStreamFrame,
+    RunningFrame,
+    TaskMessage,
+    TaskResult,
+    TasksFrame,
+    Welcome,
+    now,
+    parse_endpoint_frame,
+)
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 30.0
+MAX_BATCH = 500
+PARK_AFTER = 10.0
+"""With no credit for this long, stop consuming so no delivery stays unacked (consumer timeout)."""
+TOUCH_EVERY = 1.0
+
+
+async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
+    """Authenticate the endpoint credential, then run the session until either side closes."""
+    principal = await auth.authenticate(svc.store, auth.bearer(ws.headers.get("authorization")))
+    if principal is None:
+        await deny_websocket(ws, Unauthorized("the endpoint credential is unknown or revoked"))
+        return
+    if principal.kind != "endpoint" or principal.id != endpoint_id:
+        await deny_websocket(
+            ws, Forbidden(f"this credential may not connect as endpoint {endpoint_id}")
+        )
+        return
+    await ws.accept()
+    await EndpointSession(ws, svc, endpoint_id).run()
+
+
+class EndpointSession:
+    def __init__(self, ws: WebSocket, svc: Services, endpoint_id: str) -> None:
+        self.ws, self.svc, self.endpoint_id = ws, svc, endpoint_id
+        self.store, self.queue = svc.store, svc.queue
+        self.session_id = uuid.uuid4().hex
+        self.credit = 0
+        self.credit_changed = asyncio.Event()
+        self.sent: set[str] = set()  # dispatched on this connection, no result yet
+        self.consumer: Consumer | None = None
+        self._send_lock = asyncio.Lock()
+        self._last_touch = 0.0
+
+    async def run(self) -> None:
+        try:
+            hello = await self._hello()
+        except WebSocketDisconnect:
+            return
+        except TimeoutError:
+            await self._error_and_close(f"no hello within {HELLO_TIMEOUT:.0f} s")
+            return
+        if hello is None:
+            return
+        await self.store.set_connected(self.endpoint_id, self.session_id, True, now())
+        log.info(
+            "endpoint %s connected (session %s, credit %d, holds %d)",
+            self.endpoint_id,
+            self.session_id,
+            hello.credit,
+            len(hello.held_task_ids),
+        )
+        try:
+            await self.store.set_heartbeat(
+                self.endpoint_id, hello.heartbeat.model_dump(mode="json"), now()
+            )
+            await self._reconcile(set(hello.held_task_ids))
+            await self.send(Welcome(endpoint_id=self.endpoint_id).model_dump_json())
+            self._add_credit(hello.credit)
+            await self._run_loops()
+        except WebSocketDisconnect:
+            pass
+        except Exception as e:
+            log.exception("endpoint %s session failed", self.endpoint_id)
+            await self._close(1011, f"broker error: {type(e).__name__}")
+        finally:
+            await asyncio.shield(self._cleanup())
+
+    async def _hello(self) -> Hello | None:
+        raw = await asyncio.wait_for(self._receive(), HELLO_TIMEOUT)
+        try:
+            frame = parse_endpoint_frame(raw) if raw is not None else None
+        except ValidationError as e:
+            frame = None
+            log.warning("endpoint %s: bad first frame: %s", self.endpoint_id, e)
+        if not isinstance(frame, Hello):
+            await self._error_and_close("the first frame must be a hello")
+            return None
+        if frame.protocol != PROTOCOL_VERSION:
+            await self._error_and_close(
+                f"protocol {frame.protocol} is not spoken here (broker speaks {PROTOCOL_VERSION}); "
+                "upgrade farcall on the endpoint or the broker"
+            )
+            return None
+        return frame
+
+    async def _cleanup(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.close()
+        try:
+            await self.store.set_connected(self.endpoint_id, self.session_id, False, now())
+        except Exception as e:  # noqa: BLE001 - the store may be the reason we are closing
+            log.warning("endpoint %s: could not record disconnect: %r", self.endpoint_id, e)
+        log.info("endpoint %s disconnected (session %s)", self.endpoint_id, self.session_id)
+
+    async def _run_loops(self) -> None:
+        tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._dispatch_loop())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            t.result()
+
+    # ------------------------------------------------------------ sending
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(text)
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, reason[:120])
+
+    async def _error_and_close(self, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.send(ErrorFrame(message=message).model_dump_json())
+        await self._close(1008, message)
+
+    # ------------------------------------------------------------ reconcile
+
+    async def _reconcile(self, held: set[str]) -> None:
+        """Queue again the in-flight tasks the endpoint no longer holds and are not finished."""
+        inflight = await self.store.get_inflight(self.endpoint_id)
+        lost = [t for t in inflight if t not in held]
+        if not lost:
+            return
+        records = await self.store.get_tasks(lost)
+        again = [
+            t for t, rec in zip(lost, records, strict=True) if rec and rec["state"] not in TERMINAL
+        ]
+        if again:
+            await self.queue.publish(self.endpoint_id, [inflight[t].encode() for t in again])
+        await self.store.remove_inflight(self.endpoint_id, lost)
+        log.info(
+            "endpoint %s: reconciled %d lost in-flight tasks (%d queued again)",
+            self.endpoint_id,
+            len(lost),
+            len(again),
+        )
+
+    # ------------------------------------------------------------ endpoint -> broker
+
+    async def _receive(self) -> str | None:
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        return message.get("text") or (message.get("bytes") or b"").decode() or None
+
+    async def _read_loop(self) -> None:
+        while True:
+            raw = await self._receive()
+            if raw is None:
+                continue
+            try:
+                frame = parse_endpoint_frame(raw)
+            except ValidationError as e:
+                log.warning("endpoint %s sent a bad frame: %s", self.endpoint_id, e)
+                await self.send(
+                    ErrorFrame(message=f"bad frame ignored: {e.errors()[:3]}").model_dump_json()
+                )
+                continue
+            at = now()
+            if isinstance(frame, HeartbeatFrame):
+                await self.store.set_heartbeat(
+                    self.endpoint_id, frame.heartbeat.model_dump(mode="json"), at
+                )
+                self._last_touch = at
+                continue
+            if at - self._last_touch > TOUCH_EVERY:
+                self._last_touch = at
+                await self.store.touch_endpoint(self.endpoint_id, at)
+            if isinstance(frame, Credit):
+                self._add_credit(frame.n)
+            elif isinstance(frame, RunningFrame):
+                await self.store.mark_running(self.endpoint_id, frame.started)
+            elif isinstance(frame, ResultsFrame):
+                await self._results(frame)
+            elif isinstance(frame, Hello):
+                await self.send(
+                    ErrorFrame(message="hello was already received; ignored").model_dump_json()
+                )
+
+    async def _results(self, frame: ResultsFrame) -> None:
+        if frame.results:
+            done = await self.store.complete(self.endpoint_id, frame.results, now())
+            by_group: dict[str, list[TaskResult]] = defaultdict(list)
+            for group, result in done:
+                by_group[group].append(result)
+            for group, results in by_group.items():
+                await self.store.publish_results(
+                    group, ResultStreamFrame(results=results).model_dump_json()
+                )
+            ids = [r.task_id for r in frame.results]
+            self.sent.difference_update(ids)
+            await self.send(ResultsAck(task_ids=ids).model_dump_json())
+        self._add_credit(frame.credit)
+
+    def _add_credit(self, n: int) -> None:
+        if n > 0:
+            self.credit += n
+            self.credit_changed.set()
+
+    # ------------------------------------------------------------ broker -> endpoint
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            if self.credit <= 0:
+                self.credit_changed.clear()
+                try:
+                    timeout = PARK_AFTER if self.consumer is not None else None
+                    await asyncio.wait_for(self.credit_changed.wait(), timeout)
+                except TimeoutError:
+                    await self._park()
+                continue
+            if self.consumer is None:
+                prefetch = min(2 * MAX_BATCH, max(16, 2 * self.credit))
+                self.consumer = await self.queue.consume(self.endpoint_id, prefetch)
+            deliveries = await self.consumer.get_batch(min(self.credit, MAX_BATCH))
+            await self._dispatch(deliveries)
+
+    async def _park(self) -> None:
+        """Give prefetched deliveries back to the queue while the endpoint has no room."""
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            await consumer.close()
+            log.debug(
+                "endpoint %s: no credit for %.0f s; stopped consuming", self.endpoint_id, PARK_AFTER
+            )
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        assert self.consumer is not None
+        messages: dict[str, tuple[TaskMessage, str]] = {}
+        for d in deliveries:
+            try:
+                message = TaskMessage.model_validate_json(d.body)
+            except ValidationError as e:
+                log.error(
+                    "endpoint %s: dropping a queued body that is not a task: %s",
+                    self.endpoint_id,
+                    e,
+                )
+                continue
+            if message.task_id not in self.sent:
+                messages[message.task_id] = (message, d.body.decode())
+        accepted = await self.store.dispatch(
+            self.endpoint_id, {t: body for t, (_, body) in messages.items()}
+        )
+        await self.consumer.ack(deliveries)
+        if len(accepted) < len(deliveries):
+            log.debug(
+                "endpoint %s: dropped %d finished or repeated tasks",
+                self.endpoint_id,
+                len(deliveries) - len(accepted),
+            )
+        if accepted:
+            self.sent.update(accepted)
+            self.credit -= len(accepted)
+            await self.send(TasksFrame(tasks=[messages[t][0] for t in accepted]).model_dump_json())

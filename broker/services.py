@@ -1,0 +1,66 @@
+"""What a broker process holds: its settings, its store and its queue, chosen from the settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from farcall.broker.queue.base import TaskQueue
+from farcall.broker.settings import Settings
+from farcall.broker.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+def make_store(settings: Settings) -> Store:
+    """Redis when ``redis_url`` is set, otherwise the in-process store."""
+    if settings.redis_url:
+        from farcall.broker.store.redis import RedisStore
+
+        return RedisStore(settings.redis_url, settings.redis_prefix, settings.result_ttl)
+    from farcall.broker.store.memory import MemoryStore
+
+    return MemoryStore()
+
+
+def make_queue(settings: Settings) -> TaskQueue:
+    """RabbitMQ when ``amqp_url`` is set, otherwise the in-process queue."""
+    if settings.amqp_url:
+        from farcall.broker.queue.rabbitmq import RabbitQueue
+
+        return RabbitQueue(settings.amqp_url, settings.queue_prefix)
+    from farcall.broker.queue.memory import MemoryQueue
+
+    return MemoryQueue(settings.queue_prefix)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    queue: TaskQueue
+
+    @classmethod
+    def build(
+        cls, settings: Settings, store: Store | None = None, queue: TaskQueue | None = None
+    ) -> Services:
+        return cls(settings, store or make_store(settings), queue or make_queue(settings))
+
+    async def start(self) -> None:
+        """Connect; a service that is down is retried on demand (requests answer 503 meanwhile)."""
+        for part in (self.store, self.queue):
+            try:
+                await part.start()
+            except Exception as e:  # noqa: BLE001 - the broker must come up to answer 503 and health
+                log.warning(
+                    "%s is not answering at start-up (%r); retrying on demand",
+                    type(part).__name__,
+                    e,
+                )
+
+    async def close(self) -> None:
+        for part in (self.queue, self.store):
+            try:
+                await part.close()
+            except Exception as e:  # noqa: BLE001 - best effort at shutdown
+                log.debug("closing %s: %r", type(part).__name__, e)

@@ -1,0 +1,59 @@
+"""Broker settings, read from ``FARCALL_*`` environment variables.
+
+A missing Redis or RabbitMQ URL selects the in-process store or queue
+(embedded mode), so one command can run the whole system on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    """Everything the broker reads from its environment; safe to build by hand in tests."""
+
+    redis_url: str | None = None
+    amqp_url: str | None = None
+    redis_prefix: str = "farcall:"
+    queue_prefix: str = "farcall."
+    max_payload_bytes: int = 10 * MB
+    result_ttl: int = 7 * 24 * 3600
+    endpoint_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        return cls(
+            redis_url=env.get("FARCALL_REDIS_URL") or None,
+            amqp_url=env.get("FARCALL_AMQP_URL") or None,
+            redis_prefix=env.get("FARCALL_REDIS_PREFIX", cls.redis_prefix),
+            queue_prefix=env.get("FARCALL_QUEUE_PREFIX", cls.queue_prefix),
+            max_payload_bytes=_number(env, "FARCALL_MAX_PAYLOAD_BYTES", cls.max_payload_bytes, int),
+            result_ttl=_number(env, "FARCALL_RESULT_TTL", cls.result_ttl, int),
+            endpoint_timeout=_number(env, "FARCALL_ENDPOINT_TIMEOUT", cls.endpoint_timeout, float),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """True when neither Redis nor RabbitMQ is configured (in-process store and queue)."""
+        return self.redis_url is None and self.amqp_url is None
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, kind: type[int] | type[float]
+) -> Any:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(
+            f"{name}={raw!r} is not a number; unset it or give a {kind.__name__}"
+        ) from None

@@ -1,0 +1,172 @@
+"""The store interface: users, functions, endpoints, task groups, tasks, results.
+
+The HTTP routes and the endpoint channel only see this interface, so they do
+not know whether Redis or process memory sits behind it. Records are plain
+dicts shaped like the REST answers of docs/protocol.md plus a ``user_id`` owner.
+Every method that touches many tasks takes them as one batch, so an
+implementation can serve it in one round trip.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from farcall.messages import ResultMessage, TaskResult, TaskState
+
+Record = dict[str, Any]
+TERMINAL = frozenset({TaskState.SUCCESS.value, TaskState.FAILED.value})
+_LIFECYCLE = {s.value: i for i, s in enumerate(TaskState)}
+
+
+def ordered_transitions(transitions: dict[str, float]) -> dict[str, float]:
+    """Transitions in lifecycle order (received .. terminal), whatever the clocks say."""
+    return dict(sorted(transitions.items(), key=lambda kv: _LIFECYCLE.get(kv[0], len(_LIFECYCLE))))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a token belongs to: a user or an endpoint, by id."""
+
+    kind: Literal["user", "endpoint"]
+    id: str
+    token_hash: str
+
+
+class Subscription(abc.ABC):
+    """Result-stream frames (JSON text) published for one task group, from any broker replica."""
+
+    @abc.abstractmethod
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Store(abc.ABC):
+    """Durable broker state. Completion is idempotent: the first result for a task id wins."""
+
+    async def start(self) -> None:
+        """Connect (and fail fast if the backing service does not answer)."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections."""
+        return None
+
+    # ------------------------------------------------------------ users and tokens
+    @abc.abstractmethod
+    async def create_user(self, user: Record, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resolve_token(self, token_hash: str) -> Principal | None: ...
+
+    # ------------------------------------------------------------ functions
+    @abc.abstractmethod
+    async def put_function(self, function: Record) -> None:
+        """Store a function record.
+
+        Keys: function_id, user_id, function_name, description, function, created_at.
+        """
+
+    @abc.abstractmethod
+    async def get_functions(self, function_ids: list[str]) -> dict[str, Record]:
+        """The functions that exist among ``function_ids``, by id."""
+
+    @abc.abstractmethod
+    async def delete_function(self, function_id: str) -> None: ...
+
+    # ------------------------------------------------------------ endpoints
+    @abc.abstractmethod
+    async def put_endpoint(self, endpoint: Record, credential_hash: str) -> None:
+        """Store ``endpoint_id, user_id, name, description, created_at`` and its credential."""
+
+    @abc.abstractmethod
+    async def get_endpoint(self, endpoint_id: str) -> Record | None:
+        """The record plus ``last_heartbeat``, ``last_seen``, ``heartbeat`` and ``connected``."""
+
+    @abc.abstractmethod
+    async def list_endpoints(self, user_id: str) -> list[Record]: ...
+
+    @abc.abstractmethod
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        """Remove the endpoint, revoke its credential, forget its in-flight set."""
+
+    @abc.abstractmethod
+    async def set_connected(
+        self, endpoint_id: str, session_id: str, connected: bool, at: float
+    ) -> None:
+        """Add or remove one channel session; an endpoint is connected while it has any."""
+
+    @abc.abstractmethod
+    async def set_heartbeat(self, endpoint_id: str, heartbeat: Record, at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def touch_endpoint(self, endpoint_id: str, at: float) -> None:
+        """Record that the endpoint was heard from (any frame) at ``at``."""
+
+    # ------------------------------------------------------------ task groups
+    @abc.abstractmethod
+    async def create_task_group(self, task_group_id: str, user_id: str, at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def get_task_group_owner(self, task_group_id: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def get_task_group_tasks(self, task_group_id: str) -> list[str]: ...
+
+    # ------------------------------------------------------------ tasks
+    @abc.abstractmethod
+    async def create_tasks(self, tasks: list[Record], new_group: Record | None = None) -> None:
+        """Create task records (and ``new_group``: task_group_id, user_id, created_at) at once.
+
+        Each task: ``task_id, user_id, task_group_id, endpoint_id, function_id, state,
+        transitions, submitter``. All tasks of one call belong to one group.
+        """
+
+    @abc.abstractmethod
+    async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
+        """Task records in the order asked; None for unknown (or expired) ids."""
+
+    @abc.abstractmethod
+    async def fail_tasks(self, task_ids: list[str], error: str, at: float) -> None:
+        """Mark tasks failed that could not be queued (they never reach an endpoint)."""
+
+    # ------------------------------------------------------------ endpoint channel
+    @abc.abstractmethod
+    async def dispatch(self, endpoint_id: str, tasks: dict[str, str]) -> list[str]:
+        """Put tasks (id -> TaskMessage JSON) in the endpoint's in-flight set.
+
+        Returns the ids accepted: tasks that exist, belong to this endpoint and are
+        not terminal. The others must be dropped by the caller.
+        """
+
+    @abc.abstractmethod
+    async def get_inflight(self, endpoint_id: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    async def remove_inflight(self, endpoint_id: str, task_ids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
+        """Set ``running`` for tasks of this endpoint that are not terminal yet."""
+
+    @abc.abstractmethod
+    async def complete(
+        self, endpoint_id: str, results: list[ResultMessage], at: float
+    ) -> list[tuple[str, TaskResult]]:
+        """Store results, first one per task id wins; drop them from the in-flight set.
+
+        Returns ``(task_group_id, TaskResult)`` for the newly completed tasks only.
+        Results for tasks of other endpoints are ignored.
+        """
+
+    # ------------------------------------------------------------ result fan-out
+    @abc.abstractmethod
+    async def publish_results(self, task_group_id: str, frame: str) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe_results(self, task_group_id: str) -> Subscription:
+        """Start receiving frames for a group; frames published after this returns are delivered."""

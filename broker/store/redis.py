@@ -1,0 +1,368 @@
+"""Redis store: every key under one prefix, batches in one pipeline or one Lua call.
+
+Keys (``p`` is the prefix):
+``p tokens`` hash sha256 -> ``user:<id>`` / ``endpoint:<id>``; ``p user:<id>``;
+``p user:<id>:endpoints`` set; ``p fn:<id>``; ``p ep:<id>``; ``p ep:<id>:sessions`` set;
+``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p tg:<id>`` and
+``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>`` field per
+transition. Results are published on channel ``p results:<task group id>``.
+State changes that must not go backwards (running after success, a second
+result) are Lua scripts, so they are atomic across broker replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from farcall.broker.store.base import Principal, Record, Store, Subscription, ordered_transitions
+from farcall.messages import ResultMessage, TaskResult, TaskState
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] inflight hash, KEYS[2..] task hashes; ARGV[1] endpoint id, then (task id, body) pairs.
+_DISPATCH = """
+local out = {}
+for i = 2, #KEYS do
+  local id = ARGV[2 * i - 2]
+  local st = redis.call('HGET', KEYS[i], 'state')
+  if st and st ~= 'success' and st ~= 'failed'
+     and redis.call('HGET', KEYS[i], 'endpoint_id') == ARGV[1] then
+    redis.call('HSET', KEYS[1], id, ARGV[2 * i - 1])
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# KEYS task hashes; ARGV[1] endpoint id (or '' for any), ARGV[2] new state, ARGV[3] error,
+# ARGV[3 + i] timestamp for KEYS[i].
+_TRANSITION = """
+for i = 1, #KEYS do
+  local st = redis.call('HGET', KEYS[i], 'state')
+  if st and st ~= 'success' and st ~= 'failed'
+     and (ARGV[1] == '' or redis.call('HGET', KEYS[i], 'endpoint_id') == ARGV[1]) then
+    redis.call('HSET', KEYS[i], 'state', ARGV[2], 't:' .. ARGV[2], ARGV[3 + i])
+    if ARGV[2] == 'failed' then
+      redis.call('HSET', KEYS[i], 'done', '1', 'error', ARGV[3], 'completed_at', ARGV[3 + i])
+    end
+  end
+end
+return #KEYS
+"""
+
+# KEYS[1] inflight hash, KEYS[2..] task hashes; ARGV[1] endpoint id, ARGV[2] ttl, ARGV[3] now,
+# then 6 per result: task id, state, data, error, worker JSON, started_at ('' if unknown).
+# Returns per result the task group id if this call completed it, else ''.
+_COMPLETE = """
+local out = {}
+local ttl = tonumber(ARGV[2])
+for i = 2, #KEYS do
+  local b = 3 + (i - 2) * 6
+  local k = KEYS[i]
+  redis.call('HDEL', KEYS[1], ARGV[b + 1])
+  if redis.call('HGET', k, 'endpoint_id') == ARGV[1]
+     and redis.call('HSETNX', k, 'done', '1') == 1 then
+    local st = ARGV[b + 2]
+    redis.call('HSET', k, 'state', st, 'data', ARGV[b + 3], 'error', ARGV[b + 4],
+               'worker', ARGV[b + 5], 'completed_at', ARGV[3], 't:' .. st, ARGV[3])
+    if ARGV[b + 6] ~= '' and redis.call('HEXISTS', k, 't:running') == 0 then
+      redis.call('HSET', k, 't:running', ARGV[b + 6])
+    end
+    if ttl > 0 then redis.call('EXPIRE', k, ttl) end
+    out[#out + 1] = redis.call('HGET', k, 'task_group_id')
+  else
+    out[#out + 1] = ''
+  end
+end
+return out
+"""
+
+
+class _RedisSubscription(Subscription):
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
+        async for message in self._pubsub.listen():
+            if message["type"] == "message":
+                yield message["data"]
+
+    async def close(self) -> None:
+        await self._pubsub.aclose()  # drops the connection, and with it the subscription
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, prefix: str = "farcall:", result_ttl: int = 7 * 24 * 3600) -> None:
+        self.prefix = prefix
+        self.result_ttl = result_ttl
+        # Any: redis-py's annotations do not model decode_responses=True (we get str, not bytes).
+        self._r: Any = aioredis.Redis.from_url(url, decode_responses=True)
+        self._dispatch = self._r.register_script(_DISPATCH)
+        self._transition = self._r.register_script(_TRANSITION)
+        self._complete = self._r.register_script(_COMPLETE)
+
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def start(self) -> None:
+        await self._r.ping()
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    # ------------------------------------------------------------ users and tokens
+    async def create_user(self, user: Record, token_hash: str) -> None:
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(self.k("user", user["user_id"]), mapping=_flat(user))
+            p.hset(self.k("tokens"), token_hash, f"user:{user['user_id']}")
+            await p.execute()
+
+    async def resolve_token(self, token_hash: str) -> Principal | None:
+        value = await self._r.hget(self.k("tokens"), token_hash)
+        if not value:
+            return None
+        kind, _, ident = value.partition(":")
+        return Principal("endpoint" if kind == "endpoint" else "user", ident, token_hash)
+
+    # ------------------------------------------------------------ functions
+    async def put_function(self, function: Record) -> None:
+        await self._r.hset(self.k("fn", function["function_id"]), mapping=_flat(function))
+
+    async def get_functions(self, function_ids: list[str]) -> dict[str, Record]:
+        async with self._r.pipeline(transaction=False) as p:
+            for f in function_ids:
+                p.hgetall(self.k("fn", f))
+            found = await p.execute()
+        return {
+            f: {**rec, "created_at": float(rec["created_at"])}
+            for f, rec in zip(function_ids, found, strict=True)
+            if rec
+        }
+
+    async def delete_function(self, function_id: str) -> None:
+        await self._r.delete(self.k("fn", function_id))
+
+    # ------------------------------------------------------------ endpoints
+    async def put_endpoint(self, endpoint: Record, credential_hash: str) -> None:
+        eid = endpoint["endpoint_id"]
+        async with self._r.pipeline(transaction=True) as p:
+            p.hset(
+                self.k("ep", eid), mapping={**_flat(endpoint), "credential_hash": credential_hash}
+            )
+            p.sadd(self.k("user", endpoint["user_id"], "endpoints"), eid)
+            p.hset(self.k("tokens"), credential_hash, f"endpoint:{eid}")
+            await p.execute()
+
+    async def get_endpoint(self, endpoint_id: str) -> Record | None:
+        return (await self._get_endpoints([endpoint_id]))[0]
+
+    async def _get_endpoints(self, endpoint_ids: list[str]) -> list[Record | None]:
+        async with self._r.pipeline(transaction=False) as p:
+            for e in endpoint_ids:
+                p.hgetall(self.k("ep", e))
+                p.scard(self.k("ep", e, "sessions"))
+            raw = await p.execute()
+        out: list[Record | None] = []
+        for rec, sessions in zip(raw[::2], raw[1::2], strict=True):
+            if not rec:
+                out.append(None)
+                continue
+            rec.pop("credential_hash", None)
+            out.append(
+                {
+                    **rec,
+                    "created_at": float(rec["created_at"]),
+                    "last_heartbeat": _float(rec.get("last_heartbeat")),
+                    "last_seen": _float(rec.get("last_seen")),
+                    "heartbeat": json.loads(rec.get("heartbeat") or "{}"),
+                    "connected": sessions > 0,
+                }
+            )
+        return out
+
+    async def list_endpoints(self, user_id: str) -> list[Record]:
+        ids = sorted(await self._r.smembers(self.k("user", user_id, "endpoints")))
+        return [r for r in await self._get_endpoints(ids) if r is not None]
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        key = self.k("ep", endpoint_id)
+        credential, user_id = await self._r.hmget(key, ["credential_hash", "user_id"])
+        async with self._r.pipeline(transaction=True) as p:
+            if credential:
+                p.hdel(self.k("tokens"), credential)
+            if user_id:
+                p.srem(self.k("user", user_id, "endpoints"), endpoint_id)
+            p.delete(
+                key, self.k("ep", endpoint_id, "sessions"), self.k("ep", endpoint_id, "inflight")
+            )
+            await p.execute()
+
+    async def set_connected(
+        self, endpoint_id: str, session_id: str, connected: bool, at: float
+    ) -> None:
+        sessions = self.k("ep", endpoint_id, "sessions")
+        async with self._r.pipeline(transaction=True) as p:
+            if connected:
+                p.sadd(sessions, session_id)
+            else:
+                p.srem(sessions, session_id)
+            p.hset(self.k("ep", endpoint_id), "last_seen", repr(at))
+            await p.execute()
+
+    async def set_heartbeat(self, endpoint_id: str, heartbeat: Record, at: float) -> None:
+        await self._r.hset(
+            self.k("ep", endpoint_id),
+            mapping={
+                "heartbeat": json.dumps(heartbeat),
+                "last_heartbeat": repr(at),
+                "last_seen": repr(at),
+            },
+        )
+
+    async def touch_endpoint(self, endpoint_id: str, at: float) -> None:
+        await self._r.hset(self.k("ep", endpoint_id), "last_seen", repr(at))
+
+    # ------------------------------------------------------------ task groups
+    async def create_task_group(self, task_group_id: str, user_id: str, at: float) -> None:
+        async with self._r.pipeline(transaction=False) as p:
+            self._queue_group(p, task_group_id, user_id, at)
+            await p.execute()
+
+    def _queue_group(self, p: Any, task_group_id: str, user_id: str, at: float) -> None:
+        key = self.k("tg", task_group_id)
+        p.hset(key, mapping={"user_id": user_id, "created_at": repr(at)})
+        p.expire(key, self.result_ttl)
+
+    async def get_task_group_owner(self, task_group_id: str) -> str | None:
+        return await self._r.hget(self.k("tg", task_group_id), "user_id")
+
+    async def get_task_group_tasks(self, task_group_id: str) -> list[str]:
+        return await self._r.lrange(self.k("tg", task_group_id, "tasks"), 0, -1)
+
+    # ------------------------------------------------------------ tasks
+    async def create_tasks(self, tasks: list[Record], new_group: Record | None = None) -> None:
+        if not tasks:
+            return
+        group = tasks[0]["task_group_id"]
+        async with self._r.pipeline(transaction=False) as p:
+            if new_group is not None:
+                self._queue_group(
+                    p, new_group["task_group_id"], new_group["user_id"], new_group["created_at"]
+                )
+            for t in tasks:
+                fields = {k: v for k, v in t.items() if k not in ("transitions", "submitter")}
+                fields.update({f"t:{s}": repr(at) for s, at in t["transitions"].items()})
+                fields["submitter"] = json.dumps(t["submitter"]) if t.get("submitter") else ""
+                p.hset(self.k("task", t["task_id"]), mapping=fields)
+            tasks_key = self.k("tg", group, "tasks")
+            p.rpush(tasks_key, *[t["task_id"] for t in tasks])
+            p.expire(tasks_key, self.result_ttl)
+            p.expire(self.k("tg", group), self.result_ttl)
+            await p.execute()
+
+    async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
+        async with self._r.pipeline(transaction=False) as p:
+            for t in task_ids:
+                p.hgetall(self.k("task", t))
+            raw = await p.execute()
+        return [_task(rec) if rec else None for rec in raw]
+
+    async def fail_tasks(self, task_ids: list[str], error: str, at: float) -> None:
+        if task_ids:
+            keys = [self.k("task", t) for t in task_ids]
+            await self._transition(
+                keys=keys, args=["", TaskState.FAILED.value, error] + [repr(at)] * len(keys)
+            )
+
+    # ------------------------------------------------------------ endpoint channel
+    async def dispatch(self, endpoint_id: str, tasks: dict[str, str]) -> list[str]:
+        if not tasks:
+            return []
+        keys = [self.k("ep", endpoint_id, "inflight")] + [self.k("task", t) for t in tasks]
+        args: list[str] = [endpoint_id]
+        for task_id, body in tasks.items():
+            args += [task_id, body]
+        return list(await self._dispatch(keys=keys, args=args))
+
+    async def get_inflight(self, endpoint_id: str) -> dict[str, str]:
+        return await self._r.hgetall(self.k("ep", endpoint_id, "inflight"))
+
+    async def remove_inflight(self, endpoint_id: str, task_ids: list[str]) -> None:
+        if task_ids:
+            await self._r.hdel(self.k("ep", endpoint_id, "inflight"), *task_ids)
+
+    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
+        if started:
+            keys = [self.k("task", t) for t in started]
+            args = [endpoint_id, TaskState.RUNNING.value, ""] + [
+                repr(at) for at in started.values()
+            ]
+            await self._transition(keys=keys, args=args)
+
+    async def complete(
+        self, endpoint_id: str, results: list[ResultMessage], at: float
+    ) -> list[tuple[str, TaskResult]]:
+        if not results:
+            return []
+        keys = [self.k("ep", endpoint_id, "inflight")] + [
+            self.k("task", r.task_id) for r in results
+        ]
+        args: list[str] = [endpoint_id, str(self.result_ttl), repr(at)]
+        for r in results:
+            worker = r.worker.model_dump_json() if r.worker else ""
+            started = repr(r.started_at) if r.started_at is not None else ""
+            args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started]
+        groups = await self._complete(keys=keys, args=args)
+        return [
+            (
+                group,
+                TaskResult(
+                    task_id=r.task_id, state=r.state, data=r.data, error=r.error, completed_at=at
+                ),
+            )
+            for r, group in zip(results, groups, strict=True)
+            if group
+        ]
+
+    # ------------------------------------------------------------ result fan-out
+    async def publish_results(self, task_group_id: str, frame: str) -> None:
+        await self._r.publish(self.k("results", task_group_id), frame)
+
+    async def subscribe_results(self, task_group_id: str) -> Subscription:
+        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.k("results", task_group_id))
+        return _RedisSubscription(pubsub)
+
+
+def _flat(record: Record) -> dict[str, str]:
+    return {
+        k: (repr(v) if isinstance(v, float) else str(v)) for k, v in record.items() if v is not None
+    }
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _task(rec: dict[str, str]) -> Record:
+    transitions = {k[2:]: float(v) for k, v in rec.items() if k.startswith("t:")}
+    state = rec.get("state", TaskState.RECEIVED.value)
+    return {
+        "task_id": rec["task_id"],
+        "user_id": rec.get("user_id", ""),
+        "task_group_id": rec.get("task_group_id", ""),
+        "endpoint_id": rec.get("endpoint_id", ""),
+        "function_id": rec.get("function_id", ""),
+        "state": state,
+        "transitions": ordered_transitions(transitions),
+        "data": rec.get("data", ""),
+        "error": rec.get("error", ""),
+        "completed_at": _float(rec.get("completed_at")),
+        "submitter": json.loads(rec["submitter"]) if rec.get("submitter") else None,
+        "worker": json.loads(rec["worker"]) if rec.get("worker") else None,
+    }

@@ -1,0 +1,75 @@
+"""Engines by name, as the config's ``engine: {type: ...}`` names them.
+
+Engine modules are imported only when named, so a thread-pool endpoint never
+pays for importing Parsl.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus
+from farcall.endpoint.errors import EndpointConfigError
+
+__all__ = ["ENGINES", "Engine", "EngineStatus", "build_engine", "engine_class", "validate_engine"]
+
+ENGINES: dict[str, str] = {
+    "ThreadPoolEngine": "farcall.endpoint.engines.threads:ThreadPoolEngine",
+    "ProcessPoolEngine": "farcall.endpoint.engines.processes:ProcessPoolEngine",
+}
+"""Engine type name -> ``module:class``. New engines (Parsl) register here."""
+
+
+def engine_class(type_name: str) -> type[Engine]:
+    """The engine class called ``type_name``; a clear error naming the valid choices otherwise."""
+    target = ENGINES.get(type_name)
+    if target is None:
+        raise EndpointConfigError(
+            f"engine.type: unknown engine {type_name!r}; valid choices: {', '.join(ENGINES)}"
+        )
+    module, _, attr = target.partition(":")
+    cls: type[Engine] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def validate_engine(spec: Mapping[str, Any]) -> tuple[type[Engine], EngineOptions]:
+    """Check an ``engine`` section without starting anything; errors name the bad key."""
+    if not isinstance(spec, Mapping):
+        raise EndpointConfigError(
+            f"engine: expected a mapping like {{type: ProcessPoolEngine}}, got {spec!r}"
+        )
+    options = dict(spec)
+    type_name = options.pop("type", "ProcessPoolEngine")
+    cls = engine_class(str(type_name))
+    try:
+        return cls, cls.Options.model_validate(options)
+    except ValidationError as e:
+        raise EndpointConfigError(
+            f"engine ({type_name}): "
+            + format_validation_error(e, "engine.", ["type", *cls.Options.model_fields])
+        ) from None
+
+
+def build_engine(spec: Mapping[str, Any]) -> Engine:
+    """A new, not yet started engine from the config's ``engine`` section."""
+    cls, options = validate_engine(spec)
+    return cls.from_options(options)
+
+
+def format_validation_error(
+    error: ValidationError, prefix: str = "", valid_keys: list[str] | None = None
+) -> str:
+    """One part per bad key: ``engine.max_workers: Input should be greater than 0 (got 0)``."""
+    lines = []
+    for item in error.errors():
+        key = prefix + ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            valid = f" (valid keys: {', '.join(valid_keys)})" if valid_keys else ""
+            lines.append(f"{key}: unknown key{valid}")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)

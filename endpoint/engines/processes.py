@@ -1,0 +1,344 @@
+"""Run tasks in a pool of worker processes on this machine.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: when one of its workers dies
+it cannot say which, marks the whole pool broken and kills every sibling, so one
+crashing task would fail every task in flight. Here each worker has its own
+pipe, so a death costs only the chunk that worker was running: a task that was
+alone in its chunk gets a ``WorkerLost`` result; tasks that shared a chunk with
+the culprit run again, each alone, and only the one that dies again fails.
+
+Tasks travel to workers in chunks to cut per-task IPC. A chunk is sized from a
+running average of task duration (about 5 ms of work at most), so long tasks
+go one at a time and never queue behind each other in one worker while another
+worker idles.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.errors import WorkerLost
+from farcall.endpoint.worker import failed_result
+from farcall.messages import ResultMessage, TaskMessage
+
+log = logging.getLogger(__name__)
+
+CHUNK_SECONDS = 0.005
+"""Target amount of work in one chunk; bounds how long a task can wait behind others."""
+SHORT_TASK_SECONDS = 0.001
+"""Below this average duration a worker gets a second chunk queued, hiding the IPC gap."""
+
+
+class ProcessPoolOptions(EngineOptions):
+    max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    max_chunk: int = Field(default=64, ge=1, description="most tasks sent to a worker at once")
+
+
+@dataclass(slots=True)
+class _Entry:
+    task_id: str
+    payload: str
+    on_done: OnDone
+    on_start: OnStart | None
+    suspect: bool = False
+
+
+class _Worker:
+    """One worker process: its pipe, a pidfd that becomes readable when it exits, its chunks."""
+
+    __slots__ = ("process", "conn", "pidfd", "inflight", "dead")
+
+    def __init__(self, process: subprocess.Popen[bytes], conn: mpc.Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(process.pid)
+            except OSError:  # old kernel: a death still shows as EOF on the pipe
+                self.pidfd = None
+        self.inflight: collections.deque[list[_Entry]] = collections.deque()
+        self.dead = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self, timeout: float) -> int | None:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class ProcessPoolEngine(Engine):
+    """``max_workers`` processes, each fed chunks of tasks over its own pipe."""
+
+    Options = ProcessPoolOptions
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        prefetch: int = 32,
+        max_chunk: int = 64,
+    ) -> None:
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.prefetch = prefetch
+        self.max_chunk = max_chunk
+        self._workers: list[_Worker] = []
+        self._pending: collections.deque[_Entry] = collections.deque()
+        self._suspects: collections.deque[_Entry] = collections.deque()
+        self._avg: float | None = None
+        self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
+        self._wake_sent = False
+        self._stopping = False
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------- agent side
+
+    def start(self) -> None:
+        for _ in range(self.max_workers):
+            self._workers.append(self._spawn())
+        self._thread = threading.Thread(target=self._loop, name="farcall-dispatch", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        self._pending.append(_Entry(task.task_id, task.model_dump_json(), on_done, on_start))
+        self._wake()
+
+    def status(self) -> EngineStatus:
+        workers = running = idle = 0
+        for w in list(self._workers):
+            if w.dead:
+                continue
+            workers += 1
+            try:
+                running += len(w.inflight[0])
+            except IndexError:
+                idle += 1
+        return EngineStatus(
+            workers=workers,
+            idle_workers=idle,
+            pending_tasks=len(self._pending) + len(self._suspects),
+            running_tasks=running,
+            details={"avg_task_seconds": self._avg},
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.max_workers * self.prefetch
+
+    def cancel_pending(self) -> list[str]:
+        cancelled = []
+        for queue in (self._pending, self._suspects):
+            while True:
+                try:
+                    cancelled.append(queue.popleft().task_id)
+                except IndexError:
+                    break
+        return cancelled
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        if wait:
+            with self._idle:
+                self._idle.wait_for(self._all_idle, timeout)
+        self._stopping = True
+        try:
+            self._wake_w.send_bytes(b"!")
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
+        for w in self._workers:
+            if not wait and w.process.poll() is None:
+                w.process.kill()  # workers ignore SIGTERM (see worker.serve_pipe)
+                continue
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in self._workers:
+            if w.exit_code(2) is None:
+                w.process.kill()
+                w.exit_code(2)
+            w.close()
+
+    # --------------------------------------------------------- dispatch thread
+
+    def _wake(self) -> None:
+        if not self._wake_sent:
+            self._wake_sent = True
+            try:
+                self._wake_w.send_bytes(b"!")
+            except OSError:
+                pass
+
+    def _spawn(self) -> _Worker:
+        """Start ``python -m farcall.endpoint.worker FD``.
+
+        A fresh interpreter rather than multiprocessing's spawn: it never re-imports
+        the caller's ``__main__`` (a script without a ``__main__`` guard, a notebook),
+        and it inherits nothing but the pipe.
+        """
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "farcall.endpoint.worker", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        return _Worker(process, mpc.Connection(ours.detach()))
+
+    def _all_idle(self) -> bool:
+        return not self._pending and not self._suspects and all(
+            not w.inflight for w in self._workers if not w.dead
+        )
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._dispatch()
+            live = [w for w in self._workers if not w.dead]
+            by_conn: dict[Any, _Worker] = {w.conn: w for w in live}
+            by_sentinel: dict[Any, _Worker] = {w.pidfd: w for w in live if w.pidfd is not None}
+            ready = mpc.wait([self._wake_r, *by_conn, *by_sentinel])
+            for obj in ready:
+                if obj is self._wake_r:
+                    # Drain first, then clear: a byte is in the pipe whenever the flag is set.
+                    while self._wake_r.poll():
+                        self._wake_r.recv_bytes()
+                    self._wake_sent = False
+                elif obj in by_conn:
+                    w = by_conn[obj]
+                    try:
+                        self._on_results(w, w.conn.recv())
+                    except (EOFError, OSError):
+                        self._on_death(w)
+            for obj in ready:
+                if obj in by_sentinel:
+                    self._on_death(by_sentinel[obj])
+            if self._all_idle():
+                with self._idle:
+                    self._idle.notify_all()
+
+    def _dispatch(self) -> None:
+        if not self._pending and not self._suspects:
+            return
+        depth = 2 if self._avg is not None and self._avg < SHORT_TASK_SECONDS else 1
+        free = [w for w in self._workers if not w.dead and len(w.inflight) < depth]
+        for w in free:
+            if self._suspects:
+                self._send(w, [self._suspects.popleft()])
+                continue
+            if not self._pending:
+                break
+            slots = sum(depth - len(x.inflight) for x in free if not x.dead) or 1
+            size = math.ceil(len(self._pending) / slots)
+            size = min(size, self.max_chunk)
+            if self._avg:
+                size = min(size, max(1, int(CHUNK_SECONDS / self._avg)))
+            chunk = []
+            for _ in range(max(1, size)):
+                try:
+                    chunk.append(self._pending.popleft())
+                except IndexError:
+                    break
+            if chunk:
+                self._send(w, chunk)
+
+    def _send(self, w: _Worker, chunk: list[_Entry]) -> None:
+        w.inflight.append(chunk)
+        started = time.time()
+        for e in chunk:
+            if e.on_start is not None:
+                try:
+                    e.on_start(e.task_id, started)
+                except Exception:
+                    log.exception("start callback failed for task %s", e.task_id)
+        try:
+            w.conn.send([e.payload for e in chunk])
+        except OSError:
+            self._on_death(w)
+
+    def _on_results(self, w: _Worker, results: list[str]) -> None:
+        chunk = w.inflight.popleft()
+        took = 0.0
+        for entry, raw in zip(chunk, results, strict=True):
+            result = ResultMessage.model_validate_json(raw)
+            if result.started_at is not None and result.finished_at is not None:
+                took += result.finished_at - result.started_at
+            self._deliver(entry, result)
+        mean = took / len(chunk)
+        self._avg = mean if self._avg is None else 0.8 * self._avg + 0.2 * mean
+
+    def _deliver(self, entry: _Entry, result: ResultMessage) -> None:
+        try:
+            entry.on_done(result)
+        except Exception:
+            log.exception("result callback failed for task %s", entry.task_id)
+
+    def _on_death(self, w: _Worker) -> None:
+        if w.dead:
+            return
+        try:
+            while w.conn.poll():
+                self._on_results(w, w.conn.recv())
+        except (EOFError, OSError):
+            pass
+        w.dead = True
+        code = w.exit_code(5)
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        lost = list(w.inflight)
+        w.inflight.clear()
+        if lost:
+            running, unstarted = lost[0], lost[1:]
+            for chunk in reversed(unstarted):
+                self._pending.extendleft(reversed(chunk))
+            if len(running) == 1:
+                entry = running[0]
+                log.warning("worker %s died (%s) running task %s", w.pid, how,
+                            entry.task_id)
+                err = WorkerLost(
+                    f"the worker process (pid {w.pid}) died ({how}) while running task "
+                    f"{entry.task_id}. The task may have crashed the interpreter (segfault, "
+                    "os._exit, out of memory) or the worker was killed; check the endpoint's "
+                    "log and the machine's memory, then submit the task again."
+                )
+                self._deliver(entry, failed_result(entry.task_id, err))
+            else:
+                log.warning(
+                    "worker %s died (%s) running a chunk of %d tasks; running each alone",
+                    w.pid, how, len(running),
+                )
+                for entry in running:
+                    entry.suspect = True
+                    self._suspects.append(entry)
+        else:
+            log.warning("idle worker %s died (%s)", w.pid, how)
+        w.close()
+        if not self._stopping:
+            self._workers = [x for x in self._workers if not x.dead]
+            self._workers.append(self._spawn())

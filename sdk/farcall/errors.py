@@ -1,0 +1,76 @@
+"""Every error the SDK raises, each with a message that says what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FarcallError(Exception):
+    """Base class of all farcall errors."""
+
+
+class ConfigurationError(FarcallError):
+    """The SDK or a component is missing a setting (broker URL, token, ...)."""
+
+
+class BrokerError(FarcallError):
+    """The broker answered a request with an error.
+
+    ``status`` is the HTTP status, ``error`` the broker's error code and ``body``
+    the JSON body it sent.
+    """
+
+    def __init__(self, status: int, message: str, error: str = "", body: Any = None) -> None:
+        super().__init__(f"broker answered {status}: {message}")
+        self.status = status
+        self.error = error
+        self.body = body
+
+
+class AuthenticationError(BrokerError):
+    """The token was missing, unknown or revoked (HTTP 401)."""
+
+
+class NotFound(BrokerError):
+    """The object does not exist, or is not yours (HTTP 404)."""
+
+
+class TaskPending(FarcallError):
+    """``Client.get_result`` was asked for a task that has not finished yet."""
+
+    def __init__(self, task_id: str, state: str) -> None:
+        super().__init__(f"task {task_id} is not finished yet (state: {state}); ask again later")
+        self.task_id = task_id
+        self.state = state
+
+
+class SerializationError(FarcallError):
+    """An object could not be serialized or a payload could not be loaded."""
+
+
+class DeserializationError(SerializationError):
+    """A payload could not be loaded on the other side.
+
+    The message names both sides' Python and dill versions, because a mismatch
+    between them is the usual cause.
+    """
+
+
+class TaskExecutionFailed(FarcallError):
+    """A task failed remotely and its exception could not be rebuilt here.
+
+    ``remote_traceback`` holds the traceback text from the worker.
+    """
+
+    def __init__(self, message: str, remote_traceback: str = "", task_id: str = "") -> None:
+        super().__init__(message if not remote_traceback else f"{message}\n\n{remote_traceback}")
+        self.remote_traceback = remote_traceback
+        self.task_id = task_id
+
+
+class FunctionNotAllowed(FarcallError):
+    """The endpoint refuses to run this function (not in its ``allowed_functions``)."""
+
+
+class ExecutorShutdown(FarcallError, RuntimeError):
+    """``submit`` was called after ``shutdown``."""

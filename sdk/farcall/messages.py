@@ -1,0 +1,235 @@
+"""Every message that crosses a process boundary, as one pydantic model each.
+
+The SDK, the broker and the endpoint all import these; nobody assembles these
+dicts by hand. Payload fields (``function``, ``args``, ``data``) are opaque
+strings produced by :mod:`farcall.serialize`: the broker never looks inside them.
+
+``PROTOCOL_VERSION`` is bumped on any incompatible change; peers send it in
+``hello`` and refuse a version they do not speak.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+
+def now() -> float:
+    """Wall-clock timestamp used for every state transition (seconds since the epoch)."""
+    return time.time()
+
+
+class TaskState(str, enum.Enum):
+    RECEIVED = "received"
+    WAITING = "waiting-for-endpoint"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TaskState.SUCCESS, TaskState.FAILED)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class Versions(_Msg):
+    """Interpreter and serializer versions of one side (submitter or worker)."""
+
+    python: str
+    dill: str
+    farcall: str = ""
+
+
+# --------------------------------------------------------------------- REST bodies
+
+
+class FunctionRegistration(_Msg):
+    function: str = Field(description="serialized function payload (farcall.serialize)")
+    function_name: str = ""
+    description: str = ""
+
+
+class EndpointRegistration(_Msg):
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+
+
+class TaskSpec(_Msg):
+    """One task inside a batch submission."""
+
+    function_id: str
+    args: str = Field(description="serialized (args, kwargs) payload")
+    resource_specification: dict[str, Any] | None = None
+
+
+class BatchSubmission(_Msg):
+    endpoint_id: str
+    tasks: list[TaskSpec] = Field(min_length=1)
+    task_group_id: str | None = None
+    submitter: Versions | None = None
+
+
+class BatchSubmitted(_Msg):
+    task_group_id: str
+    task_ids: list[str]
+
+
+class TaskIds(_Msg):
+    task_ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+# ------------------------------------------------------------ broker <-> endpoint
+
+
+class TaskMessage(_Msg):
+    """A task as the endpoint receives it (also the body queued in RabbitMQ)."""
+
+    task_id: str
+    function_id: str
+    function: str
+    args: str
+    resource_specification: dict[str, Any] | None = None
+    submitter: Versions | None = None
+
+
+class ResultMessage(_Msg):
+    """The outcome of one task, produced by a worker and sent by the endpoint.
+
+    ``data`` is the serialized return value on success, or the serialized
+    remote exception on failure; ``error`` is a plain-text summary with the
+    remote traceback, readable without deserializing anything.
+    """
+
+    task_id: str
+    state: Literal[TaskState.SUCCESS, TaskState.FAILED]
+    data: str = ""
+    error: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: Versions | None = None
+
+
+class Heartbeat(_Msg):
+    workers: int = 0
+    idle_workers: int = 0
+    pending_tasks: int = 0
+    running_tasks: int = 0
+    engine: str = ""
+    versions: Versions | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Hello(_Msg):
+    """First frame from the endpoint: what it still holds, and how much it can take."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    held_task_ids: list[str] = Field(default_factory=list)
+    credit: int = 0
+    heartbeat: Heartbeat = Field(default_factory=Heartbeat)
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    protocol: int = PROTOCOL_VERSION
+    endpoint_id: str
+
+
+class Credit(_Msg):
+    """The endpoint can take ``n`` more tasks than it asked for so far."""
+
+    type: Literal["credit"] = "credit"
+    n: int = Field(ge=0)
+
+
+class TasksFrame(_Msg):
+    type: Literal["tasks"] = "tasks"
+    tasks: list[TaskMessage]
+
+
+class RunningFrame(_Msg):
+    """Tasks that a worker started, with the time each started."""
+
+    type: Literal["running"] = "running"
+    started: dict[str, float]
+
+
+class ResultsFrame(_Msg):
+    type: Literal["results"] = "results"
+    results: list[ResultMessage]
+    credit: int = Field(default=0, ge=0)
+
+
+class ResultsAck(_Msg):
+    """The broker stored these results; the endpoint may forget them."""
+
+    type: Literal["results_ack"] = "results_ack"
+    task_ids: list[str]
+
+
+class HeartbeatFrame(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    heartbeat: Heartbeat
+
+
+class ErrorFrame(_Msg):
+    type: Literal["error"] = "error"
+    message: str
+
+
+EndpointFrame = Annotated[
+    Hello | Credit | RunningFrame | ResultsFrame | HeartbeatFrame,
+    Field(discriminator="type"),
+]
+BrokerFrame = Annotated[
+    Welcome | TasksFrame | ResultsAck | ErrorFrame,
+    Field(discriminator="type"),
+]
+
+
+class _EndpointFrameBox(_Msg):
+    frame: EndpointFrame
+
+
+class _BrokerFrameBox(_Msg):
+    frame: BrokerFrame
+
+
+def parse_endpoint_frame(raw: str | bytes) -> Hello | Credit | RunningFrame | ResultsFrame | HeartbeatFrame:
+    """Parse a frame sent by an endpoint (raises ``pydantic.ValidationError``)."""
+    return _EndpointFrameBox.model_validate_json(b'{"frame":' + _b(raw) + b"}").frame
+
+
+def parse_broker_frame(raw: str | bytes) -> Welcome | TasksFrame | ResultsAck | ErrorFrame:
+    """Parse a frame sent by the broker to an endpoint."""
+    return _BrokerFrameBox.model_validate_json(b'{"frame":' + _b(raw) + b"}").frame
+
+
+# ------------------------------------------------------------- broker -> client
+
+
+class TaskResult(_Msg):
+    """A finished task as the client sees it (pushed on the result stream)."""
+
+    task_id: str
+    state: TaskState
+    data: str = ""
+    error: str = ""
+    completed_at: float | None = None
+
+
+class ResultStreamFrame(_Msg):
+    type: Literal["results"] = "results"
+    results: list[TaskResult]
+
+
+def _b(raw: str | bytes) -> bytes:
+    return raw.encode() if isinstance(raw, str) else raw

@@ -1,0 +1,178 @@
+"""Turning functions, arguments, results and exceptions into payload strings.
+
+A payload is text: a strategy code, a newline, then the strategy's body. The
+broker stores and forwards payloads without reading them. Strategies:
+
+``01``  function by value with dill (``__main__``/notebook functions, closures, lambdas)
+``02``  function as source text, re-executed on the worker (fallback when dill fails)
+``10``  any object with dill (arguments, results)
+``20``  a remote exception with its traceback (dill + tblib)
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import textwrap
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import dill
+from tblib import Traceback
+
+from farcall.errors import DeserializationError, SerializationError
+
+FUNCTION_DILL = "01"
+FUNCTION_SOURCE = "02"
+DATA_DILL = "10"
+EXCEPTION = "20"
+
+STRATEGIES = {"dill": FUNCTION_DILL, "source": FUNCTION_SOURCE}
+
+
+def _wrap(code: str, body: bytes) -> str:
+    return code + "\n" + base64.b64encode(body).decode("ascii")
+
+
+def _unwrap(payload: str) -> tuple[str, bytes]:
+    code, sep, body = payload.partition("\n")
+    if not sep or len(code) != 2:
+        raise DeserializationError(
+            "payload has no farcall header; it was not made by farcall.serialize"
+        )
+    try:
+        return code, base64.b64decode(body, validate=True)
+    except ValueError as e:
+        raise DeserializationError(f"payload body is not valid base64: {e}") from e
+
+
+def payload_strategy(payload: str) -> str:
+    """The strategy code at the head of a payload."""
+    return payload.partition("\n")[0]
+
+
+# ------------------------------------------------------------------- functions
+
+
+def serialize_function(fn: Callable[..., Any], strategy: str = "auto") -> str:
+    """Serialize ``fn`` so a worker can run it.
+
+    ``strategy`` is ``"dill"``, ``"source"`` or ``"auto"`` (dill, falling back
+    to source text when dill cannot pickle or reload the function).
+    """
+    if not callable(fn):
+        raise SerializationError(f"expected a function, got {type(fn).__name__}")
+    if strategy not in ("auto", *STRATEGIES):
+        raise SerializationError(
+            f"unknown function strategy {strategy!r}; use 'auto', 'dill' or 'source'"
+        )
+    errors: list[str] = []
+    if strategy in ("auto", "dill"):
+        try:
+            body = dill.dumps(fn, recurse=True)
+            dill.loads(body)
+            return _wrap(FUNCTION_DILL, body)
+        except Exception as e:  # noqa: BLE001 - any pickling failure moves on to source
+            errors.append(f"dill: {type(e).__name__}: {e}")
+    if strategy in ("auto", "source"):
+        try:
+            source = textwrap.dedent(inspect.getsource(fn))
+            doc = {"name": fn.__name__, "source": source}
+            return _wrap(FUNCTION_SOURCE, json.dumps(doc).encode())
+        except (OSError, TypeError) as e:
+            errors.append(f"source: {type(e).__name__}: {e}")
+    raise SerializationError(
+        f"cannot serialize function {getattr(fn, '__qualname__', fn)!r} ("
+        + "; ".join(errors)
+        + "). Define it at the top level of your script or notebook and make every "
+        "object it uses picklable."
+    )
+
+
+def deserialize_function(payload: str) -> Callable[..., Any]:
+    code, body = _unwrap(payload)
+    if code == FUNCTION_DILL:
+        fn = dill.loads(body)
+    elif code == FUNCTION_SOURCE:
+        doc = json.loads(body)
+        namespace: dict[str, Any] = {"__name__": "__farcall_source__"}
+        exec(compile(doc["source"], f"<farcall source of {doc['name']}>", "exec"), namespace)
+        fn = namespace[doc["name"]]
+    else:
+        raise DeserializationError(f"payload strategy {code!r} is not a function strategy")
+    if not callable(fn):
+        raise DeserializationError(f"function payload holds a {type(fn).__name__}, not a function")
+    return fn  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------------ data
+
+
+def serialize(obj: Any) -> str:
+    """Serialize any picklable object (arguments, results)."""
+    try:
+        return _wrap(DATA_DILL, dill.dumps(obj))
+    except Exception as e:  # noqa: BLE001
+        raise SerializationError(
+            f"cannot serialize {type(obj).__name__}: {type(e).__name__}: {e}. "
+            "Pass only picklable arguments and return only picklable results."
+        ) from e
+
+
+def deserialize(payload: str) -> Any:
+    code, body = _unwrap(payload)
+    if code != DATA_DILL:
+        raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
+    return dill.loads(body)
+
+
+def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    return serialize((tuple(args), dict(kwargs)))
+
+
+def unpack_args(payload: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = deserialize(payload)
+    return tuple(args), dict(kwargs)
+
+
+# ------------------------------------------------------------------ exceptions
+
+
+def serialize_exception(exc: BaseException) -> tuple[str, str]:
+    """``(data, text)`` for a remote exception.
+
+    ``text`` is the formatted traceback, always available. ``data`` rebuilds the
+    exception with its traceback on the caller's side; it is empty when the
+    exception itself cannot be pickled.
+    """
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ else None
+    try:
+        data = _wrap(EXCEPTION, dill.dumps((exc, tb)))
+        dill.loads(dill.dumps(exc))
+    except Exception:  # noqa: BLE001 - an unpicklable exception still reports its text
+        data = ""
+    return data, text
+
+
+def rebuild_exception(data: str, text: str, task_id: str = "") -> BaseException:
+    """The remote exception with its remote traceback attached, or ``TaskExecutionFailed``."""
+    from farcall.errors import TaskExecutionFailed
+
+    if data:
+        try:
+            code, body = _unwrap(data)
+            if code == EXCEPTION:
+                exc, tb = dill.loads(body)
+                if isinstance(exc, BaseException):
+                    if tb is not None:
+                        exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
+                    elif text:
+                        exc.add_note(f"Remote traceback (task {task_id}):\n{text}".rstrip())
+                    return exc  # type: ignore[no-any-return]
+        except Exception:  # noqa: BLE001 - fall through to the text form
+            pass
+    first = text.strip().splitlines()[-1] if text.strip() else "task failed remotely"
+    return TaskExecutionFailed(first, remote_traceback=text, task_id=task_id)

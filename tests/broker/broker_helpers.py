@@ -1,0 +1,120 @@
+"""Helpers shared by the broker tests: the real services' URLs, checks and clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from farcall.broker.queue.base import TaskQueue
+from farcall.broker.queue.rabbitmq import RabbitQueue
+from farcall.messages import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def require_service(name: str, port: int) -> None:
+    """Fail (not skip) with what to do when a service does not answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return
+    except OSError as e:
+        pytest.fail(
+            f"{name} does not answer on 127.0.0.1:{port} ({e}); the broker tests need it. "
+            "Start it with scripts/ensure_services.sh",
+            pytrace=False,
+        )
+
+
+async def drop_redis_keys(prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await r.delete(*keys)
+    finally:
+        await r.aclose()
+
+
+async def drop_queues(prefix: str, endpoint_ids: list[str]) -> None:
+    q = RabbitQueue(AMQP_URL, prefix)
+    try:
+        for eid in endpoint_ids:
+            await q.delete(eid)
+    finally:
+        await q.close()
+
+
+class Queues:
+    """A queue under test plus the endpoint ids it used, so their queues can be deleted."""
+
+    def __init__(self, queue: TaskQueue) -> None:
+        self.queue = queue
+        self.used: list[str] = []
+
+    def endpoint(self) -> str:
+        eid = uuid.uuid4().hex
+        self.used.append(eid)
+        return eid
+
+
+def on_loop(broker: Any, coro: Any, timeout: float = 10) -> Any:
+    """Run a coroutine on an EmbeddedBroker's loop (to look at its store); return its result."""
+    return asyncio.run_coroutine_threadsafe(coro, broker.app.state.loop).result(timeout)
+
+
+class FakeEndpoint:
+    """The endpoint side of the channel, driven frame by frame by a test."""
+
+    def __init__(self, broker_url: str, endpoint_id: str, credential: str) -> None:
+        from websockets.sync.client import connect
+
+        url = broker_url.replace("http://", "ws://") + f"/v1/endpoints/{endpoint_id}/connect"
+        self.ws = connect(
+            url,
+            additional_headers={"Authorization": f"Bearer {credential}"},
+            open_timeout=10,
+            max_size=None,
+            legacy=True,
+        )
+
+    def send(self, frame: Any) -> None:
+        self.ws.send(frame.model_dump_json())
+
+    def recv(self, timeout: float = 10) -> Any:
+        return parse_broker_frame(self.ws.recv(timeout=timeout))
+
+    def hello(self, credit: int, held: list[str] | None = None) -> Welcome:
+        self.send(Hello(credit=credit, held_task_ids=held or []))
+        frame = self.recv()
+        assert isinstance(frame, Welcome), frame
+        return frame
+
+    def tasks(self, n: int, timeout: float = 10) -> list[TaskMessage]:
+        """Receive exactly n tasks (over one or more TasksFrames)."""
+        got: list[TaskMessage] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            frame = self.recv(max(0.01, deadline - time.monotonic()))
+            assert isinstance(frame, TasksFrame), frame
+            got += frame.tasks
+        assert len(got) == n, f"got {len(got)} tasks, expected {n}"
+        return got
+
+    def silent_for(self, seconds: float) -> None:
+        """Assert the broker sends nothing for ``seconds``."""
+        try:
+            frame = self.ws.recv(timeout=seconds)
+        except TimeoutError:
+            return
+        raise AssertionError(f"expected no frame, got {frame}")
+
+    def close(self) -> None:
+        self.ws.close()

@@ -1,0 +1,97 @@
+"""``farcall-broker``: ``users create`` on Redis and embedded ``serve``, as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import httpx
+from broker_helpers import REDIS_URL, drop_redis_keys, require_service
+
+from farcall.broker import auth
+from farcall.broker.store.redis import RedisStore
+from harness import free_port, wait_until
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
+    env.update(extra)
+    return env
+
+
+def test_users_create_prints_the_token_last(real_prefix: str) -> None:
+    require_service("Redis", 6379)
+    prefix = f"{real_prefix}:"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "farcall.broker",
+            "users",
+            "create",
+            "alice",
+            "--redis-url",
+            REDIS_URL,
+        ],
+        env=_env(FARCALL_REDIS_PREFIX=prefix),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    token = out.strip().splitlines()[-1]
+    assert token.startswith("fcu_")
+
+    async def check() -> None:
+        store = RedisStore(REDIS_URL, prefix)
+        try:
+            principal = await auth.authenticate(store, token)
+            assert principal is not None and principal.kind == "user"
+            assert not [k async for k in store._r.scan_iter(match="*" + token + "*")]
+        finally:
+            await store.close()
+            await drop_redis_keys(prefix)
+
+    asyncio.run(check())
+
+
+def test_users_create_needs_redis() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "farcall.broker", "users", "create", "x"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--redis-url" in r.stderr
+
+
+def test_serve_embedded_prints_a_demo_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    log = tmp_path / "broker.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farcall.broker", "serve", "--port", str(port)],
+            env=_env(PYTHONUNBUFFERED="1"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: httpx.get(f"{url}/v1/health", timeout=2).status_code == 200,
+            30,
+            f"broker health\n{log.read_text()}",
+        )
+        line = next(x for x in log.read_text().splitlines() if x.startswith("demo user token: "))
+        token = line.split(": ", 1)[1]
+        r = httpx.get(
+            f"{url}/v1/endpoints", headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )
+        assert r.status_code == 200 and r.json() == {"endpoints": []}
+    finally:
+        proc.terminate()  # uvicorn shuts down gracefully, then re-raises SIGTERM
+        proc.wait(30)
+    assert "Application shutdown complete" in log.read_text()

@@ -1,0 +1,206 @@
+"""The endpoint channel, driven by a fake endpoint over a real WebSocket to an embedded broker.
+
+Runs on the in-process store/queue and on the real Redis and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from broker_helpers import FakeEndpoint, on_loop
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from farcall.broker import endpoint_channel
+from farcall.broker.embedded import EmbeddedBroker
+from farcall.broker.settings import Settings
+from farcall.messages import (
+    Credit,
+    ErrorFrame,
+    Heartbeat,
+    HeartbeatFrame,
+    ResultMessage,
+    ResultsAck,
+    ResultsFrame,
+    RunningFrame,
+    TaskState,
+    now,
+)
+from harness import wait_until
+
+
+@dataclass
+class Setup:
+    broker: EmbeddedBroker
+    http: httpx.Client
+    endpoint_id: str
+    credential: str
+    function_id: str
+
+    def submit(self, n: int) -> tuple[str, list[str]]:
+        tasks = [{"function_id": self.function_id, "args": f"A{i}"} for i in range(n)]
+        r = self.http.post("/v1/tasks", json={"endpoint_id": self.endpoint_id, "tasks": tasks})
+        assert r.status_code == 200, r.text
+        return r.json()["task_group_id"], r.json()["task_ids"]
+
+    def task(self, task_id: str) -> dict:
+        return self.http.get(f"/v1/tasks/{task_id}").json()
+
+    def connect(self) -> FakeEndpoint:
+        return FakeEndpoint(self.broker.url, self.endpoint_id, self.credential)
+
+    def inflight(self) -> set[str]:
+        return set(
+            on_loop(
+                self.broker, self.broker.app.state.services.store.get_inflight(self.endpoint_id)
+            )
+        )
+
+
+def new_endpoint(http: httpx.Client) -> tuple[str, str]:
+    ep = http.post("/v1/endpoints", json={"name": "fake"}).json()
+    return ep["endpoint_id"], ep["credential"]
+
+
+@pytest.fixture
+def setup(broker_settings: Settings) -> Iterator[Setup]:
+    with EmbeddedBroker(broker_settings) as broker:
+        token = broker.create_user("alice")
+        with httpx.Client(
+            base_url=broker.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+        ) as http:
+            eid, credential = new_endpoint(http)
+            fid = http.post("/v1/functions", json={"function": "FN"}).json()["function_id"]
+            yield Setup(broker, http, eid, credential, fid)
+
+
+def _result(task_id: str, data: str) -> ResultMessage:
+    return ResultMessage(task_id=task_id, state=TaskState.SUCCESS, data=data, started_at=now())
+
+
+def test_dispatch_respects_credit_and_stores_results_once(setup: Setup) -> None:
+    _, ids = setup.submit(5)
+    ep = setup.connect()
+    ep.hello(credit=2)
+    first = ep.tasks(2)
+    assert (
+        [t.task_id for t in first] == ids[:2]
+        and first[0].function == "FN"
+        and first[1].args == "A1"
+    )
+    ep.silent_for(0.5)
+    assert setup.inflight() == set(ids[:2])
+
+    ep.send(RunningFrame(started={ids[0]: 1234.5}))
+    wait_until(lambda: setup.task(ids[0])["state"] == "running", 10, "task running")
+    assert setup.task(ids[0])["transitions"]["running"] == 1234.5
+
+    ep.send(Credit(n=1))
+    assert [t.task_id for t in ep.tasks(1)] == [ids[2]]
+    ep.silent_for(0.3)
+
+    ep.send(ResultsFrame(results=[_result(ids[0], "one")], credit=2))
+    ack = ep.recv()
+    assert isinstance(ack, ResultsAck) and ack.task_ids == [ids[0]]
+    assert [t.task_id for t in ep.tasks(2)] == ids[3:]
+    ep.send(ResultsFrame(results=[_result(ids[0], "again"), _result(ids[1], "two")]))
+    ack = ep.recv()
+    assert isinstance(ack, ResultsAck) and ack.task_ids == [ids[0], ids[1]]
+
+    rec = setup.task(ids[0])
+    assert rec["state"] == "success" and rec["data"] == "one"
+    assert list(rec["transitions"]) == ["received", "waiting-for-endpoint", "running", "success"]
+    assert setup.task(ids[1])["data"] == "two"
+    assert setup.inflight() == set(ids[2:])
+
+    ep.send(
+        HeartbeatFrame(
+            heartbeat=Heartbeat(workers=3, idle_workers=1, pending_tasks=2, engine="threads")
+        )
+    )
+    status_url = f"/v1/endpoints/{setup.endpoint_id}/status"
+    st = wait_until(
+        lambda: (s := setup.http.get(status_url).json())["workers"] == 3 and s, 10, "heartbeat"
+    )
+    assert st["status"] == "online" and st["engine"] == "threads" and st["pending_tasks"] == 2
+    ep.close()
+    wait_until(lambda: setup.http.get(status_url).json()["status"] == "offline", 10, "offline")
+
+
+def test_reconnect_reconciles_lost_in_flight_tasks(setup: Setup) -> None:
+    _, ids = setup.submit(3)
+    ep = setup.connect()
+    ep.hello(credit=3)
+    assert {t.task_id for t in ep.tasks(3)} == set(ids)
+    ep.close()
+
+    again = setup.connect()
+    again.hello(credit=10, held=[ids[0]])  # still runs ids[0]; ids[1], ids[2] were lost
+    assert {t.task_id for t in again.tasks(2)} == {ids[1], ids[2]}
+    again.silent_for(0.5)
+    again.send(ResultsFrame(results=[_result(t, t) for t in ids]))
+    assert isinstance(again.recv(), ResultsAck)
+    assert all(setup.task(t)["state"] == "success" for t in ids)
+    assert setup.inflight() == set()
+    again.close()
+
+
+def test_finished_tasks_are_not_dispatched_again(setup: Setup) -> None:
+    _, ids = setup.submit(2)
+    ep = setup.connect()
+    ep.hello(credit=2)
+    ep.tasks(2)
+    ep.send(ResultsFrame(results=[_result(ids[0], "done")]))
+    assert isinstance(ep.recv(), ResultsAck)
+    ep.close()
+    again = setup.connect()
+    again.hello(credit=10)  # holds nothing: only ids[1] is lost and not finished
+    assert [t.task_id for t in again.tasks(1)] == [ids[1]]
+    again.silent_for(0.5)
+    again.close()
+
+
+def test_a_result_for_another_endpoints_task_is_ignored(setup: Setup) -> None:
+    _, (tid,) = setup.submit(1)
+    other_id, other_credential = new_endpoint(setup.http)
+    intruder = FakeEndpoint(setup.broker.url, other_id, other_credential)
+    intruder.hello(credit=1)
+    intruder.send(ResultsFrame(results=[_result(tid, "forged")]))
+    assert isinstance(intruder.recv(), ResultsAck)
+    assert setup.task(tid)["state"] == "waiting-for-endpoint"
+    intruder.close()
+
+
+def test_credentials_are_checked_on_connect(setup: Setup) -> None:
+    user_token = setup.http.headers["Authorization"].split()[1]
+    other_id, other_credential = new_endpoint(setup.http)
+    for credential, status in (("fce_wrong", 401), (user_token, 403), (other_credential, 403)):
+        with pytest.raises(InvalidStatus) as err:
+            FakeEndpoint(setup.broker.url, setup.endpoint_id, credential)
+        assert err.value.response.status_code == status
+
+
+def test_first_frame_must_be_hello(setup: Setup) -> None:
+    ep = setup.connect()
+    ep.send(Credit(n=1))
+    assert isinstance(ep.recv(), ErrorFrame)
+    with pytest.raises(ConnectionClosed):
+        ep.recv()
+
+
+def test_no_delivery_stays_unacked_while_the_endpoint_has_no_credit(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(endpoint_channel, "PARK_AFTER", 0.2)
+    _, ids = setup.submit(5)
+    ep = setup.connect()
+    ep.hello(credit=2)
+    assert [t.task_id for t in ep.tasks(2)] == ids[:2]
+    status_url = f"/v1/endpoints/{setup.endpoint_id}/status"
+    # prefetched deliveries go back to the queue once the consumer parks
+    wait_until(lambda: setup.http.get(status_url).json()["queued_tasks"] == 3, 10, "parked")
+    ep.send(Credit(n=3))
+    assert [t.task_id for t in ep.tasks(3)] == ids[2:]
+    ep.close()

@@ -1,0 +1,65 @@
+"""Building tasks the way the SDK does, for the endpoint's unit tests."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from farcall.messages import ResultMessage, TaskMessage, Versions
+from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
+from farcall.version import local_versions
+
+
+def make_task(fn: Callable[..., Any], *args: Any, task_id: str | None = None,
+              **kwargs: Any) -> TaskMessage:
+    function = serialize_function(fn)
+    return TaskMessage(
+        task_id=task_id or uuid.uuid4().hex,
+        function_id=hashlib.sha256(function.encode()).hexdigest()[:32],
+        function=function,
+        args=pack_args(args, kwargs),
+        submitter=Versions(**local_versions()),
+    )
+
+
+def value_of(result: ResultMessage) -> Any:
+    """The task's return value, or its rebuilt remote exception raised here."""
+    if result.state == "success":
+        return deserialize(result.data)
+    raise rebuild_exception(result.data, result.error, result.task_id)
+
+
+class Collector:
+    """Engine callbacks that record results and start events; waits with a deadline."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.results: dict[str, ResultMessage] = {}
+        self.started: dict[str, float] = {}
+        self.duplicates: list[str] = []
+        self._cond = threading.Condition()
+
+    def on_done(self, result: ResultMessage) -> None:
+        with self._cond:
+            if result.task_id in self.results:
+                self.duplicates.append(result.task_id)
+            self.results[result.task_id] = result
+            self._cond.notify_all()
+
+    def on_start(self, task_id: str, at: float) -> None:
+        with self._cond:
+            self.started[task_id] = at
+            self._cond.notify_all()
+
+    def wait(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(condition, timeout):
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def wait_results(self, task_ids: list[str], timeout: float = 30) -> list[ResultMessage]:
+        self.wait(lambda: all(t in self.results for t in task_ids), timeout,
+                  f"{len(task_ids)} results ({len(self.results)} so far)")
+        return [self.results[t] for t in task_ids]

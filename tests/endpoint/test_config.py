@@ -1,0 +1,124 @@
+"""config.yaml: the template loads back; bad files fail naming the file and the key."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from farcall.endpoint import registration
+from farcall.endpoint.config import configure, endpoint_dir, load_config, parse_config
+from farcall.endpoint.errors import EndpointConfigError
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FARCALL_HOME", str(tmp_path))
+    for var in ("FARCALL_BROKER_URL", "FARCALL_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("engine", ["ProcessPoolEngine", "ThreadPoolEngine"])
+def test_configure_writes_a_commented_template_that_loads(home: Path, engine: str) -> None:
+    path = configure("laptop", engine, "http://127.0.0.1:8000", 3)
+    assert path == home / "endpoints" / "laptop" / "config.yaml"
+    text = path.read_text()
+    assert text.count("\n#") >= 5
+    config = load_config("laptop")
+    assert config.engine["type"] == engine and config.engine["max_workers"] == 3
+    assert config.resolved_broker_url() == "http://127.0.0.1:8000"
+    assert config.heartbeat_period == 10 and config.display_name == "laptop"
+
+
+def test_configure_refuses_to_overwrite_and_unknown_engines(home: Path) -> None:
+    configure("a")
+    with pytest.raises(EndpointConfigError, match="already configured.*--force"):
+        configure("a")
+    configure("a", force=True)
+    with pytest.raises(EndpointConfigError, match="valid choices: ThreadPoolEngine"):
+        configure("b", engine="Nope")
+    with pytest.raises(EndpointConfigError, match="invalid endpoint name"):
+        configure("../evil")
+
+
+def test_broker_url_falls_back_to_env_then_operator_config(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = parse_config("engine: {type: ThreadPoolEngine}")
+    with pytest.raises(EndpointConfigError, match="FARCALL_BROKER_URL"):
+        config.resolved_broker_url()
+    (home / "config").write_text('broker_url = "http://from-file:1"\ntoken = "fcu_x"\n')
+    assert config.resolved_broker_url() == "http://from-file:1"
+    monkeypatch.setenv("FARCALL_BROKER_URL", "http://from-env:2/")
+    assert config.resolved_broker_url() == "http://from-env:2"
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("heartbeat_perod: 5", r"heartbeat_perod: unknown key \(valid keys: .*heartbeat_period"),
+        ("heartbeat_period: soon", r"heartbeat_period: Input should be a valid number"),
+        ("heartbeat_period: 0", r"heartbeat_period: Input should be greater than 0"),
+        ("engine: {type: Nope}", r"engine.type: unknown engine 'Nope'; valid choices"),
+        ("engine: {type: ProcessPoolEngine, max_workers: -1}", r"engine.max_workers"),
+        ("engine: {type: ThreadPoolEngine, provider: {}}", r"engine.provider: unknown key"),
+        ("broker_url: ftp://x", r"broker_url: Value error, must start with http"),
+        ("- just\n- a list", r"expected a mapping"),
+        ("key: [unclosed", r"not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_key(home: Path, text: str, pattern: str) -> None:
+    directory = endpoint_dir("ep")
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(text)
+    with pytest.raises(EndpointConfigError, match=pattern) as caught:
+        load_config("ep")
+    assert str(directory / "config.yaml") in str(caught.value)
+
+
+def test_missing_config_says_how_to_create_it() -> None:
+    with pytest.raises(EndpointConfigError, match="farcall-endpoint configure ghost"):
+        load_config("ghost")
+
+
+def test_registration_is_stored_0600_and_reused(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[httpx.Request] = []
+
+    def fake_post(url: str, json: dict, headers: dict, timeout: float) -> httpx.Response:  # type: ignore[type-arg]
+        calls.append(httpx.Request("POST", url, json=json, headers=headers))
+        return httpx.Response(200, json={"endpoint_id": "ep-1", "name": json["name"],
+                                         "credential": "fce_secret"})
+
+    monkeypatch.setattr(registration.httpx, "post", fake_post)
+    monkeypatch.setenv("FARCALL_TOKEN", "fcu_token")
+    directory = endpoint_dir("laptop")
+    first = registration.ensure_registered(directory, "http://b:1", "laptop")
+    assert first.endpoint_id == "ep-1" and first.credential == "fce_secret"
+    assert calls[0].headers["Authorization"] == "Bearer fcu_token"
+    assert calls[0].url == "http://b:1/v1/endpoints"
+    stored = directory / "endpoint.json"
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    again = registration.ensure_registered(directory, "http://b:1", "laptop")
+    assert again == first and len(calls) == 1
+
+
+def test_registration_refused_or_unreachable_is_clear(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(url: str, **_: object) -> httpx.Response:
+        return httpx.Response(401, json={"error": "unauthorized", "message": "unknown token"})
+
+    real_post = httpx.post
+    monkeypatch.setattr(registration.httpx, "post", refused)
+    with pytest.raises(registration.RegistrationError, match="401.*unknown token.*FARCALL_TOKEN"):
+        registration.register_endpoint("http://b:1", "bad", "x")
+    with pytest.raises(EndpointConfigError, match="FARCALL_TOKEN"):
+        registration.ensure_registered(endpoint_dir("x"), "http://b:1", "x")
+    monkeypatch.setattr(registration.httpx, "post", real_post)
+    with pytest.raises(registration.RegistrationError, match="cannot reach the broker"):
+        registration.register_endpoint("http://127.0.0.1:9", "t", "x", timeout=5)

@@ -1,0 +1,108 @@
+"""worker.run_task: the code that runs inside every worker."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+from ep_helpers import make_task, value_of
+
+from farcall.endpoint import worker
+from farcall.errors import DeserializationError
+from farcall.messages import ResultMessage, TaskState, Versions
+from farcall.serialize import pack_args
+from farcall.version import local_versions
+
+
+def run(task_json: str) -> ResultMessage:
+    return ResultMessage.model_validate_json(worker.run_task(task_json))
+
+
+def test_success_carries_value_times_and_worker_versions() -> None:
+    def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    task = make_task(add, 2, b=40)
+    result = run(task.model_dump_json())
+    assert result.task_id == task.task_id
+    assert result.state == TaskState.SUCCESS
+    assert value_of(result) == 42
+    assert result.started_at is not None and result.finished_at is not None
+    assert result.started_at <= result.finished_at
+    assert result.worker == Versions(**local_versions())
+
+
+def test_exception_is_rebuilt_with_the_remote_frame() -> None:
+    def boom(x: int) -> None:
+        raise ValueError(f"bad {x}")
+
+    result = run(make_task(boom, 7).model_dump_json())
+    assert result.state == TaskState.FAILED
+    assert "ValueError: bad 7" in result.error
+    assert "in boom" in result.error
+    assert "run_task" not in result.error and "in execute" not in result.error
+    with pytest.raises(ValueError, match="bad 7") as caught:
+        value_of(result)
+    assert "boom" in "".join(traceback.format_exception(caught.value))
+
+
+def test_sys_exit_in_a_task_fails_only_the_task() -> None:
+    def leave() -> None:
+        raise SystemExit(3)
+
+    result = run(make_task(leave).model_dump_json())
+    assert result.state == TaskState.FAILED
+    assert "SystemExit" in result.error
+
+
+def test_unpicklable_return_value_fails_clearly() -> None:
+    def gen() -> object:
+        return (i for i in range(3))  # generators cannot be pickled
+
+    result = run(make_task(gen).model_dump_json())
+    assert result.state == TaskState.FAILED
+    assert "SerializationError" in result.error
+
+
+@pytest.mark.parametrize("broken", ["function", "args"])
+def test_unloadable_payload_names_both_sides_versions(broken: str) -> None:
+    def f() -> int:
+        return 1
+
+    task = make_task(f)
+    task.submitter = Versions(python="3.9.1", dill="0.3.5", farcall="0.0.1")
+    bad = "01\n" + "A" * 16 if broken == "function" else "10\n" + "AAAA"
+    task = task.model_copy(update={broken: bad, "function_id": "broken-" + broken})
+    result = run(task.model_dump_json())
+    assert result.state == TaskState.FAILED
+    mine = local_versions()
+    for text in ("Python 3.9.1", "dill 0.3.5", f"Python {mine['python']}", f"dill {mine['dill']}",
+                 "source"):
+        assert text in result.error, text
+    with pytest.raises(DeserializationError, match="Submitter: Python 3.9.1, dill 0.3.5"):
+        value_of(result)
+
+
+def test_function_is_deserialized_once_per_function_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = worker.deserialize_function
+
+    def counting(payload: str):  # type: ignore[no-untyped-def]
+        calls.append(payload)
+        return real(payload)
+
+    monkeypatch.setattr(worker, "deserialize_function", counting)
+
+    def double(x: int) -> int:
+        return 2 * x
+
+    first = make_task(double, 1)
+    for i in range(5):
+        task = first.model_copy(update={"task_id": f"t{i}", "args": pack_args((i,), {})})
+        assert value_of(run(task.model_dump_json())) == 2 * i
+    assert len(calls) == 1
+
+
+def test_malformed_task_json_still_answers() -> None:
+    result = run('{"task_id": "x1"}')
+    assert result.task_id == "x1" and result.state == TaskState.FAILED
