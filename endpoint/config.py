@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from farcall import config as sdk_config
+from farcall.config import farcall_home
 from farcall.endpoint.engines import ENGINES, format_validation_error, validate_engine
 from farcall.endpoint.errors import EndpointConfigError
+from farcall.errors import ConfigurationError
+
+__all__ = ["EndpointConfig", "configure", "endpoint_dir", "farcall_home", "load_config"]
 
 CONFIG_FILE = "config.yaml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -53,19 +57,10 @@ class EndpointConfig(BaseModel):
 
     def resolved_broker_url(self) -> str:
         """``broker_url`` from the file, else ``FARCALL_BROKER_URL``, else the operator config."""
-        url = self.broker_url or os.environ.get("FARCALL_BROKER_URL") or operator_settings().get(
-            "broker_url"
-        )
-        if not url:
-            raise EndpointConfigError(
-                "no broker URL: set broker_url in the endpoint's config.yaml, or "
-                "FARCALL_BROKER_URL, or broker_url in $FARCALL_HOME/config"
-            )
-        return str(url).rstrip("/")
-
-
-def farcall_home() -> Path:
-    return Path(os.environ.get("FARCALL_HOME") or "~/.farcall").expanduser()
+        try:
+            return sdk_config.broker_url(self.broker_url)
+        except ConfigurationError as e:
+            raise EndpointConfigError(f"{e} (or set broker_url in the endpoint's config.yaml)") from None
 
 
 def endpoint_dir(name: str) -> Path:
@@ -78,26 +73,12 @@ def endpoint_dir(name: str) -> Path:
     return farcall_home() / "endpoints" / name
 
 
-def operator_settings() -> dict[str, Any]:
-    """``$FARCALL_HOME/config`` (TOML with ``broker_url`` and ``token``), or ``{}`` if absent."""
-    path = farcall_home() / "config"
-    if not path.is_file():
-        return {}
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise EndpointConfigError(f"{path}: not valid TOML: {e}") from None
-
-
 def operator_token() -> str:
     """The operator's user token: ``FARCALL_TOKEN``, else ``token`` in ``$FARCALL_HOME/config``."""
-    token = os.environ.get("FARCALL_TOKEN") or operator_settings().get("token")
-    if not token:
-        raise EndpointConfigError(
-            "registering this endpoint needs your user token: set FARCALL_TOKEN or put "
-            "token = \"...\" in $FARCALL_HOME/config"
-        )
-    return str(token)
+    try:
+        return sdk_config.token()
+    except ConfigurationError as e:
+        raise EndpointConfigError(f"registering this endpoint needs your user token: {e}") from None
 
 
 def load_config(name: str) -> EndpointConfig:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -11,6 +13,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def wait_until(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -42,3 +46,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+
+
+async def drop_redis_keys(prefix: str) -> None:
+    """Delete every Redis key under ``prefix`` (a test run's own)."""
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await r.delete(*keys[i : i + 500])
+    finally:
+        await r.aclose()
+
+
+async def drop_queues(names: list[str]) -> None:
+    """Delete RabbitMQ queues by name."""
+    import aio_pika
+
+    if not names:
+        return
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await conn.close()
+
+
+def queues_named(prefix: str) -> list[str]:
+    """Names of the RabbitMQ queues starting with ``prefix`` (via rabbitmqctl)."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
+    )
+    return [n for n in listed.stdout.split() if n.startswith(prefix)]
+
+
+def drop_service_data(redis_prefix: str, queue_prefix: str) -> None:
+    """Remove what a test run made in Redis and RabbitMQ."""
+    asyncio.run(drop_redis_keys(redis_prefix))
+    asyncio.run(drop_queues(queues_named(queue_prefix)))

@@ -6,7 +6,7 @@
   munge with apt-get when absent, and is a quick verify when Slurm already runs) and returns the
   environment additions (``SLURM_CONF``, ``PATH``). Raises ``SlurmUnavailable`` (an
   AssertionError, so tests fail rather than skip) when Slurm cannot be set up.
-* ``fake_scheduler_env(state_dir)`` returns ``PATH`` (``scripts/fake_schedulers`` first) and
+* ``fake_scheduler_env(state_dir)`` returns ``PATH`` (the stand-in commands first) and
   ``FARCALL_FAKE_SCHED_DIR``; ``qsub``/``qstat``/``qdel`` and ``bsub``/``bjobs``/``bkill`` on that
   PATH run job scripts on this machine.
 * Parsl's providers run the scheduler commands with the *process* environment, so apply these
@@ -33,7 +33,8 @@ SLURM_SETUP = REPO / "scripts" / "slurm" / "setup.sh"
 SLURM_TEARDOWN = REPO / "scripts" / "slurm" / "teardown.sh"
 SLURM_DIR = Path(os.environ.get("FARCALL_SLURM_DIR", "/tmp/farcall-slurm"))
 SLURM_PARTITION = os.environ.get("FARCALL_SLURM_PARTITION", "debug")
-FAKE_SCHED_BIN = REPO / "scripts" / "fake_schedulers"
+FAKE_SCHED = REPO / "scripts" / "fake_schedulers" / "fakesched.py"
+FAKE_COMMANDS = ("qsub", "qstat", "qdel", "bsub", "bjobs", "bkill")
 FAKE_SCHED_DIR = Path(os.environ.get("FARCALL_FAKE_SCHED_DIR", "/tmp/farcall-fake-sched"))
 
 _slurm_lock = threading.Lock()
@@ -122,11 +123,19 @@ def slurm_cancel(job_ids: Iterable[str] | None = None) -> None:
 
 
 def fake_scheduler_env(state_dir: Path | str | None = None) -> dict[str, str]:
-    """Env additions for the stand-in PBS Pro / LSF commands (``FARCALL_FAKE_SCHED_DIR``, ``PATH``)."""
-    return {
-        "FARCALL_FAKE_SCHED_DIR": str(state_dir or FAKE_SCHED_DIR),
-        "PATH": _path_with(FAKE_SCHED_BIN, BIN),
-    }
+    """Env additions for the stand-in PBS Pro / LSF commands (``FARCALL_FAKE_SCHED_DIR``, ``PATH``).
+
+    The commands are symlinks to ``fakesched.py`` (it dispatches on its name), made here in
+    ``<state_dir>/bin`` so that a checkout that lost its symlinks still works.
+    """
+    state = Path(state_dir or FAKE_SCHED_DIR)
+    bin_dir = state / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in FAKE_COMMANDS:
+        link = bin_dir / name
+        if not link.is_symlink():
+            link.symlink_to(FAKE_SCHED)
+    return {"FARCALL_FAKE_SCHED_DIR": str(state), "PATH": _path_with(bin_dir, BIN)}
 
 
 def fake_jobs(state_dir: Path | str | None = None) -> list[dict[str, Any]]:

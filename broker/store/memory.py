@@ -210,18 +210,7 @@ class MemoryStore(Store):
             if r.started_at is not None:
                 task["transitions"].setdefault(TaskState.RUNNING.value, r.started_at)
             task["transitions"][state] = at
-            done.append(
-                (
-                    task["task_group_id"],
-                    TaskResult(
-                        task_id=r.task_id,
-                        state=r.state,
-                        data=r.data,
-                        error=r.error,
-                        completed_at=at,
-                    ),
-                )
-            )
+            done.append((task["task_group_id"], TaskResult.stored(r, at)))
         return done
 
     # ------------------------------------------------------------ result fan-out

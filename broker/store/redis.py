@@ -319,12 +319,7 @@ class RedisStore(Store):
             args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started]
         groups = await self._complete(keys=keys, args=args)
         return [
-            (
-                group,
-                TaskResult(
-                    task_id=r.task_id, state=r.state, data=r.data, error=r.error, completed_at=at
-                ),
-            )
+            (group, TaskResult.stored(r, at))
             for r, group in zip(results, groups, strict=True)
             if group
         ]

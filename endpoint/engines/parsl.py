@@ -66,7 +66,7 @@ HTEX_OWN = {"provider", "label", "address", "launch_cmd", "interchange_launch_cm
 def _signature_keys(cls: type) -> list[str]:
     return [
         name
-        for name, p in inspect.signature(cls.__init__).parameters.items()
+        for name, p in inspect.signature(cls).parameters.items()
         if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Stand-in PBS Pro (qsub, qstat, qdel) and LSF (bsub, bjobs, bkill) commands for tests.
 
-Each command is a symlink to this file; it dispatches on the name it was called by. A submitted
+Each command is a symlink to this file (tests/schedulers.py makes them); it dispatches on the
+name it was called by. A submitted
 job script runs on this machine, in the background, in a new session (its own process group),
 supervised by a small detached runner process that records its state. Job state lives in
 ``$FARCALL_FAKE_SCHED_DIR`` (default ``/tmp/farcall-fake-sched``): ``jobs/<seq>/job.json`` plus

@@ -1,0 +1,35 @@
+"""farcall: run Python functions on remote endpoints through a broker.
+
+``Client`` and ``Executor`` are imported on first use, so a worker process that
+only needs ``farcall.serialize`` and ``farcall.messages`` stays quick to start.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from farcall.version import __version__
+
+if TYPE_CHECKING:
+    from farcall.client import Batch, Client
+    from farcall.executor import Executor, TaskFuture
+
+__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__"]
+
+_LAZY = {
+    "Batch": "farcall.client",
+    "Client": "farcall.client",
+    "Executor": "farcall.executor",
+    "TaskFuture": "farcall.executor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'farcall' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -24,7 +24,7 @@ def now() -> float:
     return time.time()
 
 
-class TaskState(str, enum.Enum):
+class TaskState(enum.StrEnum):
     RECEIVED = "received"
     WAITING = "waiting-for-endpoint"
     RUNNING = "running"
@@ -224,6 +224,19 @@ class TaskResult(_Msg):
     data: str = ""
     error: str = ""
     completed_at: float | None = None
+    worker: Versions | None = None
+
+    @classmethod
+    def stored(cls, result: ResultMessage, completed_at: float) -> TaskResult:
+        """What the client sees of ``result`` once the broker stored it at ``completed_at``."""
+        return cls.model_construct(
+            task_id=result.task_id,
+            state=TaskState(result.state),
+            data=result.data,
+            error=result.error,
+            completed_at=completed_at,
+            worker=result.worker,
+        )
 
 
 class ResultStreamFrame(_Msg):

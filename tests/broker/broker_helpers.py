@@ -13,9 +13,9 @@ import pytest
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.queue.rabbitmq import RabbitQueue
 from farcall.messages import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
+from harness import AMQP_URL, REDIS_URL, drop_redis_keys
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+__all__ = ["AMQP_URL", "REDIS_URL", "drop_redis_keys"]
 
 
 def require_service(name: str, port: int) -> None:
@@ -29,18 +29,6 @@ def require_service(name: str, port: int) -> None:
             "Start it with scripts/ensure_services.sh",
             pytrace=False,
         )
-
-
-async def drop_redis_keys(prefix: str) -> None:
-    import redis.asyncio as aioredis
-
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in r.scan_iter(match=prefix + "*", count=1000)]
-        if keys:
-            await r.delete(*keys)
-    finally:
-        await r.aclose()
 
 
 async def drop_queues(prefix: str, endpoint_ids: list[str]) -> None:

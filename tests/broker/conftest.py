@@ -7,8 +7,6 @@ prefix and RabbitMQ queue prefix and removes what it made.
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +33,8 @@ from broker_helpers import (  # noqa: E402 - importable once HERE is on the path
     drop_redis_keys,
     require_service,
 )
+
+from harness import drop_service_data  # noqa: E402
 
 
 @pytest.fixture
@@ -92,11 +92,4 @@ def broker_settings(request: pytest.FixtureRequest, real_prefix: str) -> Iterato
         redis_prefix=f"{real_prefix}:",
         queue_prefix=f"{real_prefix}.",
     )
-    asyncio.run(drop_redis_keys(f"{real_prefix}:"))
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
-    )
-    names = [n for n in listed.stdout.split() if n.startswith(f"{real_prefix}.ep.")]
-    asyncio.run(
-        drop_queues(f"{real_prefix}.", [n.removeprefix(f"{real_prefix}.ep.") for n in names])
-    )
+    drop_service_data(f"{real_prefix}:", f"{real_prefix}.")

@@ -17,10 +17,8 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import BIN, REPO, answers, free_port, wait_until
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+from harness import AMQP_URL, BIN, REDIS_URL, REPO, answers, drop_service_data, free_port, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -114,27 +112,7 @@ def broker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     wait_until(b.healthy, 30, f"broker health\n{b.proc.output()}")
     yield b
     b.proc.stop()
-    _cleanup(service_env)
-
-
-def _cleanup(env: dict[str, str]) -> None:
-    import pika
-    import redis
-
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(match=env["FARCALL_REDIS_PREFIX"] + "*", count=1000))
-    for i in range(0, len(keys), 500):
-        r.delete(*keys[i : i + 500])
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
-    )
-    names = [n for n in listed.stdout.split() if n.startswith(env["FARCALL_QUEUE_PREFIX"])]
-    if names:
-        conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-        ch = conn.channel()
-        for name in names:
-            ch.queue_delete(name)
-        conn.close()
+    drop_service_data(service_env["FARCALL_REDIS_PREFIX"], service_env["FARCALL_QUEUE_PREFIX"])
 
 
 @pytest.fixture(scope="session")

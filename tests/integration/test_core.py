@@ -17,10 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+from integration.conftest import Broker, Endpoint
+
 from farcall import Client, Executor
 from farcall.errors import NotFound, TaskPending
 from harness import BIN, wait_until
-from integration.conftest import Broker, Endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,38 @@
+"""An embedded broker (in-process store and queue) and a thread-pool endpoint, shared by SDK tests.
+
+The SDK's behaviour against real Redis and RabbitMQ is in tests/integration.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from farcall import Client
+from farcall.broker.embedded import EmbeddedBroker
+from farcall.endpoint.embedded import EmbeddedEndpoint
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from sdk_helpers import Stack  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with EmbeddedBroker() as broker:
+        token = broker.create_user("sdk-tests")
+        with EmbeddedEndpoint(broker.url, token, engine="ThreadPoolEngine", max_workers=4) as ep:
+            assert ep.endpoint_id
+            yield Stack(broker, token, ep.endpoint_id)
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[Client]:
+    c = stack.client()
+    yield c
+    c.close()

@@ -1,0 +1,174 @@
+"""Client: the REST API as calls, against an embedded broker and a thread-pool endpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sdk_helpers import Stack
+
+from farcall import Client
+from farcall.client import outcome, split_batch
+from farcall.errors import AuthenticationError, BrokerError, DeserializationError, NotFound, TaskPending
+from farcall.messages import TaskSpec
+from harness import wait_until
+
+
+def _result(client: Client, task_id: str) -> Any:
+    def done() -> tuple[Any] | None:
+        try:
+            return (client.get_result(task_id),)
+        except TaskPending:
+            return None
+
+    return wait_until(done, 30, f"result of {task_id}")[0]
+
+
+def test_register_run_and_get_result(client: Client, stack: Stack) -> None:
+    def power(base: int, exp: int = 2) -> int:
+        return int(base**exp)
+
+    function_id = client.register_function(power, description="powers")
+    record = client.get_function(function_id)
+    assert record["function_name"] == "power" and record["description"] == "powers"
+    task_id = client.run(3, endpoint_id=stack.endpoint_id, function_id=function_id, exp=4)
+    assert _result(client, task_id) == 81
+    task = client.get_task(task_id)
+    assert task["state"] == "success" and task["worker"]["python"]
+    assert client.delete_function(function_id)["deleted"] is True
+    with pytest.raises(NotFound, match="register it first"):
+        client.get_function(function_id)
+
+
+def test_get_result_pending_then_remote_exception(client: Client, stack: Stack, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+
+    def wait_then_fail(path: str) -> None:
+        import os
+        import time
+
+        deadline = time.time() + 30
+        while not os.path.exists(path) and time.time() < deadline:
+            time.sleep(0.01)
+        raise KeyError("missing key")
+
+    function_id = client.register_function(wait_then_fail)
+    task_id = client.run(str(gate), endpoint_id=stack.endpoint_id, function_id=function_id)
+    with pytest.raises(TaskPending) as pending:
+        client.get_result(task_id)
+    assert pending.value.task_id == task_id
+    assert pending.value.state in ("waiting-for-endpoint", "running")
+    gate.touch()
+    wait_until(lambda: client.get_task(task_id)["state"] == "failed", 30, "task failed")
+    with pytest.raises(KeyError, match="missing key"):
+        client.get_result(task_id)
+
+
+def test_batch_run_and_get_batch_result(client: Client, stack: Stack) -> None:
+    def invert(x: float) -> float:
+        return 1 / x
+
+    function_id = client.register_function(invert)
+    batch = client.create_batch()
+    for x in (1, 2, 0, 4):
+        batch.add(function_id, args=(x,))
+    submitted = client.batch_run(stack.endpoint_id, batch)
+    task_ids = submitted["task_ids"]
+    assert submitted["tasks"] == {function_id: task_ids}
+    assert client.get_task_group(submitted["task_group_id"]) == task_ids
+
+    results = wait_until(
+        lambda: (r := client.get_batch_result(task_ids)) and not any(e["pending"] for e in r.values()) and r,
+        30,
+        "batch results",
+    )
+    assert [results[t].get("result") for t in task_ids] == [1.0, 0.5, None, 0.25]
+    assert isinstance(results[task_ids[2]]["exception"], ZeroDivisionError)
+    assert results[task_ids[0]]["status"] == "success" and results[task_ids[0]]["completion_t"]
+    with pytest.raises(ValueError, match="empty"):
+        client.batch_run(stack.endpoint_id, client.create_batch())
+    with pytest.raises(TypeError, match="register the function first"):
+        batch.add(invert, args=(1,))  # type: ignore[arg-type]
+
+
+def test_large_batches_are_split_into_requests_of_one_group(client: Client, stack: Stack) -> None:
+    def size(blob: bytes) -> int:
+        return len(blob)
+
+    function_id = client.register_function(size)
+    batch = client.create_batch()
+    for i in range(12):
+        batch.add(function_id, args=(bytes(700_000 + i),))
+    posts = []
+    submit = client.submit_tasks
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        posts.append(len(args[1]))
+        return submit(*args, **kwargs)
+
+    client.submit_tasks = counting  # type: ignore[method-assign]
+    submitted = client.batch_run(stack.endpoint_id, batch)
+    assert len(posts) >= 3 and sum(posts) == 12
+    assert client.get_task_group(submitted["task_group_id"]) == submitted["task_ids"]
+    results = wait_until(
+        lambda: (r := client.get_batch_result(submitted["task_ids"])) and not any(e["pending"] for e in r.values()) and r,
+        60,
+        "results",
+    )
+    assert [results[t]["result"] for t in submitted["task_ids"]] == [700_000 + i for i in range(12)]
+
+
+def test_split_batch_bounds_count_and_bytes() -> None:
+    specs = [TaskSpec(function_id="f", args="x" * 1000) for _ in range(10)]
+    assert [len(c) for c in split_batch(specs, max_tasks=4)] == [4, 4, 2]
+    assert [len(c) for c in split_batch(specs, max_tasks=100, max_bytes=2500)] == [2] * 5
+    assert [len(c) for c in split_batch(specs[:1], max_tasks=100, max_bytes=10)] == [1]
+
+
+def test_endpoints_and_their_status(client: Client, stack: Stack) -> None:
+    listed = {e["endpoint_id"]: e for e in client.get_endpoints()}
+    assert listed[stack.endpoint_id]["status"] == "online"
+    status = client.get_endpoint_status(stack.endpoint_id)
+    assert status["status"] == "online" and status["workers"] == 4 and status["engine"] == "ThreadPoolEngine"
+    with pytest.raises(NotFound):
+        client.get_endpoint_status("00000000-0000-0000-0000-000000000000")
+
+
+def test_wrong_token_is_an_authentication_error(stack: Stack) -> None:
+    with Client(broker_url=stack.broker.url, token="fcu_wrong") as bad, pytest.raises(AuthenticationError) as info:
+        bad.get_endpoints()
+    assert info.value.status == 401 and "token" in str(info.value)
+
+
+def test_requests_are_retried_through_a_503() -> None:
+    answers = iter([httpx.Response(503, json={"error": "unavailable", "message": "later"}),
+                    httpx.Response(200, json={"endpoints": []})])
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return next(answers)
+
+    c = Client(broker_url="http://broker.invalid", token="fcu_t", retry_seconds=10)
+    c._http = httpx.Client(base_url="http://broker.invalid/v1", transport=httpx.MockTransport(handler),
+                           headers=c._http.headers)
+    assert c.get_endpoints() == []
+    assert seen == ["Bearer fcu_t", "Bearer fcu_t"]
+
+
+def test_unreachable_broker_is_a_clear_error() -> None:
+    from harness import free_port
+
+    c = Client(broker_url=f"http://127.0.0.1:{free_port()}", token="fcu_t", retry_seconds=0)
+    with pytest.raises(BrokerError, match="cannot reach the broker"):
+        c.get_endpoints()
+
+
+def test_undecodable_result_names_both_sides_versions() -> None:
+    record = {"task_id": "t", "state": "success", "data": "10\nbm90IGRpbGw=",
+              "worker": {"python": "3.99.0", "dill": "9.9"}}
+    ok, error = outcome(record)
+    assert not ok and isinstance(error, DeserializationError)
+    assert "3.99.0" in str(error) and "dill 9.9" in str(error) and "This side: Python 3." in str(error)

@@ -1,0 +1,120 @@
+"""Payloads: functions by value or by source, data, remote exceptions with their tracebacks."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+
+from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
+from farcall.serialize import (
+    DATA_DILL,
+    FUNCTION_DILL,
+    FUNCTION_SOURCE,
+    deserialize,
+    deserialize_function,
+    pack_args,
+    payload_strategy,
+    rebuild_exception,
+    serialize,
+    serialize_exception,
+    serialize_function,
+    unpack_args,
+)
+
+
+def test_closure_and_lambda_travel_by_value() -> None:
+    factor = 3
+
+    def scale(x: int) -> int:
+        return x * factor
+
+    for fn, expected in ((scale, 12), (lambda x: x + factor, 7)):
+        payload = serialize_function(fn)
+        assert payload_strategy(payload) == FUNCTION_DILL
+        assert deserialize_function(payload)(4) == expected
+
+
+def test_source_strategy_reexecutes_the_definition() -> None:
+    def double(x: int) -> int:
+        return 2 * x
+
+    payload = serialize_function(double, strategy="source")
+    assert payload_strategy(payload) == FUNCTION_SOURCE
+    assert deserialize_function(payload)(21) == 42
+
+
+def test_auto_falls_back_to_source_when_dill_cannot_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dill
+
+    def unpicklable(*_: object, **__: object) -> bytes:
+        raise TypeError("cannot pickle this")
+
+    def triple(x: int) -> int:
+        return 3 * x
+
+    monkeypatch.setattr(dill, "dumps", unpicklable)
+    payload = serialize_function(triple)
+    assert payload_strategy(payload) == FUNCTION_SOURCE
+    monkeypatch.undo()
+    assert deserialize_function(payload)(5) == 15
+
+
+def test_unknown_strategy_and_non_callable_are_refused() -> None:
+    with pytest.raises(SerializationError, match="unknown function strategy"):
+        serialize_function(len, strategy="pickle")
+    with pytest.raises(SerializationError, match="expected a function"):
+        serialize_function(42)  # type: ignore[arg-type]
+
+
+def test_data_round_trip_and_header_checks() -> None:
+    payload = pack_args((1, [2, 3]), {"k": {"v"}})
+    assert payload_strategy(payload) == DATA_DILL
+    assert unpack_args(payload) == ((1, [2, 3]), {"k": {"v"}})
+    with pytest.raises(DeserializationError, match="no farcall header"):
+        deserialize("not a payload")
+    with pytest.raises(DeserializationError, match="not a data strategy"):
+        deserialize(serialize_function(len))
+    with pytest.raises(SerializationError, match="picklable"):
+        serialize(_Unpicklable())
+
+
+class _Unpicklable:
+    def __reduce__(self) -> str:
+        raise TypeError("no")
+
+
+def _raise_in_frame() -> None:
+    raise ValueError("deep failure")
+
+
+def test_exception_is_rebuilt_with_its_traceback() -> None:
+    try:
+        _raise_in_frame()
+    except ValueError as e:
+        data, text = serialize_exception(e)
+    assert "_raise_in_frame" in text
+    rebuilt = rebuild_exception(data, text, "t1")
+    assert isinstance(rebuilt, ValueError) and str(rebuilt) == "deep failure"
+    names = [f.name for f in traceback.extract_tb(rebuilt.__traceback__)]
+    assert "_raise_in_frame" in names
+
+
+class _Locked(Exception):
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        import threading
+
+        self.lock = threading.Lock()
+
+
+def test_unpicklable_exception_becomes_task_execution_failed_with_text() -> None:
+    try:
+        raise _Locked()
+    except _Locked as e:
+        data, text = serialize_exception(e)
+    assert data == ""
+    rebuilt = rebuild_exception(data, text, "t2")
+    assert isinstance(rebuilt, TaskExecutionFailed)
+    assert rebuilt.task_id == "t2"
+    assert "holds a lock" in str(rebuilt) and "_Locked" in rebuilt.remote_traceback
