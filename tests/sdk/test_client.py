@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sdk_helpers import Stack
+from sdk_helpers import Stack, wait_batch
 
 from farcall import Client
 from farcall.client import outcome, split_batch
@@ -79,11 +79,7 @@ def test_batch_run_and_get_batch_result(client: Client, stack: Stack) -> None:
     assert submitted["tasks"] == {function_id: task_ids}
     assert client.get_task_group(submitted["task_group_id"]) == task_ids
 
-    results = wait_until(
-        lambda: (r := client.get_batch_result(task_ids)) and not any(e["pending"] for e in r.values()) and r,
-        30,
-        "batch results",
-    )
+    results = wait_batch(client, task_ids)
     assert [results[t].get("result") for t in task_ids] == [1.0, 0.5, None, 0.25]
     assert isinstance(results[task_ids[2]]["exception"], ZeroDivisionError)
     assert results[task_ids[0]]["status"] == "success" and results[task_ids[0]]["completion_t"]
@@ -112,11 +108,7 @@ def test_large_batches_are_split_into_requests_of_one_group(client: Client, stac
     submitted = client.batch_run(stack.endpoint_id, batch)
     assert len(posts) >= 3 and sum(posts) == 12
     assert client.get_task_group(submitted["task_group_id"]) == submitted["task_ids"]
-    results = wait_until(
-        lambda: (r := client.get_batch_result(submitted["task_ids"])) and not any(e["pending"] for e in r.values()) and r,
-        60,
-        "results",
-    )
+    results = wait_batch(client, submitted["task_ids"], 60)
     assert [results[t]["result"] for t in submitted["task_ids"]] == [700_000 + i for i in range(12)]
 
 
@@ -137,7 +129,8 @@ def test_endpoints_and_their_status(client: Client, stack: Stack) -> None:
 
 
 def test_wrong_token_is_an_authentication_error(stack: Stack) -> None:
-    with Client(broker_url=stack.broker.url, token="fcu_wrong") as bad, pytest.raises(AuthenticationError) as info:
+    bad = Client(broker_url=stack.broker.url, token="fcu_wrong")
+    with pytest.raises(AuthenticationError) as info:
         bad.get_endpoints()
     assert info.value.status == 401 and "token" in str(info.value)
 

@@ -50,9 +50,11 @@ def test_submit_wait_and_as_completed(stack: Stack, client: Client) -> None:
         futures = [ex.submit(cube, i) for i in range(100)]
         done, not_done = wait(futures, timeout=30, return_when=FIRST_EXCEPTION)
         assert not not_done
-        assert sorted(f.result() for f in as_completed(futures, timeout=30)) == sorted(i**3 for i in range(100))
-        assert all(f.task_id for f in futures)
-        assert ex.task_group_id and set(client.get_task_group(ex.task_group_id)) == {f.task_id for f in futures}
+        values = sorted(f.result() for f in as_completed(futures, timeout=30))
+        assert values == sorted(i**3 for i in range(100))
+        ids = {f.task_id for f in futures}
+        assert None not in ids
+        assert ex.task_group_id and set(client.get_task_group(ex.task_group_id)) == ids
 
 
 def test_batches_and_registers_each_function_once(stack: Stack, counting: CountingClient) -> None:
@@ -143,7 +145,8 @@ def test_results_are_polled_when_the_stream_is_lost(stack: Stack, client: Client
 
     with Executor(endpoint_id=stack.endpoint_id, client=client) as ex:
         future = ex.submit(after_gate, str(gate))
-        wait_until(lambda: future.task_id and client.get_task(future.task_id)["state"] == "running", 30, "running")
+        wait_until(lambda: future.task_id and client.get_task(future.task_id)["state"] == "running",
+                   30, "running")
         # From now on the stream cannot reconnect: the result can only come from polling.
         client.websocket_url = lambda path: "ws://127.0.0.1:9/nowhere"  # type: ignore[method-assign]
         assert ex._ws is not None
