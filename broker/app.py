@@ -40,6 +40,7 @@ from farcall.messages import (
     TaskMessage,
     TaskState,
     now,
+    version_mismatch,
 )
 from farcall.version import __version__
 
@@ -435,6 +436,9 @@ def task_view(rec: Record) -> dict[str, Any]:
     }
     if rec["state"] in TERMINAL:
         out["data"], out["error"] = rec.get("data", ""), rec.get("error", "")
+    mismatch = version_mismatch(rec.get("submitter"), rec.get("worker"))
+    if mismatch:
+        out["warnings"] = [mismatch]
     return out
 
 

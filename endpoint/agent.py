@@ -12,6 +12,10 @@ What a caller may rely on (see docs/protocol.md, "Endpoint channel"):
   running while the broker is away.
 - ``request_stop`` stops taking tasks, lets running ones finish for up to
   ``stop_timeout`` seconds, flushes their results and returns from ``run``.
+- With ``allowed_functions`` set, a task for any other function never reaches
+  the engine: it fails at once with ``FunctionNotAllowed``.
+- ``on_status`` (if given) gets a status snapshot (connection, last heartbeat)
+  on every connect, disconnect and heartbeat, for ``farcall-endpoint status``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import collections
 import logging
 import random
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
@@ -30,7 +36,8 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from farcall.endpoint.engines.base import Engine
 from farcall.endpoint.errors import EndpointRejected
-from farcall.endpoint.worker import WORKER_VERSIONS
+from farcall.endpoint.worker import WORKER_VERSIONS, failed_result
+from farcall.errors import FunctionNotAllowed
 from farcall.messages import (
     Credit,
     ErrorFrame,
@@ -84,6 +91,8 @@ class Agent:
         linger: float = 0.002,
         max_batch: int = 1000,
         max_backoff: float = 10.0,
+        allowed_functions: Iterable[str] | None = None,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.endpoint_id = endpoint_id
@@ -94,6 +103,8 @@ class Agent:
         self.linger = linger
         self.max_batch = max_batch
         self.max_backoff = max_backoff
+        self.allowed_functions = None if allowed_functions is None else frozenset(allowed_functions)
+        self.on_status = on_status
         self._url = websocket_url(broker_url, endpoint_id)
         self._headers = {"Authorization": f"Bearer {credential}"}
 
@@ -114,6 +125,7 @@ class Agent:
         self._closing = False
         self._ws: ClientConnection | None = None
         self._last_flush = 0.0
+        self._last_heartbeat: Heartbeat | None = None
 
         # Filled by engine threads, drained on the loop.
         self._done_q: collections.deque[ResultMessage] = collections.deque()
@@ -169,6 +181,7 @@ class Agent:
             await asyncio.gather(connection, stop, return_exceptions=True)
             self.connected.clear()
             await asyncio.to_thread(self.engine.shutdown, False)
+            self._report()
             log.info("endpoint agent stopped")
 
     async def _drain(self) -> None:
@@ -242,7 +255,9 @@ class Agent:
                 log.log(level, "connection to %s %s: %s", self._url,
                         "lost" if welcomed else "failed", str(e) or type(e).__name__)
             finally:
-                self.connected.clear()
+                if self.connected.is_set():
+                    self.connected.clear()
+                    self._report()
             delay = min(self.max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
             attempt += 1
             log.info("reconnecting in %.1f s", delay)
@@ -250,10 +265,11 @@ class Agent:
 
     async def _hello(self, ws: ClientConnection) -> bool:
         credit = 0 if self._stopping else max(0, self.engine.capacity - len(self._running))
+        self._last_heartbeat = self._heartbeat()
         hello = Hello(
             held_task_ids=[*self._running, *self._unacked],
             credit=credit,
-            heartbeat=self._heartbeat(),
+            heartbeat=self._last_heartbeat,
         )
         await ws.send(hello.model_dump_json())
         raw = await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT)
@@ -270,6 +286,7 @@ class Agent:
         self._ws = ws
         self.connections += 1
         self.connected.set()
+        self._report()
         log.info("connected to %s as endpoint %s (credit %d, %d running, %d results to resend)",
                  self.broker_url, self.endpoint_id, credit, len(self._running), len(self._outbox))
         return True
@@ -319,10 +336,24 @@ class Agent:
             ):
                 skipped = True
                 continue
+            if self.allowed_functions is not None and task.function_id not in self.allowed_functions:
+                self._refuse(task)
+                skipped = True
+                continue
             self._running.add(task_id)
             submit(task, self._on_done, self._on_start)
         if skipped:
             self._kick()  # the skipped tasks' credit goes back to the broker
+
+    def _refuse(self, task: TaskMessage) -> None:
+        log.warning("refusing task %s: function %s is not in allowed_functions",
+                    task.task_id, task.function_id)
+        result = failed_result(task.task_id, FunctionNotAllowed(
+            f"endpoint {self.display_name or self.endpoint_id} does not run function "
+            f"{task.function_id}: it is not in the endpoint's allowed_functions. Ask the "
+            "endpoint's operator to allow it, or use another endpoint."))
+        self._unacked[task.task_id] = result
+        self._outbox.append(result)
 
     def _on_ack(self, task_ids: list[str]) -> None:
         recent = self._recent
@@ -432,8 +463,28 @@ class Agent:
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_period)
-            await ws.send(HeartbeatFrame(heartbeat=self._heartbeat()).model_dump_json())
+            self._last_heartbeat = self._heartbeat()
+            await ws.send(HeartbeatFrame(heartbeat=self._last_heartbeat).model_dump_json())
+            self._report()
             self._kick()  # an elastic engine's capacity may have grown
+
+    def _report(self) -> None:
+        if self.on_status is None:
+            return
+        hb = self._last_heartbeat
+        snapshot = {
+            "endpoint_id": self.endpoint_id,
+            "broker_url": self.broker_url,
+            "connected": self.connected.is_set(),
+            "connections": self.connections,
+            "stopping": self._stopping,
+            "updated_at": time.time(),
+            "heartbeat": hb.model_dump(mode="json") if hb is not None else None,
+        }
+        try:
+            self.on_status(snapshot)
+        except Exception:
+            log.exception("status callback failed")
 
     def _heartbeat(self) -> Heartbeat:
         status = self.engine.status()

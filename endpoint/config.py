@@ -6,6 +6,9 @@ Layout under ``$FARCALL_HOME`` (default ``~/.farcall``)::
     endpoints/NAME/config.yaml this endpoint's configuration (``configure`` writes it)
     endpoints/NAME/endpoint.json  endpoint id and credential (mode 0600, written at registration)
     endpoints/NAME/endpoint.pid   pid of the running agent
+    endpoints/NAME/endpoint.log   its log when started with --detach
+    endpoints/NAME/status.json    connection and last heartbeat, written by the running agent
+    endpoints/NAME/runinfo/       Parsl's run directories (ParslEngine, MPIEngine)
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ class EndpointConfig(BaseModel):
         default=10.0, ge=0, description="seconds a stop lets running tasks finish"
     )
     engine: dict[str, Any] = Field(default_factory=lambda: {"type": "ProcessPoolEngine"})
+    allowed_functions: list[str] | None = Field(
+        default=None, description="function ids this endpoint runs; None = any of its owner's"
+    )
+    endpoint_setup: str | None = Field(default=None, description="shell commands run before start")
+    endpoint_teardown: str | None = Field(default=None, description="shell commands run after stop")
 
     @field_validator("engine")
     @classmethod
@@ -112,17 +120,101 @@ def parse_config(text: str, source: str = CONFIG_FILE) -> EndpointConfig:
         raise EndpointConfigError(f"{source}: {e}") from None
 
 
+PARSL_ENGINES = ("ParslEngine", "MPIEngine", "GlobusComputeEngine", "GlobusMPIEngine")
+PROVIDER_TEMPLATES = {
+    "LocalProvider": """\
+  provider:
+    # Blocks of workers on this machine.
+    type: LocalProvider
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 1
+""",
+    "SlurmProvider": """\
+  provider:
+    type: SlurmProvider
+    partition: debug
+    # account: my-allocation
+    # qos: normal
+    nodes_per_block: 1
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 1
+    walltime: "01:00:00"
+    exclusive: false
+    # Shell lines run in the job before the workers start (module loads, conda activate).
+    # Default: put this endpoint's Python environment first on PATH.
+    # worker_init: "module load python"
+    # scheduler_options: "#SBATCH --constraint=cpu"
+    launcher:
+      type: SrunLauncher
+""",
+    "PBSProProvider": """\
+  provider:
+    type: PBSProProvider
+    queue: workq
+    # account: my-allocation
+    cpus_per_node: 1
+    nodes_per_block: 1
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 1
+    walltime: "01:00:00"
+    # select_options: "ngpus=1"
+    # worker_init: "module load python"
+    launcher:
+      type: SingleNodeLauncher
+""",
+    "LSFProvider": """\
+  provider:
+    type: LSFProvider
+    # queue: normal
+    # project: my-allocation
+    nodes_per_block: 1
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 1
+    walltime: "01:00"
+    # worker_init: "module load python"
+    launcher:
+      type: SingleNodeLauncher
+""",
+    "KubernetesProvider": """\
+  provider:
+    # One pod per block, in the cluster your kube config (or in-cluster config) points at.
+    type: KubernetesProvider
+    image: python:3.11
+    namespace: default
+    init_blocks: 0
+    min_blocks: 0
+    max_blocks: 2
+    init_cpu: 1
+    max_cpu: 2
+    init_mem: 1Gi
+    max_mem: 2Gi
+    # The image must have farcall[endpoint] installed, or install it here:
+    worker_init: "pip install 'farcall[endpoint]'"
+""",
+}
+
+
 def configure(
     name: str,
     engine: str = "ProcessPoolEngine",
     broker_url: str | None = None,
     max_workers: int | None = None,
     force: bool = False,
+    provider: str | None = None,
 ) -> Path:
     """Write a commented ``config.yaml`` for a new endpoint and return its path."""
     if engine not in ENGINES:
         raise EndpointConfigError(
             f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}"
+        )
+    if provider is not None and (engine not in PARSL_ENGINES or provider not in PROVIDER_TEMPLATES):
+        raise EndpointConfigError(
+            f"--provider {provider} needs --engine ParslEngine (or MPIEngine) and one of: "
+            + ", ".join(PROVIDER_TEMPLATES)
         )
     directory = endpoint_dir(name)
     path = directory / CONFIG_FILE
@@ -131,7 +223,7 @@ def configure(
             f"endpoint {name!r} is already configured ({path}); edit that file, "
             "or pass --force to overwrite it"
         )
-    text = config_template(name, engine, broker_url, max_workers)
+    text = config_template(name, engine, broker_url, max_workers, provider)
     parse_config(text, str(path))  # never write a file that `start` would refuse
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(text)
@@ -139,17 +231,13 @@ def configure(
 
 
 def config_template(
-    name: str, engine: str, broker_url: str | None, max_workers: int | None
+    name: str,
+    engine: str,
+    broker_url: str | None,
+    max_workers: int | None,
+    provider: str | None = None,
 ) -> str:
     url_line = f"broker_url: {broker_url}" if broker_url else "# broker_url: https://broker.example.org"
-    workers = max_workers or os.cpu_count() or 1
-    chunk = ""
-    if engine == "ProcessPoolEngine":
-        chunk = (
-            "  # Most tasks sent to one worker process in one message (short tasks are\n"
-            "  # batched to cut overhead; long tasks always go one at a time).\n"
-            "  max_chunk: 64\n"
-        )
     return f"""\
 # farcall endpoint "{name}"
 # Written by `farcall-endpoint configure {name}`. Edit it, then run
@@ -170,12 +258,83 @@ heartbeat_period: 10
 # tasks finish before they are abandoned (the broker hands them out again).
 stop_timeout: 10
 
+# Only these registered functions may run here (ids from Client.register_function);
+# a task for any other function fails with FunctionNotAllowed and never runs.
+# allowed_functions:
+#   - 00000000-0000-0000-0000-000000000000
+
+# Shell commands run before the endpoint starts (a failure stops the start) and
+# after it stops.
+# endpoint_setup: "module load python"
+# endpoint_teardown: "rm -rf /tmp/my-scratch"
+
 engine:
+{_engine_template(engine, max_workers, provider)}"""
+
+
+def _engine_template(engine: str, max_workers: int | None, provider: str | None) -> str:
+    if engine in PARSL_ENGINES:
+        return _parsl_template(engine, max_workers, provider or "LocalProvider")
+    workers = max_workers or os.cpu_count() or 1
+    chunk = ""
+    if engine == "ProcessPoolEngine":
+        chunk = (
+            "  # Most tasks sent to one worker process in one message (short tasks are\n"
+            "  # batched to cut overhead; long tasks always go one at a time).\n"
+            "  max_chunk: 64\n"
+        )
+    return f"""\
   # ThreadPoolEngine: threads inside the agent (I/O-bound functions).
   # ProcessPoolEngine: worker processes on this machine.
+  # ParslEngine: workers in blocks from a scheduler (Slurm, PBS Pro, LSF, Kubernetes);
+  #   run `farcall-endpoint configure NAME --engine ParslEngine --provider SlurmProvider`
+  #   for a commented example.
   type: {engine}
   # Number of workers (default: the number of CPUs).
   max_workers: {workers}
   # Tasks fetched ahead per worker, so workers never wait on the network.
   prefetch: 32
 {chunk}"""
+
+
+def _parsl_template(engine: str, max_workers: int | None, provider: str) -> str:
+    mpi = engine in ("MPIEngine", "GlobusMPIEngine")
+    if mpi:
+        workers = f"""\
+  # MPI tasks run at once per block (each spans num_nodes nodes of the block).
+  max_workers_per_block: {max_workers or 1}
+  # How a task launches its ranks: mpiexec, srun or aprun (the task reads the
+  # ready-made prefix from $PARSL_MPI_PREFIX).
+  mpi_launcher: mpiexec
+"""
+    else:
+        per_node = f"max_workers_per_node: {max_workers}" if max_workers else "# max_workers_per_node: 4"
+        workers = f"""\
+  # Worker processes per node (default: one per core, see cores_per_worker).
+  {per_node}
+  # cores_per_worker: 1
+"""
+    provider_text = PROVIDER_TEMPLATES[provider]
+    if mpi:
+        provider_text = provider_text.replace(
+            "    launcher:\n      type: SrunLauncher\n", "").replace(
+            "    launcher:\n      type: SingleNodeLauncher\n", "")
+        provider_text += "    # MPI mode places one worker pool per block: keep SimpleLauncher.\n"
+        provider_text += "    launcher:\n      type: SimpleLauncher\n"
+    return f"""\
+  # {engine}: Parsl's {"MPIExecutor" if mpi else "HighThroughputExecutor"}. Workers come in
+  # blocks the provider gets from the scheduler: added while tasks wait, released
+  # after max_idletime seconds idle (down to min_blocks). Any other key here is
+  # passed to the executor.
+  type: {engine}
+{workers}\
+  # Where workers connect back to this host. 127.0.0.1 only works for workers on
+  # this machine; on a cluster, give this host's address on the compute network.
+  address: 127.0.0.1
+  # Seconds a block may sit idle before it is released.
+  max_idletime: 120
+  # Seconds between Parsl's scaling decisions.
+  strategy_period: 1
+  # Tasks the endpoint holds per worker it could start.
+  prefetch: 4
+{provider_text}"""

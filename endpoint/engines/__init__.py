@@ -20,8 +20,13 @@ __all__ = ["ENGINES", "Engine", "EngineStatus", "build_engine", "engine_class", 
 ENGINES: dict[str, str] = {
     "ThreadPoolEngine": "farcall.endpoint.engines.threads:ThreadPoolEngine",
     "ProcessPoolEngine": "farcall.endpoint.engines.processes:ProcessPoolEngine",
+    "ParslEngine": "farcall.endpoint.engines.parsl:ParslEngine",
+    "MPIEngine": "farcall.endpoint.engines.parsl:MPIEngine",
+    "GlobusComputeEngine": "farcall.endpoint.engines.parsl:ParslEngine",
+    "GlobusMPIEngine": "farcall.endpoint.engines.parsl:MPIEngine",
 }
-"""Engine type name -> ``module:class``. New engines (Parsl) register here."""
+"""Engine type name -> ``module:class``. The ``Globus*`` names are aliases, so Globus Compute
+endpoint configs carry over."""
 
 
 def engine_class(type_name: str) -> type[Engine]:

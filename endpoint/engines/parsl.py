@@ -10,12 +10,13 @@ custom task executor (``farcall.endpoint.worker.run_task_buffer``), so Parsl nev
 pickles the user's function a second time; the worker answers result JSON.
 
 Provider and launcher ``type`` names are Parsl's own class names; their other
-keys are the classes' constructor arguments, checked against the signature at
-``start`` time before anything is submitted.
+keys are the classes' constructor arguments. Both are checked when the config
+is read, before anything starts or is submitted.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import os
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -59,51 +60,67 @@ LAUNCHERS = (
     "GnuParallelLauncher",
     "WrappedLauncher",
 )
-HTEX_OWN = {"provider", "label", "address", "launch_cmd", "interchange_launch_cmd"}
-"""HTEX arguments the engine sets itself (or takes from its own options)."""
+ENGINE_OWN = {"provider", "label", "address", "interchange_launch_cmd"}
+"""Executor arguments the engine sets itself (or takes from its own options)."""
+TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_task_buffer"}
 
 
 def _signature_keys(cls: type) -> list[str]:
     return [
         name
         for name, p in inspect.signature(cls).parameters.items()
-        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
 
 
-def _resolve(kind: str, spec: Mapping[str, Any], choices: tuple[str, ...], module: str) -> Any:
-    """Parsl class named by ``spec['type']`` built with the rest of ``spec``; errors name the key."""
-    import importlib
+def _component(kind: str, spec: Any, choices: tuple[str, ...], module: str) -> tuple[type, dict[str, Any]]:
+    """The Parsl class a ``{type: ..., ...}`` section names and its checked options.
 
+    Errors name the config key (``engine.provider.partiton``) and the valid choices.
+    """
+    where = "engine.provider.launcher" if kind == "launcher" else f"engine.{kind}"
     if not isinstance(spec, Mapping):
-        raise EndpointConfigError(f"engine.{kind}: expected a mapping with a 'type' key, got {spec!r}")
+        raise EndpointConfigError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
     options = dict(spec)
     type_name = options.pop("type", None)
     if type_name not in choices:
         raise EndpointConfigError(
-            f"engine.{kind}.type: {type_name!r} is not a Parsl {kind}; valid choices: {', '.join(choices)}"
+            f"{where}.type: {type_name!r} is not a Parsl {kind}; valid choices: {', '.join(choices)}"
         )
-    try:
-        cls = getattr(importlib.import_module(module), type_name)
-    except (ImportError, AttributeError) as e:
-        raise EndpointConfigError(
-            f"engine.{kind}.type: {type_name} cannot be loaded ({e}); install what it needs "
-            f"(for KubernetesProvider: pip install kubernetes)"
-        ) from None
+    if type_name == "KubernetesProvider":
+        try:
+            import kubernetes  # noqa: F401
+        except ImportError:
+            raise EndpointConfigError(
+                f"{where}.type: KubernetesProvider needs the kubernetes package: "
+                "pip install 'farcall[kubernetes]'"
+            ) from None
+    cls: type = getattr(importlib.import_module(module), type_name)
     valid = _signature_keys(cls)
     for key in options:
-        if key not in valid and not (kind == "provider" and key == "launcher"):
+        if key not in valid:
             raise EndpointConfigError(
-                f"engine.{kind}.{key}: not an option of {type_name}; valid options: {', '.join(valid)}"
+                f"{where}.{key}: not an option of {type_name}; valid options: {', '.join(valid)}"
             )
-    if kind == "provider" and "launcher" in options:
-        if "launcher" not in valid:
-            raise EndpointConfigError(f"engine.provider.launcher: {type_name} takes no launcher")
-        options["launcher"] = _resolve("launcher", options["launcher"], LAUNCHERS, "parsl.launchers")
+    if "launcher" in options:
+        options["launcher"] = _component("launcher", options["launcher"], LAUNCHERS, "parsl.launchers")
+    return cls, options
+
+
+def _build(kind: str, cls: type, options: dict[str, Any]) -> Any:
+    args = dict(options)
+    if isinstance(args.get("launcher"), tuple):
+        args["launcher"] = _build("launcher", *args["launcher"])
     try:
-        return cls(**options)
+        return cls(**args)
     except Exception as e:  # noqa: BLE001 - Parsl raises many kinds for bad values
-        raise EndpointConfigError(f"engine.{kind}: {type_name}({options}) failed: {e}") from None
+        raise EndpointConfigError(f"engine.{kind}: {cls.__name__}({args}) failed: {e}") from None
+
+
+def _interchange_cmd() -> list[str]:
+    """Parsl's interchange from this interpreter's bin/, even when that is not on PATH."""
+    here = Path(sys.executable).parent / "interchange.py"
+    return [sys.executable, str(here)] if here.is_file() else ["interchange.py"]
 
 
 def _venv_worker_init() -> str:
@@ -111,10 +128,17 @@ def _venv_worker_init() -> str:
     return f"export PATH={Path(sys.executable).parent}:$PATH"
 
 
+def _executor_class(name: str) -> type:
+    from parsl.executors import HighThroughputExecutor, MPIExecutor
+
+    return {"HighThroughputExecutor": HighThroughputExecutor, "MPIExecutor": MPIExecutor}[name]
+
+
 class ParslOptions(EngineOptions):
-    """``engine:`` keys for ``type: ParslEngine``. Any other key must be an HTEX argument."""
+    """``engine:`` keys for ``type: ParslEngine``. Any other key must be an executor argument."""
 
     model_config = ConfigDict(extra="allow")
+    EXECUTOR: ClassVar[str] = "HighThroughputExecutor"
 
     provider: dict[str, Any] = Field(default_factory=lambda: {"type": "LocalProvider"})
     address: str = Field(default="127.0.0.1", description="where the interchange listens for workers")
@@ -124,36 +148,33 @@ class ParslOptions(EngineOptions):
     run_dir: str | None = None
 
     @model_validator(mode="after")
-    def _htex_keys(self) -> ParslOptions:
-        from parsl.executors import HighThroughputExecutor
-
-        valid = [k for k in _signature_keys(HighThroughputExecutor) if k not in HTEX_OWN]
+    def _check_parsl_keys(self) -> ParslOptions:
+        valid = [k for k in _signature_keys(_executor_class(self.EXECUTOR)) if k not in ENGINE_OWN]
         for key in self.model_extra or {}:
             if key not in valid:
-                raise ValueError(
-                    f"unknown key {key!r}: not a ParslEngine option nor a HighThroughputExecutor "
-                    f"argument; valid HTEX arguments: {', '.join(valid)}"
+                own = ", ".join(["type", *type(self).model_fields])
+                raise EndpointConfigError(
+                    f"engine.{key}: unknown key; valid keys: {own}, and the {self.EXECUTOR} "
+                    f"arguments {', '.join(valid)}"
                 )
-        if "type" not in self.provider:
-            raise ValueError("provider needs a 'type', for example {type: SlurmProvider}")
-        if self.provider["type"] not in PROVIDERS:
-            raise ValueError(
-                f"provider.type {self.provider['type']!r} is not a Parsl provider; valid choices: "
-                + ", ".join(PROVIDERS)
-            )
+        _component("provider", self.provider, PROVIDERS, "parsl.providers")
         return self
+
+
+class MPIOptions(ParslOptions):
+    """``type: MPIEngine``: Parsl's MPIExecutor; tasks set ``num_nodes``/``ranks_per_node``."""
+
+    EXECUTOR: ClassVar[str] = "MPIExecutor"
+
+    provider: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "LocalProvider", "launcher": {"type": "SimpleLauncher"}}
+    )
 
 
 class ParslEngine(Engine):
     """HTEX on a Parsl provider, scaled by Parsl's own strategy."""
 
-    Options = ParslOptions
-
-    @classmethod
-    def from_options(cls, options: EngineOptions) -> Engine:
-        assert isinstance(options, ParslOptions)
-        data = options.model_dump()
-        return cls(**data)
+    Options: ClassVar[type[EngineOptions]] = ParslOptions
 
     def __init__(
         self,
@@ -164,42 +185,51 @@ class ParslEngine(Engine):
         max_idletime: float = 120.0,
         run_dir: str | None = None,
         prefetch: int = 4,
-        **htex_options: Any,
+        **executor_options: Any,
     ) -> None:
-        self.provider_spec = dict(provider or {"type": "LocalProvider"})
+        self.provider_spec = dict(provider or self.Options.model_fields["provider"].get_default(
+            call_default_factory=True))
         self.address = address
         self.strategy = strategy
         self.strategy_period = strategy_period
         self.max_idletime = max_idletime
         self.run_dir = run_dir
         self.prefetch = prefetch
-        self.htex_options = htex_options
+        self.executor_options = executor_options
         self.htex: Any = None
         self._poller: Any = None
-        self._lock = threading.Lock()
+        self._idle = threading.Condition()
         self._outstanding = 0
         self._workers = 0
-        self._status_cache: tuple[float, EngineStatus] | None = None
+
+    @property
+    def executor_name(self) -> str:
+        return str(getattr(self.Options, "EXECUTOR", "HighThroughputExecutor"))
 
     # ----------------------------------------------------------------- set-up
 
     def start(self) -> None:
-        from parsl.executors import HighThroughputExecutor
         from parsl.jobs.job_status_poller import JobStatusPoller
 
         spec = dict(self.provider_spec)
-        if spec.get("type") == "LocalProvider":
-            spec.setdefault("worker_init", _venv_worker_init())
-        elif "worker_init" not in spec and "worker_init" in _provider_keys(spec.get("type", "")):
-            spec["worker_init"] = _venv_worker_init()
-        provider = _resolve("provider", spec, PROVIDERS, "parsl.providers")
-        options = dict(self.htex_options)
-        options.setdefault("heartbeat_period", 5)
-        options.setdefault("heartbeat_threshold", 20)
-        options.setdefault("poll_period", 10)
-        self.htex = HighThroughputExecutor(
-            label="farcall", provider=provider, address=self.address, **options
-        )
+        cls, options = _component("provider", spec, PROVIDERS, "parsl.providers")
+        if "worker_init" in _signature_keys(cls) and "worker_init" not in options:
+            options["worker_init"] = _venv_worker_init()
+        provider = _build("provider", cls, options)
+        executor_options = dict(self.executor_options)
+        executor_options.setdefault("heartbeat_period", 5)
+        executor_options.setdefault("heartbeat_threshold", 20)
+        executor_options.setdefault("poll_period", 10)
+        try:
+            self.htex = _executor_class(self.executor_name)(
+                label="farcall",
+                provider=provider,
+                address=self.address,
+                interchange_launch_cmd=_interchange_cmd(),
+                **executor_options,
+            )
+        except Exception as e:  # noqa: BLE001 - typeguard and Parsl raise many kinds
+            raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
         run_dir = run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,35 +243,45 @@ class ParslEngine(Engine):
             strategy=self.strategy, max_idletime=self.max_idletime, strategy_period=self.strategy_period
         )
         self._poller.add_executors([self.htex])
-        log.info("ParslEngine started: %s, run dir %s", type(provider).__name__, run_dir)
+        log.info("%s started: %s on %s, run dir %s", self.name, self.executor_name,
+                 type(provider).__name__, run_dir)
 
     # -------------------------------------------------------------- tasks
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
-        spec = task.resource_specification or {}
+        spec = dict(task.resource_specification or {})
         try:
-            if spec:
+            if spec or self.executor_name == "MPIExecutor":
                 self.htex.validate_resource_spec(spec)
         except Exception as e:  # noqa: BLE001 - a bad spec fails this task, not the engine
-            on_done(failed_result(task.task_id, ValueError(f"resource_specification: {e}")))
+            on_done(failed_result(task.task_id, ValueError(
+                f"resource_specification {spec!r} was refused by {self.executor_name}: {e}. "
+                + ("MPI tasks need num_nodes and ranks_per_node (or num_ranks)."
+                   if self.executor_name == "MPIExecutor" else
+                   "Only 'priority' applies here; use an MPIEngine endpoint for MPI resources.")
+            )))
             return
-        context: dict[str, Any] = {"task_executor": {"f": "farcall.endpoint.worker.run_task_buffer"}}
+        context: dict[str, Any] = {"task_executor": TASK_EXECUTOR}
         if spec:
             context["resource_spec"] = spec
-        with self._lock:
+        with self._idle:
             self._outstanding += 1
         try:
             future = self.htex.submit_payload(context, task.model_dump_json().encode())
         except Exception as e:  # noqa: BLE001 - executor in a bad state: fail the task clearly
-            with self._lock:
-                self._outstanding -= 1
+            self._finished()
             on_done(failed_result(task.task_id, e))
             return
         future.add_done_callback(lambda f: self._done(task.task_id, f, on_done))
 
-    def _done(self, task_id: str, future: Future[Any], on_done: OnDone) -> None:
-        with self._lock:
+    def _finished(self) -> None:
+        with self._idle:
             self._outstanding -= 1
+            if not self._outstanding:
+                self._idle.notify_all()
+
+    def _done(self, task_id: str, future: Future[Any], on_done: OnDone) -> None:
+        self._finished()
         exc = future.exception()
         if exc is None:
             result = ResultMessage.model_validate_json(future.result())
@@ -257,61 +297,69 @@ class ParslEngine(Engine):
     # -------------------------------------------------------------- status
 
     def status(self) -> EngineStatus:
+        """Workers and blocks as the interchange sees them (a connected manager means a running block)."""
         if self.htex is None:
             return EngineStatus()
         try:
-            managers = self.htex.connected_managers()
+            managers = [m for m in self.htex.connected_managers() if m.get("active", True)]
         except Exception:  # noqa: BLE001 - the interchange may be busy; report what we know
             managers = []
-        workers = sum(int(m.get("worker_count", 0)) for m in managers if m.get("active", True))
+        workers = sum(int(m.get("worker_count", 0)) for m in managers)
         busy = sum(int(m.get("tasks", 0)) for m in managers)
         blocks: dict[str, int] = {}
-        for job in self.htex.status_facade.values():
-            state = job.state.name.lower()
-            blocks[state] = blocks.get(state, 0) + 1
-        with self._lock:
+        live_blocks = set()
+        for block_id, job in self.htex.status_facade.items():
+            if not job.terminal:
+                live_blocks.add(str(block_id))
+                state = job.state.name.lower()
+                blocks[state] = blocks.get(state, 0) + 1
+        running_blocks = {str(m.get("block_id")) for m in managers}
+        with self._idle:
             outstanding = self._outstanding
-            self._workers = workers
+        self._workers = workers
+        provider = self.htex.provider
         return EngineStatus(
             workers=workers,
             idle_workers=max(workers - busy, 0),
             pending_tasks=max(outstanding - busy, 0),
             running_tasks=min(busy, outstanding),
             details={
-                "provider": type(self.htex.provider).__name__,
+                "provider": type(provider).__name__,
+                "executor": self.executor_name,
                 "blocks": blocks,
-                "blocks_requested": sum(blocks.values()),
-                "blocks_running": blocks.get("running", 0),
+                "blocks_requested": len(live_blocks | running_blocks),
+                "blocks_running": len(running_blocks),
                 "managers": len(managers),
-                "min_blocks": self.htex.provider.min_blocks,
-                "max_blocks": self.htex.provider.max_blocks,
+                "min_blocks": provider.min_blocks,
+                "max_blocks": provider.max_blocks,
+                "nodes_per_block": getattr(provider, "nodes_per_block", 1),
+                "worker_python": sorted({str(m.get("python_version", "")) for m in managers} - {""}),
             },
         )
 
     @property
     def capacity(self) -> int:
+        """Tasks to hold: ``prefetch`` per worker the provider could start at most."""
         provider = self.htex.provider if self.htex is not None else None
-        per_node = self.htex_options.get("max_workers_per_node") or os.cpu_count() or 1
+        per_node = (self.executor_options.get("max_workers_per_node")
+                    or self.executor_options.get("max_workers_per_block") or os.cpu_count() or 1)
         nodes = getattr(provider, "nodes_per_block", 1) * max(getattr(provider, "max_blocks", 1), 1)
         return max(self._workers, int(per_node) * nodes) * self.prefetch
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop scaling, cancel every block's scheduler job, stop the interchange."""
         if self.htex is None:
             return
         if wait:
-            deadline = time.monotonic() + (timeout if timeout is not None else 60)
-            while self._outstanding and time.monotonic() < deadline:
-                time.sleep(0.05)
+            with self._idle:
+                self._idle.wait_for(lambda: not self._outstanding, timeout if timeout is not None else 60)
         if self._poller is not None:
-            self._poller.close()
+            self._poller.close()  # scales every block in: the scheduler jobs are cancelled
         self.htex.shutdown()
         self.htex = None
 
 
-def _provider_keys(type_name: str) -> list[str]:
-    import importlib
+class MPIEngine(ParslEngine):
+    """Parsl's MPIExecutor: each task gets ``num_nodes`` x ``ranks_per_node`` from its block."""
 
-    try:
-        return _signature_keys(getattr(importlib.import_module("parsl.providers"), type_name))
-    except (ImportError, AttributeError):
-        return []
+    Options: ClassVar[type[EngineOptions]] = MPIOptions

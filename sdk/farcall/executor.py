@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from farcall.client import Client, outcome, split_batch
+from farcall.client import SUBMITTER, Client, outcome, split_batch
 from farcall.errors import ExecutorShutdown, FarcallError
-from farcall.messages import ResultStreamFrame, TaskResult, TaskSpec
+from farcall.messages import ResultStreamFrame, TaskResult, TaskSpec, version_mismatch
 from farcall.serialize import pack_args, serialize_function
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class Executor(concurrent.futures.Executor):
         self._payloads: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
         self._function_ids: dict[str, str] = {}
         self._shutdown = False
+        self._version_checked = False
         self._closing = False
         self._connected = threading.Event()
         self._ws: ClientConnection | None = None
@@ -354,6 +355,11 @@ class Executor(concurrent.futures.Executor):
                     self._early[result.task_id] = result
         for future, result in ready:
             _resolve(future, result.model_dump())
+        if not self._version_checked and results and results[0].worker is not None:
+            self._version_checked = True
+            mismatch = version_mismatch(SUBMITTER, results[0].worker)
+            if mismatch:
+                log.warning("endpoint %s: %s", self.endpoint_id, mismatch)
 
     def _catch_up(self) -> None:
         """Resolve every outstanding task that already finished (one request per 10,000)."""

@@ -48,6 +48,24 @@ class Versions(_Msg):
     farcall: str = ""
 
 
+def version_mismatch(submitter: Any, worker: Any) -> str:
+    """A warning when submitter and worker run different Python (major.minor) or dill versions.
+
+    Takes ``Versions`` or their dicts; ``""`` when they match or either is unknown.
+    """
+    if not submitter or not worker:
+        return ""
+    sub = submitter if isinstance(submitter, Versions) else Versions.model_validate(submitter)
+    wrk = worker if isinstance(worker, Versions) else Versions.model_validate(worker)
+    if sub.python.split(".")[:2] == wrk.python.split(".")[:2] and sub.dill == wrk.dill:
+        return ""
+    return (
+        f"submitter (Python {sub.python}, dill {sub.dill}) and worker (Python {wrk.python}, "
+        f"dill {wrk.dill}) differ: functions and results may fail to load; use the same "
+        "Python and dill versions on both sides"
+    )
+
+
 # --------------------------------------------------------------------- REST bodies
 
 

@@ -102,10 +102,8 @@ def test_exception_is_rebuilt_with_its_traceback() -> None:
 
 class _Locked(Exception):
     def __init__(self) -> None:
-        super().__init__("holds a lock")
-        import threading
-
-        self.lock = threading.Lock()
+        super().__init__("holds a generator")
+        self.pending = (i for i in range(3))  # generators cannot be pickled, even by dill
 
 
 def test_unpicklable_exception_becomes_task_execution_failed_with_text() -> None:
@@ -117,4 +115,4 @@ def test_unpicklable_exception_becomes_task_execution_failed_with_text() -> None
     rebuilt = rebuild_exception(data, text, "t2")
     assert isinstance(rebuilt, TaskExecutionFailed)
     assert rebuilt.task_id == "t2"
-    assert "holds a lock" in str(rebuilt) and "_Locked" in rebuilt.remote_traceback
+    assert "holds a generator" in str(rebuilt) and "_Locked" in rebuilt.remote_traceback
