@@ -206,11 +206,13 @@ def _start_detached(name: str, directory: Path, wait: float) -> int:
     log_path = directory / LOG_FILE
     status_path = directory / STATUS_FILE
     status_path.unlink(missing_ok=True)
+    # The daemon runs in the endpoint's directory: a relative FARCALL_HOME must not move with it.
+    env = {**os.environ, "FARCALL_HOME": str(farcall_home().absolute())}
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "farcall.endpoint", "start", name],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=directory,
+            start_new_session=True, cwd=directory, env=env,
         )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -225,11 +225,12 @@ class ParslEngine(Engine):
                 label="farcall",
                 provider=provider,
                 address=self.address,
-                interchange_launch_cmd=_interchange_cmd(),
                 **executor_options,
             )
         except Exception as e:  # noqa: BLE001 - typeguard and Parsl raise many kinds
             raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
+        # Set after construction: MPIExecutor's type check refuses a list here, HTEX needs one.
+        self.htex.interchange_launch_cmd = _interchange_cmd()
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
         run_dir = run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -353,10 +354,14 @@ class ParslEngine(Engine):
         if wait:
             with self._idle:
                 self._idle.wait_for(lambda: not self._outstanding, timeout if timeout is not None else 60)
-        if self._poller is not None:
-            self._poller.close()  # scales every block in: the scheduler jobs are cancelled
-        self.htex.shutdown()
-        self.htex = None
+        try:
+            if self._poller is not None:
+                self._poller.close()  # scales every block in: the scheduler jobs are cancelled
+        except Exception:
+            log.exception("cancelling the blocks failed; check the scheduler for leftover jobs")
+        finally:
+            self.htex.shutdown()
+            self.htex = None
 
 
 class MPIEngine(ParslEngine):

@@ -291,3 +291,29 @@ def test_tasks_that_could_not_be_queued_are_failed() -> None:
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
         failed = [t for t in store._tasks.values() if t["state"] == "failed"]
         assert len(failed) == 1 and "submit it again" in failed[0]["error"]
+
+
+@pytest.mark.parametrize(
+    ("worker", "warned"),
+    [({"python": "3.12.1", "dill": "0.3.9"}, True), ({"python": "3.11.9", "dill": "0.4.1"}, False)],
+)
+def test_task_record_warns_when_worker_versions_differ(
+    env: Env, worker: dict[str, str], warned: bool
+) -> None:
+    from farcall.messages import ResultMessage, TaskState, Versions, now
+
+    eid = env.endpoint(env.alice)["endpoint_id"]
+    submitter = {"python": "3.11.7", "dill": "0.4.1"}
+    (task_id,) = _submit(env, env.alice, eid, [env.function(env.alice)], submitter=submitter).json()[
+        "task_ids"
+    ]
+    result = ResultMessage(task_id=task_id, state=TaskState.SUCCESS, data="10\nAA==",
+                           worker=Versions(**worker))
+    env.client.portal.call(env.store.complete, eid, [result], now())  # type: ignore[union-attr]
+    task = env.client.get(f"/v1/tasks/{task_id}", headers=env.alice).json()
+    assert task["worker"]["python"] == worker["python"]
+    if warned:
+        (warning,) = task["warnings"]
+        assert "Python 3.11.7, dill 0.4.1" in warning and "Python 3.12.1, dill 0.3.9" in warning
+    else:
+        assert "warnings" not in task

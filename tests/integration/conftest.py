@@ -168,15 +168,24 @@ def make_endpoint(
     made: list[Endpoint] = []
 
     def make(name: str = "ep", engine: str = "ProcessPoolEngine", workers: int = 2,
-             user_token: str | None = None) -> Endpoint:
+             user_token: str | None = None, engine_spec: dict[str, Any] | None = None,
+             extra_env: dict[str, str] | None = None) -> Endpoint:
+        """Configure an endpoint; ``engine_spec`` replaces the config's engine section."""
         home = tmp_path / f"home-{name}"
         home.mkdir()
         env = dict(broker.env, FARCALL_HOME=str(home), FARCALL_BROKER_URL=broker.url,
-                   FARCALL_TOKEN=user_token or token)
+                   FARCALL_TOKEN=user_token or token, **(extra_env or {}))
         ep = Endpoint(name, home, env)
         done = ep.cli("configure", name, "--engine", engine, "--max-workers", str(workers),
                       "--broker-url", broker.url)
         assert done.returncode == 0, done.stderr + done.stdout
+        if engine_spec is not None:
+            import yaml
+
+            path = ep.dir / "config.yaml"
+            config = yaml.safe_load(path.read_text())
+            config.update(engine=engine_spec, heartbeat_period=1, stop_timeout=5)
+            path.write_text(yaml.safe_dump(config))
         made.append(ep)
         return ep
 

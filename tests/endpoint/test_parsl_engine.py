@@ -1,0 +1,230 @@
+"""ParslEngine and MPIEngine on real Parsl: config checks, elastic blocks, lost workers, resources.
+
+Schedulers (Slurm, PBS Pro, LSF) are exercised end to end in tests/integration; here the
+provider is Parsl's LocalProvider, and KubernetesProvider talks to a stand-in API server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from ep_helpers import Collector, make_task, value_of
+
+from farcall.endpoint.engines import build_engine, validate_engine
+from farcall.endpoint.engines.parsl import ParslEngine
+from farcall.endpoint.errors import EndpointConfigError, WorkerLost
+from harness import wait_until
+
+FAST = {"strategy_period": 0.2, "heartbeat_period": 1, "heartbeat_threshold": 5}
+
+
+@pytest.fixture
+def make_engine(tmp_path: Path) -> Iterator[Callable[..., ParslEngine]]:
+    started: list[ParslEngine] = []
+
+    def make(**spec: Any) -> ParslEngine:
+        spec = {"type": "ParslEngine", "run_dir": str(tmp_path / "runinfo"), **FAST, **spec}
+        engine = build_engine(spec)
+        assert isinstance(engine, ParslEngine)
+        engine.start()
+        started.append(engine)
+        return engine
+
+    yield make
+    for engine in started:
+        engine.shutdown(wait=False)
+
+
+def _run(engine: ParslEngine, fn: Callable[..., Any], *args: Any, timeout: float = 60,
+         resource_specification: dict[str, Any] | None = None) -> Any:
+    got = Collector()
+    task = make_task(fn, *args)
+    task.resource_specification = resource_specification
+    engine.submit(task, got.on_done, got.on_start)
+    (result,) = got.wait_results([task.task_id], timeout)
+    return value_of(result)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"provider": {"type": "SlurmProvder"}}, "engine.provider.type: 'SlurmProvder' is not a Parsl "
+                                                 "provider; valid choices: LocalProvider, SlurmProvider"),
+        ({"provider": {"type": "SlurmProvider", "partiton": "x"}},
+         "engine.provider.partiton: not an option of SlurmProvider; valid options: partition"),
+        ({"provider": {"type": "SlurmProvider", "launcher": {"type": "Srun"}}},
+         "engine.provider.launcher.type: 'Srun' is not a Parsl launcher; valid choices: SimpleLauncher"),
+        ({"provider": {"type": "LocalProvider", "launcher": {"type": "SrunLauncher", "x": 1}}},
+         "engine.provider.launcher.x: not an option of SrunLauncher"),
+        ({"max_workers_per_nod": 2}, "engine.max_workers_per_nod: unknown key; valid keys: type"),
+        ({"provider": "LocalProvider"}, "engine.provider: Input should be a valid dictionary"),
+    ],
+)
+def test_config_errors_name_the_key_and_the_choices(spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(EndpointConfigError) as info:
+        validate_engine({"type": "ParslEngine", **spec})
+    assert message in str(info.value)
+
+
+def test_globus_compute_names_are_aliases() -> None:
+    cls, options = validate_engine({"type": "GlobusComputeEngine", "max_workers_per_node": 2,
+                                    "provider": {"type": "SlurmProvider", "partition": "debug",
+                                                 "launcher": {"type": "SrunLauncher"}}})
+    assert cls is ParslEngine and options.model_dump()["max_workers_per_node"] == 2
+    mpi_cls, _ = validate_engine({"type": "GlobusMPIEngine", "mpi_launcher": "srun"})
+    assert mpi_cls.__name__ == "MPIEngine"
+
+
+def test_local_blocks_scale_out_on_demand_and_back_to_zero(make_engine: Callable[..., ParslEngine]) -> None:
+    engine = make_engine(
+        provider={"type": "LocalProvider", "init_blocks": 0, "min_blocks": 0, "max_blocks": 1},
+        max_workers_per_node=2,
+        max_idletime=1,
+    )
+    def where_am_i() -> dict[str, Any]:
+        import os
+
+        return {"pid": os.getpid(), "block": os.environ.get("PARSL_WORKER_BLOCK_ID")}
+
+    before = engine.status()
+    assert before.workers == 0 and before.details and before.details["blocks_requested"] == 0
+
+    got = Collector()
+    tasks = [make_task(where_am_i) for _ in range(8)]
+    for t in tasks:
+        engine.submit(t, got.on_done, got.on_start)
+    places = [value_of(r) for r in got.wait_results([t.task_id for t in tasks], 60)]
+    assert {p["block"] for p in places} == {"0"}
+    pids = {p["pid"] for p in places}
+    assert os.getpid() not in pids
+    for pid in pids:  # each worker is a process of the worker pool that the block started
+        chain = [" ".join(p.cmdline()) for p in psutil.Process(pid).parents()]
+        assert any("process_worker_pool" in c for c in chain), chain
+    during = engine.status()
+    assert during.workers == 2 and during.details
+    assert during.details["blocks_running"] == 1 and during.details["provider"] == "LocalProvider"
+
+    wait_until(lambda: engine.status().details["blocks_running"] == 0, 60, "scale in to 0 blocks")  # type: ignore[index]
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), 30, "workers to exit")
+    assert engine.status().workers == 0
+
+
+def test_worker_death_fails_only_its_task_with_worker_lost(make_engine: Callable[..., ParslEngine]) -> None:
+    engine = make_engine(provider={"type": "LocalProvider", "init_blocks": 1, "max_blocks": 1},
+                         max_workers_per_node=1)
+
+    def crash() -> None:
+        import os
+
+        os._exit(7)
+
+    with pytest.raises(WorkerLost, match="lost with its Parsl worker"):
+        _run(engine, crash)
+    assert _run(engine, pow, 3, 4) == 81  # the engine still runs tasks afterwards
+
+
+def test_resource_specification_reaches_htex(make_engine: Callable[..., ParslEngine]) -> None:
+    engine = make_engine(provider={"type": "LocalProvider", "init_blocks": 1, "max_blocks": 1},
+                         max_workers_per_node=1)
+
+    def priority() -> str | None:
+        import os
+
+        return os.environ.get("PARSL_PRIORITY")
+
+    assert _run(engine, priority, resource_specification={"priority": 3}) == "3"
+    with pytest.raises(ValueError, match="num_nodes.*refused by HighThroughputExecutor.*MPIEngine"):
+        _run(engine, priority, resource_specification={"num_nodes": 2})
+
+
+# ------------------------------------------------------------------ Kubernetes
+
+
+class _FakeKubeAPI(ThreadingHTTPServer):
+    """Answers the pod calls KubernetesProvider makes, and records them."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _KubeHandler)
+        self.created: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+        self.lock = threading.Lock()
+
+
+class _KubeHandler(BaseHTTPRequestHandler):
+    server: _FakeKubeAPI
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        pod = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        pod["metadata"]["namespace"] = self.path.split("/")[4]
+        with self.server.lock:
+            self.server.created.append(pod)
+        self._reply(201, {**pod, "status": {"phase": "Pending"}})
+
+    def do_GET(self) -> None:  # noqa: N802
+        name = self.path.rstrip("/").split("/")[-1].split("?")[0]
+        self._reply(200, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                          "status": {"phase": "Pending"}})
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        name = self.path.rstrip("/").split("/")[-1].split("?")[0]
+        with self.server.lock:
+            self.server.deleted.append(name)
+        self._reply(200, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                          "status": {"phase": "Running"}})
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeKubeAPI]:
+    server = _FakeKubeAPI()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "test",
+        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+        "users": [{"name": "test", "user": {"token": "not-a-real-token"}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    yield server
+    server.shutdown()
+
+
+def test_kubernetes_provider_asks_for_the_configured_pod(
+    make_engine: Callable[..., ParslEngine], kube_api: _FakeKubeAPI
+) -> None:
+    engine = make_engine(provider={
+        "type": "KubernetesProvider", "image": "python:3.11-slim", "namespace": "science",
+        "init_blocks": 1, "min_blocks": 0, "max_blocks": 1, "init_cpu": 1, "max_cpu": 2,
+        "init_mem": "1Gi", "max_mem": "2Gi", "worker_init": "pip install farcall",
+    }, max_workers_per_node=2)
+    wait_until(lambda: kube_api.created, 30, "a pod to be created")
+    (pod,) = kube_api.created
+    assert pod["metadata"]["namespace"] == "science"
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == "python:3.11-slim"
+    assert container["resources"] == {"limits": {"cpu": "2", "memory": "2Gi"},
+                                      "requests": {"cpu": "1", "memory": "1Gi"}}
+    script = " ".join(container["args"])
+    assert "pip install farcall" in script and "process_worker_pool.py" in script
+    assert "--max_workers_per_node=2" in script
+    engine.shutdown(wait=False)
+    assert kube_api.deleted == [pod["metadata"]["name"]]
