@@ -204,6 +204,10 @@ def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeK
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
     }))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    from kubernetes.config import kube_config
+
+    # The kubernetes package reads KUBECONFIG once, when first imported.
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     yield server
     server.shutdown()
 
