@@ -39,6 +39,7 @@ from farcall.messages import (
     TaskIds,
     TaskMessage,
     TaskState,
+    dump_task_batch,
     now,
     version_mismatch,
 )
@@ -302,7 +303,7 @@ async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> dict[str, A
         "idle_workers": hb.get("idle_workers", 0),
         "pending_tasks": hb.get("pending_tasks", 0),
         "running_tasks": hb.get("running_tasks", 0),
-        "queued_tasks": await svc.queue.depth(endpoint_id),
+        "queued_tasks": ep.get("queued_tasks", 0),
         "engine": hb.get("engine", ""),
         "details": hb.get("details", {}),
         "versions": hb.get("versions"),
@@ -350,7 +351,7 @@ async def get_task_group(task_group_id: str, user: User, svc: Svc) -> dict[str, 
 
 @_router.post("/tasks", response_model=BatchSubmitted)
 async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response:
-    """Record a batch (one store pipeline) and queue it for the endpoint (one confirmed publish)."""
+    """Record a batch (one store pipeline) and queue it whole, as one confirmed message."""
     received = now()
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
     endpoint, functions, group_owner = await asyncio.gather(
@@ -378,7 +379,7 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
     submitter = batch.submitter.model_dump() if batch.submitter else None
     waiting = now()
     transitions = {TaskState.RECEIVED.value: received, TaskState.WAITING.value: waiting}
-    records, bodies = [], []
+    records, messages = [], []
     for spec in batch.tasks:
         task_id = str(uuid.uuid4())
         records.append(
@@ -393,23 +394,25 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
                 "submitter": submitter,
             }
         )
-        message = TaskMessage.model_construct(
-            task_id=task_id,
-            function_id=spec.function_id,
-            function=functions[spec.function_id]["function"],
-            args=spec.args,
-            resource_specification=spec.resource_specification,
-            submitter=batch.submitter,
+        messages.append(
+            TaskMessage.model_construct(
+                task_id=task_id,
+                function_id=spec.function_id,
+                function=functions[spec.function_id]["function"],
+                args=spec.args,
+                resource_specification=spec.resource_specification,
+                submitter=batch.submitter,
+            )
         )
-        bodies.append(message.model_dump_json().encode())
     task_ids = [r["task_id"] for r in records]
     await svc.store.create_tasks(records, new_group)
     try:
-        await svc.queue.publish(batch.endpoint_id, bodies)
+        await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
     except Exception:
         await svc.store.fail_tasks(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
+        await svc.store.count_queued(batch.endpoint_id, -len(task_ids))
         raise
     return _json({"task_group_id": group_id, "task_ids": task_ids})
 

@@ -1,14 +1,17 @@
 """One endpoint's WebSocket session: hello/reconcile, credit-based dispatch, results, heartbeats.
 
-Tasks move from the endpoint's queue to the socket in batches: the batch is
-recorded in the in-flight set, its deliveries acked, then sent. A task is never
-held unacked in RabbitMQ while it runs; if the connection dies, the next hello
-reconciles the in-flight set and queues the lost tasks again.
+A queued message holds a whole submitted batch. Messages move from the
+endpoint's queue to the session: their tasks are recorded in the in-flight set,
+the deliveries acked, and the tasks sent as far as the endpoint's credit goes;
+the rest wait in the session until credit comes back. A task is never held
+unacked in RabbitMQ while it runs; if the connection dies, the next hello
+reconciles the in-flight set and queues the lost (sent or waiting) tasks again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -33,18 +36,22 @@ from farcall.messages import (
     ResultsFrame,
     ResultStreamFrame,
     RunningFrame,
-    TaskMessage,
     TaskResult,
-    TasksFrame,
     Welcome,
+    join_task_batch,
     now,
     parse_endpoint_frame,
+    parse_task_batch,
+    tasks_frame_json,
 )
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 30.0
-MAX_BATCH = 500
+MAX_BATCH = 1000
+"""Most tasks in one frame to the endpoint."""
+PREFETCH = 32
+"""Queued messages (each a submitted batch) a session may hold unacked."""
 PARK_AFTER = 10.0
 """With no credit for this long, stop consuming so no delivery stays unacked (consumer timeout)."""
 TOUCH_EVERY = 1.0
@@ -73,6 +80,7 @@ class EndpointSession:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.sent: set[str] = set()  # dispatched on this connection, no result yet
+        self.waiting: collections.deque[tuple[str, str]] = collections.deque()  # (id, JSON), no credit yet
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
         self._last_touch = 0.0
@@ -179,7 +187,8 @@ class EndpointSession:
             t for t, rec in zip(lost, records, strict=True) if rec and rec["state"] not in TERMINAL
         ]
         if again:
-            await self.queue.publish(self.endpoint_id, [inflight[t].encode() for t in again])
+            await self.queue.publish(self.endpoint_id, [join_task_batch([inflight[t] for t in again])])
+            await self.store.count_queued(self.endpoint_id, len(again))
         await self.store.remove_inflight(self.endpoint_id, lost)
         log.info(
             "endpoint %s: reconciled %d lost in-flight tasks (%d queued again)",
@@ -262,11 +271,12 @@ class EndpointSession:
                 except TimeoutError:
                     await self._park()
                 continue
-            if self.consumer is None:
-                prefetch = min(2 * MAX_BATCH, max(16, 2 * self.credit))
-                self.consumer = await self.queue.consume(self.endpoint_id, prefetch)
-            deliveries = await self.consumer.get_batch(min(self.credit, MAX_BATCH))
-            await self._dispatch(deliveries)
+            if not self.waiting:
+                if self.consumer is None:
+                    self.consumer = await self.queue.consume(self.endpoint_id, PREFETCH)
+                # At least one task per message: `credit` messages cover the credit.
+                await self._take(await self.consumer.get_batch(min(self.credit, PREFETCH)))
+            await self._send_waiting()
 
     async def _park(self) -> None:
         """Give prefetched deliveries back to the queue while the endpoint has no room."""
@@ -277,32 +287,34 @@ class EndpointSession:
                 "endpoint %s: no credit for %.0f s; stopped consuming", self.endpoint_id, PARK_AFTER
             )
 
-    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+    async def _take(self, deliveries: list[Delivery]) -> None:
+        """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send."""
         assert self.consumer is not None
-        messages: dict[str, tuple[TaskMessage, str]] = {}
+        tasks: dict[str, str] = {}
+        taken = 0
         for d in deliveries:
             try:
-                message = TaskMessage.model_validate_json(d.body)
+                batch = parse_task_batch(d.body)
             except ValidationError as e:
-                log.error(
-                    "endpoint %s: dropping a queued body that is not a task: %s",
-                    self.endpoint_id,
-                    e,
-                )
+                log.error("endpoint %s: dropping a queued body that is not tasks: %s",
+                          self.endpoint_id, e)
                 continue
-            if message.task_id not in self.sent:
-                messages[message.task_id] = (message, d.body.decode())
-        accepted = await self.store.dispatch(
-            self.endpoint_id, {t: body for t, (_, body) in messages.items()}
-        )
+            taken += len(batch)
+            for task in batch:
+                if task.task_id not in self.sent:
+                    tasks[task.task_id] = task.model_dump_json()
+        accepted = await self.store.dispatch(self.endpoint_id, tasks, taken)
         await self.consumer.ack(deliveries)
-        if len(accepted) < len(deliveries):
-            log.debug(
-                "endpoint %s: dropped %d finished or repeated tasks",
-                self.endpoint_id,
-                len(deliveries) - len(accepted),
-            )
-        if accepted:
-            self.sent.update(accepted)
-            self.credit -= len(accepted)
-            await self.send(TasksFrame(tasks=[messages[t][0] for t in accepted]).model_dump_json())
+        if len(accepted) < taken:
+            log.debug("endpoint %s: dropped %d finished or repeated tasks",
+                      self.endpoint_id, taken - len(accepted))
+        self.waiting.extend((t, tasks[t]) for t in accepted)
+
+    async def _send_waiting(self) -> None:
+        n = min(self.credit, len(self.waiting), MAX_BATCH)
+        if n <= 0:
+            return
+        batch = [self.waiting.popleft() for _ in range(n)]
+        self.sent.update(t for t, _ in batch)
+        self.credit -= n
+        await self.send(tasks_frame_json([body for _, body in batch]))

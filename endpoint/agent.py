@@ -396,8 +396,8 @@ class Agent:
             self._running.discard(task_id)
             self._unacked[task_id] = result
             self._outbox.append(result)
-            if task_id in self._started_out and result.started_at is not None:
-                self._started_out[task_id] = result.started_at
+            # Its result carries started_at; a separate "running" report would be wasted work.
+            self._started_out.pop(task_id, None)
         assert self._changed is not None
         self._changed.set()
         self._kick()

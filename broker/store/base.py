@@ -85,7 +85,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_endpoint(self, endpoint_id: str) -> Record | None:
-        """The record plus ``last_heartbeat``, ``last_seen``, ``heartbeat`` and ``connected``."""
+        """The record plus ``last_heartbeat``, ``last_seen``, ``heartbeat``, ``connected`` and
+        ``queued_tasks`` (tasks in its queue, not yet taken by a channel session)."""
 
     @abc.abstractmethod
     async def list_endpoints(self, user_id: str) -> list[Record]: ...
@@ -123,8 +124,13 @@ class Store(abc.ABC):
         """Create task records (and ``new_group``: task_group_id, user_id, created_at) at once.
 
         Each task: ``task_id, user_id, task_group_id, endpoint_id, function_id, state,
-        transitions, submitter``. All tasks of one call belong to one group.
+        transitions, submitter``. All tasks of one call belong to one group and one endpoint,
+        whose queued-task count grows by their number.
         """
+
+    @abc.abstractmethod
+    async def count_queued(self, endpoint_id: str, delta: int) -> None:
+        """Adjust the endpoint's queued-task count (tasks queued again, or never queued)."""
 
     @abc.abstractmethod
     async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
@@ -136,11 +142,12 @@ class Store(abc.ABC):
 
     # ------------------------------------------------------------ endpoint channel
     @abc.abstractmethod
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str]) -> list[str]:
+    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
         """Put tasks (id -> TaskMessage JSON) in the endpoint's in-flight set.
 
-        Returns the ids accepted: tasks that exist, belong to this endpoint and are
-        not terminal. The others must be dropped by the caller.
+        ``taken`` tasks left the queue (the queued-task count shrinks by it). Returns
+        the ids accepted: tasks that exist, belong to this endpoint and are not
+        terminal. The others must be dropped by the caller.
         """
 
     @abc.abstractmethod

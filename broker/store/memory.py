@@ -53,6 +53,7 @@ class MemoryStore(Store):
         self._group_tasks: dict[str, list[str]] = {}
         self._tasks: dict[str, Record] = {}
         self._subscribers: dict[str, set[_MemorySubscription]] = {}
+        self._queued: dict[str, int] = {}
 
     # ------------------------------------------------------------ users and tokens
     async def create_user(self, user: Record, token_hash: str) -> None:
@@ -88,7 +89,11 @@ class MemoryStore(Store):
         ep = self._endpoints.get(endpoint_id)
         if ep is None:
             return None
-        return {**copy.deepcopy(ep), "connected": bool(self._sessions.get(endpoint_id))}
+        return {
+            **copy.deepcopy(ep),
+            "connected": bool(self._sessions.get(endpoint_id)),
+            "queued_tasks": max(0, self._queued.get(endpoint_id, 0)),
+        }
 
     async def list_endpoints(self, user_id: str) -> list[Record]:
         ids = [e for e, rec in self._endpoints.items() if rec["user_id"] == user_id]
@@ -99,6 +104,7 @@ class MemoryStore(Store):
         self._tokens.pop(self._credentials.pop(endpoint_id, ""), None)
         self._sessions.pop(endpoint_id, None)
         self._inflight.pop(endpoint_id, None)
+        self._queued.pop(endpoint_id, None)
 
     async def set_connected(
         self, endpoint_id: str, session_id: str, connected: bool, at: float
@@ -138,6 +144,8 @@ class MemoryStore(Store):
             await self.create_task_group(
                 new_group["task_group_id"], new_group["user_id"], new_group["created_at"]
             )
+        if tasks:
+            await self.count_queued(tasks[0]["endpoint_id"], len(tasks))
         for task in tasks:
             record = copy.deepcopy(task)
             record.update(data="", error="", completed_at=None, worker=None)
@@ -157,7 +165,11 @@ class MemoryStore(Store):
                 task["transitions"][TaskState.FAILED.value] = at
 
     # ------------------------------------------------------------ endpoint channel
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str]) -> list[str]:
+    async def count_queued(self, endpoint_id: str, delta: int) -> None:
+        self._queued[endpoint_id] = self._queued.get(endpoint_id, 0) + delta
+
+    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+        await self.count_queued(endpoint_id, -taken)
         inflight = self._inflight.setdefault(endpoint_id, {})
         accepted = []
         for task_id, body in tasks.items():

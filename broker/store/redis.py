@@ -3,8 +3,8 @@
 Keys (``p`` is the prefix):
 ``p tokens`` hash sha256 -> ``user:<id>`` / ``endpoint:<id>``; ``p user:<id>``;
 ``p user:<id>:endpoints`` set; ``p fn:<id>``; ``p ep:<id>``; ``p ep:<id>:sessions`` set;
-``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p tg:<id>`` and
-``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>`` field per
+``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p ep:<id>:queued`` count of queued
+tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>`` field per
 transition. Results are published on channel ``p results:<task group id>``.
 State changes that must not go backwards (running after success, a second
 result) are Lua scripts, so they are atomic across broker replicas.
@@ -24,15 +24,17 @@ from farcall.messages import ResultMessage, TaskResult, TaskState
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] inflight hash, KEYS[2..] task hashes; ARGV[1] endpoint id, then (task id, body) pairs.
+# KEYS[1] inflight hash, KEYS[2] queued counter, KEYS[3..] task hashes; ARGV[1] endpoint id,
+# ARGV[2] tasks taken off the queue, then (task id, body) pairs.
 _DISPATCH = """
 local out = {}
-for i = 2, #KEYS do
-  local id = ARGV[2 * i - 2]
+redis.call('DECRBY', KEYS[2], ARGV[2])
+for i = 3, #KEYS do
+  local id = ARGV[2 * i - 3]
   local st = redis.call('HGET', KEYS[i], 'state')
   if st and st ~= 'success' and st ~= 'failed'
      and redis.call('HGET', KEYS[i], 'endpoint_id') == ARGV[1] then
-    redis.call('HSET', KEYS[1], id, ARGV[2 * i - 1])
+    redis.call('HSET', KEYS[1], id, ARGV[2 * i - 2])
     out[#out + 1] = id
   end
 end
@@ -166,9 +168,10 @@ class RedisStore(Store):
             for e in endpoint_ids:
                 p.hgetall(self.k("ep", e))
                 p.scard(self.k("ep", e, "sessions"))
+                p.get(self.k("ep", e, "queued"))
             raw = await p.execute()
         out: list[Record | None] = []
-        for rec, sessions in zip(raw[::2], raw[1::2], strict=True):
+        for rec, sessions, queued in zip(raw[::3], raw[1::3], raw[2::3], strict=True):
             if not rec:
                 out.append(None)
                 continue
@@ -181,6 +184,7 @@ class RedisStore(Store):
                     "last_seen": _float(rec.get("last_seen")),
                     "heartbeat": json.loads(rec.get("heartbeat") or "{}"),
                     "connected": sessions > 0,
+                    "queued_tasks": max(0, int(queued or 0)),
                 }
             )
         return out
@@ -198,7 +202,10 @@ class RedisStore(Store):
             if user_id:
                 p.srem(self.k("user", user_id, "endpoints"), endpoint_id)
             p.delete(
-                key, self.k("ep", endpoint_id, "sessions"), self.k("ep", endpoint_id, "inflight")
+                key,
+                self.k("ep", endpoint_id, "sessions"),
+                self.k("ep", endpoint_id, "inflight"),
+                self.k("ep", endpoint_id, "queued"),
             )
             await p.execute()
 
@@ -261,6 +268,7 @@ class RedisStore(Store):
                 p.hset(self.k("task", t["task_id"]), mapping=fields)
             tasks_key = self.k("tg", group, "tasks")
             p.rpush(tasks_key, *[t["task_id"] for t in tasks])
+            p.incrby(self.k("ep", tasks[0]["endpoint_id"], "queued"), len(tasks))
             p.expire(tasks_key, self.result_ttl)
             p.expire(self.k("tg", group), self.result_ttl)
             await p.execute()
@@ -280,11 +288,13 @@ class RedisStore(Store):
             )
 
     # ------------------------------------------------------------ endpoint channel
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str]) -> list[str]:
-        if not tasks:
-            return []
-        keys = [self.k("ep", endpoint_id, "inflight")] + [self.k("task", t) for t in tasks]
-        args: list[str] = [endpoint_id]
+    async def count_queued(self, endpoint_id: str, delta: int) -> None:
+        await self._r.incrby(self.k("ep", endpoint_id, "queued"), delta)
+
+    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+        keys = [self.k("ep", endpoint_id, "inflight"), self.k("ep", endpoint_id, "queued")]
+        keys += [self.k("task", t) for t in tasks]
+        args: list[str] = [endpoint_id, str(taken)]
         for task_id, body in tasks.items():
             args += [task_id, body]
         return list(await self._dispatch(keys=keys, args=args))

@@ -14,7 +14,7 @@ import enum
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 PROTOCOL_VERSION = 1
 
@@ -118,6 +118,27 @@ class TaskMessage(_Msg):
     submitter: Versions | None = None
 
 
+_TASK_LIST: TypeAdapter[list[TaskMessage]] = TypeAdapter(list[TaskMessage])
+
+
+def dump_task_batch(tasks: list[TaskMessage]) -> bytes:
+    """One queued message: a JSON array of tasks (the broker queues a submitted batch whole)."""
+    return _TASK_LIST.dump_json(tasks)
+
+
+def join_task_batch(task_jsons: list[str]) -> bytes:
+    """A queued message from tasks already in ``TaskMessage`` JSON (same format as ``dump_task_batch``)."""
+    return ("[" + ",".join(task_jsons) + "]").encode()
+
+
+def parse_task_batch(raw: str | bytes) -> list[TaskMessage]:
+    """The tasks of a queued message: a JSON array of tasks, or one task object (protocol v1)."""
+    body = _b(raw).lstrip()
+    if body.startswith(b"{"):
+        return [TaskMessage.model_validate_json(body)]
+    return _TASK_LIST.validate_json(body)
+
+
 class ResultMessage(_Msg):
     """The outcome of one task, produced by a worker and sent by the endpoint.
 
@@ -171,6 +192,11 @@ class Credit(_Msg):
 class TasksFrame(_Msg):
     type: Literal["tasks"] = "tasks"
     tasks: list[TaskMessage]
+
+
+def tasks_frame_json(task_jsons: list[str]) -> str:
+    """``TasksFrame`` JSON from tasks already serialized, without parsing them again."""
+    return '{"type":"tasks","tasks":[' + ",".join(task_jsons) + "]}"
 
 
 class RunningFrame(_Msg):

@@ -15,7 +15,7 @@ from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory import MemoryStore
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import TaskMessage
+from farcall.messages import parse_task_batch
 
 LIMIT = 64 * 1024
 
@@ -166,7 +166,8 @@ def test_batch_submit_records_and_queues_every_task(env: Env) -> None:
 
     st = env.client.get(f"/v1/endpoints/{eid}/status", headers=env.alice).json()
     assert st["queued_tasks"] == 5 and st["status"] == "offline"
-    queued = [TaskMessage.model_validate_json(b) for b in env.queue._get(eid).items]
+    (message,) = env.queue._get(eid).items  # the batch is queued whole, as one message
+    queued = parse_task_batch(message)
     assert [m.task_id for m in queued] == ids
     assert [m.function for m in queued] == [
         "PAYLOAD1",

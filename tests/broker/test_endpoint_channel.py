@@ -91,7 +91,10 @@ def test_dispatch_respects_credit_and_stores_results_once(setup: Setup) -> None:
         and first[1].args == "A1"
     )
     ep.silent_for(0.5)
-    assert setup.inflight() == set(ids[:2])
+    # the whole queued batch is in flight: two sent, three waiting in the session for credit
+    assert setup.inflight() == set(ids)
+    status_url = f"/v1/endpoints/{setup.endpoint_id}/status"
+    assert setup.http.get(status_url).json()["queued_tasks"] == 0
 
     ep.send(RunningFrame(started={ids[0]: 1234.5}))
     wait_until(lambda: setup.task(ids[0])["state"] == "running", 10, "task running")
@@ -120,7 +123,6 @@ def test_dispatch_respects_credit_and_stores_results_once(setup: Setup) -> None:
             heartbeat=Heartbeat(workers=3, idle_workers=1, pending_tasks=2, engine="threads")
         )
     )
-    status_url = f"/v1/endpoints/{setup.endpoint_id}/status"
     st = wait_until(
         lambda: (s := setup.http.get(status_url).json())["workers"] == 3 and s, 10, "heartbeat"
     )
@@ -194,7 +196,7 @@ def test_no_delivery_stays_unacked_while_the_endpoint_has_no_credit(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(endpoint_channel, "PARK_AFTER", 0.2)
-    _, ids = setup.submit(5)
+    ids = [setup.submit(1)[1][0] for _ in range(5)]  # five queued messages
     ep = setup.connect()
     ep.hello(credit=2)
     assert [t.task_id for t in ep.tasks(2)] == ids[:2]

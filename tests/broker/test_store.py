@@ -122,7 +122,9 @@ async def test_create_and_get_tasks_keep_transitions(store: Store) -> None:
 async def test_dispatch_running_complete_first_result_wins(store: Store) -> None:
     group, ids = await _tasks(store, 3)
     other_group, (foreign,) = await _tasks(store, 1, endpoint="ep2")
-    accepted = await store.dispatch("ep1", {t: f"body-{t}" for t in [*ids, foreign, "missing"]})
+    accepted = await store.dispatch(
+        "ep1", {t: f"body-{t}" for t in [*ids, foreign, "missing"]}, taken=5
+    )
     assert accepted == ids
     assert await store.get_inflight("ep1") == {t: f"body-{t}" for t in ids}
 
@@ -147,10 +149,29 @@ async def test_dispatch_running_complete_first_result_wins(store: Store) -> None
     # running after success must not go backwards; terminal tasks are not dispatched again
     await store.mark_running("ep1", {ids[0]: 30.0})
     assert (await store.get_tasks([ids[0]]))[0]["state"] == "success"  # type: ignore[index]
-    assert await store.dispatch("ep1", {ids[0]: "b", ids[2]: "b"}) == [ids[2]]
+    assert await store.dispatch("ep1", {ids[0]: "b", ids[2]: "b"}, taken=2) == [ids[2]]
     assert set(await store.get_inflight("ep1")) == {ids[2]}
     await store.remove_inflight("ep1", [ids[2]])
     assert await store.get_inflight("ep1") == {}
+
+
+async def test_queued_count_follows_submission_dispatch_and_requeue(store: Store) -> None:
+    await store.put_endpoint(
+        {"endpoint_id": "ep1", "user_id": "u1", "name": "n", "created_at": now()}, "cred"
+    )
+
+    async def queued() -> int:
+        ep = await store.get_endpoint("ep1")
+        assert ep is not None
+        return int(ep["queued_tasks"])
+
+    assert await queued() == 0
+    _, ids = await _tasks(store, 4)
+    assert await queued() == 4
+    await store.dispatch("ep1", {t: "body" for t in ids[:3]}, taken=3)
+    assert await queued() == 1
+    await store.count_queued("ep1", 2)  # two lost tasks queued again
+    assert await queued() == 3
 
 
 async def test_fail_tasks_is_terminal(store: Store) -> None:

@@ -92,7 +92,9 @@ def test_hello_credit_tasks_run_results_batched_credit_returned(
     frames = broker.of(ResultsFrame)
     assert len(frames) < CAPACITY / 4, f"{len(frames)} result frames for {CAPACITY} results"
     assert len(broker.results()) == CAPACITY  # each result sent once
-    assert broker.started_ids() == {t.task_id for t in tasks}
+    # A start is reported in a running frame only while the task runs; a result carries its own.
+    assert all(r.started_at for r in broker.results())
+    assert broker.started_ids() <= {t.task_id for t in tasks}
     # every finished task gave its credit back: the window is full again
     broker.wait(lambda: broker.credit(1) == 2 * CAPACITY, 10, "credit returned")
 
