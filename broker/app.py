@@ -161,7 +161,7 @@ async def _user(
     """The id of the user whose token came with the request (401/403 otherwise)."""
     if creds is None:
         raise Unauthorized("no token: send 'Authorization: Bearer <your user token>'")
-    principal = await auth.authenticate(_services(request).store, creds.credentials)
+    principal = await _services(request).authenticate_user(creds.credentials)
     if principal is None:
         raise Unauthorized(
             "the token is unknown or revoked; ask your broker operator for a new one"
@@ -229,6 +229,7 @@ async def get_function(function_id: str, user: User, svc: Svc) -> Response:
 async def delete_function(function_id: str, user: User, svc: Svc) -> dict[str, Any]:
     await _own_function(svc, user, function_id)
     await svc.store.delete_function(function_id)
+    svc.owners.pop(f"fn:{function_id}")
     return {"function_id": function_id, "deleted": True}
 
 
@@ -314,6 +315,7 @@ async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> dict[str, A
 async def delete_endpoint(endpoint_id: str, user: User, svc: Svc) -> dict[str, Any]:
     await _own_endpoint(svc, user, endpoint_id)
     await svc.store.delete_endpoint(endpoint_id)
+    svc.owners.pop(f"ep:{endpoint_id}")
     await svc.queue.delete(endpoint_id)
     return {"endpoint_id": endpoint_id, "deleted": True}
 
@@ -354,12 +356,10 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
     """Record a batch (one store pipeline) and queue it whole, as one confirmed message."""
     received = now()
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
-    endpoint, functions, group_owner = await asyncio.gather(
-        svc.store.get_endpoint(batch.endpoint_id),
-        svc.store.get_functions(function_ids),
-        svc.store.get_task_group_owner(batch.task_group_id) if batch.task_group_id else _none(),
+    endpoint_owner, functions, group_owner = await _submit_context(
+        svc, batch.endpoint_id, function_ids, batch.task_group_id
     )
-    if endpoint is None or endpoint["user_id"] != user:
+    if endpoint_owner != user:
         raise NotFound(f"endpoint {batch.endpoint_id} not found; list yours with GET /v1/endpoints")
     for function_id in function_ids:
         f = functions.get(function_id)
@@ -405,7 +405,16 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
             )
         )
     task_ids = [r["task_id"] for r in records]
-    await svc.store.create_tasks(records, new_group)
+    session = svc.sessions.get(batch.endpoint_id)
+    direct = None
+    if session is not None and session.can_take(len(messages)):
+        direct = [(m.task_id, m.model_dump_json()) for m in messages]
+    await svc.store.create_tasks(records, new_group, inflight=dict(direct) if direct else None)
+    if direct and session is not None:
+        try:
+            await session.send_direct(direct)
+        except Exception as e:  # noqa: BLE001 - the queued copy (below) still reaches the endpoint
+            log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
     try:
         await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
     except Exception:
@@ -417,8 +426,25 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
     return _json({"task_group_id": group_id, "task_ids": task_ids})
 
 
-async def _none() -> None:
-    return None
+async def _submit_context(
+    svc: Services, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+) -> tuple[str | None, dict[str, Record], str | None]:
+    """Owners and function records, from the replica's cache when it has them all."""
+    cache = svc.owners
+    owner = cache.get(f"ep:{endpoint_id}")
+    group_owner = cache.get(f"tg:{task_group_id}") if task_group_id else None
+    functions = {f: rec for f in function_ids if (rec := cache.get(f"fn:{f}")) is not None}
+    if owner is None or len(functions) < len(function_ids) or (task_group_id and group_owner is None):
+        owner, functions, group_owner = await svc.store.submit_context(
+            endpoint_id, function_ids, task_group_id
+        )
+        if owner is not None:
+            cache.put(f"ep:{endpoint_id}", owner)
+        if group_owner is not None:
+            cache.put(f"tg:{task_group_id}", group_owner)
+        for f, rec in functions.items():
+            cache.put(f"fn:{f}", rec)
+    return owner, functions, group_owner
 
 
 def task_view(rec: Record) -> dict[str, Any]:

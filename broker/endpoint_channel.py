@@ -79,7 +79,7 @@ class EndpointSession:
         self.session_id = uuid.uuid4().hex
         self.credit = 0
         self.credit_changed = asyncio.Event()
-        self.sent: set[str] = set()  # dispatched on this connection, no result yet
+        self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
         self.waiting: collections.deque[tuple[str, str]] = collections.deque()  # (id, JSON), no credit yet
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
@@ -109,6 +109,7 @@ class EndpointSession:
             )
             await self._reconcile(set(hello.held_task_ids))
             await self.send(Welcome(endpoint_id=self.endpoint_id).model_dump_json())
+            self.svc.sessions[self.endpoint_id] = self
             self._add_credit(hello.credit)
             await self._run_loops()
         except WebSocketDisconnect:
@@ -138,6 +139,8 @@ class EndpointSession:
         return frame
 
     async def _cleanup(self) -> None:
+        if self.svc.sessions.get(self.endpoint_id) is self:
+            del self.svc.sessions[self.endpoint_id]
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 await self.consumer.close()
@@ -250,7 +253,7 @@ class EndpointSession:
                     group, ResultStreamFrame(results=results).model_dump_json()
                 )
             ids = [r.task_id for r in frame.results]
-            self.sent.difference_update(ids)
+            self.held.difference_update(ids)
             await self.send(ResultsAck(task_ids=ids).model_dump_json())
         self._add_credit(frame.credit)
 
@@ -301,20 +304,35 @@ class EndpointSession:
                 continue
             taken += len(batch)
             for task in batch:
-                if task.task_id not in self.sent:
+                if task.task_id not in self.held:
                     tasks[task.task_id] = task.model_dump_json()
         accepted = await self.store.dispatch(self.endpoint_id, tasks, taken)
         await self.consumer.ack(deliveries)
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
                       self.endpoint_id, taken - len(accepted))
+        self.held.update(accepted)
         self.waiting.extend((t, tasks[t]) for t in accepted)
+
+    def can_take(self, n: int) -> bool:
+        """Whether ``n`` new tasks would go out at once (credit to spare, nothing waiting)."""
+        return not self.waiting and self.credit >= n
+
+    async def send_direct(self, tasks: list[tuple[str, str]]) -> None:
+        """Send tasks just submitted through this replica, without the trip through the queue.
+
+        The caller has recorded them in flight; their queued copies are dropped on
+        arrival (held here, or finished by then). Tasks beyond the credit wait here.
+        """
+        fresh = [(t, body) for t, body in tasks if t not in self.held]
+        self.held.update(t for t, _ in fresh)
+        self.waiting.extend(fresh)
+        await self._send_waiting()
 
     async def _send_waiting(self) -> None:
         n = min(self.credit, len(self.waiting), MAX_BATCH)
         if n <= 0:
             return
         batch = [self.waiting.popleft() for _ in range(n)]
-        self.sent.update(t for t, _ in batch)
         self.credit -= n
         await self.send(tasks_frame_json([body for _, body in batch]))

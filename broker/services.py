@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from farcall.broker import auth
+from farcall.broker.cache import TTLCache
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.settings import Settings
-from farcall.broker.store.base import Store
+from farcall.broker.store.base import Principal, Store
+
+TOKEN_CACHE_SECONDS = 10.0
+"""A revoked user token stops working on every replica within this time."""
+OWNER_CACHE_SECONDS = 5.0
+"""A deleted endpoint or function stops taking tasks on every replica within this time."""
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,23 @@ class Services:
     settings: Settings
     store: Store
     queue: TaskQueue
+    principals: TTLCache[str, Principal] = field(
+        default_factory=lambda: TTLCache[str, Principal](TOKEN_CACHE_SECONDS)
+    )
+    owners: TTLCache[str, Any] = field(default_factory=lambda: TTLCache[str, Any](OWNER_CACHE_SECONDS))
+    """Owners of endpoints and task groups and function records (none of them ever change)."""
+    sessions: dict[str, Any] = field(default_factory=dict)
+    """Endpoint id -> its channel session on this replica, for sending new tasks directly."""
+
+    async def authenticate_user(self, token: str) -> Principal | None:
+        """Who holds ``token`` (cached briefly: every REST request needs this answer)."""
+        digest = auth.token_hash(token)
+        found = self.principals.get(digest)
+        if found is None:
+            found = await auth.authenticate(self.store, token)
+            if found is not None:
+                self.principals.put(digest, found)
+        return found
 
     @classmethod
     def build(

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT = 5.0
 """On stop: how long to wait for the broker to acknowledge the last results."""
 WELCOME_TIMEOUT = 30.0
+RUNNING_REPORT_PERIOD = 0.2
+"""Seconds between reports of tasks that started and are still running."""
 RECENT_IDS = 10_000
 """Acknowledged task ids remembered, so a late redelivery of a finished task is not run again."""
 
@@ -372,8 +374,9 @@ class Agent:
         self._wake()
 
     def _on_start(self, task_id: str, started_at: float) -> None:
+        # No wake-up: starts are reported with the next results, or by the sender's
+        # RUNNING_REPORT_PERIOD tick for tasks still running by then.
         self._start_q.append((task_id, started_at))
-        self._wake()
 
     def _wake(self) -> None:
         if not self._wake_pending and self._loop is not None:
@@ -383,13 +386,17 @@ class Agent:
             except RuntimeError:  # the loop is closed: the agent has stopped
                 pass
 
-    def _take_engine_events(self) -> None:
-        self._wake_pending = False
-        started, done = self._start_q, self._done_q
+    def _take_starts(self) -> None:
+        started = self._start_q
         while started:
             task_id, at = started.popleft()
             if task_id in self._running:
                 self._started_out[task_id] = at
+
+    def _take_engine_events(self) -> None:
+        self._wake_pending = False
+        self._take_starts()
+        done = self._done_q
         while done:
             result = done.popleft()
             task_id = result.task_id
@@ -412,7 +419,13 @@ class Agent:
         assert self._kick_event is not None and self._loop is not None
         kick, loop = self._kick_event, self._loop
         while True:
-            await kick.wait()
+            try:
+                await asyncio.wait_for(kick.wait(), RUNNING_REPORT_PERIOD if self._running else None)
+            except TimeoutError:
+                self._take_starts()
+                if self._started_out:
+                    await self._flush(ws)
+                continue
             # Under load, at most one flush per `linger`, so results travel in batches; when
             # nothing is running no more results are coming, so waiting would only add latency.
             while True:

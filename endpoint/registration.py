@@ -13,10 +13,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
-
 from farcall.endpoint.errors import RegistrationError
-from farcall.messages import EndpointRegistration
+from farcall.errors import BrokerError
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +33,21 @@ def register_endpoint(
     broker_url: str, token: str, name: str, description: str = "", timeout: float = 30
 ) -> Registration:
     """``POST /v1/endpoints`` with the user token; the broker shows the credential only once."""
-    body = EndpointRegistration(name=name, description=description).model_dump(mode="json")
+    from farcall.client import Client
+
     try:
-        answer = httpx.post(
-            f"{broker_url}/v1/endpoints",
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-        )
-    except httpx.HTTPError as e:
+        with Client(broker_url=broker_url, token=token, timeout=timeout, retry_seconds=timeout) as c:
+            data = c.register_endpoint(name, description)
+    except BrokerError as e:
+        if e.status == 0:
+            raise RegistrationError(
+                f"cannot reach the broker at {broker_url} to register endpoint {name!r}: {e}. "
+                "Check broker_url and that the broker is running."
+            ) from None
+        hint = " Check FARCALL_TOKEN." if e.status in (401, 403) else ""
         raise RegistrationError(
-            f"cannot reach the broker at {broker_url} to register endpoint {name!r}: {e}. "
-            "Check broker_url and that the broker is running."
+            f"the broker refused to register endpoint {name!r} ({e.status}): {e}.{hint}"
         ) from None
-    if answer.status_code != 200 and answer.status_code != 201:
-        try:
-            message = answer.json().get("message", answer.text)
-        except ValueError:
-            message = answer.text
-        hint = " Check FARCALL_TOKEN." if answer.status_code in (401, 403) else ""
-        raise RegistrationError(
-            f"the broker refused to register endpoint {name!r} "
-            f"({answer.status_code}): {message}.{hint}"
-        )
-    data = answer.json()
     return Registration(data["endpoint_id"], data["credential"], name, broker_url)
 
 

@@ -10,6 +10,7 @@ implementation can serve it in one round trip.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +44,35 @@ class Subscription(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+class LocalSubscription(Subscription):
+    """Frames handed over in this process (``put``); the iteration ends at ``put(None)``."""
+
+    def __init__(self, fanout: dict[str, set[LocalSubscription]], group: str) -> None:
+        self._fanout, self._group = fanout, group
+        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
+        fanout.setdefault(group, set()).add(self)
+
+    def put(self, frame: str | None) -> None:
+        self._queue.put_nowait(frame)
+
+    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
+        while (frame := await self._queue.get()) is not None:
+            yield frame
+
+    async def close(self) -> None:
+        subs = self._fanout.get(self._group)
+        if subs is not None:
+            subs.discard(self)
+            if not subs:
+                del self._fanout[self._group]
+        self._queue.put_nowait(None)
+
+
+def deliver_locally(fanout: dict[str, set[LocalSubscription]], group: str, frame: str) -> None:
+    for sub in list(fanout.get(group, ())):
+        sub.put(frame)
 
 
 class Store(abc.ABC):
@@ -120,12 +150,25 @@ class Store(abc.ABC):
 
     # ------------------------------------------------------------ tasks
     @abc.abstractmethod
-    async def create_tasks(self, tasks: list[Record], new_group: Record | None = None) -> None:
+    async def submit_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> tuple[str | None, dict[str, Record], str | None]:
+        """What a submission needs, in one round trip: the endpoint's owner, the functions
+        that exist among ``function_ids`` (by id), and the task group's owner."""
+
+    @abc.abstractmethod
+    async def create_tasks(
+        self,
+        tasks: list[Record],
+        new_group: Record | None = None,
+        inflight: dict[str, str] | None = None,
+    ) -> None:
         """Create task records (and ``new_group``: task_group_id, user_id, created_at) at once.
 
         Each task: ``task_id, user_id, task_group_id, endpoint_id, function_id, state,
         transitions, submitter``. All tasks of one call belong to one group and one endpoint,
-        whose queued-task count grows by their number.
+        whose queued-task count grows by their number. ``inflight`` (id -> TaskMessage JSON)
+        goes into the endpoint's in-flight set at once, for tasks sent to it directly.
         """
 
     @abc.abstractmethod

@@ -5,39 +5,18 @@ All methods run on one event loop, so each is atomic without locks.
 
 from __future__ import annotations
 
-import asyncio
 import copy
-from collections.abc import AsyncIterator
 
 from farcall.broker.store.base import (
     TERMINAL,
+    LocalSubscription,
     Principal,
     Record,
     Store,
     Subscription,
+    deliver_locally,
 )
 from farcall.messages import ResultMessage, TaskResult, TaskState
-
-
-class _MemorySubscription(Subscription):
-    def __init__(self, owner: MemoryStore, group: str) -> None:
-        self._owner, self._group = owner, group
-        self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def put(self, frame: str) -> None:
-        self._queue.put_nowait(frame)
-
-    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
-        while (frame := await self._queue.get()) is not None:
-            yield frame
-
-    async def close(self) -> None:
-        subs = self._owner._subscribers.get(self._group)
-        if subs is not None:
-            subs.discard(self)
-            if not subs:
-                del self._owner._subscribers[self._group]
-        self._queue.put_nowait(None)
 
 
 class MemoryStore(Store):
@@ -52,7 +31,7 @@ class MemoryStore(Store):
         self._groups: dict[str, Record] = {}
         self._group_tasks: dict[str, list[str]] = {}
         self._tasks: dict[str, Record] = {}
-        self._subscribers: dict[str, set[_MemorySubscription]] = {}
+        self._subscribers: dict[str, set[LocalSubscription]] = {}
         self._queued: dict[str, int] = {}
 
     # ------------------------------------------------------------ users and tokens
@@ -139,13 +118,27 @@ class MemoryStore(Store):
         return list(self._group_tasks.get(task_group_id, []))
 
     # ------------------------------------------------------------ tasks
-    async def create_tasks(self, tasks: list[Record], new_group: Record | None = None) -> None:
+    async def submit_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> tuple[str | None, dict[str, Record], str | None]:
+        ep = self._endpoints.get(endpoint_id)
+        owner = None if task_group_id is None else await self.get_task_group_owner(task_group_id)
+        return (ep["user_id"] if ep else None), await self.get_functions(function_ids), owner
+
+    async def create_tasks(
+        self,
+        tasks: list[Record],
+        new_group: Record | None = None,
+        inflight: dict[str, str] | None = None,
+    ) -> None:
         if new_group is not None:
             await self.create_task_group(
                 new_group["task_group_id"], new_group["user_id"], new_group["created_at"]
             )
         if tasks:
             await self.count_queued(tasks[0]["endpoint_id"], len(tasks))
+            if inflight:
+                self._inflight.setdefault(tasks[0]["endpoint_id"], {}).update(inflight)
         for task in tasks:
             record = copy.deepcopy(task)
             record.update(data="", error="", completed_at=None, worker=None)
@@ -227,10 +220,7 @@ class MemoryStore(Store):
 
     # ------------------------------------------------------------ result fan-out
     async def publish_results(self, task_group_id: str, frame: str) -> None:
-        for sub in list(self._subscribers.get(task_group_id, ())):
-            sub.put(frame)
+        deliver_locally(self._subscribers, task_group_id, frame)
 
     async def subscribe_results(self, task_group_id: str) -> Subscription:
-        sub = _MemorySubscription(self, task_group_id)
-        self._subscribers.setdefault(task_group_id, set()).add(sub)
-        return sub
+        return LocalSubscription(self._subscribers, task_group_id)

@@ -5,21 +5,31 @@ Keys (``p`` is the prefix):
 ``p user:<id>:endpoints`` set; ``p fn:<id>``; ``p ep:<id>``; ``p ep:<id>:sessions`` set;
 ``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p ep:<id>:queued`` count of queued
 tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>`` field per
-transition. Results are published on channel ``p results:<task group id>``.
+transition. Results are published on channel ``p results:<task group id>`` as
+``<replica id> <frame>``; a replica hands its own frames to its subscribers directly.
 State changes that must not go backwards (running after success, a second
 result) are Lua scripts, so they are atomic across broker replicas.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from farcall.broker.store.base import Principal, Record, Store, Subscription, ordered_transitions
+from farcall.broker.store.base import (
+    LocalSubscription,
+    Principal,
+    Record,
+    Store,
+    Subscription,
+    deliver_locally,
+    ordered_transitions,
+)
 from farcall.messages import ResultMessage, TaskResult, TaskState
 
 log = logging.getLogger(__name__)
@@ -85,17 +95,32 @@ return out
 """
 
 
-class _RedisSubscription(Subscription):
-    def __init__(self, pubsub: Any) -> None:
-        self._pubsub = pubsub
+class _RedisSubscription(LocalSubscription):
+    """Frames from this replica directly, and from other replicas through Redis pub/sub."""
 
-    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
-        async for message in self._pubsub.listen():
-            if message["type"] == "message":
-                yield message["data"]
+    def __init__(
+        self, fanout: dict[str, set[LocalSubscription]], group: str, pubsub: Any, replica: str
+    ) -> None:
+        super().__init__(fanout, group)
+        self._pubsub = pubsub
+        self._reader = asyncio.create_task(self._read(replica))
+
+    async def _read(self, replica: str) -> None:
+        try:
+            async for message in self._pubsub.listen():
+                if message["type"] == "message":
+                    origin, _, frame = message["data"].partition(" ")
+                    if origin != replica:
+                        self.put(frame)
+        except Exception as e:  # noqa: BLE001 - end the stream; the client reconnects and catches up
+            log.warning("result subscription lost: %r", e)
+        self.put(None)
 
     async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
         await self._pubsub.aclose()  # drops the connection, and with it the subscription
+        await super().close()
 
 
 class RedisStore(Store):
@@ -107,6 +132,8 @@ class RedisStore(Store):
         self._dispatch = self._r.register_script(_DISPATCH)
         self._transition = self._r.register_script(_TRANSITION)
         self._complete = self._r.register_script(_COMPLETE)
+        self.replica = uuid.uuid4().hex[:12]
+        self._subscribers: dict[str, set[LocalSubscription]] = {}
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -252,7 +279,24 @@ class RedisStore(Store):
         return await self._r.lrange(self.k("tg", task_group_id, "tasks"), 0, -1)
 
     # ------------------------------------------------------------ tasks
-    async def create_tasks(self, tasks: list[Record], new_group: Record | None = None) -> None:
+    async def submit_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> tuple[str | None, dict[str, Record], str | None]:
+        async with self._r.pipeline(transaction=False) as p:
+            p.hget(self.k("ep", endpoint_id), "user_id")
+            p.hget(self.k("tg", task_group_id or "-"), "user_id")
+            for f in function_ids:
+                p.hgetall(self.k("fn", f))
+            owner, group_owner, *found = await p.execute()
+        functions = {f: rec for f, rec in zip(function_ids, found, strict=True) if rec}
+        return owner, functions, group_owner if task_group_id else None
+
+    async def create_tasks(
+        self,
+        tasks: list[Record],
+        new_group: Record | None = None,
+        inflight: dict[str, str] | None = None,
+    ) -> None:
         if not tasks:
             return
         group = tasks[0]["task_group_id"]
@@ -269,6 +313,8 @@ class RedisStore(Store):
             tasks_key = self.k("tg", group, "tasks")
             p.rpush(tasks_key, *[t["task_id"] for t in tasks])
             p.incrby(self.k("ep", tasks[0]["endpoint_id"], "queued"), len(tasks))
+            if inflight:
+                p.hset(self.k("ep", tasks[0]["endpoint_id"], "inflight"), mapping=inflight)
             p.expire(tasks_key, self.result_ttl)
             p.expire(self.k("tg", group), self.result_ttl)
             await p.execute()
@@ -336,12 +382,14 @@ class RedisStore(Store):
 
     # ------------------------------------------------------------ result fan-out
     async def publish_results(self, task_group_id: str, frame: str) -> None:
-        await self._r.publish(self.k("results", task_group_id), frame)
+        """Subscribers on this replica get the frame at once; the others through Redis."""
+        deliver_locally(self._subscribers, task_group_id, frame)
+        await self._r.publish(self.k("results", task_group_id), f"{self.replica} {frame}")
 
     async def subscribe_results(self, task_group_id: str) -> Subscription:
         pubsub = self._r.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.k("results", task_group_id))
-        return _RedisSubscription(pubsub)
+        return _RedisSubscription(self._subscribers, task_group_id, pubsub, self.replica)
 
 
 def _flat(record: Record) -> dict[str, str]:

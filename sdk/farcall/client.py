@@ -7,14 +7,13 @@ subclass with the broker's message when the broker refuses it.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import httpx
 
 from farcall import config
 from farcall.errors import (
@@ -35,6 +34,7 @@ from farcall.messages import (
     Versions,
 )
 from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
+from farcall.transport import Response, Transport, TransportError
 from farcall.version import __version__, local_versions
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,11 @@ class Client:
         self.broker_url = config.broker_url(broker_url)
         self.token = config.token(token)
         self.retry_seconds = retry_seconds
-        self._http = httpx.Client(
-            base_url=self.broker_url + "/v1",
-            headers={
-                "Authorization": f"Bearer {self.token}",
-                "User-Agent": f"farcall/{__version__}",
-            },
-            timeout=timeout,
+        self._http = Transport(
+            self.broker_url + "/v1",
+            {"Authorization": f"Bearer {self.token}", "User-Agent": f"farcall/{__version__}",
+             "Accept": "application/json"},
+            timeout,
         )
 
     # ---------------------------------------------------------------- plumbing
@@ -154,11 +152,13 @@ class Client:
     def request(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> Any:
         """One REST call; the decoded JSON answer, or a :class:`BrokerError`."""
         retry = _Retry(self.retry_seconds)
+        if body is not None:
+            content = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if content is not None else None
         while True:
             try:
-                answer = self._http.request(method, path, json=body, content=content, headers=headers)
-            except httpx.TransportError as e:
+                answer = self._http.request(method, path, content, headers)
+            except TransportError as e:
                 if retry.wait(f"{type(e).__name__}: {e}", self.broker_url):
                     continue
                 raise BrokerError(
@@ -166,7 +166,7 @@ class Client:
                     f"cannot reach the broker at {self.broker_url} ({type(e).__name__}: {e}); "
                     "check the URL and that the broker is running",
                 ) from None
-            if answer.status_code == 503 and retry.wait("503 unavailable", self.broker_url):
+            if answer.status == 503 and retry.wait("503 unavailable", self.broker_url):
                 continue
             return _decode(answer)
 
@@ -379,17 +379,17 @@ def _undecodable(task_id: str, worker: Any, cause: BaseException) -> Deserializa
     return err
 
 
-def _decode(answer: httpx.Response) -> Any:
+def _decode(answer: Response) -> Any:
     try:
         body = answer.json()
     except ValueError:
         body = None
-    if answer.status_code < 400:
+    if answer.status < 400:
         if body is None:
-            raise BrokerError(answer.status_code, f"the broker answered non-JSON: {answer.text[:200]}")
+            raise BrokerError(answer.status, f"the broker answered non-JSON: {answer.text[:200]}")
         return body
     error = body.get("error", "") if isinstance(body, dict) else ""
     message = body.get("message", "") if isinstance(body, dict) else ""
-    message = message or answer.text[:500] or answer.reason_phrase
-    kind = {401: AuthenticationError, 404: NotFound}.get(answer.status_code, BrokerError)
-    raise kind(answer.status_code, message, error, body)
+    message = message or answer.text[:500] or answer.reason
+    kind = {401: AuthenticationError, 404: NotFound}.get(answer.status, BrokerError)
+    raise kind(answer.status, message, error, body)

@@ -215,3 +215,29 @@ async def test_results_get_ttl_on_redis(real_prefix: str) -> None:
     finally:
         await store.close()
         await drop_redis_keys(f"{real_prefix}:")
+
+
+async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix: str) -> None:
+    """Frames of this replica are handed over directly and not again through Redis."""
+    require_service("Redis", 6379)
+    here = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
+    there = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
+    sub = await here.subscribe_results("g")
+    try:
+        await here.publish_results("g", "one")
+        await here.publish_results("g", "two")
+        await there.publish_results("g", "last")  # through Redis, after any echo of the two above
+
+        async def until_last() -> list[str]:
+            got = []
+            async for frame in sub:
+                got.append(frame)
+                if frame == "last":
+                    return got
+            return got
+
+        assert await asyncio.wait_for(until_last(), 5) == ["one", "two", "last"]
+    finally:
+        await sub.close()
+        await here.close()
+        await there.close()

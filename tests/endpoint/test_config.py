@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
-import httpx
 import pytest
 
 from farcall.endpoint import registration
 from farcall.endpoint.config import configure, endpoint_dir, load_config, parse_config
 from farcall.endpoint.errors import EndpointConfigError
+from harness import StubHTTP, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -84,41 +85,32 @@ def test_missing_config_says_how_to_create_it() -> None:
         load_config("ghost")
 
 
-def test_registration_is_stored_0600_and_reused(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[httpx.Request] = []
-
-    def fake_post(url: str, json: dict, headers: dict, timeout: float) -> httpx.Response:  # type: ignore[type-arg]
-        calls.append(httpx.Request("POST", url, json=json, headers=headers))
-        return httpx.Response(200, json={"endpoint_id": "ep-1", "name": json["name"],
-                                         "credential": "fce_secret"})
-
-    monkeypatch.setattr(registration.httpx, "post", fake_post)
+def test_registration_is_stored_0600_and_reused(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    broker = StubHTTP((200, {"endpoint_id": "ep-1", "name": "laptop", "credential": "fce_secret"}))
     monkeypatch.setenv("FARCALL_TOKEN", "fcu_token")
     directory = endpoint_dir("laptop")
-    first = registration.ensure_registered(directory, "http://b:1", "laptop")
-    assert first.endpoint_id == "ep-1" and first.credential == "fce_secret"
-    assert calls[0].headers["Authorization"] == "Bearer fcu_token"
-    assert calls[0].url == "http://b:1/v1/endpoints"
-    stored = directory / "endpoint.json"
-    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
-    again = registration.ensure_registered(directory, "http://b:1", "laptop")
-    assert again == first and len(calls) == 1
+    try:
+        first = registration.ensure_registered(directory, broker.url, "laptop")
+        assert first.endpoint_id == "ep-1" and first.credential == "fce_secret"
+        ((method, path, headers, body),) = broker.requests
+        assert (method, path) == ("POST", "/v1/endpoints")
+        assert headers["Authorization"] == "Bearer fcu_token" and json.loads(body)["name"] == "laptop"
+        stored = directory / "endpoint.json"
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        again = registration.ensure_registered(directory, broker.url, "laptop")
+        assert again == first and len(broker.requests) == 1
+    finally:
+        broker.close()
 
 
-def test_registration_refused_or_unreachable_is_clear(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def refused(url: str, **_: object) -> httpx.Response:
-        return httpx.Response(401, json={"error": "unauthorized", "message": "unknown token"})
-
-    real_post = httpx.post
-    monkeypatch.setattr(registration.httpx, "post", refused)
-    with pytest.raises(registration.RegistrationError, match="401.*unknown token.*FARCALL_TOKEN"):
-        registration.register_endpoint("http://b:1", "bad", "x")
+def test_registration_refused_or_unreachable_is_clear(home: Path) -> None:
+    broker = StubHTTP((401, {"error": "unauthorized", "message": "unknown token"}))
+    try:
+        with pytest.raises(registration.RegistrationError, match="401.*unknown token.*FARCALL_TOKEN"):
+            registration.register_endpoint(broker.url, "bad", "x")
+    finally:
+        broker.close()
     with pytest.raises(EndpointConfigError, match="FARCALL_TOKEN"):
-        registration.ensure_registered(endpoint_dir("x"), "http://b:1", "x")
-    monkeypatch.setattr(registration.httpx, "post", real_post)
+        registration.ensure_registered(endpoint_dir("x"), broker.url, "x")
     with pytest.raises(registration.RegistrationError, match="cannot reach the broker"):
-        registration.register_endpoint("http://127.0.0.1:9", "t", "x", timeout=5)
+        registration.register_endpoint(f"http://127.0.0.1:{free_port()}", "t", "x", timeout=0.5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sdk_helpers import Stack, wait_batch
 
@@ -13,7 +12,7 @@ from farcall import Client
 from farcall.client import outcome, split_batch
 from farcall.errors import AuthenticationError, BrokerError, DeserializationError, NotFound, TaskPending
 from farcall.messages import TaskSpec
-from harness import wait_until
+from harness import StubHTTP, wait_until
 
 
 def _result(client: Client, task_id: str) -> Any:
@@ -136,19 +135,15 @@ def test_wrong_token_is_an_authentication_error(stack: Stack) -> None:
 
 
 def test_requests_are_retried_through_a_503() -> None:
-    answers = iter([httpx.Response(503, json={"error": "unavailable", "message": "later"}),
-                    httpx.Response(200, json={"endpoints": []})])
-    seen = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request.headers["authorization"])
-        return next(answers)
-
-    c = Client(broker_url="http://broker.invalid", token="fcu_t", retry_seconds=10)
-    c._http = httpx.Client(base_url="http://broker.invalid/v1", transport=httpx.MockTransport(handler),
-                           headers=c._http.headers)
-    assert c.get_endpoints() == []
-    assert seen == ["Bearer fcu_t", "Bearer fcu_t"]
+    broker = StubHTTP((503, {"error": "unavailable", "message": "later"}), (200, {"endpoints": []}))
+    try:
+        c = Client(broker_url=broker.url, token="fcu_t", retry_seconds=10)
+        assert c.get_endpoints() == []
+        assert [(m, p, h["Authorization"]) for m, p, h, _ in broker.requests] == [
+            ("GET", "/v1/endpoints", "Bearer fcu_t")
+        ] * 2
+    finally:
+        broker.close()
 
 
 def test_unreachable_broker_is_a_clear_error() -> None:
