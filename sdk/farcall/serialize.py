@@ -6,6 +6,9 @@ broker stores and forwards payloads without reading them. Strategies:
 ``01``  function by value with dill (``__main__``/notebook functions, closures, lambdas)
 ``02``  function as source text, re-executed on the worker (fallback when dill fails)
 ``10``  any object with dill (arguments, results)
+``11``  plain data with the standard pickle: tried first for arguments and results, since
+        it is 10-60x faster than dill; anything defined in ``__main__`` or that pickle
+        cannot handle (lambdas, closures) goes to ``10`` instead
 ``20``  a remote exception with its traceback (dill + tblib)
 """
 
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import base64
 import inspect
+import io
 import json
+import pickle
 import textwrap
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +33,7 @@ from farcall.errors import DeserializationError, SerializationError
 FUNCTION_DILL = "01"
 FUNCTION_SOURCE = "02"
 DATA_DILL = "10"
+DATA_PICKLE = "11"
 EXCEPTION = "20"
 
 STRATEGIES = {"dill": FUNCTION_DILL, "source": FUNCTION_SOURCE}
@@ -110,8 +117,33 @@ def deserialize_function(payload: str) -> Callable[..., Any]:
 # ------------------------------------------------------------------------ data
 
 
+class _ByValueNeeded(Exception):
+    """The object refers to something only this interpreter has; dill must copy it by value."""
+
+
+class _PlainPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        module = getattr(obj if isinstance(obj, (type, types.FunctionType)) else type(obj),
+                         "__module__", None)
+        if module == "__main__":
+            raise _ByValueNeeded
+        return NotImplemented
+
+
+def _plain_pickle(obj: Any) -> bytes | None:
+    buffer = io.BytesIO()
+    try:
+        _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:  # noqa: BLE001 - anything pickle cannot do, dill may
+        return None
+    return buffer.getvalue()
+
+
 def serialize(obj: Any) -> str:
     """Serialize any picklable object (arguments, results)."""
+    plain = _plain_pickle(obj)
+    if plain is not None:
+        return _wrap(DATA_PICKLE, plain)
     try:
         return _wrap(DATA_DILL, dill.dumps(obj))
     except Exception as e:  # noqa: BLE001
@@ -123,6 +155,8 @@ def serialize(obj: Any) -> str:
 
 def deserialize(payload: str) -> Any:
     code, body = _unwrap(payload)
+    if code == DATA_PICKLE:
+        return pickle.loads(body)
     if code != DATA_DILL:
         raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
     return dill.loads(body)

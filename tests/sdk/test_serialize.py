@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import traceback
+from pathlib import Path
 
 import pytest
 
 from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
 from farcall.serialize import (
     DATA_DILL,
+    DATA_PICKLE,
     FUNCTION_DILL,
     FUNCTION_SOURCE,
     deserialize,
@@ -69,7 +74,7 @@ def test_unknown_strategy_and_non_callable_are_refused() -> None:
 
 def test_data_round_trip_and_header_checks() -> None:
     payload = pack_args((1, [2, 3]), {"k": {"v"}})
-    assert payload_strategy(payload) == DATA_DILL
+    assert payload_strategy(payload) == DATA_PICKLE
     assert unpack_args(payload) == ((1, [2, 3]), {"k": {"v"}})
     with pytest.raises(DeserializationError, match="no farcall header"):
         deserialize("not a payload")
@@ -116,3 +121,34 @@ def test_unpicklable_exception_becomes_task_execution_failed_with_text() -> None
     assert isinstance(rebuilt, TaskExecutionFailed)
     assert rebuilt.task_id == "t2"
     assert "holds a generator" in str(rebuilt) and "_Locked" in rebuilt.remote_traceback
+
+
+def test_plain_data_uses_pickle_and_main_objects_travel_by_value(tmp_path: Path) -> None:
+
+
+    assert payload_strategy(serialize({"a": [1, 2.5, "x"], "b": (None, True)})) == DATA_PICKLE
+    assert deserialize(serialize({"a": [1, 2.5]})) == {"a": [1, 2.5]}
+    assert payload_strategy(serialize([lambda x: x])) == DATA_DILL  # pickle cannot: dill can
+    # An instance of a class defined in a script's __main__ must load in another interpreter
+    # that never saw the class (a worker), so it cannot go by reference.
+    made = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent("""
+            from dataclasses import dataclass
+            from farcall.serialize import serialize
+            @dataclass
+            class Point:
+                x: int
+                y: int
+                def norm1(self):
+                    return abs(self.x) + abs(self.y)
+            print(serialize(Point(3, -4)))
+        """)], capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    payload = made.replace("\\n", "\n")
+    assert payload_strategy(payload) == DATA_DILL
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys; from farcall.serialize import deserialize; "
+         "p = deserialize(sys.stdin.read()); print(p.norm1())"],
+        input=payload, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert loaded == "7"
