@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 30.0
 MAX_BATCH = 1000
 """Most tasks in one frame to the endpoint."""
+RECENT_DONE = 50_000
+"""Finished task ids a session remembers, to drop late queued copies without a store lookup."""
 PREFETCH = 32
 """Queued messages (each a submitted batch) a session may hold unacked."""
 PARK_AFTER = 10.0
@@ -80,6 +82,8 @@ class EndpointSession:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
+        self.done_ids: set[str] = set()  # finished through this session, most recent RECENT_DONE
+        self.done_order: collections.deque[str] = collections.deque()
         self.waiting: collections.deque[tuple[str, str]] = collections.deque()  # (id, JSON), no credit yet
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
@@ -254,6 +258,7 @@ class EndpointSession:
                 )
             ids = [r.task_id for r in frame.results]
             self.held.difference_update(ids)
+            self._remember_done(ids)
             await self.send(ResultsAck(task_ids=ids).model_dump_json())
         self._add_credit(frame.credit)
 
@@ -290,8 +295,18 @@ class EndpointSession:
                 "endpoint %s: no credit for %.0f s; stopped consuming", self.endpoint_id, PARK_AFTER
             )
 
+    def _remember_done(self, task_ids: list[str]) -> None:
+        self.done_ids.update(task_ids)
+        self.done_order.extend(task_ids)
+        while len(self.done_order) > RECENT_DONE:
+            self.done_ids.discard(self.done_order.popleft())
+
     async def _take(self, deliveries: list[Delivery]) -> None:
-        """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send."""
+        """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send.
+
+        Copies of tasks this session sent directly (held, or finished here) are dropped
+        without asking the store; they were never counted as queued.
+        """
         assert self.consumer is not None
         tasks: dict[str, str] = {}
         taken = 0
@@ -302,11 +317,11 @@ class EndpointSession:
                 log.error("endpoint %s: dropping a queued body that is not tasks: %s",
                           self.endpoint_id, e)
                 continue
-            taken += len(batch)
             for task in batch:
-                if task.task_id not in self.held:
+                if task.task_id not in self.held and task.task_id not in self.done_ids:
+                    taken += 1
                     tasks[task.task_id] = task.model_dump_json()
-        accepted = await self.store.dispatch(self.endpoint_id, tasks, taken)
+        accepted = await self.store.dispatch(self.endpoint_id, tasks, taken) if tasks else []
         await self.consumer.ack(deliveries)
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",

@@ -166,9 +166,9 @@ class Store(abc.ABC):
         """Create task records (and ``new_group``: task_group_id, user_id, created_at) at once.
 
         Each task: ``task_id, user_id, task_group_id, endpoint_id, function_id, state,
-        transitions, submitter``. All tasks of one call belong to one group and one endpoint,
-        whose queued-task count grows by their number. ``inflight`` (id -> TaskMessage JSON)
-        goes into the endpoint's in-flight set at once, for tasks sent to it directly.
+        transitions, submitter``. All tasks of one call belong to one group and one endpoint.
+        ``inflight`` (id -> TaskMessage JSON) goes into the endpoint's in-flight set at once,
+        for tasks sent to it directly; the others add to its queued-task count.
         """
 
     @abc.abstractmethod

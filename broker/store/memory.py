@@ -136,7 +136,7 @@ class MemoryStore(Store):
                 new_group["task_group_id"], new_group["user_id"], new_group["created_at"]
             )
         if tasks:
-            await self.count_queued(tasks[0]["endpoint_id"], len(tasks))
+            await self.count_queued(tasks[0]["endpoint_id"], len(tasks) - len(inflight or ()))
             if inflight:
                 self._inflight.setdefault(tasks[0]["endpoint_id"], {}).update(inflight)
         for task in tasks:

@@ -312,7 +312,7 @@ class RedisStore(Store):
                 p.hset(self.k("task", t["task_id"]), mapping=fields)
             tasks_key = self.k("tg", group, "tasks")
             p.rpush(tasks_key, *[t["task_id"] for t in tasks])
-            p.incrby(self.k("ep", tasks[0]["endpoint_id"], "queued"), len(tasks))
+            p.incrby(self.k("ep", tasks[0]["endpoint_id"], "queued"), len(tasks) - len(inflight or ()))
             if inflight:
                 p.hset(self.k("ep", tasks[0]["endpoint_id"], "inflight"), mapping=inflight)
             p.expire(tasks_key, self.result_ttl)
