@@ -3,21 +3,36 @@
 Frames come from the store's pub/sub, so a result stored by any broker replica
 reaches a client connected to any other. Nothing is replayed: the client asks
 ``POST /v1/tasks/status`` for what it missed.
+
+The client may also submit batches on this socket (``SubmitFrame``), which
+spares it an HTTP request per batch; each gets a ``SubmittedFrame`` or a
+``RequestFailedFrame`` answer, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 from fastapi import WebSocket
+from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect
 
 from farcall.broker import auth
-from farcall.broker.errors import Forbidden, NotFound, Unauthorized, deny_websocket
+from farcall.broker.errors import (
+    BACKEND_ERRORS,
+    BrokerError,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    deny_websocket,
+)
 from farcall.broker.services import Services
 from farcall.broker.store.base import Subscription
+from farcall.broker.submission import submit_batch
+from farcall.messages import RequestFailedFrame, SubmitFrame, SubmittedFrame
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +51,11 @@ async def serve(ws: WebSocket, svc: Services, task_group_id: str) -> None:
         await deny_websocket(ws, NotFound(f"task group {task_group_id} not found"))
         return
     subscription = await svc.store.subscribe_results(task_group_id)
+    lock = asyncio.Lock()
     try:
         await ws.accept()
-        forward = asyncio.create_task(_forward(ws, subscription))
-        watch = asyncio.create_task(_until_closed(ws))
+        forward = asyncio.create_task(_forward(ws, subscription, lock))
+        watch = asyncio.create_task(_requests(ws, svc, principal.id, lock))
         done, pending = await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
         for t in pending:
             t.cancel()
@@ -53,12 +69,60 @@ async def serve(ws: WebSocket, svc: Services, task_group_id: str) -> None:
             await ws.close()
 
 
-async def _forward(ws: WebSocket, subscription: Subscription) -> None:
+async def _forward(ws: WebSocket, subscription: Subscription, lock: asyncio.Lock) -> None:
     async for frame in subscription:
-        await ws.send_text(frame)
+        async with lock:
+            await ws.send_text(frame)
 
 
-async def _until_closed(ws: WebSocket) -> None:
-    """Read (and ignore) client frames so a disconnect is noticed at once."""
-    while (await ws.receive())["type"] != "websocket.disconnect":
-        pass
+async def _requests(ws: WebSocket, svc: Services, user: str, lock: asyncio.Lock) -> None:
+    """Answer the client's submissions until it disconnects."""
+    limit = svc.settings.max_payload_bytes
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        raw = message.get("text") or message.get("bytes") or ""
+        answer = await _answer(svc, user, raw, limit)
+        async with lock:
+            await ws.send_text(answer.model_dump_json())
+
+
+async def _answer(
+    svc: Services, user: str, raw: str | bytes, limit: int
+) -> SubmittedFrame | RequestFailedFrame:
+    request_id = _request_id(raw)
+    if len(raw) > limit:
+        return RequestFailedFrame(
+            request_id=request_id, status=413, error="payload_too_large",
+            message=f"the submission is over the limit of {limit} bytes; send fewer tasks per batch",
+        )
+    try:
+        frame = SubmitFrame.model_validate_json(raw)
+    except ValidationError as e:
+        return RequestFailedFrame(
+            request_id=request_id, status=422, error="invalid_request",
+            message=f"not a submit frame: {e.errors(include_url=False)[:3]}",
+        )
+    try:
+        done = await submit_batch(svc, user, frame.batch)
+    except BrokerError as e:
+        return RequestFailedFrame(request_id=request_id, status=e.status, error=e.code,
+                                  message=e.message)
+    except BACKEND_ERRORS as e:
+        log.warning("backing service unavailable: %r", e)
+        return RequestFailedFrame(request_id=request_id, status=503, error="unavailable",
+                                  message="the broker's store or queue is not answering; retry later")
+    except Exception:
+        log.exception("submission on a result stream failed")
+        return RequestFailedFrame(request_id=request_id, status=500, error="internal",
+                                  message="the broker failed unexpectedly; see its log")
+    return SubmittedFrame(request_id=request_id, task_group_id=done.task_group_id,
+                          task_ids=done.task_ids)
+
+
+def _request_id(raw: str | bytes) -> int:
+    try:
+        return int(json.loads(raw).get("request_id", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0

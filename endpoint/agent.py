@@ -420,7 +420,7 @@ class Agent:
         kick, loop = self._kick_event, self._loop
         while True:
             try:
-                await asyncio.wait_for(kick.wait(), RUNNING_REPORT_PERIOD if self._running else None)
+                await asyncio.wait_for(kick.wait(), RUNNING_REPORT_PERIOD)
             except TimeoutError:
                 self._take_starts()
                 if self._started_out:

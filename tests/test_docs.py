@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from harness import REPO
 
 RUNNABLE = ["quickstart.md"]

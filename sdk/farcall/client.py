@@ -390,6 +390,10 @@ def _decode(answer: Response) -> Any:
         return body
     error = body.get("error", "") if isinstance(body, dict) else ""
     message = body.get("message", "") if isinstance(body, dict) else ""
-    message = message or answer.text[:500] or answer.reason
-    kind = {401: AuthenticationError, 404: NotFound}.get(answer.status, BrokerError)
-    raise kind(answer.status, message, error, body)
+    raise broker_error(answer.status, message or answer.text[:500] or answer.reason, error, body)
+
+
+def broker_error(status: int, message: str, error: str = "", body: Any = None) -> BrokerError:
+    """The SDK exception for a broker error answer (HTTP status and JSON body)."""
+    kind = {401: AuthenticationError, 404: NotFound}.get(status, BrokerError)
+    return kind(status, message, error, body)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import itertools
 import logging
 import queue
 import random
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +27,20 @@ from pydantic import ValidationError
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from farcall.client import SUBMITTER, Client, outcome, split_batch
+from farcall.client import SUBMITTER, Client, broker_error, outcome, split_batch
 from farcall.errors import ExecutorShutdown, FarcallError
-from farcall.messages import ResultStreamFrame, TaskResult, TaskSpec, version_mismatch
+from farcall.messages import (
+    BatchSubmission,
+    BatchSubmitted,
+    RequestFailedFrame,
+    ResultStreamFrame,
+    SubmitFrame,
+    SubmittedFrame,
+    TaskResult,
+    TaskSpec,
+    parse_stream_frame,
+    version_mismatch,
+)
 from farcall.serialize import pack_args, serialize_function
 
 log = logging.getLogger(__name__)
@@ -38,12 +49,20 @@ QUIET_SECONDS = 15.0
 """With tasks outstanding and no pushed result for this long, poll their states once."""
 CONNECT_WAIT = 10.0
 """How long the first batch waits for the result stream before it is sent anyway."""
+SUBMIT_TIMEOUT = 120.0
+"""How long a batch sent on the stream waits for its answer before it goes by HTTP instead."""
 
 
 class TaskFuture(concurrent.futures.Future[Any]):
     """A future with the broker's ``task_id`` (set once the task has been submitted)."""
 
     task_id: str | None = None
+
+
+@dataclass(slots=True)
+class _Reply:
+    event: threading.Event
+    frame: SubmittedFrame | RequestFailedFrame | None = None
 
 
 @dataclass(slots=True)
@@ -91,10 +110,13 @@ class Executor(concurrent.futures.Executor):
         self._unsent = 0
         self._payloads: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
         self._function_ids: dict[str, str] = {}
+        self._replies: dict[int, _Reply] = {}
+        self._request_ids = itertools.count(1)
         self._shutdown = False
         self._version_checked = False
         self._closing = False
         self._connected = threading.Event()
+        self._closed = threading.Event()
         self._ws: ClientConnection | None = None
         self._submitter = threading.Thread(target=self._submit_loop, name="farcall-submit", daemon=True)
         self._stream: threading.Thread | None = None
@@ -246,7 +268,7 @@ class Executor(concurrent.futures.Executor):
             ]
             assert self.endpoint_id is not None
             for chunk in split_batch(specs, max_tasks=self.batch_size):
-                answer = self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id)
+                answer = self._submit(chunk)
                 self._record(live[sent : sent + len(chunk)], answer.task_ids)
                 sent += len(chunk)
         except BaseException as e:  # noqa: BLE001 - every future of the batch must hear of it
@@ -258,6 +280,46 @@ class Executor(concurrent.futures.Executor):
                 self._posting -= 1
                 if not self._posting:
                     self._early.clear()
+
+    def _submit(self, chunk: list[TaskSpec]) -> BatchSubmitted:
+        """On the result stream when it is up (no HTTP request per batch), else by POST."""
+        assert self.endpoint_id is not None
+        ws = self._ws
+        if ws is not None:
+            answer = self._submit_on_stream(ws, chunk)
+            if answer is not None:
+                return answer
+        return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id)
+
+    def _submit_on_stream(self, ws: ClientConnection, chunk: list[TaskSpec]) -> BatchSubmitted | None:
+        """The broker's answer, or None when the stream dropped before it came.
+
+        A batch whose answer was lost may have been taken: sending it again by HTTP
+        can run its tasks twice, never lose them (at-least-once).
+        """
+        assert self.endpoint_id is not None
+        request_id = next(self._request_ids)
+        reply = _Reply(threading.Event())
+        with self._lock:
+            self._replies[request_id] = reply
+        batch = BatchSubmission.model_construct(
+            endpoint_id=self.endpoint_id, tasks=chunk, task_group_id=self.task_group_id,
+            submitter=SUBMITTER,
+        )
+        try:
+            ws.send(SubmitFrame(request_id=request_id, batch=batch).model_dump_json())
+            reply.event.wait(SUBMIT_TIMEOUT)
+        except (OSError, WebSocketException) as e:
+            log.info("submitting on the result stream failed (%s); using HTTP", e)
+        finally:
+            with self._lock:
+                self._replies.pop(request_id, None)
+        frame = reply.frame
+        if frame is None:
+            return None
+        if isinstance(frame, RequestFailedFrame):
+            raise broker_error(frame.status, frame.message, frame.error)
+        return BatchSubmitted(task_group_id=frame.task_group_id, task_ids=frame.task_ids)
 
     def _function_id(self, call: _Call) -> str:
         if call.function_id is not None:
@@ -324,11 +386,12 @@ class Executor(concurrent.futures.Executor):
                         "result stream lost (%s); reconnecting", str(e) or type(e).__name__)
             finally:
                 self._ws = None
+                self._abandon_replies()
             if self._closing or self._finished():
                 return
             self._catch_up()
             attempt += 1
-            time.sleep(min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+            self._closed.wait(min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
 
     def _receive(self, ws: ClientConnection) -> None:
         while not self._finished():
@@ -338,11 +401,25 @@ class Executor(concurrent.futures.Executor):
                 self._catch_up()
                 continue
             try:
-                frame = ResultStreamFrame.model_validate_json(raw)
+                frame = parse_stream_frame(raw)
             except ValidationError as e:
                 log.error("ignoring an unreadable result frame: %s", e)
                 continue
-            self._deliver(frame.results)
+            if isinstance(frame, ResultStreamFrame):
+                self._deliver(frame.results)
+            else:
+                with self._lock:
+                    reply = self._replies.get(frame.request_id)
+                if reply is not None:
+                    reply.frame = frame
+                    reply.event.set()
+
+    def _abandon_replies(self) -> None:
+        """The stream is gone: batches waiting for an answer on it go by HTTP instead."""
+        with self._lock:
+            waiting = list(self._replies.values())
+        for reply in waiting:
+            reply.event.set()
 
     def _deliver(self, results: list[TaskResult]) -> None:
         ready: list[tuple[TaskFuture, TaskResult]] = []
@@ -393,6 +470,7 @@ class Executor(concurrent.futures.Executor):
 
     def _close_stream(self) -> None:
         self._closing = True
+        self._closed.set()
         ws = self._ws
         if ws is not None:
             try:

@@ -288,5 +288,46 @@ class ResultStreamFrame(_Msg):
     results: list[TaskResult]
 
 
+class SubmitFrame(_Msg):
+    """Client -> broker on the result stream: a batch, as ``POST /v1/tasks`` takes it.
+
+    Saves an HTTP request per batch; the answer is a ``SubmittedFrame`` or a
+    ``RequestFailedFrame`` with the same ``request_id``.
+    """
+
+    type: Literal["submit"] = "submit"
+    request_id: int
+    batch: BatchSubmission
+
+
+class SubmittedFrame(BatchSubmitted):
+    type: Literal["submitted"] = "submitted"
+    request_id: int
+
+
+class RequestFailedFrame(_Msg):
+    """The broker refused a ``SubmitFrame``: the HTTP status and error body it would have sent."""
+
+    type: Literal["failed"] = "failed"
+    request_id: int
+    status: int
+    error: str
+    message: str
+
+
+StreamFrame = Annotated[
+    ResultStreamFrame | SubmittedFrame | RequestFailedFrame, Field(discriminator="type")
+]
+
+
+class _StreamFrameBox(_Msg):
+    frame: StreamFrame
+
+
+def parse_stream_frame(raw: str | bytes) -> ResultStreamFrame | SubmittedFrame | RequestFailedFrame:
+    """Parse a frame the broker sends on a result stream."""
+    return _StreamFrameBox.model_validate_json(b'{"frame":' + _b(raw) + b"}").frame
+
+
 def _b(raw: str | bytes) -> bytes:
     return raw.encode() if isinstance(raw, str) else raw

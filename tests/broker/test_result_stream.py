@@ -112,3 +112,58 @@ def test_results_reach_a_client_on_another_replica(real_prefix: str) -> None:
             http.delete(f"/v1/endpoints/{eid}")
     finally:
         asyncio.run(drop_redis_keys(f"{real_prefix}:"))
+
+
+def test_batches_submitted_on_the_stream_are_answered_in_kind(broker_settings: Settings) -> None:
+    with EmbeddedBroker(dataclasses.replace(broker_settings, max_payload_bytes=65536)) as broker:
+        _submissions_on_the_stream(broker)
+
+
+def _submissions_on_the_stream(broker: EmbeddedBroker) -> None:
+    from farcall.messages import (
+        BatchSubmission,
+        RequestFailedFrame,
+        SubmitFrame,
+        SubmittedFrame,
+        TaskSpec,
+        parse_stream_frame,
+    )
+
+    token, http = user(broker, "alice")
+    bob_token, bob = user(broker, "bob")
+    eid, credential, (group, *_) = submit(http, 1)
+    fid = http.post("/v1/functions", json={"function": "FN"}).json()["function_id"]
+
+    def ask(ws: ClientConnection, request_id: int, batch: BatchSubmission | str) -> object:
+        body = batch if isinstance(batch, str) else SubmitFrame(
+            request_id=request_id, batch=batch).model_dump_json()
+        ws.send(body)
+        return parse_stream_frame(ws.recv(timeout=10))
+
+    good = BatchSubmission(endpoint_id=eid, task_group_id=group,
+                           tasks=[TaskSpec(function_id=fid, args=f"A{i}") for i in range(4)])
+    with stream(broker.url, group, token) as ws:
+        answer = ask(ws, 7, good)
+        assert isinstance(answer, SubmittedFrame) and answer.request_id == 7
+        assert answer.task_group_id == group and len(answer.task_ids) == 4
+        assert http.get(f"/v1/task_groups/{group}").json()["task_ids"][1:] == answer.task_ids
+
+        unknown = good.model_copy(update={"endpoint_id": str(uuid.uuid4())})
+        refused = ask(ws, 8, unknown)
+        assert isinstance(refused, RequestFailedFrame) and refused.request_id == 8
+        assert refused.status == 404 and "not found" in refused.message
+
+        garbled = ask(ws, 0, '{"type": "submit", "request_id": 9, "batch": {"tasks": []}}')
+        assert isinstance(garbled, RequestFailedFrame)
+        assert (garbled.request_id, garbled.status) == (9, 422)
+
+        big = good.model_copy(update={"tasks": [TaskSpec(function_id=fid, args="x" * 70_000)]})
+        too_big = ask(ws, 10, big)
+        assert isinstance(too_big, RequestFailedFrame) and too_big.status == 413
+
+    # bob cannot submit to alice's endpoint through his own stream either
+    bob_group = bob.post("/v1/task_groups", json={}).json()["task_group_id"]
+    with stream(broker.url, bob_group, bob_token) as ws:
+        denied = ask(ws, 1, good.model_copy(update={"task_group_id": bob_group}))
+        assert isinstance(denied, RequestFailedFrame) and denied.status == 404
+    assert credential

@@ -16,12 +16,13 @@ from harness import wait_until
 
 
 class CountingClient(Client):
-    """Records registrations and batch sizes; ``hold`` blocks the first submission until set."""
+    """Records registrations and HTTP submissions; ``hold`` blocks submissions until set."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.registered = 0
-        self.posts: list[int] = []
+        self.posts: list[int] = []  # batch sizes, however they were sent
+        self.http_posts = 0
         self.hold = threading.Event()
         self.hold.set()
         self.posting = threading.Event()
@@ -31,10 +32,20 @@ class CountingClient(Client):
         return super().register_function_payload(*args, **kwargs)
 
     def submit_tasks(self, endpoint_id: str, tasks: Any, task_group_id: str | None = None) -> Any:
-        self.posting.set()
-        assert self.hold.wait(30)
-        self.posts.append(len(tasks))
+        self.http_posts += 1
         return super().submit_tasks(endpoint_id, tasks, task_group_id)
+
+
+class CountingExecutor(Executor):
+    """Sends every batch through the CountingClient's gate."""
+
+    client: CountingClient
+
+    def _submit(self, chunk: Any) -> Any:
+        self.client.posting.set()
+        assert self.client.hold.wait(30)
+        self.client.posts.append(len(chunk))
+        return super()._submit(chunk)
 
 
 @pytest.fixture
@@ -62,7 +73,7 @@ def test_batches_and_registers_each_function_once(stack: Stack, counting: Counti
         return x + 1
 
     counting.hold.clear()
-    with Executor(endpoint_id=stack.endpoint_id, client=counting, batch_size=50) as ex:
+    with CountingExecutor(endpoint_id=stack.endpoint_id, client=counting, batch_size=50) as ex:
         futures = [ex.submit(inc, 0)]
         assert counting.posting.wait(10)  # the first batch is in flight and held
         futures += [ex.submit(inc, i) for i in range(1, 200)]
@@ -70,6 +81,7 @@ def test_batches_and_registers_each_function_once(stack: Stack, counting: Counti
         assert [f.result(timeout=30) for f in futures] == [1] + [i + 1 for i in range(1, 200)]
     assert counting.posts == [1, 50, 50, 50, 49]
     assert counting.registered == 1
+    assert counting.http_posts == 0  # every batch went on the result stream
 
 
 def test_map_preserves_order_and_registered_functions_run(stack: Stack, client: Client) -> None:
@@ -120,7 +132,7 @@ def test_shutdown_cancel_futures_cancels_unsent_tasks(stack: Stack, counting: Co
         return x
 
     counting.hold.clear()
-    ex = Executor(endpoint_id=stack.endpoint_id, client=counting)
+    ex = CountingExecutor(endpoint_id=stack.endpoint_id, client=counting)
     first = ex.submit(ident, 1)
     assert counting.posting.wait(10)
     rest = [ex.submit(ident, i) for i in range(10)]
@@ -162,3 +174,21 @@ def test_executor_reads_its_settings_from_the_environment(
     monkeypatch.setenv("FARCALL_TOKEN", stack.token)
     with Executor(endpoint_id=stack.endpoint_id) as ex:
         assert ex.submit(pow, 2, 10).result(timeout=30) == 1024
+
+
+def test_a_batch_whose_stream_answer_is_lost_goes_by_http(stack: Stack, counting: CountingClient) -> None:
+    def twice(x: int) -> int:
+        return 2 * x
+
+    with Executor(endpoint_id=stack.endpoint_id, client=counting) as ex:
+        assert ex.submit(twice, 1).result(timeout=30) == 2
+        assert counting.http_posts == 0
+        ws = ex._ws
+        assert ws is not None
+        def drop(message: Any, *args: Any) -> None:
+            ws.close()  # the stream drops with the batch unanswered
+
+        ws.send = drop  # type: ignore[method-assign]
+        futures = [ex.submit(twice, i) for i in range(5)]
+        assert [f.result(timeout=30) for f in futures] == [0, 2, 4, 6, 8]
+    assert counting.http_posts >= 1
