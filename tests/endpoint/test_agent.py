@@ -21,13 +21,6 @@ CAPACITY = 2 * 50
 
 
 @pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    yield b
-    b.close()
-
-
-@pytest.fixture
 def start_agent(broker: FakeBroker) -> Iterator[Callable[..., BackgroundAgent]]:
     runners: list[BackgroundAgent] = []
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,20 +16,6 @@ from farcall.endpoint.embedded import EmbeddedEndpoint
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.registration import Registration, save_registration
 from harness import wait_until
-
-
-@pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
-    env["FARCALL_HOME"] = str(tmp_path / "home")
-    return env
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -84,20 +84,6 @@ class Daemons:
 
 
 @pytest.fixture
-def broker() -> Iterator[FakeBroker]:
-    b = FakeBroker()
-    yield b
-    b.close()
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
-    env["FARCALL_HOME"] = str(tmp_path / "home")
-    return env
-
-
-@pytest.fixture
 def daemons(env: dict[str, str]) -> Iterator[Daemons]:
     found = Daemons(Path(env["FARCALL_HOME"]))
     yield found
