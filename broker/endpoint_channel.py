@@ -32,11 +32,13 @@ from farcall.messages import (
     ErrorFrame,
     HeartbeatFrame,
     Hello,
+    ResultMessage,
     ResultsAck,
     ResultsFrame,
     ResultStreamFrame,
     RunningFrame,
     TaskResult,
+    TaskState,
     Welcome,
     join_task_batch,
     now,
@@ -84,7 +86,9 @@ class EndpointSession:
         self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
         self.done_ids: set[str] = set()  # finished through this session, most recent RECENT_DONE
         self.done_order: collections.deque[str] = collections.deque()
-        self.waiting: collections.deque[tuple[str, str]] = collections.deque()  # (id, JSON), no credit yet
+        # (task id, function id, TaskMessage JSON) taken by this session, waiting for credit
+        self.waiting: collections.deque[tuple[str, str, str]] = collections.deque()
+        self.sent_functions: set[str] = set()  # function bodies the endpoint got in this session
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
         self._last_touch = 0.0
@@ -248,19 +252,21 @@ class EndpointSession:
 
     async def _results(self, frame: ResultsFrame) -> None:
         if frame.results:
-            done = await self.store.complete(self.endpoint_id, frame.results, now())
-            by_group: dict[str, list[TaskResult]] = defaultdict(list)
-            for group, result in done:
-                by_group[group].append(result)
-            for group, results in by_group.items():
-                await self.store.publish_results(
-                    group, ResultStreamFrame(results=results).model_dump_json()
-                )
-            ids = [r.task_id for r in frame.results]
-            self.held.difference_update(ids)
-            self._remember_done(ids)
-            await self.send(ResultsAck(task_ids=ids).model_dump_json())
+            await self._store_results(frame.results)
+            await self.send(ResultsAck(task_ids=[r.task_id for r in frame.results]).model_dump_json())
         self._add_credit(frame.credit)
+
+    async def _store_results(self, results: list[ResultMessage]) -> None:
+        """Store results (first one per task wins) and push the new ones to their streams."""
+        done = await self.store.complete(self.endpoint_id, results, now())
+        by_group: dict[str, list[TaskResult]] = defaultdict(list)
+        for group, result in done:
+            by_group[group].append(result)
+        for group, stored in by_group.items():
+            await self.store.publish_results(group, ResultStreamFrame(results=stored).model_dump_json())
+        ids = [r.task_id for r in results]
+        self.held.difference_update(ids)
+        self._remember_done(ids)
 
     def _add_credit(self, n: int) -> None:
         if n > 0:
@@ -309,6 +315,7 @@ class EndpointSession:
         """
         assert self.consumer is not None
         tasks: dict[str, str] = {}
+        function_of: dict[str, str] = {}
         taken = 0
         for d in deliveries:
             try:
@@ -321,33 +328,79 @@ class EndpointSession:
                 if task.task_id not in self.held and task.task_id not in self.done_ids:
                     taken += 1
                     tasks[task.task_id] = task.model_dump_json()
+                    function_of[task.task_id] = task.function_id
         accepted = await self.store.dispatch(self.endpoint_id, tasks, taken) if tasks else []
         await self.consumer.ack(deliveries)
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
                       self.endpoint_id, taken - len(accepted))
         self.held.update(accepted)
-        self.waiting.extend((t, tasks[t]) for t in accepted)
+        self.waiting.extend((t, function_of[t], tasks[t]) for t in accepted)
 
     def can_take(self, n: int) -> bool:
         """Whether ``n`` new tasks would go out at once (credit to spare, nothing waiting)."""
         return not self.waiting and self.credit >= n
 
-    async def send_direct(self, tasks: list[tuple[str, str]]) -> None:
+    async def send_direct(
+        self, tasks: list[tuple[str, str, str]], functions: dict[str, str]
+    ) -> None:
         """Send tasks just submitted through this replica, without the trip through the queue.
 
-        The caller has recorded them in flight; their queued copies are dropped on
-        arrival (held here, or finished by then). Tasks beyond the credit wait here.
+        ``tasks`` are ``(task id, function id, TaskMessage JSON)``, ``functions`` their
+        function bodies by id. The caller has recorded them in flight; their queued copies
+        are dropped on arrival (held here, or finished by then). Tasks beyond the credit
+        wait here.
         """
-        fresh = [(t, body) for t, body in tasks if t not in self.held]
-        self.held.update(t for t, _ in fresh)
+        fresh = [t for t in tasks if t[0] not in self.held]
+        self.held.update(t[0] for t in fresh)
         self.waiting.extend(fresh)
-        await self._send_waiting()
+        await self._send_waiting(functions)
 
-    async def _send_waiting(self) -> None:
+    async def _send_waiting(self, known: dict[str, str] | None = None) -> None:
+        """Send waiting tasks as far as the credit goes, with the bodies of functions new to
+        this session (from ``known``, else from the store)."""
         n = min(self.credit, len(self.waiting), MAX_BATCH)
         if n <= 0:
             return
         batch = [self.waiting.popleft() for _ in range(n)]
         self.credit -= n
-        await self.send(tasks_frame_json([body for _, body in batch]))
+        new = {f for _, f, _ in batch if f not in self.sent_functions}
+        bodies = {f: known[f] for f in new if known and f in known}
+        if len(bodies) < len(new):
+            bodies.update(await self._function_bodies(new - set(bodies)))
+        if len(bodies) < len(new):
+            batch = await self._fail_orphans(batch, bodies)
+        # No await from here to the send: frames go out in the order functions are marked sent.
+        functions = {f: body for f, body in bodies.items() if f not in self.sent_functions}
+        self.sent_functions.update(functions)
+        if batch:
+            await self.send(tasks_frame_json([body for _, _, body in batch], functions))
+
+    async def _function_bodies(self, function_ids: set[str]) -> dict[str, str]:
+        cache = self.svc.owners
+        found = {f: rec["function"] for f in function_ids if (rec := cache.get(f"fn:{f}"))}
+        missing = [f for f in function_ids if f not in found]
+        if missing:
+            for f, rec in (await self.store.get_functions(missing)).items():
+                cache.put(f"fn:{f}", rec)
+                found[f] = rec["function"]
+        return found
+
+    async def _fail_orphans(
+        self, batch: list[tuple[str, str, str]], bodies: dict[str, str]
+    ) -> list[tuple[str, str, str]]:
+        """Fail the tasks whose function was deleted before they could be sent; keep the rest."""
+        orphans = [t for t in batch if t[1] not in bodies and t[1] not in self.sent_functions]
+        if orphans:
+            results = [
+                ResultMessage(
+                    task_id=t, state=TaskState.FAILED,
+                    error=f"function {f} was deleted before this task ran; register it again "
+                    "and resubmit the task",
+                )
+                for t, f, _ in orphans
+            ]
+            self.credit += len(orphans)
+            await self._store_results(results)
+        gone = {t for t, _, _ in orphans}
+        return [t for t in batch if t[0] not in gone]

@@ -1,9 +1,11 @@
 """Taking in a batch of tasks: check it, record it, send it on; shared by REST and the stream.
 
 A batch is recorded in one store round trip and queued whole, as one confirmed
-message in the endpoint's queue. When the endpoint's channel session is on this
-replica with credit to spare, the tasks are also recorded in flight and sent to
-it at once; the queued copy is dropped when it arrives.
+message in the endpoint's queue. Tasks name their function by id; the body
+travels to the endpoint once per session (see ``endpoint_channel``). When the
+endpoint's channel session is on this replica with credit to spare, the tasks
+are also recorded in flight and sent to it at once; the queued copy is dropped
+when it arrives.
 """
 
 from __future__ import annotations
@@ -65,7 +67,6 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
             TaskMessage.model_construct(
                 task_id=task_id,
                 function_id=spec.function_id,
-                function=functions[spec.function_id]["function"],
                 args=spec.args,
                 resource_specification=spec.resource_specification,
                 submitter=batch.submitter,
@@ -75,11 +76,14 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     session = svc.sessions.get(batch.endpoint_id)
     direct = None
     if session is not None and session.can_take(len(messages)):
-        direct = [(m.task_id, m.model_dump_json()) for m in messages]
-    await svc.store.create_tasks(records, new_group, inflight=dict(direct) if direct else None)
+        direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
+    inflight = {task_id: body for task_id, _, body in direct} if direct else None
+    await svc.store.create_tasks(records, new_group, inflight=inflight)
     if direct and session is not None:
         try:
-            await session.send_direct(direct)
+            await session.send_direct(
+                direct, {f: functions[f]["function"] for f in function_ids}
+            )
         except Exception as e:  # noqa: BLE001 - the queued copy (below) still reaches the endpoint
             log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
     try:

@@ -61,6 +61,8 @@ ACK_TIMEOUT = 5.0
 WELCOME_TIMEOUT = 30.0
 RUNNING_REPORT_PERIOD = 0.2
 """Seconds between reports of tasks that started and are still running."""
+FUNCTION_CACHE = 4096
+"""Function bodies kept by id; the broker sends each once per session."""
 RECENT_IDS = 10_000
 """Acknowledged task ids remembered, so a late redelivery of a finished task is not run again."""
 
@@ -121,6 +123,7 @@ class Agent:
         self._outbox: list[ResultMessage] = []
         self._started_out: dict[str, float] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._functions: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._granted = 0
         self._received = 0
         self._stopping = False
@@ -318,14 +321,20 @@ class Agent:
                 log.error("ignoring an unreadable frame from the broker: %s", e)
                 continue
             if isinstance(frame, TasksFrame):
-                self._on_tasks(frame.tasks)
+                self._on_tasks(frame.tasks, frame.functions)
             elif isinstance(frame, ResultsAck):
                 self._on_ack(frame.task_ids)
             elif isinstance(frame, ErrorFrame):
                 log.error("broker: %s", frame.message)
 
-    def _on_tasks(self, tasks: list[TaskMessage]) -> None:
+    def _on_tasks(self, tasks: list[TaskMessage], functions: dict[str, str]) -> None:
         self._received += len(tasks)
+        known = self._functions
+        for function_id, body in functions.items():
+            known[function_id] = body
+            known.move_to_end(function_id)
+        while len(known) > FUNCTION_CACHE:
+            known.popitem(last=False)
         skipped = False
         submit = self.engine.submit
         for task in tasks:
@@ -342,6 +351,15 @@ class Agent:
                 self._refuse(task)
                 skipped = True
                 continue
+            if not task.function:
+                cached = known.get(task.function_id)
+                if cached is None:
+                    self._fail(task, ProtocolError(
+                        f"the broker sent task {task_id} without the body of function "
+                        f"{task.function_id}, which this endpoint does not have; submit it again"))
+                    skipped = True
+                    continue
+                task.function = cached
             self._running.add(task_id)
             submit(task, self._on_done, self._on_start)
         if skipped:
@@ -350,10 +368,14 @@ class Agent:
     def _refuse(self, task: TaskMessage) -> None:
         log.warning("refusing task %s: function %s is not in allowed_functions",
                     task.task_id, task.function_id)
-        result = failed_result(task.task_id, FunctionNotAllowed(
+        self._fail(task, FunctionNotAllowed(
             f"endpoint {self.display_name or self.endpoint_id} does not run function "
             f"{task.function_id}: it is not in the endpoint's allowed_functions. Ask the "
             "endpoint's operator to allow it, or use another endpoint."))
+
+    def _fail(self, task: TaskMessage, error: BaseException) -> None:
+        """Answer a task with ``error`` without running it."""
+        result = failed_result(task.task_id, error)
         self._unacked[task.task_id] = result
         self._outbox.append(result)
 

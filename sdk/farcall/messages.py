@@ -11,6 +11,7 @@ strings produced by :mod:`farcall.serialize`: the broker never looks inside them
 from __future__ import annotations
 
 import enum
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -108,11 +109,15 @@ class TaskIds(_Msg):
 
 
 class TaskMessage(_Msg):
-    """A task as the endpoint receives it (also the body queued in RabbitMQ)."""
+    """A task as the endpoint receives it (also the body queued in RabbitMQ).
+
+    ``function`` is empty when the function travels once per session in a
+    ``TasksFrame``'s ``functions`` instead of with every task.
+    """
 
     task_id: str
     function_id: str
-    function: str
+    function: str = ""
     args: str
     resource_specification: dict[str, Any] | None = None
     submitter: Versions | None = None
@@ -190,13 +195,18 @@ class Credit(_Msg):
 
 
 class TasksFrame(_Msg):
+    """Tasks for the endpoint; ``functions`` holds the bodies (by function id) of functions
+    this session has not sent before."""
+
     type: Literal["tasks"] = "tasks"
     tasks: list[TaskMessage]
+    functions: dict[str, str] = Field(default_factory=dict)
 
 
-def tasks_frame_json(task_jsons: list[str]) -> str:
+def tasks_frame_json(task_jsons: list[str], functions: dict[str, str] | None = None) -> str:
     """``TasksFrame`` JSON from tasks already serialized, without parsing them again."""
-    return '{"type":"tasks","tasks":[' + ",".join(task_jsons) + "]}"
+    bodies = json.dumps(functions or {})
+    return '{"type":"tasks","functions":' + bodies + ',"tasks":[' + ",".join(task_jsons) + "]}"
 
 
 class RunningFrame(_Msg):

@@ -72,6 +72,7 @@ class FakeEndpoint:
             max_size=None,
             legacy=True,
         )
+        self.functions: dict[str, str] = {}
 
     def send(self, frame: Any) -> None:
         self.ws.send(frame.model_dump_json())
@@ -86,12 +87,16 @@ class FakeEndpoint:
         return frame
 
     def tasks(self, n: int, timeout: float = 10) -> list[TaskMessage]:
-        """Receive exactly n tasks (over one or more TasksFrames)."""
+        """Receive exactly n tasks (over one or more TasksFrames), function bodies filled in."""
         got: list[TaskMessage] = []
         deadline = time.monotonic() + timeout
         while len(got) < n:
             frame = self.recv(max(0.01, deadline - time.monotonic()))
             assert isinstance(frame, TasksFrame), frame
+            assert not set(frame.functions) & set(self.functions), "a function body sent twice"
+            self.functions.update(frame.functions)
+            for task in frame.tasks:
+                task.function = task.function or self.functions[task.function_id]
             got += frame.tasks
         assert len(got) == n, f"got {len(got)} tasks, expected {n}"
         return got

@@ -127,8 +127,8 @@ class FakeBroker:
 
         self._call(send())
 
-    def send_tasks(self, tasks: list[TaskMessage]) -> None:
-        self._send(TasksFrame(tasks=tasks).model_dump_json())
+    def send_tasks(self, tasks: list[TaskMessage], functions: dict[str, str] | None = None) -> None:
+        self._send(TasksFrame(tasks=tasks, functions=functions or {}).model_dump_json())
 
     def ack(self, task_ids: list[str]) -> None:
         self._send(ResultsAck(task_ids=task_ids).model_dump_json())

@@ -10,7 +10,7 @@ import pytest
 from ep_helpers import make_task, value_of
 from fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
 
-from farcall.endpoint.agent import Agent, websocket_url
+from farcall.endpoint.agent import Agent, ProtocolError, websocket_url
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines import build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
@@ -211,3 +211,30 @@ def test_refused_credential_stops_the_agent_with_a_clear_error(
         runner.wait_connected(10)
     assert isinstance(runner.error, EndpointRejected)
     assert broker.rejected == 1 and not broker.of(Hello)
+
+
+def test_function_bodies_come_once_and_are_reused(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    start_agent()
+
+    def halve(x: int) -> float:
+        return x / 2
+
+    first, second = make_task(halve, 8), make_task(halve, 3)
+    body = first.function
+    for task in (first, second):
+        task.function = ""  # the body travels in the frame, once
+    broker.wait(lambda: broker.hello(1), 10, "hello")
+    broker.send_tasks([first], functions={first.function_id: body})
+    broker.send_tasks([second])  # no body: the endpoint has it from the first frame
+    unknown = make_task(halve, 1)
+    unknown.function = ""
+    unknown.function_id = "never-sent"
+    broker.send_tasks([unknown])
+    ids = [first.task_id, second.task_id, unknown.task_id]
+    broker.wait(lambda: broker.result_ids() >= set(ids), 30, "results")
+    results = {r.task_id: r for r in broker.results()}
+    assert value_of(results[first.task_id]) == 4.0 and value_of(results[second.task_id]) == 1.5
+    with pytest.raises(ProtocolError, match="without the body of function never-sent"):
+        value_of(results[unknown.task_id])
