@@ -315,8 +315,8 @@ class Executor(concurrent.futures.Executor):
             with self._lock:
                 self._replies.pop(request_id, None)
         frame = reply.frame
-        if frame is None:
-            return None
+        if frame is None or (isinstance(frame, RequestFailedFrame) and frame.status == 503):
+            return None  # by HTTP, which retries while the broker's store or queue is down
         if isinstance(frame, RequestFailedFrame):
             raise broker_error(frame.status, frame.message, frame.error)
         return BatchSubmitted(task_group_id=frame.task_group_id, task_ids=frame.task_ids)
