@@ -336,5 +336,7 @@ def _parsl_template(engine: str, max_workers: int | None, provider: str) -> str:
   # Seconds between Parsl's scaling decisions.
   strategy_period: 1
   # Tasks the endpoint holds per worker it could start.
-  prefetch: 4
+  prefetch: 32
+  # Short tasks (well under 5 ms) run up to this many to a Parsl task.
+  max_chunk: 64
 {provider_text}"""

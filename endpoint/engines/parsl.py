@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
 import os
 import sys
 import threading
@@ -26,10 +27,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, model_validator
 
 from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
@@ -63,6 +65,19 @@ LAUNCHERS = (
 ENGINE_OWN = {"provider", "label", "address", "interchange_launch_cmd"}
 """Executor arguments the engine sets itself (or takes from its own options)."""
 TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_task_buffer"}
+CHUNK_EXECUTOR = {"f": "farcall.endpoint.worker.run_tasks_buffer"}
+CHUNK_SECONDS = 0.005
+"""Most work (by average task duration) put in one Parsl task, so long tasks still go one by one."""
+_RESULTS: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
+
+
+@dataclass(slots=True)
+class _Entry:
+    task_id: str
+    payload: str
+    on_done: OnDone
+    spec: dict[str, Any] | None
+    alone: bool = False
 
 
 def _signature_keys(cls: type) -> list[str]:
@@ -146,6 +161,7 @@ class ParslOptions(EngineOptions):
     strategy_period: float = Field(default=1.0, gt=0)
     max_idletime: float = Field(default=120.0, ge=0)
     run_dir: str | None = None
+    max_chunk: int = Field(default=64, ge=1, description="most short tasks run as one Parsl task")
 
     @model_validator(mode="after")
     def _check_parsl_keys(self) -> ParslOptions:
@@ -184,7 +200,8 @@ class ParslEngine(Engine):
         strategy_period: float = 1.0,
         max_idletime: float = 120.0,
         run_dir: str | None = None,
-        prefetch: int = 4,
+        prefetch: int = 32,
+        max_chunk: int = 64,
         **executor_options: Any,
     ) -> None:
         self.provider_spec = dict(provider or self.Options.model_fields["provider"].get_default(
@@ -195,12 +212,18 @@ class ParslEngine(Engine):
         self.max_idletime = max_idletime
         self.run_dir = run_dir
         self.prefetch = prefetch
+        self.max_chunk = max_chunk
         self.executor_options = executor_options
         self.htex: Any = None
         self._poller: Any = None
         self._idle = threading.Condition()
         self._outstanding = 0
         self._workers = 0
+        self._pending: list[_Entry] = []
+        self._inflight = 0  # Parsl tasks (single tasks or chunks) submitted, not finished
+        self._stopping = False
+        self._avg: float | None = None
+        self._dispatcher: threading.Thread | None = None
 
     @property
     def executor_name(self) -> str:
@@ -244,6 +267,9 @@ class ParslEngine(Engine):
             strategy=self.strategy, max_idletime=self.max_idletime, strategy_period=self.strategy_period
         )
         self._poller.add_executors([self.htex])
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="farcall-parsl-dispatch",
+                                            daemon=True)
+        self._dispatcher.start()
         log.info("%s started: %s on %s, run dir %s", self.name, self.executor_name,
                  type(provider).__name__, run_dir)
 
@@ -262,38 +288,116 @@ class ParslEngine(Engine):
                    "Only 'priority' applies here; use an MPIEngine endpoint for MPI resources.")
             )))
             return
-        context: dict[str, Any] = {"task_executor": TASK_EXECUTOR}
-        if spec:
-            context["resource_spec"] = spec
+        entry = _Entry(task.task_id, task.model_dump_json(), on_done, spec or None)
         with self._idle:
             self._outstanding += 1
-        try:
-            future = self.htex.submit_payload(context, task.model_dump_json().encode())
-        except Exception as e:  # noqa: BLE001 - executor in a bad state: fail the task clearly
-            self._finished()
-            on_done(failed_result(task.task_id, e))
-            return
-        future.add_done_callback(lambda f: self._done(task.task_id, f, on_done))
+            # Tasks with resources (MPI ranks, priorities) always go alone; the others may share.
+            self._pending.append(entry)
+            self._idle.notify_all()
 
-    def _finished(self) -> None:
+    def _dispatch_loop(self) -> None:
+        """Hand pending tasks to HTEX.
+
+        Short tasks (average well under CHUNK_SECONDS) are held while two Parsl tasks per
+        worker are in flight, and go several to a Parsl task when room comes: under load
+        they travel in chunks, alone they go at once. Other tasks go at once, one each, so
+        Parsl sees the real backlog and scales out for it.
+        """
+        while True:
+            with self._idle:
+                self._idle.wait_for(lambda: self._stopping or (self._pending and self._room() > 0))
+                if self._stopping:
+                    return
+                pending, self._pending = self._pending, []
+                room = self._room()
+            for chunk in self._chunks(pending, room):
+                self._submit_chunk(chunk)
+
+    def _short(self) -> bool:
+        return self._avg is not None and self._avg < CHUNK_SECONDS / 2
+
+    def _room(self) -> int:
+        """Parsl tasks that may go out now (unbounded unless tasks are short)."""
+        if not self._short():
+            return 1 << 30
+        return 2 * max(1, self._workers) - self._inflight
+
+    def _chunks(self, pending: list[_Entry], room: int) -> list[list[_Entry]]:
+        short = self._short()
+        alone = [[e] for e in pending if e.spec is not None or e.alone or not short]
+        rest = [e for e in pending if e.spec is None and not e.alone and short]
+        if not rest:
+            return alone
+        assert self._avg is not None
+        size = min(self.max_chunk, math.ceil(len(rest) / max(1, room - len(alone))),
+                   max(1, int(CHUNK_SECONDS / self._avg)))
+        return alone + [rest[i : i + size] for i in range(0, len(rest), size)]
+
+    def _submit_chunk(self, chunk: list[_Entry]) -> None:
+        if len(chunk) == 1:
+            context: dict[str, Any] = {"task_executor": TASK_EXECUTOR}
+            if chunk[0].spec:
+                context["resource_spec"] = chunk[0].spec
+            payload = chunk[0].payload.encode()
+        else:
+            context = {"task_executor": CHUNK_EXECUTOR}
+            payload = ("[" + ",".join(e.payload for e in chunk) + "]").encode()
+        with self._idle:
+            self._inflight += 1
+        try:
+            future = self.htex.submit_payload(context, payload)
+        except Exception as e:  # noqa: BLE001 - executor in a bad state: fail the tasks clearly
+            self._chunk_left()
+            for entry in chunk:
+                self._finish(entry, failed_result(entry.task_id, e))
+            return
+        future.add_done_callback(lambda f: self._chunk_done(chunk, f))
+
+    def _chunk_left(self) -> None:
+        with self._idle:
+            self._inflight -= 1
+            self._idle.notify_all()
+
+    def _chunk_done(self, chunk: list[_Entry], future: Future[Any]) -> None:
+        self._chunk_left()
+        exc = future.exception()
+        if exc is not None and len(chunk) > 1:
+            # One of them may have killed the worker: run each alone, so only that one fails.
+            log.warning("a chunk of %d tasks was lost (%s); running each alone", len(chunk), exc)
+            for entry in chunk:
+                entry.alone = True
+            with self._idle:
+                self._pending[:0] = chunk
+                self._idle.notify_all()
+            return
+        if exc is not None:
+            entry = chunk[0]
+            self._finish(entry, failed_result(entry.task_id, WorkerLost(
+                f"task {entry.task_id} was lost with its Parsl worker or manager "
+                f"({type(exc).__name__}: {exc}); the function may have crashed the worker "
+                "(segfault, os._exit, out of memory) or the block ended (walltime, scale-in). "
+                "Submit it again to retry."
+            )))
+            return
+        raw = future.result()
+        results = [ResultMessage.model_validate_json(raw)] if len(chunk) == 1 else _RESULTS.validate_json(raw)
+        took = 0.0
+        for entry, result in zip(chunk, results, strict=True):
+            if result.started_at is not None and result.finished_at is not None:
+                took += result.finished_at - result.started_at
+            self._finish(entry, result)
+        mean = took / len(chunk)
+        self._avg = mean if self._avg is None else 0.8 * self._avg + 0.2 * mean
+
+    def _finish(self, entry: _Entry, result: ResultMessage) -> None:
         with self._idle:
             self._outstanding -= 1
             if not self._outstanding:
                 self._idle.notify_all()
-
-    def _done(self, task_id: str, future: Future[Any], on_done: OnDone) -> None:
-        self._finished()
-        exc = future.exception()
-        if exc is None:
-            result = ResultMessage.model_validate_json(future.result())
-        else:
-            lost = WorkerLost(
-                f"task {task_id} was lost with its Parsl worker or manager ({type(exc).__name__}: "
-                f"{exc}); the function may have crashed the worker (segfault, os._exit, out of "
-                "memory) or the block ended (walltime, scale-in). Submit it again to retry."
-            )
-            result = failed_result(task_id, lost)
-        on_done(result)
+        try:
+            entry.on_done(result)
+        except Exception:
+            log.exception("result callback failed for task %s", entry.task_id)
 
     # -------------------------------------------------------------- status
 
@@ -354,6 +458,9 @@ class ParslEngine(Engine):
         if wait:
             with self._idle:
                 self._idle.wait_for(lambda: not self._outstanding, timeout if timeout is not None else 60)
+        with self._idle:
+            self._stopping = True
+            self._idle.notify_all()
         try:
             if self._poller is not None:
                 self._poller.close()  # scales every block in: the scheduler jobs are cancelled

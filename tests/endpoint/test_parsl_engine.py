@@ -145,6 +145,46 @@ def test_resource_specification_reaches_htex(make_engine: Callable[..., ParslEng
         _run(engine, priority, resource_specification={"num_nodes": 2})
 
 
+def test_short_tasks_share_parsl_tasks_and_a_crash_costs_only_its_own(
+    make_engine: Callable[..., ParslEngine]
+) -> None:
+    engine = make_engine(provider={"type": "LocalProvider", "init_blocks": 1, "max_blocks": 1},
+                         max_workers_per_node=2)
+    submitted: list[int] = []
+    real_submit = engine.htex.submit_payload
+
+    def counting(context: dict[str, Any], payload: bytes) -> Any:
+        submitted.append(len(payload))
+        return real_submit(context, payload)
+
+    engine.htex.submit_payload = counting
+
+    def short(x: int) -> int:
+        if x < 0:
+            import os
+
+            os._exit(3)
+        return x + 1
+
+    def run_all(args: list[int]) -> dict[str, Any]:
+        got = Collector()
+        tasks = [make_task(short, x) for x in args]
+        for t in tasks:
+            engine.submit(t, got.on_done)
+        return dict(zip(args, got.wait_results([t.task_id for t in tasks], 60), strict=True))
+
+    run_all(list(range(10)))  # the engine learns that these tasks are short
+    submitted.clear()
+    results = run_all(list(range(200)))
+    assert [value_of(results[x]) for x in range(200)] == list(range(1, 201))
+    assert len(submitted) < 200 / 4, f"{len(submitted)} Parsl tasks for 200 short tasks"
+
+    mixed = run_all([*range(20), -1, *range(20, 40)])
+    with pytest.raises(WorkerLost):
+        value_of(mixed[-1])
+    assert [value_of(mixed[x]) for x in range(40)] == list(range(1, 41))
+
+
 # ------------------------------------------------------------------ Kubernetes
 
 
