@@ -293,7 +293,7 @@ def _engine_template(engine: str, max_workers: int | None, provider: str | None)
   # Number of workers (default: the number of CPUs).
   max_workers: {workers}
   # Tasks fetched ahead per worker, so workers never wait on the network.
-  prefetch: 32
+  prefetch: 128
 {chunk}"""
 
 
@@ -336,7 +336,7 @@ def _parsl_template(engine: str, max_workers: int | None, provider: str) -> str:
   # Seconds between Parsl's scaling decisions.
   strategy_period: 1
   # Tasks the endpoint holds per worker it could start.
-  prefetch: 32
+  prefetch: 128
   # Short tasks (well under 5 ms) run up to this many to a Parsl task.
   max_chunk: 64
 {provider_text}"""

@@ -28,7 +28,7 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prefetch: int = Field(
-        default=32,
+        default=128,
         ge=1,
         description="tasks the endpoint asks for per worker, so workers never wait on the network",
     )

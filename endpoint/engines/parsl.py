@@ -200,7 +200,7 @@ class ParslEngine(Engine):
         strategy_period: float = 1.0,
         max_idletime: float = 120.0,
         run_dir: str | None = None,
-        prefetch: int = 32,
+        prefetch: int = 128,
         max_chunk: int = 64,
         **executor_options: Any,
     ) -> None:

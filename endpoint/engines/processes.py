@@ -100,7 +100,7 @@ class ProcessPoolEngine(Engine):
     def __init__(
         self,
         max_workers: int | None = None,
-        prefetch: int = 32,
+        prefetch: int = 128,
         max_chunk: int = 64,
     ) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1

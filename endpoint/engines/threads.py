@@ -32,7 +32,7 @@ class ThreadPoolEngine(Engine):
 
     Options = ThreadPoolOptions
 
-    def __init__(self, max_workers: int | None = None, prefetch: int = 32) -> None:
+    def __init__(self, max_workers: int | None = None, prefetch: int = 128) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
