@@ -355,21 +355,27 @@ def split_batch(
 
 
 def outcome(record: dict[str, Any]) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)`` of a finished task record or stream result."""
-    task_id = record.get("task_id", "")
-    if record["state"] == TaskState.SUCCESS.value:
+    """``(True, value)`` or ``(False, exception)`` of a finished task record."""
+    return result_outcome(record.get("task_id", ""), record["state"], record.get("data", ""),
+                          record.get("error", ""), record.get("worker"))
+
+
+def result_outcome(task_id: str, state: str, data: str, error: str, worker: Any) -> tuple[bool, Any]:
+    """``(True, value)`` or ``(False, exception)`` of a finished task, from its fields."""
+    if state == TaskState.SUCCESS:
         try:
-            return True, deserialize(record.get("data", ""))
+            return True, deserialize(data)
         except Exception as e:  # noqa: BLE001 - whatever dill raises, say which versions differ
-            return False, _undecodable(task_id, record.get("worker"), e)
-    return False, rebuild_exception(record.get("data", ""), record.get("error", ""), task_id)
+            return False, _undecodable(task_id, worker, e)
+    return False, rebuild_exception(data, error, task_id)
 
 
 def _undecodable(task_id: str, worker: Any, cause: BaseException) -> DeserializationError:
     if isinstance(worker, Versions):
         worker = worker.model_dump()
-    here = f"Python {SUBMITTER.python}, dill {SUBMITTER.dill}"
-    there = f"Python {worker['python']}, dill {worker['dill']}" if worker else "unknown versions"
+    here = f"Python {SUBMITTER.python}, dill {SUBMITTER.dill}, farcall {SUBMITTER.farcall}"
+    there = (f"Python {worker['python']}, dill {worker['dill']}, farcall {worker.get('farcall') or '?'}"
+             if worker else "unknown versions")
     err = DeserializationError(
         f"the result of task {task_id} cannot be loaded here ({type(cause).__name__}: {cause}). "
         f"This side: {here}; worker: {there}. Use the same Python and dill versions on both "

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from farcall.client import SUBMITTER, Client, broker_error, outcome, split_batch
+from farcall.client import SUBMITTER, Client, broker_error, outcome, result_outcome, split_batch
 from farcall.errors import ExecutorShutdown, FarcallError
 from farcall.messages import (
     BatchSubmission,
@@ -342,7 +342,7 @@ class Executor(concurrent.futures.Executor):
                 else:
                     early.append((call.future, result))
         for future, result in early:
-            _resolve(future, result.model_dump())
+            _resolve_result(future, result)
 
     # ------------------------------------------------------------ results
 
@@ -431,7 +431,7 @@ class Executor(concurrent.futures.Executor):
                 elif self._posting:
                     self._early[result.task_id] = result
         for future, result in ready:
-            _resolve(future, result.model_dump())
+            _resolve_result(future, result)
         if not self._version_checked and results and results[0].worker is not None:
             self._version_checked = True
             mismatch = version_mismatch(SUBMITTER, results[0].worker)
@@ -486,6 +486,14 @@ class Executor(concurrent.futures.Executor):
             self._outstanding.clear()
         for f in futures:
             f.set_exception(error)
+
+
+def _resolve_result(future: TaskFuture, r: TaskResult) -> None:
+    ok, value = result_outcome(r.task_id, r.state, r.data, r.error, r.worker)
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 def _resolve(future: TaskFuture, record: dict[str, Any]) -> None:

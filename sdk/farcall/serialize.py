@@ -29,6 +29,7 @@ import dill
 from tblib import Traceback
 
 from farcall.errors import DeserializationError, SerializationError
+from farcall.version import __version__
 
 FUNCTION_DILL = "01"
 FUNCTION_SOURCE = "02"
@@ -157,9 +158,14 @@ def deserialize(payload: str) -> Any:
     code, body = _unwrap(payload)
     if code == DATA_PICKLE:
         return pickle.loads(body)
-    if code != DATA_DILL:
+    if code == DATA_DILL:
+        return dill.loads(body)
+    if code in (FUNCTION_DILL, FUNCTION_SOURCE, EXCEPTION):
         raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
-    return dill.loads(body)
+    raise DeserializationError(
+        f"payload strategy {code!r} is unknown to farcall {__version__}: the other side runs a "
+        "newer farcall; use the same farcall version on both sides"
+    )
 
 
 def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -241,3 +241,24 @@ async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix
         await sub.close()
         await here.close()
         await there.close()
+
+
+async def test_a_large_batch_is_created_whole_and_in_order(store: Store) -> None:
+    await store.put_endpoint(
+        {"endpoint_id": "ep1", "user_id": "u1", "name": "n", "created_at": now()}, "cred"
+    )
+    group = _id()
+    ids = [_id() for _ in range(2500)]
+    direct = {t: f"body-{t}" for t in ids[:1200]}
+    await store.create_tasks(
+        [_task(t, group, "ep1") for t in ids],
+        {"task_group_id": group, "user_id": "u1", "created_at": now()},
+        inflight=direct,
+    )
+    assert await store.get_task_group_tasks(group) == ids
+    assert await store.get_task_group_owner(group) == "u1"
+    assert await store.get_inflight("ep1") == direct
+    ep = await store.get_endpoint("ep1")
+    assert ep is not None and ep["queued_tasks"] == 2500 - 1200
+    last = (await store.get_tasks([ids[-1]]))[0]
+    assert last is not None and last["task_group_id"] == group and last["state"] == "waiting-for-endpoint"

@@ -152,3 +152,8 @@ def test_plain_data_uses_pickle_and_main_objects_travel_by_value(tmp_path: Path)
         input=payload, capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert loaded == "7"
+
+
+def test_a_payload_from_a_newer_farcall_says_so() -> None:
+    with pytest.raises(DeserializationError, match="newer farcall"):
+        deserialize("99\nAAAA")
