@@ -2,10 +2,14 @@
 
 A batch is recorded in one store round trip and queued whole, as one confirmed
 message in the endpoint's queue. Tasks name their function by id; the body
-travels to the endpoint once per session (see ``endpoint_channel``). When the
-endpoint's channel session is on this replica with credit to spare, the tasks
-are also recorded in flight and sent to it at once; the queued copy is dropped
-when it arrives.
+travels to the endpoint once per session (see ``endpoint_channel``).
+
+When the endpoint's channel session is on this replica with credit to spare,
+the batch skips the queue: its tasks are recorded in flight with their records
+(the same store round trip) and sent to the session at once. That is as safe
+as the queue: a task in flight whose result never came is queued again when the
+endpoint next says hello (the session's reconcile), and a task record exists
+only as long as the store keeps it either way.
 """
 
 from __future__ import annotations
@@ -80,19 +84,20 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     inflight = {task_id: body for task_id, _, body in direct} if direct else None
     await svc.store.create_tasks(records, new_group, inflight=inflight)
     if direct and session is not None:
+        # Recorded in flight, the tasks are as safe as dispatched ones: if the session ends
+        # before their results, the endpoint's next hello queues them again (reconcile).
         try:
-            await session.send_direct(
-                direct, {f: functions[f]["function"] for f in function_ids}
-            )
-        except Exception as e:  # noqa: BLE001 - the queued copy (below) still reaches the endpoint
+            await session.send_direct(direct, {f: functions[f]["function"] for f in function_ids})
+        except Exception as e:  # noqa: BLE001 - reconcile at the next hello queues them again
             log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
+        return BatchSubmitted(task_group_id=group_id, task_ids=task_ids)
     try:
         await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
     except Exception:
         await svc.store.fail_tasks(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
-        await svc.store.count_queued(batch.endpoint_id, -(len(task_ids) - len(direct or ())))
+        await svc.store.count_queued(batch.endpoint_id, -len(task_ids))
         raise
     return BatchSubmitted(task_group_id=group_id, task_ids=task_ids)
 
