@@ -44,7 +44,7 @@ SCALE_TASKS = 20
 class FarcallSystem(System):
     """farcall end to end; ``engine`` None keeps the ProcessPoolEngine section ``configure`` writes."""
 
-    batch_meaning = "Executor(batch_size=k): at most k tasks per POST /v1/tasks"
+    batch_meaning = "Executor(batch_size=k): at most k tasks per submission"
 
     def __init__(self, ctx: RunContext, name: str, engine_type: str,
                  engine: dict[str, Any] | None = None) -> None:
