@@ -16,6 +16,31 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from farcall.messages import ResultMessage, TaskMessage
 
+CHUNK_SECONDS = 0.005
+"""Most work (by average task duration) an engine sends a worker as one chunk, so a task never
+waits long behind others and long tasks go one by one."""
+
+
+class TaskDurations:
+    """A running average of how long tasks take in the worker, from their results."""
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+
+    def add(self, results: list[ResultMessage]) -> None:
+        took = [r.finished_at - r.started_at for r in results
+                if r.started_at is not None and r.finished_at is not None]
+        if took:
+            mean = sum(took) / len(took)
+            self.mean = mean if self.mean is None else 0.8 * self.mean + 0.2 * mean
+
+    def chunk_size(self, limit: int) -> int:
+        """Tasks per chunk for about CHUNK_SECONDS of work (1 while durations are unknown)."""
+        if not self.mean:
+            return 1 if self.mean is None else limit
+        return max(1, min(limit, int(CHUNK_SECONDS / self.mean)))
+
+
 OnDone = Callable[[ResultMessage], None]
 """Called once per task with its result, from an engine thread: must be quick and thread-safe."""
 OnStart = Callable[[str, float], None]

@@ -33,7 +33,15 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, TypeAdapter, model_validator
 
-from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.base import (
+    CHUNK_SECONDS,
+    Engine,
+    EngineOptions,
+    EngineStatus,
+    OnDone,
+    OnStart,
+    TaskDurations,
+)
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
 from farcall.endpoint.worker import failed_result
 from farcall.messages import ResultMessage, TaskMessage
@@ -66,8 +74,6 @@ ENGINE_OWN = {"provider", "label", "address", "interchange_launch_cmd"}
 """Executor arguments the engine sets itself (or takes from its own options)."""
 TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_task_buffer"}
 CHUNK_EXECUTOR = {"f": "farcall.endpoint.worker.run_tasks_buffer"}
-CHUNK_SECONDS = 0.005
-"""Most work (by average task duration) put in one Parsl task, so long tasks still go one by one."""
 _RESULTS: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
 
 
@@ -222,7 +228,7 @@ class ParslEngine(Engine):
         self._pending: list[_Entry] = []
         self._inflight = 0  # Parsl tasks (single tasks or chunks) submitted, not finished
         self._stopping = False
-        self._avg: float | None = None
+        self._durations = TaskDurations()
         self._dispatcher: threading.Thread | None = None
 
     @property
@@ -314,7 +320,8 @@ class ParslEngine(Engine):
                 self._submit_chunk(chunk)
 
     def _short(self) -> bool:
-        return self._avg is not None and self._avg < CHUNK_SECONDS / 2
+        mean = self._durations.mean
+        return mean is not None and mean < CHUNK_SECONDS / 2
 
     def _room(self) -> int:
         """Parsl tasks that may go out now (unbounded unless tasks are short)."""
@@ -328,9 +335,8 @@ class ParslEngine(Engine):
         rest = [e for e in pending if e.spec is None and not e.alone and short]
         if not rest:
             return alone
-        assert self._avg is not None
-        size = min(self.max_chunk, math.ceil(len(rest) / max(1, room - len(alone))),
-                   max(1, int(CHUNK_SECONDS / self._avg)))
+        size = min(math.ceil(len(rest) / max(1, room - len(alone))),
+                   self._durations.chunk_size(self.max_chunk))
         return alone + [rest[i : i + size] for i in range(0, len(rest), size)]
 
     def _submit_chunk(self, chunk: list[_Entry]) -> None:
@@ -381,13 +387,9 @@ class ParslEngine(Engine):
             return
         raw = future.result()
         results = [ResultMessage.model_validate_json(raw)] if len(chunk) == 1 else _RESULTS.validate_json(raw)
-        took = 0.0
         for entry, result in zip(chunk, results, strict=True):
-            if result.started_at is not None and result.finished_at is not None:
-                took += result.finished_at - result.started_at
             self._finish(entry, result)
-        mean = took / len(chunk)
-        self._avg = mean if self._avg is None else 0.8 * self._avg + 0.2 * mean
+        self._durations.add(results)
 
     def _finish(self, entry: _Entry, result: ResultMessage) -> None:
         with self._idle:

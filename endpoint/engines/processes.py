@@ -31,15 +31,20 @@ from typing import Any
 
 from pydantic import Field
 
-from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.base import (
+    Engine,
+    EngineOptions,
+    EngineStatus,
+    OnDone,
+    OnStart,
+    TaskDurations,
+)
 from farcall.endpoint.errors import WorkerLost
 from farcall.endpoint.worker import failed_result
 from farcall.messages import ResultMessage, TaskMessage
 
 log = logging.getLogger(__name__)
 
-CHUNK_SECONDS = 0.005
-"""Target amount of work in one chunk; bounds how long a task can wait behind others."""
 SHORT_TASK_SECONDS = 0.001
 """Below this average duration a worker gets a second chunk queued, hiding the IPC gap."""
 
@@ -109,7 +114,7 @@ class ProcessPoolEngine(Engine):
         self._workers: list[_Worker] = []
         self._pending: collections.deque[_Entry] = collections.deque()
         self._suspects: collections.deque[_Entry] = collections.deque()
-        self._avg: float | None = None
+        self._durations = TaskDurations()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._wake_sent = False
         self._stopping = False
@@ -143,7 +148,7 @@ class ProcessPoolEngine(Engine):
             idle_workers=idle,
             pending_tasks=len(self._pending) + len(self._suspects),
             running_tasks=running,
-            details={"avg_task_seconds": self._avg},
+            details={"avg_task_seconds": self._durations.mean},
         )
 
     @property
@@ -247,7 +252,8 @@ class ProcessPoolEngine(Engine):
     def _dispatch(self) -> None:
         if not self._pending and not self._suspects:
             return
-        depth = 2 if self._avg is not None and self._avg < SHORT_TASK_SECONDS else 1
+        avg = self._durations.mean
+        depth = 2 if avg is not None and avg < SHORT_TASK_SECONDS else 1
         free = [w for w in self._workers if not w.dead and len(w.inflight) < depth]
         for w in free:
             if self._suspects:
@@ -258,8 +264,8 @@ class ProcessPoolEngine(Engine):
             slots = sum(depth - len(x.inflight) for x in free if not x.dead) or 1
             size = math.ceil(len(self._pending) / slots)
             size = min(size, self.max_chunk)
-            if self._avg:
-                size = min(size, max(1, int(CHUNK_SECONDS / self._avg)))
+            if avg is not None:
+                size = min(size, self._durations.chunk_size(self.max_chunk))
             chunk = []
             for _ in range(max(1, size)):
                 try:
@@ -283,16 +289,12 @@ class ProcessPoolEngine(Engine):
         except OSError:
             self._on_death(w)
 
-    def _on_results(self, w: _Worker, results: list[str]) -> None:
+    def _on_results(self, w: _Worker, raw: list[str]) -> None:
         chunk = w.inflight.popleft()
-        took = 0.0
-        for entry, raw in zip(chunk, results, strict=True):
-            result = ResultMessage.model_validate_json(raw)
-            if result.started_at is not None and result.finished_at is not None:
-                took += result.finished_at - result.started_at
+        results = [ResultMessage.model_validate_json(r) for r in raw]
+        for entry, result in zip(chunk, results, strict=True):
             self._deliver(entry, result)
-        mean = took / len(chunk)
-        self._avg = mean if self._avg is None else 0.8 * self._avg + 0.2 * mean
+        self._durations.add(results)
 
     def _deliver(self, entry: _Entry, result: ResultMessage) -> None:
         try:
