@@ -268,3 +268,40 @@ def test_cli_users_create_prints_token_last(broker: Broker) -> None:
     assert httpx.get(f"{broker.url}/v1/endpoints",
                      headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert os.environ.get("FARCALL_TOKEN") != token
+
+
+def test_allowed_functions_refuse_other_functions(make_endpoint: Any, client: Client, tmp_path: Path) -> None:
+    import yaml
+
+    from farcall.errors import FunctionNotAllowed
+
+    def permitted(x: int) -> int:
+        return x + 1
+
+    def forbidden(path: str) -> None:
+        open(path, "w").close()
+
+    allowed_id = client.register_function(permitted)
+    ep = make_endpoint("guarded")
+    config_path = ep.dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["allowed_functions"] = [allowed_id]
+    config_path.write_text(yaml.safe_dump(config))
+    eid = ep.start(client)
+    marker = tmp_path / "ran"
+    with Executor(endpoint_id=eid, client=client) as ex:
+        assert ex.submit_to_registered_function(allowed_id, (1,)).result(timeout=60) == 2
+        with pytest.raises(FunctionNotAllowed, match="allowed_functions"):
+            ex.submit(forbidden, str(marker)).result(timeout=60)
+    assert not marker.exists()
+
+
+def test_delete_removes_the_endpoint_at_the_broker_and_here(make_endpoint: Any, client: Client) -> None:
+    ep = make_endpoint("doomed")
+    eid = ep.start(client)
+    ep.stop()
+    done = ep.cli("delete", "doomed", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert f"deleted endpoint {eid}" in done.stdout and not ep.dir.exists()
+    with pytest.raises(NotFound):
+        client.get_endpoint_status(eid)
