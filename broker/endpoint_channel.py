@@ -118,7 +118,7 @@ class EndpointSession:
             await self._reconcile(set(hello.held_task_ids))
             await self.send(Welcome(endpoint_id=self.endpoint_id).model_dump_json())
             self.svc.sessions[self.endpoint_id] = self
-            self._add_credit(hello.credit)
+            await self._add_credit(hello.credit)
             await self._run_loops()
         except WebSocketDisconnect:
             pass
@@ -240,7 +240,7 @@ class EndpointSession:
                 self._last_touch = at
                 await self.store.touch_endpoint(self.endpoint_id, at)
             if isinstance(frame, Credit):
-                self._add_credit(frame.n)
+                await self._add_credit(frame.n)
             elif isinstance(frame, RunningFrame):
                 await self.store.mark_running(self.endpoint_id, frame.started)
             elif isinstance(frame, ResultsFrame):
@@ -254,7 +254,7 @@ class EndpointSession:
         if frame.results:
             await self._store_results(frame.results)
             await self.send(ResultsAck(task_ids=[r.task_id for r in frame.results]).model_dump_json())
-        self._add_credit(frame.credit)
+        await self._add_credit(frame.credit)
 
     async def _store_results(self, results: list[ResultMessage]) -> None:
         """Store results (first one per task wins) and push the new ones to their streams."""
@@ -268,10 +268,13 @@ class EndpointSession:
         self.held.difference_update(ids)
         self._remember_done(ids)
 
-    def _add_credit(self, n: int) -> None:
+    async def _add_credit(self, n: int) -> None:
         if n > 0:
             self.credit += n
             self.credit_changed.set()
+            if self.waiting:
+                # Tasks sent directly may wait here while the dispatch loop waits on the queue.
+                await self._send_waiting()
 
     # ------------------------------------------------------------ broker -> endpoint
 

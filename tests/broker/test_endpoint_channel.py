@@ -45,6 +45,22 @@ class Setup:
         assert r.status_code == 200, r.text
         return r.json()["task_group_id"], r.json()["task_ids"]
 
+    def submit_records(self, n: int) -> tuple[str, list[str]]:
+        """Task records made in the store directly (nothing queued or sent), as a submission would."""
+        import uuid
+
+        store = self.broker.app.state.services.store
+        owner = on_loop(self.broker, store.get_endpoint(self.endpoint_id))["user_id"]
+        group, ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(n)]
+        records = [{"task_id": t, "user_id": owner, "task_group_id": group,
+                    "endpoint_id": self.endpoint_id, "function_id": self.function_id,
+                    "state": TaskState.WAITING.value, "transitions": {"received": now()},
+                    "submitter": None} for t in ids]
+        on_loop(self.broker, store.create_tasks(
+            records, {"task_group_id": group, "user_id": owner, "created_at": now()},
+            inflight={t: "{}" for t in ids}))
+        return group, ids
+
     def task(self, task_id: str) -> dict:
         return self.http.get(f"/v1/tasks/{task_id}").json()
 
@@ -238,3 +254,31 @@ def test_a_directly_sent_task_lost_with_its_session_comes_back(setup: Setup) -> 
     assert isinstance(again.recv(), ResultsAck)
     wait_until(lambda: setup.task(task_id)["state"] == "success", 10, "task done")
     again.close()
+
+
+def test_tasks_left_waiting_go_out_when_credit_returns(setup: Setup) -> None:
+    """Two direct sends racing for the same credit leave tasks waiting; returned credit frees them."""
+    from farcall.messages import TaskMessage
+
+    ep = setup.connect()
+    ep.hello(credit=1)
+    _, (first,) = setup.submit(1)  # sent directly, the credit is used up
+    assert [t.task_id for t in ep.tasks(1)] == [first]
+    ep.send(Credit(n=1))  # the dispatch loop now waits on the (empty) queue
+    wait_until(lambda: on_loop(setup.broker, _credit_of(setup)) == 1, 10, "credit 1")
+    services = setup.broker.app.state.services
+    session = services.sessions[setup.endpoint_id]
+    _, ids = setup.submit_records(2)
+    bodies = [(t, setup.function_id,
+               TaskMessage(task_id=t, function_id=setup.function_id, args="A").model_dump_json())
+              for t in ids]
+    on_loop(setup.broker, session.send_direct(bodies, {setup.function_id: "FN"}))  # one waits
+    assert [t.task_id for t in ep.tasks(1)] == ids[:1]
+    ep.send(ResultsFrame(results=[_result(first, "r")], credit=1))
+    assert isinstance(ep.recv(), ResultsAck)
+    assert [t.task_id for t in ep.tasks(1)] == ids[1:]
+    ep.close()
+
+
+async def _credit_of(setup: Setup) -> int:
+    return int(setup.broker.app.state.services.sessions[setup.endpoint_id].credit)
