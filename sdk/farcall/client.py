@@ -46,7 +46,6 @@ MAX_BATCH_TASKS = 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """A batch is split below these, so a request stays well under the broker's body limit."""
 RETRY_SECONDS = 30.0
-_TERMINAL = (TaskState.SUCCESS.value, TaskState.FAILED.value)
 
 
 class Batch:
@@ -300,7 +299,7 @@ class Client:
     def get_result(self, task_id: str) -> Any:
         """The task's return value; raises its remote exception, or ``TaskPending`` if unfinished."""
         record = self.get_task(task_id)
-        if record["state"] not in _TERMINAL:
+        if not TaskState(record["state"]).terminal:
             raise TaskPending(task_id, record["state"])
         ok, value = outcome(record)
         if not ok:
@@ -324,7 +323,7 @@ class Client:
         """
         out: dict[str, dict[str, Any]] = {}
         for task_id, record in self.get_tasks(task_ids).items():
-            entry: dict[str, Any] = {"pending": record["state"] not in _TERMINAL,
+            entry: dict[str, Any] = {"pending": not TaskState(record["state"]).terminal,
                                      "status": record["state"]}
             if not entry["pending"]:
                 ok, value = outcome(record)

@@ -38,6 +38,7 @@ from farcall.messages import (
     SubmittedFrame,
     TaskResult,
     TaskSpec,
+    TaskState,
     parse_stream_frame,
     version_mismatch,
 )
@@ -342,7 +343,7 @@ class Executor(concurrent.futures.Executor):
                 else:
                     early.append((call.future, result))
         for future, result in early:
-            _resolve_result(future, result)
+            _settle(future, *_pushed_outcome(result))
 
     # ------------------------------------------------------------ results
 
@@ -431,7 +432,7 @@ class Executor(concurrent.futures.Executor):
                 elif self._posting:
                     self._early[result.task_id] = result
         for future, result in ready:
-            _resolve_result(future, result)
+            _settle(future, *_pushed_outcome(result))
         if not self._version_checked and results and results[0].worker is not None:
             self._version_checked = True
             mismatch = version_mismatch(SUBMITTER, results[0].worker)
@@ -452,12 +453,12 @@ class Executor(concurrent.futures.Executor):
         ready: list[tuple[TaskFuture, dict[str, Any]]] = []
         with self._lock:
             for task_id, record in records.items():
-                if record["state"] in ("success", "failed"):
+                if TaskState(record["state"]).terminal:
                     future = self._outstanding.pop(task_id, None)
                     if future is not None:
                         ready.append((future, record))
         for future, record in ready:
-            _resolve(future, record)
+            _settle(future, *outcome(record))
 
     def _finished(self) -> bool:
         """Shut down, everything sent, every result in: the stream has nothing left to do."""
@@ -488,16 +489,12 @@ class Executor(concurrent.futures.Executor):
             f.set_exception(error)
 
 
-def _resolve_result(future: TaskFuture, r: TaskResult) -> None:
-    ok, value = result_outcome(r.task_id, r.state, r.data, r.error, r.worker)
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _pushed_outcome(r: TaskResult) -> tuple[bool, Any]:
+    return result_outcome(r.task_id, r.state, r.data, r.error, r.worker)
 
 
-def _resolve(future: TaskFuture, record: dict[str, Any]) -> None:
-    ok, value = outcome(record)
+def _settle(future: TaskFuture, ok: bool, value: Any) -> None:
+    """Resolve a future from ``outcome``: its return value, or the exception to raise."""
     if ok:
         future.set_result(value)
     else:
