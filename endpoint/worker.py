@@ -12,17 +12,21 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import TypeAdapter
-
 from farcall.errors import DeserializationError
-from farcall.messages import ResultMessage, TaskMessage, TaskState, Versions, parse_task_batch
+from farcall.messages import (
+    ResultMessage,
+    TaskMessage,
+    TaskState,
+    Versions,
+    dump_result_batch,
+    parse_task_batch,
+)
 from farcall.serialize import deserialize_function, serialize, serialize_exception, unpack_args
 from farcall.version import local_versions
 
 FUNCTION_CACHE_SIZE = 256
 
 WORKER_VERSIONS = Versions(**local_versions())
-_RESULTS: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
 _functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
 
 
@@ -53,7 +57,7 @@ def run_tasks(task_jsons: list[str]) -> list[str]:
 
 def run_tasks_buffer(buffer: bytes) -> str:
     """Parsl task executor for a chunk: a JSON array of tasks in, a JSON array of results out."""
-    return _RESULTS.dump_json([execute(task) for task in parse_task_batch(buffer)]).decode()
+    return dump_result_batch([execute(task) for task in parse_task_batch(buffer)])
 
 
 def execute(task: TaskMessage, started: float | None = None) -> ResultMessage:

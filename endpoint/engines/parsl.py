@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from farcall.endpoint.engines.base import (
     CHUNK_SECONDS,
@@ -44,7 +44,7 @@ from farcall.endpoint.engines.base import (
 )
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
 from farcall.endpoint.worker import failed_result
-from farcall.messages import ResultMessage, TaskMessage
+from farcall.messages import ResultMessage, TaskMessage, parse_result_batch
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ ENGINE_OWN = {"provider", "label", "address", "interchange_launch_cmd"}
 """Executor arguments the engine sets itself (or takes from its own options)."""
 TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_task_buffer"}
 CHUNK_EXECUTOR = {"f": "farcall.endpoint.worker.run_tasks_buffer"}
-_RESULTS: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
 
 
 @dataclass(slots=True)
@@ -386,7 +385,7 @@ class ParslEngine(Engine):
             )))
             return
         raw = future.result()
-        results = [ResultMessage.model_validate_json(raw)] if len(chunk) == 1 else _RESULTS.validate_json(raw)
+        results = [ResultMessage.model_validate_json(raw)] if len(chunk) == 1 else parse_result_batch(raw)
         for entry, result in zip(chunk, results, strict=True):
             self._finish(entry, result)
         self._durations.add(results)

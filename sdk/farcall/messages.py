@@ -161,6 +161,18 @@ class ResultMessage(_Msg):
     worker: Versions | None = None
 
 
+_RESULT_LIST: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
+
+
+def dump_result_batch(results: list[ResultMessage]) -> str:
+    """Results of a chunk of tasks run together, as one JSON array."""
+    return _RESULT_LIST.dump_json(results).decode()
+
+
+def parse_result_batch(raw: str | bytes) -> list[ResultMessage]:
+    return _RESULT_LIST.validate_json(raw)
+
+
 class Heartbeat(_Msg):
     workers: int = 0
     idle_workers: int = 0
