@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from bench import report, services
+from bench import report
 from bench.celery_runner import CelerySystem
 from bench.context import RunContext, make_importable_everywhere
 from bench.dask_runner import DaskSystem
@@ -34,8 +34,10 @@ from bench.machine import machine_info
 from bench.measure import measure_system
 from bench.parsl_runner import ParslSystem
 from bench.processpool_runner import ProcessPoolSystem
-from bench.procs import end_processes, process_tree, processes_mentioning, stop_all
+from bench.procs import processes_mentioning
 from bench.system import System
+from harness.procs import end_processes, process_tree, stop_all
+from harness.services import answers, drop_rabbitmq_prefix, drop_redis_prefix, rabbitmq_queues, redis_keys
 
 SYSTEMS: dict[str, type[System]] = {
     "farcall": FarcallProcessSystem,
@@ -119,10 +121,10 @@ def clean_up(ctx: RunContext) -> dict[str, Any]:
     if others:
         done["processes_killed_at_exit"] = others
     try:
-        done["redis_keys_deleted"] = services.drop_redis_prefix(ctx.redis_prefix)
-        done["rabbitmq_deleted"] = services.drop_rabbitmq_prefix(ctx.queue_prefix)
-        done["redis_keys_left"] = services.redis_keys(ctx.redis_prefix)
-        done["rabbitmq_queues_left"] = list(services.queues(ctx.queue_prefix))
+        done["redis_keys_deleted"] = drop_redis_prefix(ctx.redis_prefix)
+        done["rabbitmq_deleted"] = drop_rabbitmq_prefix(ctx.queue_prefix)
+        done["redis_keys_left"] = redis_keys(ctx.redis_prefix)
+        done["rabbitmq_queues_left"] = list(rabbitmq_queues(ctx.queue_prefix))
     except Exception as e:  # noqa: BLE001 - say what could not be removed
         done["error"] = f"{type(e).__name__}: {e}"
     return done
@@ -137,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not (services.answers(6379) and services.answers(5672)):
+    if not (answers(6379) and answers(5672)):
         print("Redis (127.0.0.1:6379) and RabbitMQ (127.0.0.1:5672) must be running; "
               "start them with scripts/ensure_services.sh", file=sys.stderr)
         return 2

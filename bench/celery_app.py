@@ -14,7 +14,8 @@ from typing import Any
 from celery import Celery
 
 from bench.noop import noop
-from bench.services import CELERY_AMQP_URL, REDIS_URL
+from bench.services import CELERY_AMQP_URL
+from harness.services import REDIS_URL
 
 TASK_NAME = "bench.noop"
 

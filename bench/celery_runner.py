@@ -19,8 +19,9 @@ from typing import Any
 import psutil
 
 from bench.context import BIN, REPO, RunContext
-from bench.procs import ManagedProcess, process_tree, union
+from bench.procs import union
 from bench.system import RunTimedOut, RunTimes, System, check_results, own_process, services_groups
+from harness.procs import ManagedProcess, process_tree
 
 READY_TIMEOUT = 60.0
 

@@ -9,8 +9,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from harness import BIN, REPO
+
 BATCH_SIZES = (1, 16, 128, 1024)
 
 

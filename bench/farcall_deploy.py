@@ -17,8 +17,9 @@ import psutil
 import yaml
 
 from bench.context import BIN, RunContext
-from bench.procs import ManagedProcess, end_processes, free_port, processes_mentioning, union, wait_until
-from bench.services import AMQP_URL, REDIS_URL
+from bench.procs import processes_mentioning, union
+from harness.procs import ManagedProcess, end_processes, free_port, wait_until
+from harness.services import AMQP_URL, REDIS_URL
 
 HEARTBEAT_PERIOD = 1.0
 STOP_TIMEOUT = 5.0

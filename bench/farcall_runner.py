@@ -21,8 +21,7 @@ import psutil
 from bench.context import RunContext
 from bench.farcall_deploy import Broker, Endpoint
 from bench.noop import noop
-from bench.procs import process_tree, rss_mb, union, wait_until
-from bench.services import queues
+from bench.procs import rss_mb, union
 from bench.stats import median
 from bench.system import (
     RunTimes,
@@ -32,6 +31,8 @@ from bench.system import (
     services_groups,
     wait_futures,
 )
+from harness.procs import process_tree, wait_until
+from harness.services import rabbitmq_queues
 
 PARSL_ENGINE: dict[str, Any] = {
     "type": "ParslEngine", "max_workers_per_node": 2, "strategy_period": 0.2, "max_idletime": 60,
@@ -182,10 +183,10 @@ class FarcallSystem(System):
         time.sleep(1.0)
         after = rss_mb(self.broker.tree())
         queue = f"{self.ctx.queue_prefix}ep.{self.endpoint_id}"
-        depth = queues(queue).get(queue, 0)
+        depth = rabbitmq_queues(queue).get(queue, 0)
         self.client.delete_endpoint(self.endpoint_id)
         self._endpoints = [(e, i) for e, i in self._endpoints if i != self.endpoint_id]
-        gone = wait_until(lambda: queue not in queues(queue), 30, f"queue {queue} to be deleted")
+        gone = wait_until(lambda: queue not in rabbitmq_queues(queue), 30, f"queue {queue} to be deleted")
         label = f"{n // 1000}k" + (" (--quick: 20k instead of 100k)" if n != 100_000 else "")
         say(f"memory      broker RSS {before:.0f} MB -> {after:.0f} MB with {label} tasks queued "
             f"({depth:,} RabbitMQ messages; submitted at {n / submit_s:,.0f} tasks/s; "

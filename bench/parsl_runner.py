@@ -17,8 +17,9 @@ import psutil
 
 from bench.context import RunContext
 from bench.noop import noop
-from bench.procs import end_processes, processes_mentioning, union
+from bench.procs import processes_mentioning, union
 from bench.system import RunTimes, System, check_results, own_children, own_process, wait_futures
+from harness.procs import end_processes
 
 
 class ParslSystem(System):

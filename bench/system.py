@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 
 from bench.context import BATCH_SIZES, RunContext
-from bench.procs import process_tree
 from bench.services import rabbitmq_process, redis_process
+from harness.procs import process_tree
 
 
 @dataclass

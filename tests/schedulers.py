@@ -1,6 +1,6 @@
 """Batch schedulers for tests: a real single-node Slurm and stand-in PBS Pro / LSF commands.
 
-    from schedulers import ensure_slurm, fake_scheduler_env, slurm_jobs, fake_jobs, worker_init
+    from tests.schedulers import ensure_slurm, fake_scheduler_env, slurm_jobs, fake_jobs, worker_init
 
 * ``ensure_slurm()`` runs ``scripts/slurm/setup.sh`` once per process (it installs slurm-wlm and
   munge with apt-get when absent, and is a quick verify when Slurm already runs) and returns the
@@ -21,14 +21,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from harness import BIN, REPO
+
 SLURM_SETUP = REPO / "scripts" / "slurm" / "setup.sh"
 SLURM_TEARDOWN = REPO / "scripts" / "slurm" / "teardown.sh"
 SLURM_DIR = Path(os.environ.get("FARCALL_SLURM_DIR", "/tmp/farcall-slurm"))

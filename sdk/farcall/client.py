@@ -24,6 +24,7 @@ from farcall.errors import (
     TaskPending,
 )
 from farcall.messages import (
+    SAME_VERSIONS,
     BatchSubmission,
     BatchSubmitted,
     EndpointRegistration,
@@ -32,6 +33,7 @@ from farcall.messages import (
     TaskSpec,
     TaskState,
     Versions,
+    versions_text,
 )
 from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
 from farcall.transport import Response, Transport, TransportError
@@ -370,15 +372,10 @@ def result_outcome(task_id: str, state: str, data: str, error: str, worker: Any)
 
 
 def _undecodable(task_id: str, worker: Any, cause: BaseException) -> DeserializationError:
-    if isinstance(worker, Versions):
-        worker = worker.model_dump()
-    here = f"Python {SUBMITTER.python}, dill {SUBMITTER.dill}, farcall {SUBMITTER.farcall}"
-    there = (f"Python {worker['python']}, dill {worker['dill']}, farcall {worker.get('farcall') or '?'}"
-             if worker else "unknown versions")
     err = DeserializationError(
         f"the result of task {task_id} cannot be loaded here ({type(cause).__name__}: {cause}). "
-        f"This side: {here}; worker: {there}. Use the same Python and dill versions on both "
-        "sides, and make every module the result's types come from importable here."
+        f"{versions_text(SUBMITTER, worker)} (this side is the submitter); {SAME_VERSIONS}, and "
+        "make every module the result's types come from importable here."
     )
     err.__cause__ = cause
     return err

@@ -48,23 +48,37 @@ class Versions(_Msg):
     dill: str
     farcall: str = ""
 
+    def describe(self) -> str:
+        return f"Python {self.python}, dill {self.dill}, farcall {self.farcall or '?'}"
 
-def version_mismatch(submitter: Any, worker: Any) -> str:
-    """A warning when submitter and worker run different Python (major.minor) or dill versions.
 
-    Takes ``Versions`` or their dicts; ``""`` when they match or either is unknown.
-    """
-    if not submitter or not worker:
+SAME_VERSIONS = "use the same Python and dill versions on both sides"
+"""The advice every version-mismatch message ends with."""
+
+
+def _versions(v: Versions | dict[str, Any] | None) -> Versions | None:
+    return v if isinstance(v, Versions) or v is None else Versions.model_validate(v)
+
+
+def versions_text(submitter: Versions | dict[str, Any] | None,
+                  worker: Versions | dict[str, Any] | None) -> str:
+    """Both sides' versions, as every message about a mismatch names them."""
+    sub, wrk = _versions(submitter), _versions(worker)
+    return (f"submitter: {sub.describe() if sub else 'unknown versions'}; "
+            f"worker: {wrk.describe() if wrk else 'unknown versions'}")
+
+
+def version_mismatch(submitter: Versions | dict[str, Any] | None,
+                     worker: Versions | dict[str, Any] | None) -> str:
+    """A warning when submitter and worker run different Python (major.minor) or dill versions;
+    ``""`` when they match or either is unknown."""
+    sub, wrk = _versions(submitter), _versions(worker)
+    if sub is None or wrk is None:
         return ""
-    sub = submitter if isinstance(submitter, Versions) else Versions.model_validate(submitter)
-    wrk = worker if isinstance(worker, Versions) else Versions.model_validate(worker)
     if sub.python.split(".")[:2] == wrk.python.split(".")[:2] and sub.dill == wrk.dill:
         return ""
-    return (
-        f"submitter (Python {sub.python}, dill {sub.dill}) and worker (Python {wrk.python}, "
-        f"dill {wrk.dill}) differ: functions and results may fail to load; use the same "
-        "Python and dill versions on both sides"
-    )
+    return (f"the two sides run different versions ({versions_text(sub, wrk)}): functions and "
+            f"results may fail to load; {SAME_VERSIONS}")
 
 
 # --------------------------------------------------------------------- REST bodies

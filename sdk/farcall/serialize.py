@@ -112,7 +112,7 @@ def deserialize_function(payload: str) -> Callable[..., Any]:
         raise DeserializationError(f"payload strategy {code!r} is not a function strategy")
     if not callable(fn):
         raise DeserializationError(f"function payload holds a {type(fn).__name__}, not a function")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 # ------------------------------------------------------------------------ data
@@ -211,7 +211,7 @@ def rebuild_exception(data: str, text: str, task_id: str = "") -> BaseException:
                         exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
                     elif text:
                         exc.add_note(f"Remote traceback (task {task_id}):\n{text}".rstrip())
-                    return exc  # type: ignore[no-any-return]
+                    return exc
         except Exception:  # noqa: BLE001 - fall through to the text form
             pass
     first = text.strip().splitlines()[-1] if text.strip() else "task failed remotely"

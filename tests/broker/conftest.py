@@ -1,16 +1,14 @@
 """Fixtures for the broker's unit tests: stores and queues on memory and on the real services.
 
-The real Redis and RabbitMQ must answer on loopback; when they do not, the tests
-fail (never skip) and say how to start them. Every test uses its own Redis key
-prefix and RabbitMQ queue prefix and removes what it made.
+The real Redis and RabbitMQ are started when they do not answer (the ``services``
+fixture), and a test fails, never skips, when they cannot be. Every test uses
+its own Redis key prefix and RabbitMQ queue prefix and removes what it made.
 """
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,21 +18,8 @@ from farcall.broker.settings import Settings
 from farcall.broker.store.base import Store
 from farcall.broker.store.memory import MemoryStore
 from farcall.broker.store.redis import RedisStore
-
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from broker_helpers import (  # noqa: E402 - importable once HERE is on the path
-    AMQP_URL,
-    REDIS_URL,
-    Queues,
-    drop_queues,
-    drop_redis_keys,
-    require_service,
-)
-
-from harness import drop_service_data  # noqa: E402
+from harness.services import AMQP_URL, REDIS_URL, drop_redis_prefix, drop_service_data
+from tests.broker.helpers import Queues, drop_queues
 
 
 @pytest.fixture
@@ -52,14 +37,14 @@ async def store(request: pytest.FixtureRequest, real_prefix: str) -> AsyncIterat
     if request.param == "memory":
         yield MemoryStore()
         return
-    require_service("Redis", 6379)
+    request.getfixturevalue("services")
     s = RedisStore(REDIS_URL, prefix=f"{real_prefix}:", result_ttl=3600)
     await s.start()
     try:
         yield s
     finally:
         await s.close()
-        await drop_redis_keys(f"{real_prefix}:")
+        drop_redis_prefix(f"{real_prefix}:")
 
 
 @pytest.fixture(params=["memory", "rabbitmq"])
@@ -67,7 +52,7 @@ async def queues(request: pytest.FixtureRequest, real_prefix: str) -> AsyncItera
     if request.param == "memory":
         yield Queues(MemoryQueue(f"{real_prefix}."))
         return
-    require_service("RabbitMQ", 5672)
+    request.getfixturevalue("services")
     q = RabbitQueue(AMQP_URL, f"{real_prefix}.")
     await q.start()
     qs = Queues(q)
@@ -75,7 +60,7 @@ async def queues(request: pytest.FixtureRequest, real_prefix: str) -> AsyncItera
         yield qs
     finally:
         await q.close()
-        await drop_queues(f"{real_prefix}.", qs.used)
+        drop_queues(q, qs.used)
 
 
 @pytest.fixture(params=["memory", "real"])
@@ -84,8 +69,7 @@ def broker_settings(request: pytest.FixtureRequest, real_prefix: str) -> Iterato
     if request.param == "memory":
         yield Settings()
         return
-    require_service("Redis", 6379)
-    require_service("RabbitMQ", 5672)
+    request.getfixturevalue("services")
     yield Settings(
         redis_url=REDIS_URL,
         amqp_url=AMQP_URL,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -55,7 +57,9 @@ def env() -> Iterator[Env]:
         yield e
 
 
-def _submit(env: Env, headers: dict[str, str], endpoint_id: str, function_ids: list[str], **kw):  # type: ignore[no-untyped-def]
+def _submit(
+    env: Env, headers: dict[str, str], endpoint_id: str, function_ids: list[str], **kw: Any
+) -> httpx.Response:
     tasks = [{"function_id": f, "args": f"ARGS{i}"} for i, f in enumerate(function_ids)]
     return env.client.post(
         "/v1/tasks", json={"endpoint_id": endpoint_id, "tasks": tasks, **kw}, headers=headers

@@ -6,13 +6,15 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
-from broker_helpers import REDIS_URL, drop_redis_keys, require_service
+import pytest
 
 from farcall.broker import auth
 from farcall.broker.store.redis import RedisStore
-from harness import free_port, wait_until
+from harness.procs import free_port, wait_until
+from harness.services import REDIS_URL, drop_redis_prefix
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -21,8 +23,8 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.usefixtures("services")
 def test_users_create_prints_the_token_last(real_prefix: str) -> None:
-    require_service("Redis", 6379)
     prefix = f"{real_prefix}:"
     out = subprocess.run(
         [
@@ -52,7 +54,7 @@ def test_users_create_prints_the_token_last(real_prefix: str) -> None:
             assert not [k async for k in store._r.scan_iter(match="*" + token + "*")]
         finally:
             await store.close()
-            await drop_redis_keys(prefix)
+            drop_redis_prefix(prefix)
 
     asyncio.run(check())
 
@@ -68,7 +70,7 @@ def test_users_create_needs_redis() -> None:
     assert r.returncode == 2 and "--redis-url" in r.stderr
 
 
-def test_serve_embedded_prints_a_demo_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_serve_embedded_prints_a_demo_token(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "broker.log"
     with open(log, "w") as out:

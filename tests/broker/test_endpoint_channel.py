@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from broker_helpers import FakeEndpoint, on_loop
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from farcall.broker import endpoint_channel
@@ -28,7 +27,8 @@ from farcall.messages import (
     TaskState,
     now,
 )
-from harness import wait_until
+from harness.procs import wait_until
+from tests.broker.helpers import FakeEndpoint, on_loop
 
 
 @dataclass

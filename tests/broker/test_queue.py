@@ -6,7 +6,9 @@ import asyncio
 import time
 
 import pytest
-from broker_helpers import Queues
+
+from farcall.broker.queue.base import Consumer, Delivery
+from tests.broker.helpers import Queues
 
 pytestmark = pytest.mark.anyio
 
@@ -19,7 +21,7 @@ async def _depth_becomes(queues: Queues, eid: str, n: int, timeout: float = 10) 
         await asyncio.sleep(0.05)
 
 
-async def _take(consumer, n: int, timeout: float = 10) -> list:  # type: ignore[no-untyped-def]
+async def _take(consumer: Consumer, n: int, timeout: float = 10) -> list[Delivery]:
     """Take exactly n deliveries (they may arrive over several batches)."""
     got: list = []
     deadline = time.monotonic() + timeout

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from broker_helpers import AMQP_URL, REDIS_URL, FakeEndpoint, drop_redis_keys, require_service
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
 from farcall.messages import ResultMessage, ResultsAck, ResultsFrame, ResultStreamFrame, TaskState
+from harness.services import AMQP_URL, REDIS_URL, drop_redis_prefix
+from tests.broker.helpers import FakeEndpoint
 
 
 def stream(broker_url: str, group: str, token: str) -> ClientConnection:
@@ -92,9 +92,8 @@ def test_stream_access_is_checked(broker: EmbeddedBroker) -> None:
     assert err.value.response.status_code == 404
 
 
+@pytest.mark.usefixtures("services")
 def test_results_reach_a_client_on_another_replica(real_prefix: str) -> None:
-    require_service("Redis", 6379)
-    require_service("RabbitMQ", 5672)
     settings = Settings(
         redis_url=REDIS_URL,
         amqp_url=AMQP_URL,
@@ -111,7 +110,7 @@ def test_results_reach_a_client_on_another_replica(real_prefix: str) -> None:
                 assert set(collect(ws, 2)) == set(ids)
             http.delete(f"/v1/endpoints/{eid}")
     finally:
-        asyncio.run(drop_redis_keys(f"{real_prefix}:"))
+        drop_redis_prefix(f"{real_prefix}:")
 
 
 def test_batches_submitted_on_the_stream_are_answered_in_kind(broker_settings: Settings) -> None:

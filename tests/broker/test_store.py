@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Literal
 
 import pytest
-from broker_helpers import REDIS_URL, drop_redis_keys, require_service
 
-from farcall.broker.store.base import Store
+from farcall.broker.store.base import Store, Subscription
 from farcall.broker.store.redis import RedisStore
 from farcall.messages import ResultMessage, ResultStreamFrame, TaskResult, TaskState, Versions, now
+from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +44,10 @@ async def _tasks(store: Store, n: int, endpoint: str = "ep1") -> tuple[str, list
     return group, ids
 
 
-def _result(task_id: str, data: str = "ok", state: TaskState = TaskState.SUCCESS) -> ResultMessage:
+def _result(
+    task_id: str, data: str = "ok",
+    state: Literal[TaskState.SUCCESS, TaskState.FAILED] = TaskState.SUCCESS,
+) -> ResultMessage:
     return ResultMessage(
         task_id=task_id,
         state=state,
@@ -191,7 +195,7 @@ async def test_result_fanout(store: Store) -> None:
     ).model_dump_json()
     await store.publish_results("g1", frame)
 
-    async def first(sub) -> str:  # type: ignore[no-untyped-def]
+    async def first(sub: Subscription) -> str:
         async for f in sub:
             return f
         return ""
@@ -204,8 +208,8 @@ async def test_result_fanout(store: Store) -> None:
         await s.close()
 
 
+@pytest.mark.usefixtures("services")
 async def test_results_get_ttl_on_redis(real_prefix: str) -> None:
-    require_service("Redis", 6379)
     store = RedisStore(REDIS_URL, prefix=f"{real_prefix}:", result_ttl=3600)
     try:
         _, ids = await _tasks(store, 2)
@@ -214,12 +218,12 @@ async def test_results_get_ttl_on_redis(real_prefix: str) -> None:
         assert await store._r.ttl(store.k("task", ids[1])) == -1
     finally:
         await store.close()
-        await drop_redis_keys(f"{real_prefix}:")
+        drop_redis_prefix(f"{real_prefix}:")
 
 
+@pytest.mark.usefixtures("services")
 async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix: str) -> None:
     """Frames of this replica are handed over directly and not again through Redis."""
-    require_service("Redis", 6379)
     here = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
     there = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
     sub = await here.subscribe_results("g")

@@ -1,20 +1,14 @@
-"""Fixtures of the endpoint tests; makes this directory's helpers (``ep_helpers``, ``fake_broker``)
-importable."""
+"""Fixtures of the endpoint tests: a stand-in broker, and the environment of CLI subprocesses."""
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from fake_broker import FakeBroker  # noqa: E402
+from tests.endpoint.fake_broker import FakeBroker
 
 
 @pytest.fixture

@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ep_helpers import make_task, value_of
-from fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
 
 from farcall.endpoint.agent import Agent, ProtocolError, websocket_url
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines import build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.messages import Credit, Hello, ResultsFrame
-from harness import wait_until
+from harness.procs import wait_until
+from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
+from tests.endpoint.helpers import make_task, value_of
 
 CAPACITY = 2 * 50
 

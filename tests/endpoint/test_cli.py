@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from ep_helpers import make_task, value_of
-from fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
 
 from farcall.endpoint import embedded
 from farcall.endpoint.embedded import EmbeddedEndpoint
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.registration import Registration, save_registration
-from harness import wait_until
+from harness.procs import wait_until
+from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
+from tests.endpoint.helpers import make_task, value_of
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

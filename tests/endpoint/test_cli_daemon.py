@@ -17,12 +17,12 @@ from typing import Any
 import psutil
 import pytest
 import yaml
-from ep_helpers import make_task, value_of
-from fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
 
 from farcall.endpoint.config import load_config
 from farcall.endpoint.registration import Registration, load_registration, save_registration
 from farcall.errors import FunctionNotAllowed
+from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
+from tests.endpoint.helpers import make_task, value_of
 
 WAIT = 30.0
 """Seconds ``start --detach`` may wait for the connection; a connected start returns long before."""

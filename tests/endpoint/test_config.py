@@ -11,7 +11,8 @@ import pytest
 from farcall.endpoint import registration
 from farcall.endpoint.config import configure, endpoint_dir, load_config, parse_config
 from farcall.endpoint.errors import EndpointConfigError
-from harness import StubHTTP, free_port
+from harness.procs import free_port
+from tests.helpers import StubHTTP
 
 
 @pytest.fixture(autouse=True)

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ep_helpers import Collector, make_task, value_of
 
 from farcall.endpoint.engines import Engine, build_engine, validate_engine
 from farcall.endpoint.engines.processes import ProcessPoolEngine
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
-from harness import wait_until
+from harness.procs import wait_until
+from tests.endpoint.helpers import Collector, make_task, value_of
 
 
 @pytest.fixture(params=["ThreadPoolEngine", "ProcessPoolEngine"])

@@ -16,12 +16,13 @@ from typing import Any
 
 import psutil
 import pytest
-from ep_helpers import Collector, make_task, value_of
 
 from farcall.endpoint.engines import build_engine, validate_engine
 from farcall.endpoint.engines.parsl import ParslEngine
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
-from harness import wait_until
+from farcall.messages import ResultMessage
+from harness.procs import wait_until
+from tests.endpoint.helpers import Collector, make_task, value_of
 
 FAST = {"strategy_period": 0.2, "heartbeat_period": 1, "heartbeat_threshold": 5}
 
@@ -166,7 +167,7 @@ def test_short_tasks_share_parsl_tasks_and_a_crash_costs_only_its_own(
             os._exit(3)
         return x + 1
 
-    def run_all(args: list[int]) -> dict[str, Any]:
+    def run_all(args: list[int]) -> dict[int, ResultMessage]:
         got = Collector()
         tasks = [make_task(short, x) for x in args]
         for t in tasks:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-from ep_helpers import make_task, value_of
 
 from farcall.endpoint import worker
 from farcall.errors import DeserializationError
 from farcall.messages import ResultMessage, TaskState, Versions
 from farcall.serialize import pack_args
 from farcall.version import local_versions
+from tests.endpoint.helpers import make_task, value_of
 
 
 def run(task_json: str) -> ResultMessage:
@@ -79,7 +81,7 @@ def test_unloadable_payload_names_both_sides_versions(broken: str) -> None:
     for text in ("Python 3.9.1", "dill 0.3.5", f"Python {mine['python']}", f"dill {mine['dill']}",
                  "source"):
         assert text in result.error, text
-    with pytest.raises(DeserializationError, match="Submitter: Python 3.9.1, dill 0.3.5"):
+    with pytest.raises(DeserializationError, match="submitter: Python 3.9.1, dill 0.3.5"):
         value_of(result)
 
 
@@ -87,7 +89,7 @@ def test_function_is_deserialized_once_per_function_id(monkeypatch: pytest.Monke
     calls = []
     real = worker.deserialize_function
 
-    def counting(payload: str):  # type: ignore[no-untyped-def]
+    def counting(payload: str) -> Callable[..., Any]:
         calls.append(payload)
         return real(payload)
 

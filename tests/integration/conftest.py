@@ -8,26 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from harness import AMQP_URL, BIN, REDIS_URL, REPO, answers, drop_service_data, free_port, wait_until
-
-
-@pytest.fixture(scope="session")
-def services() -> None:
-    """Redis and RabbitMQ answer on loopback; start (or install and start) them when they do not."""
-    if not (answers(6379) and answers(5672)):
-        subprocess.run([str(REPO / "scripts" / "ensure_services.sh")], check=True)
-    assert answers(6379), "Redis does not answer on 127.0.0.1:6379"
-    assert answers(5672), "RabbitMQ does not answer on 127.0.0.1:5672"
+from harness import BIN
+from harness.procs import ManagedProcess, free_port, wait_until
+from harness.services import AMQP_URL, REDIS_URL, drop_service_data
+from tests.integration.helpers import Broker, Endpoint
 
 
 @pytest.fixture(scope="session")
@@ -49,66 +40,13 @@ def service_env(services: None, run_id: str) -> dict[str, str]:
     return env
 
 
-class Proc:
-    """A child process with its output in a log file, shown when a test fails."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.popen = subprocess.Popen(
-            self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.log.parent
-        )
-        out.close()
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        if not self.popen or self.popen.poll() is not None:
-            return self.popen.returncode if self.popen else None
-        self.popen.send_signal(sig)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait(10)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-@dataclass
-class Broker:
-    url: str
-    port: int
-    env: dict[str, str]
-    proc: Proc
-
-    def start(self) -> None:
-        self.proc.start()
-        wait_until(self.healthy, 30, f"broker health on {self.url}\n{self.proc.output()}")
-
-    def healthy(self) -> bool:
-        return httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200
-
-    def create_user(self, name: str) -> str:
-        out = subprocess.run(
-            [str(BIN / "farcall-broker"), "users", "create", name],
-            env=self.env, capture_output=True, text=True, timeout=60, check=True,
-        ).stdout
-        return out.strip().splitlines()[-1].strip()
-
-
 @pytest.fixture(scope="session")
 def broker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     port = free_port()
     logdir = tmp_path_factory.mktemp("broker")
     args = [str(BIN / "farcall-broker"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    b = Broker(f"http://127.0.0.1:{port}", port, service_env, Proc(args, service_env, logdir / "broker.log"))
+    proc = ManagedProcess("broker", args, service_env, logdir / "broker.log").start()
+    b = Broker(f"http://127.0.0.1:{port}", port, service_env, proc)
     wait_until(b.healthy, 30, f"broker health\n{b.proc.output()}")
     yield b
     b.proc.stop()
@@ -118,47 +56,6 @@ def broker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def token(broker: Broker) -> str:
     return broker.create_user(f"alice-{uuid.uuid4().hex[:6]}")
-
-
-@dataclass
-class Endpoint:
-    name: str
-    home: Path
-    env: dict[str, str]
-    proc: Proc | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dir(self) -> Path:
-        return self.home / "endpoints" / self.name
-
-    @property
-    def endpoint_id(self) -> str:
-        import json
-
-        return str(json.loads((self.dir / "endpoint.json").read_text())["endpoint_id"])
-
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "farcall-endpoint"), *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
-        )
-
-    def start(self, client: Any) -> str:
-        log = self.home / f"{self.name}.log"
-        self.proc = Proc([str(BIN / "farcall-endpoint"), "start", self.name], self.env, log)
-        wait_until(lambda: (self.dir / "endpoint.json").exists(), 30, f"registration\n{self.proc.output()}")
-        eid = self.endpoint_id
-        wait_until(
-            lambda: client.get_endpoint_status(eid)["status"] == "online",
-            30,
-            f"endpoint {eid} online\n{self.proc.output()}",
-        )
-        return eid
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.stop()
 
 
 @pytest.fixture

@@ -17,11 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-from integration.conftest import Broker, Endpoint
 
 from farcall import Client, Executor
 from farcall.errors import NotFound, TaskPending
-from harness import BIN, wait_until
+from harness import BIN
+from harness.procs import wait_until
+from tests.integration.helpers import Broker, Endpoint
 
 pytestmark = pytest.mark.integration
 
@@ -139,8 +140,9 @@ def test_tasks_wait_while_endpoint_offline_and_id_survives_restart(
 
     ex = Executor(endpoint_id=first_id, client=client)
     futures = [ex.submit(triple, i) for i in range(50)]
-    wait_until(lambda: all(getattr(f, "task_id", None) for f in futures), 30, "tasks submitted")
-    states = {client.get_task(f.task_id)["state"] for f in futures[:3]}
+    task_ids = wait_until(lambda: all(f.task_id for f in futures) and [f.task_id for f in futures],
+                          30, "tasks submitted")
+    states = {client.get_task(t)["state"] for t in task_ids[:3]}
     assert states == {"waiting-for-endpoint"}
     assert not any(f.done() for f in futures)
 
@@ -169,13 +171,13 @@ def test_running_task_survives_broker_restart(
 
     with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
         future = ex.submit(wait_for_gate, str(gate))
-        wait_until(lambda: getattr(future, "task_id", None), 30, "task id")
-        wait_until(lambda: client.get_task(future.task_id)["state"] == "running", 30, "running")
+        task_id = wait_until(lambda: future.task_id, 30, "task id")
+        wait_until(lambda: client.get_task(task_id)["state"] == "running", 30, "running")
         broker.proc.stop()
         broker.start()
         gate.touch()
         assert future.result(timeout=90) == "through the gate"
-    assert client.get_task(future.task_id)["state"] == "success"
+    assert client.get_task(task_id)["state"] == "success"
 
 
 def test_second_user_cannot_see_or_use_first_users_objects(

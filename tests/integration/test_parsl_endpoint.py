@@ -6,16 +6,16 @@ stand-in PBS Pro and LSF commands (scripts/fake_schedulers).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from integration.conftest import Endpoint
 
 from farcall import Client, Executor
-from harness import wait_until
-from schedulers import (
+from harness.procs import wait_until
+from tests.integration.helpers import Endpoint
+from tests.schedulers import (
     SLURM_PARTITION,
     ensure_slurm,
     fake_cancel_all,
@@ -75,7 +75,7 @@ def test_local_blocks_scale_with_load_and_show_in_status(
 
 
 @pytest.fixture
-def slurm() -> dict[str, str]:
+def slurm() -> Iterator[dict[str, str]]:
     env = ensure_slurm()  # fails the test (no skip) when Slurm cannot be set up
     before = set(slurm_jobs())
     yield env
@@ -110,7 +110,7 @@ def test_slurm_endpoint_runs_tasks_in_jobs_it_cancels(
 
 
 @pytest.fixture
-def fake_sched(tmp_path: Path) -> dict[str, str]:
+def fake_sched(tmp_path: Path) -> Iterator[dict[str, str]]:
     env = fake_scheduler_env(tmp_path / "sched")
     yield env
     fake_cancel_all(env["FARCALL_FAKE_SCHED_DIR"])  # only matters after a failure

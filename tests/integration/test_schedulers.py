@@ -22,8 +22,8 @@ from parsl.jobs.states import JobState
 from parsl.launchers import SingleNodeLauncher, SrunLauncher
 from parsl.providers import LSFProvider, PBSProProvider, SlurmProvider
 
-from harness import wait_until
-from schedulers import (
+from harness.procs import wait_until
+from tests.schedulers import (
     SLURM_PARTITION,
     ensure_slurm,
     fake_cancel_all,
@@ -85,6 +85,7 @@ def _run_in_job(config: Config, names: list[str], while_running: Callable[[dict,
     parsl.clear()
     dfk = parsl.load(config)
     executor = dfk.executors["htex"]
+    assert isinstance(executor, HighThroughputExecutor)
     try:
         start = time.monotonic()
         result = _job_env_app()(names).result(timeout=FIRST_TASK_TIMEOUT)

@@ -5,21 +5,14 @@ The SDK's behaviour against real Redis and RabbitMQ is in tests/integration.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from farcall import Client
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.endpoint.embedded import EmbeddedEndpoint
-
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-
-from sdk_helpers import Stack  # noqa: E402
+from tests.sdk.helpers import Stack
 
 
 @pytest.fixture(scope="module")

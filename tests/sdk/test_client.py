@@ -6,13 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sdk_helpers import Stack, wait_batch
 
 from farcall import Client
 from farcall.client import outcome, split_batch
 from farcall.errors import AuthenticationError, BrokerError, DeserializationError, NotFound, TaskPending
 from farcall.messages import TaskSpec
-from harness import StubHTTP, wait_until
+from harness.procs import wait_until
+from tests.helpers import StubHTTP
+from tests.sdk.helpers import Stack, wait_batch
 
 
 def _result(client: Client, task_id: str) -> Any:
@@ -147,7 +148,7 @@ def test_requests_are_retried_through_a_503() -> None:
 
 
 def test_unreachable_broker_is_a_clear_error() -> None:
-    from harness import free_port
+    from harness.procs import free_port
 
     c = Client(broker_url=f"http://127.0.0.1:{free_port()}", token="fcu_t", retry_seconds=0)
     with pytest.raises(BrokerError, match="cannot reach the broker"):
@@ -159,4 +160,4 @@ def test_undecodable_result_names_both_sides_versions() -> None:
               "worker": {"python": "3.99.0", "dill": "9.9"}}
     ok, error = outcome(record)
     assert not ok and isinstance(error, DeserializationError)
-    assert "3.99.0" in str(error) and "dill 9.9" in str(error) and "This side: Python 3." in str(error)
+    assert "3.99.0" in str(error) and "dill 9.9" in str(error) and "submitter: Python 3." in str(error)

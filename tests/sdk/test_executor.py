@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sdk_helpers import Stack
 
 from farcall import Client, Executor
 from farcall.errors import ExecutorShutdown, NotFound, SerializationError
-from harness import wait_until
+from harness.procs import wait_until
+from tests.sdk.helpers import Stack
 
 
 class CountingClient(Client):

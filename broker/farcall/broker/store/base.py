@@ -57,7 +57,7 @@ class LocalSubscription(Subscription):
     def put(self, frame: str | None) -> None:
         self._queue.put_nowait(frame)
 
-    async def __aiter__(self) -> AsyncIterator[str]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[str]:
         while (frame := await self._queue.get()) is not None:
             yield frame
 

@@ -81,7 +81,7 @@ def create_app(
     async def task_group_results(ws: WebSocket, task_group_id: str) -> None:
         await result_stream.serve(ws, svc, task_group_id)
 
-    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes)  # type: ignore[arg-type]
+    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes)
     return app
 
 
@@ -150,7 +150,7 @@ class BodyLimit:
 
 
 def _services(request: Request) -> Services:
-    return request.app.state.services  # type: ignore[no-any-return]
+    return request.app.state.services
 
 
 async def _user(

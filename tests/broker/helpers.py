@@ -1,43 +1,20 @@
-"""Helpers shared by the broker tests: the real services' URLs, checks and clean-up."""
+"""Helpers shared by the broker tests: queues under test, a scripted endpoint, the broker's loop."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from typing import Any
 
-import pytest
-
 from farcall.broker.queue.base import TaskQueue
-from farcall.broker.queue.rabbitmq import RabbitQueue
 from farcall.messages import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
-from harness import AMQP_URL, REDIS_URL, drop_redis_keys
-
-__all__ = ["AMQP_URL", "REDIS_URL", "drop_redis_keys"]
+from harness.services import drop_rabbitmq_queues
 
 
-def require_service(name: str, port: int) -> None:
-    """Fail (not skip) with what to do when a service does not answer."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return
-    except OSError as e:
-        pytest.fail(
-            f"{name} does not answer on 127.0.0.1:{port} ({e}); the broker tests need it. "
-            "Start it with scripts/ensure_services.sh",
-            pytrace=False,
-        )
-
-
-async def drop_queues(prefix: str, endpoint_ids: list[str]) -> None:
-    q = RabbitQueue(AMQP_URL, prefix)
-    try:
-        for eid in endpoint_ids:
-            await q.delete(eid)
-    finally:
-        await q.close()
+def drop_queues(queue: TaskQueue, endpoint_ids: list[str]) -> None:
+    """Delete the RabbitMQ queues ``queue`` made for these endpoints."""
+    drop_rabbitmq_queues([queue.queue_name(eid) for eid in endpoint_ids])
 
 
 class Queues:
@@ -107,7 +84,7 @@ class FakeEndpoint:
             frame = self.ws.recv(timeout=seconds)
         except TimeoutError:
             return
-        raise AssertionError(f"expected no frame, got {frame}")
+        raise AssertionError(f"expected no frame, got {frame!r}")
 
     def close(self) -> None:
         self.ws.close()

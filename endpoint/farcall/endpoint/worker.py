@@ -14,12 +14,14 @@ from typing import Any
 
 from farcall.errors import DeserializationError
 from farcall.messages import (
+    SAME_VERSIONS,
     ResultMessage,
     TaskMessage,
     TaskState,
     Versions,
     dump_result_batch,
     parse_task_batch,
+    versions_text,
 )
 from farcall.serialize import deserialize_function, serialize, serialize_exception, unpack_args
 from farcall.version import local_versions
@@ -123,14 +125,11 @@ def _load_function(task: TaskMessage) -> Callable[..., Any]:
 
 
 def _deserialization_error(task: TaskMessage, cause: BaseException) -> DeserializationError:
-    sub = task.submitter
-    submitter = f"Python {sub.python}, dill {sub.dill}" if sub else "unknown versions"
-    worker = f"Python {WORKER_VERSIONS.python}, dill {WORKER_VERSIONS.dill}"
     err = DeserializationError(
         f"the worker could not load the function or arguments of task {task.task_id}: "
-        f"{type(cause).__name__}: {cause}. Submitter: {submitter}; worker: {worker}. "
-        "Use the same Python and dill versions on both sides, or serialize the function "
-        "with the 'source' strategy and pass only plain-Python arguments."
+        f"{type(cause).__name__}: {cause}. {versions_text(task.submitter, WORKER_VERSIONS)}; "
+        f"{SAME_VERSIONS}, or serialize the function with the 'source' strategy and "
+        "pass only plain-Python arguments."
     )
     err.__cause__ = cause
     return err

@@ -21,10 +21,10 @@ class Stack:
 
 def wait_batch(client: Client, task_ids: list[str], timeout: float = 30) -> dict[str, dict[str, Any]]:
     """``get_batch_result`` once no task of ``task_ids`` is pending (fails at the deadline)."""
-    from harness import wait_until
+    from harness.procs import wait_until
 
     def finished() -> dict[str, dict[str, Any]] | None:
         results = client.get_batch_result(task_ids)
         return None if any(r["pending"] for r in results.values()) else results
 
-    return wait_until(finished, timeout, f"{len(task_ids)} results")  # type: ignore[no-any-return]
+    return wait_until(finished, timeout, f"{len(task_ids)} results")
