@@ -119,6 +119,112 @@ class TaskIds(_Msg):
     task_ids: list[str] = Field(min_length=1, max_length=10_000)
 
 
+# --------------------------------------------------------------------- REST answers
+
+
+class ErrorBody(_Msg):
+    """Every error answer: a stable code, a message that says what to fix, and for 422 the details."""
+
+    error: str = Field(description="a stable code: invalid_request, unauthorized, not_found, ...")
+    message: str
+    detail: list[dict[str, Any]] | None = None
+
+
+class Health(_Msg):
+    status: str
+    version: str
+
+
+class FunctionRegistered(_Msg):
+    function_id: str
+
+
+class FunctionInfo(_Msg):
+    function_id: str
+    function_name: str
+    description: str
+    function: str = Field(description="serialized function payload (farcall.serialize)")
+    created_at: float
+
+
+class FunctionDeleted(_Msg):
+    function_id: str
+    deleted: bool
+
+
+class EndpointRegistered(_Msg):
+    endpoint_id: str
+    name: str
+    credential: str = Field(description="the endpoint's credential, shown only this once")
+
+
+class EndpointInfo(_Msg):
+    endpoint_id: str
+    name: str
+    description: str
+    status: Literal["online", "offline"]
+    created_at: float
+    last_heartbeat: float | None
+
+
+class EndpointList(_Msg):
+    endpoints: list[EndpointInfo]
+
+
+class EndpointStatus(_Msg):
+    """An endpoint's state and load, from its last heartbeat."""
+
+    endpoint_id: str
+    name: str
+    status: Literal["online", "offline"]
+    last_heartbeat: float | None
+    workers: int
+    idle_workers: int
+    pending_tasks: int
+    running_tasks: int
+    queued_tasks: int = Field(description="tasks waiting in its queue, not yet taken by the endpoint")
+    engine: str
+    details: dict[str, Any]
+    versions: Versions | None
+
+
+class EndpointDeleted(_Msg):
+    endpoint_id: str
+    deleted: bool
+
+
+class TaskGroupCreated(_Msg):
+    task_group_id: str
+
+
+class TaskGroupInfo(_Msg):
+    task_group_id: str
+    task_ids: list[str] = Field(description="in submission order")
+
+
+class TaskInfo(_Msg):
+    """A task as the REST API shows it. ``data`` and ``error`` appear once it is terminal,
+    ``warnings`` when there is something to warn about (differing versions)."""
+
+    task_id: str
+    task_group_id: str
+    endpoint_id: str
+    function_id: str
+    state: TaskState
+    transitions: dict[str, float] = Field(description="state -> when the task entered it")
+    completed_at: float | None
+    submitter: Versions | None
+    worker: Versions | None
+    data: str | None = Field(
+        default=None, description="the serialized result or remote exception (farcall.serialize)")
+    error: str | None = Field(default=None, description="the remote error with its traceback, as text")
+    warnings: list[str] | None = None
+
+
+class TaskStatuses(_Msg):
+    tasks: dict[str, TaskInfo] = Field(description="task id -> task; unknown or foreign ids left out")
+
+
 # ------------------------------------------------------------ broker <-> endpoint
 
 
@@ -126,7 +232,18 @@ class TaskMessage(_Msg):
     """A task as the endpoint receives it (also the body queued in RabbitMQ).
 
     ``function`` is empty when the function travels once per session in a
-    ``TasksFrame``'s ``functions`` instead of with every task.
+    ``TasksFrame``'s ``functions`` instead of with every task. A function body
+    is therefore kept in these places, each for one reason (and nowhere else):
+
+    - the SDK's ``Executor``: each function it was given, serialized and registered
+      once (keyed by the function object), so a sweep serializes it once;
+    - the broker's ``Services.functions``: function records by id for a few seconds,
+      for the owner check of every submission and the body a session sends;
+    - the broker's channel session: only the ids whose body it sent this session;
+    - the agent: bodies by id (bounded LRU), since a task arrives without its body
+      once the session has sent it;
+    - each worker: deserialized functions by id (bounded LRU), so a function is
+      loaded once per worker, not once per task.
     """
 
     task_id: str

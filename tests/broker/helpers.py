@@ -9,6 +9,7 @@ from typing import Any
 
 from farcall.broker.queue.base import TaskQueue
 from farcall.messages import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
+from farcall.urls import websocket_url
 from harness.services import drop_rabbitmq_queues
 
 
@@ -41,7 +42,7 @@ class FakeEndpoint:
     def __init__(self, broker_url: str, endpoint_id: str, credential: str) -> None:
         from websockets.sync.client import connect
 
-        url = broker_url.replace("http://", "ws://") + f"/v1/endpoints/{endpoint_id}/connect"
+        url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self.ws = connect(
             url,
             additional_headers={"Authorization": f"Bearer {credential}"},

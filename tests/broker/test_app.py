@@ -31,7 +31,7 @@ class Env:
     bob: dict[str, str]
 
     def user(self, name: str) -> dict[str, str]:
-        _, token = self.client.portal.call(auth.create_user, self.store, name)  # type: ignore[union-attr]
+        _, token = self.client.portal.call(auth.create_user, self.store.users, name)  # type: ignore[union-attr]
         return {"Authorization": f"Bearer {token}"}
 
     def function(self, headers: dict[str, str], payload: str = "FN") -> str:
@@ -78,6 +78,29 @@ def test_health_and_openapi(env: Env) -> None:
         "/v1/task_groups/{task_group_id}",
     ):
         assert path in paths
+
+
+def test_openapi_shows_answers_and_error_bodies(env: Env) -> None:
+    """Every route's success answer has a schema, and every user route documents its errors."""
+    spec = env.client.get("/openapi.json").json()
+
+    def ref(op: dict[str, Any], status: str) -> str:
+        return str(op["responses"][status]["content"]["application/json"]["schema"]["$ref"])
+
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            assert ref(op, "200").startswith("#/components/schemas/"), (method, path)
+            if path == "/v1/health":
+                continue
+            for status in ("401", "403", "422", "503"):
+                assert ref(op, status) == "#/components/schemas/ErrorBody", (method, path, status)
+            if "{" in path:
+                assert ref(op, "404") == "#/components/schemas/ErrorBody", (method, path)
+    ops = spec["paths"]
+    assert ref(ops["/v1/tasks/{task_id}"]["get"], "200").endswith("/TaskInfo")
+    assert ref(ops["/v1/tasks"]["post"], "413").endswith("/ErrorBody")
+    task = spec["components"]["schemas"]["TaskInfo"]["properties"]
+    assert {"state", "transitions", "data", "error", "warnings"} <= set(task)
 
 
 def test_every_route_needs_a_token(env: Env) -> None:
@@ -210,7 +233,7 @@ def test_function_and_endpoint_lifecycle(env: Env) -> None:
     assert (
         env.client.get(f"/v1/endpoints/{ep['endpoint_id']}", headers=env.alice).status_code == 404
     )
-    assert env.client.portal.call(auth.authenticate, env.store, ep["credential"]) is None  # type: ignore[union-attr]
+    assert env.client.portal.call(auth.authenticate, env.store.users, ep["credential"]) is None  # type: ignore[union-attr]
 
 
 def test_malformed_and_misshapen_bodies_get_422(env: Env) -> None:
@@ -270,7 +293,7 @@ def test_queue_down_answers_503() -> None:
     store = MemoryStore()
     app = create_app(Settings(), store=store, queue=RabbitQueue("amqp://guest:guest@127.0.0.1:1/"))
     with TestClient(app) as client:
-        _, token = client.portal.call(auth.create_user, store, "alice")  # type: ignore[union-attr]
+        _, token = client.portal.call(auth.create_user, store.users, "alice")  # type: ignore[union-attr]
         r = client.post(
             "/v1/endpoints", json={"name": "e"}, headers={"Authorization": f"Bearer {token}"}
         )
@@ -288,10 +311,12 @@ def test_tasks_that_could_not_be_queued_are_failed() -> None:
         e = Env(client, store, app.state.services.queue, {}, {})
         alice = e.user("alice")
         eid = e.endpoint(alice)["endpoint_id"]
-        r = _submit(e, alice, eid, [e.function(alice)])
+        group = client.post("/v1/task_groups", headers=alice).json()["task_group_id"]
+        r = _submit(e, alice, eid, [e.function(alice)], task_group_id=group)
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
-        failed = [t for t in store._tasks.values() if t["state"] == "failed"]
-        assert len(failed) == 1 and "submit it again" in failed[0]["error"]
+        (task_id,) = client.get(f"/v1/task_groups/{group}", headers=alice).json()["task_ids"]
+        failed = client.get(f"/v1/tasks/{task_id}", headers=alice).json()
+        assert failed["state"] == "failed" and "submit it again" in failed["error"]
 
 
 @pytest.mark.parametrize(
@@ -310,7 +335,7 @@ def test_task_record_warns_when_worker_versions_differ(
     ]
     result = ResultMessage(task_id=task_id, state=TaskState.SUCCESS, data="10\nAA==",
                            worker=Versions(**worker))
-    env.client.portal.call(env.store.complete, eid, [result], now())  # type: ignore[union-attr]
+    env.client.portal.call(env.store.tasks.complete, eid, [result], now())  # type: ignore[union-attr]
     task = env.client.get(f"/v1/tasks/{task_id}", headers=env.alice).json()
     assert task["worker"]["python"] == worker["python"]
     if warned:

@@ -29,9 +29,9 @@ def test_bearer_header_parsing() -> None:
 
 async def test_create_user_stores_only_the_hash() -> None:
     store = MemoryStore()
-    user_id, token = await auth.create_user(store, "alice")
-    principal = await auth.authenticate(store, token)
+    user_id, token = await auth.create_user(store.users, "alice")
+    principal = await auth.authenticate(store.users, token)
     assert principal is not None and (principal.kind, principal.id) == ("user", user_id)
-    assert token not in repr(store.__dict__)
-    assert await auth.authenticate(store, token + "x") is None
-    assert await auth.authenticate(store, None) is None
+    assert token not in repr(vars(store.users))
+    assert await auth.authenticate(store.users, token + "x") is None
+    assert await auth.authenticate(store.users, None) is None

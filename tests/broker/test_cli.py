@@ -49,9 +49,9 @@ def test_users_create_prints_the_token_last(real_prefix: str) -> None:
     async def check() -> None:
         store = RedisStore(REDIS_URL, prefix)
         try:
-            principal = await auth.authenticate(store, token)
+            principal = await auth.authenticate(store.users, token)
             assert principal is not None and principal.kind == "user"
-            assert not [k async for k in store._r.scan_iter(match="*" + token + "*")]
+            assert not [k async for k in store.db.r.scan_iter(match="*" + token + "*")]
         finally:
             await store.close()
             drop_redis_prefix(prefix)

@@ -27,6 +27,7 @@ from farcall.messages import (
     TaskState,
     now,
 )
+from farcall.records import NewTasks
 from harness.procs import wait_until
 from tests.broker.helpers import FakeEndpoint, on_loop
 
@@ -50,15 +51,12 @@ class Setup:
         import uuid
 
         store = self.broker.app.state.services.store
-        owner = on_loop(self.broker, store.get_endpoint(self.endpoint_id))["user_id"]
+        owner = on_loop(self.broker, store.endpoints.get(self.endpoint_id)).user_id
         group, ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(n)]
-        records = [{"task_id": t, "user_id": owner, "task_group_id": group,
-                    "endpoint_id": self.endpoint_id, "function_id": self.function_id,
-                    "state": TaskState.WAITING.value, "transitions": {"received": now()},
-                    "submitter": None} for t in ids]
-        on_loop(self.broker, store.create_tasks(
-            records, {"task_group_id": group, "user_id": owner, "created_at": now()},
-            inflight={t: "{}" for t in ids}))
+        batch = NewTasks(user_id=owner, task_group_id=group, endpoint_id=self.endpoint_id,
+                         task_ids=ids, function_ids=[self.function_id] * n,
+                         received_at=now(), waiting_at=now(), new_group=True)
+        on_loop(self.broker, store.tasks.create(batch, inflight={t: "{}" for t in ids}))
         return group, ids
 
     def task(self, task_id: str) -> dict:
@@ -70,7 +68,7 @@ class Setup:
     def inflight(self) -> set[str]:
         return set(
             on_loop(
-                self.broker, self.broker.app.state.services.store.get_inflight(self.endpoint_id)
+                self.broker, self.broker.app.state.services.store.inflight.get(self.endpoint_id)
             )
         )
 

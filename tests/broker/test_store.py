@@ -1,4 +1,4 @@
-"""The store contract, run against the in-process store and the real Redis."""
+"""The store contract, part by part, run against the in-process store and the real Redis."""
 
 from __future__ import annotations
 
@@ -10,38 +10,50 @@ import pytest
 
 from farcall.broker.store.base import Store, Subscription
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import ResultMessage, ResultStreamFrame, TaskResult, TaskState, Versions, now
+from farcall.messages import (
+    Heartbeat,
+    ResultMessage,
+    ResultStreamFrame,
+    TaskResult,
+    TaskState,
+    Versions,
+    now,
+)
+from farcall.records import EndpointRecord, FunctionRecord, NewTasks, TaskRecord, UserRecord
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio
+
+SUBMITTER = Versions(python="3.11.7", dill="0.4.1", farcall="0.1.0")
 
 
 def _id() -> str:
     return uuid.uuid4().hex
 
 
-def _task(task_id: str, group: str, endpoint: str, user: str = "u1") -> dict:
+def _batch(n: int, endpoint: str = "ep1", user: str = "u1") -> NewTasks:
     t = now()
-    return {
-        "task_id": task_id,
-        "user_id": user,
-        "task_group_id": group,
-        "endpoint_id": endpoint,
-        "function_id": "f1",
-        "state": TaskState.WAITING.value,
-        "transitions": {"received": t, "waiting-for-endpoint": t + 0.001},
-        "submitter": {"python": "3.11.7", "dill": "0.4.1", "farcall": "0.1.0"},
-    }
+    return NewTasks(
+        user_id=user, task_group_id=_id(), endpoint_id=endpoint,
+        task_ids=[_id() for _ in range(n)], function_ids=["f1"] * n,
+        received_at=t, waiting_at=t + 0.001, submitter=SUBMITTER, new_group=True,
+    )
 
 
 async def _tasks(store: Store, n: int, endpoint: str = "ep1") -> tuple[str, list[str]]:
-    group = _id()
-    ids = [_id() for _ in range(n)]
-    await store.create_tasks(
-        [_task(t, group, endpoint) for t in ids],
-        {"task_group_id": group, "user_id": "u1", "created_at": now()},
-    )
-    return group, ids
+    batch = _batch(n, endpoint)
+    await store.tasks.create(batch)
+    return batch.task_group_id, batch.task_ids
+
+
+async def _task(store: Store, task_id: str) -> TaskRecord:
+    (rec,) = await store.tasks.get_many([task_id])
+    assert rec is not None, f"task {task_id} is not in the store"
+    return rec
+
+
+def _endpoint(eid: str = "ep1", user: str = "u1") -> EndpointRecord:
+    return EndpointRecord(endpoint_id=eid, user_id=user, name="laptop", created_at=now())
 
 
 def _result(
@@ -58,142 +70,143 @@ def _result(
 
 
 async def test_users_and_tokens(store: Store) -> None:
-    await store.create_user({"user_id": "u1", "name": "alice", "created_at": now()}, "hash-u1")
-    p = await store.resolve_token("hash-u1")
+    await store.users.create(UserRecord(user_id="u1", name="alice", created_at=now()), "hash-u1")
+    p = await store.users.resolve_token("hash-u1")
     assert p is not None and (p.kind, p.id, p.token_hash) == ("user", "u1", "hash-u1")
-    assert await store.resolve_token("nope") is None
+    assert await store.users.resolve_token("nope") is None
 
 
 async def test_functions(store: Store) -> None:
-    rec = {
-        "function_id": "f1",
-        "user_id": "u1",
-        "function_name": "sq",
-        "description": "",
-        "function": "PAYLOAD",
-        "created_at": now(),
-    }
-    await store.put_function(rec)
-    found = await store.get_functions(["f1", "missing"])
-    assert list(found) == ["f1"] and found["f1"]["function"] == "PAYLOAD"
-    assert found["f1"]["created_at"] == pytest.approx(rec["created_at"])
-    await store.delete_function("f1")
-    assert await store.get_functions(["f1"]) == {}
+    rec = FunctionRecord(function_id="f1", user_id="u1", function_name="sq", function="PAYLOAD",
+                         created_at=now())
+    await store.functions.put(rec)
+    found = await store.functions.get_many(["f1", "missing"])
+    assert list(found) == ["f1"] and found["f1"] == rec
+    await store.functions.delete("f1")
+    assert await store.functions.get_many(["f1"]) == {}
 
 
 async def test_endpoints_status_and_credential_revocation(store: Store) -> None:
     eid = _id()
-    await store.put_endpoint(
-        {
-            "endpoint_id": eid,
-            "user_id": "u1",
-            "name": "laptop",
-            "description": "",
-            "created_at": now(),
-        },
-        "cred-hash",
-    )
-    assert (await store.resolve_token("cred-hash")).kind == "endpoint"  # type: ignore[union-attr]
-    ep = await store.get_endpoint(eid)
-    assert ep is not None and ep["connected"] is False and ep["last_heartbeat"] is None
-    await store.set_connected(eid, "s1", True, now())
-    await store.set_connected(eid, "s2", True, now())
-    await store.set_connected(eid, "s1", False, now())
-    await store.set_heartbeat(eid, {"workers": 4, "details": {"a": 1}}, 123.5)
-    ep = await store.get_endpoint(eid)
-    assert ep is not None and ep["connected"] is True
-    assert ep["heartbeat"] == {"workers": 4, "details": {"a": 1}} and ep["last_heartbeat"] == 123.5
-    assert [e["endpoint_id"] for e in await store.list_endpoints("u1")] == [eid]
-    assert await store.list_endpoints("u2") == []
-    await store.delete_endpoint(eid)
-    assert await store.get_endpoint(eid) is None
-    assert await store.resolve_token("cred-hash") is None
-    assert await store.list_endpoints("u1") == []
+    await store.endpoints.put(_endpoint(eid), "cred-hash")
+    principal = await store.users.resolve_token("cred-hash")
+    assert principal is not None and principal.kind == "endpoint" and principal.id == eid
+    ep = await store.endpoints.get(eid)
+    assert ep is not None and ep.connected is False and ep.last_heartbeat is None
+    await store.endpoints.set_connected(eid, "s1", True, now())
+    await store.endpoints.set_connected(eid, "s2", True, now())
+    await store.endpoints.set_connected(eid, "s1", False, now())
+    await store.endpoints.set_heartbeat(eid, Heartbeat(workers=4, details={"a": 1}), 123.5)
+    ep = await store.endpoints.get(eid)
+    assert ep is not None and ep.connected is True
+    assert ep.heartbeat == Heartbeat(workers=4, details={"a": 1}) and ep.last_heartbeat == 123.5
+    seen = ep.last_seen
+    assert seen is not None
+    assert ep.online(timeout=30, at=seen + 1) and not ep.online(timeout=30, at=seen + 31)
+    assert [e.endpoint_id for e in await store.endpoints.list("u1")] == [eid]
+    assert await store.endpoints.list("u2") == []
+    await store.endpoints.delete(eid)
+    assert await store.endpoints.get(eid) is None
+    assert await store.users.resolve_token("cred-hash") is None
+    assert await store.endpoints.list("u1") == []
 
 
 async def test_create_and_get_tasks_keep_transitions(store: Store) -> None:
     group, ids = await _tasks(store, 3)
-    assert await store.get_task_group_owner(group) == "u1"
-    assert await store.get_task_group_tasks(group) == ids
-    records = await store.get_tasks([ids[1], "missing", ids[0]])
+    assert await store.tasks.group_owner(group) == "u1"
+    assert await store.tasks.group_tasks(group) == ids
+    records = await store.tasks.get_many([ids[1], "missing", ids[0]])
     assert records[1] is None
     rec = records[0]
-    assert rec is not None and rec["task_id"] == ids[1] and rec["state"] == "waiting-for-endpoint"
-    assert list(rec["transitions"]) == ["received", "waiting-for-endpoint"]
-    assert rec["submitter"]["dill"] == "0.4.1" and rec["completed_at"] is None
+    assert rec is not None and rec.task_id == ids[1] and rec.state == TaskState.WAITING
+    assert list(rec.transitions) == ["received", "waiting-for-endpoint"]
+    assert rec.submitter == SUBMITTER and rec.completed_at is None
+    assert (rec.user_id, rec.task_group_id, rec.endpoint_id, rec.function_id) == (
+        "u1", group, "ep1", "f1")
 
 
-async def test_dispatch_running_complete_first_result_wins(store: Store) -> None:
+async def test_submission_context_in_one_call(store: Store) -> None:
+    await store.endpoints.put(_endpoint("ep1", "u1"), "cred")
+    await store.functions.put(FunctionRecord(function_id="f1", user_id="u1", function="P",
+                                             created_at=now()))
+    group, _ = await _tasks(store, 1)
+    ctx = await store.tasks.submission_context("ep1", ["f1", "nope"], group)
+    assert (ctx.endpoint_owner, list(ctx.functions), ctx.group_owner) == ("u1", ["f1"], "u1")
+    ctx = await store.tasks.submission_context("gone", [], None)
+    assert (ctx.endpoint_owner, ctx.functions, ctx.group_owner) == (None, {}, None)
+
+
+async def test_inflight_running_complete_first_result_wins(store: Store) -> None:
     group, ids = await _tasks(store, 3)
-    other_group, (foreign,) = await _tasks(store, 1, endpoint="ep2")
-    accepted = await store.dispatch(
+    _, (foreign,) = await _tasks(store, 1, endpoint="ep2")
+    accepted = await store.inflight.add(
         "ep1", {t: f"body-{t}" for t in [*ids, foreign, "missing"]}, taken=5
     )
     assert accepted == ids
-    assert await store.get_inflight("ep1") == {t: f"body-{t}" for t in ids}
+    assert await store.inflight.get("ep1") == {t: f"body-{t}" for t in ids}
 
-    await store.mark_running("ep1", {ids[0]: 10.0, foreign: 11.0})
-    rec, frec = await store.get_tasks([ids[0], foreign])
-    assert rec["state"] == "running" and rec["transitions"]["running"] == 10.0  # type: ignore[index]
-    assert frec["state"] == "waiting-for-endpoint"  # type: ignore[index]
+    await store.tasks.mark_running("ep1", {ids[0]: 10.0, foreign: 11.0})
+    rec, frec = await _task(store, ids[0]), await _task(store, foreign)
+    assert rec.state == TaskState.RUNNING and rec.transitions["running"] == 10.0
+    assert frec.state == TaskState.WAITING
 
-    done = await store.complete(
+    done = await store.tasks.complete(
         "ep1", [_result(ids[0], "first"), _result(ids[1], "x", TaskState.FAILED)], 20.0
     )
     assert [(g, r.task_id, r.state) for g, r in done] == [
         (group, ids[0], TaskState.SUCCESS),
         (group, ids[1], TaskState.FAILED),
     ]
-    again = await store.complete("ep1", [_result(ids[0], "second"), _result(foreign, "evil")], 21.0)
+    again = await store.tasks.complete(
+        "ep1", [_result(ids[0], "second"), _result(foreign, "evil")], 21.0)
     assert again == []
-    rec, frec = await store.get_tasks([ids[0], foreign])
-    assert rec["data"] == "first" and rec["state"] == "success" and rec["completed_at"] == 20.0  # type: ignore[index]
-    assert rec["worker"]["python"] == "3.11.7"  # type: ignore[index]
-    assert frec["state"] == "waiting-for-endpoint"  # type: ignore[index]
-    # running after success must not go backwards; terminal tasks are not dispatched again
-    await store.mark_running("ep1", {ids[0]: 30.0})
-    assert (await store.get_tasks([ids[0]]))[0]["state"] == "success"  # type: ignore[index]
-    assert await store.dispatch("ep1", {ids[0]: "b", ids[2]: "b"}, taken=2) == [ids[2]]
-    assert set(await store.get_inflight("ep1")) == {ids[2]}
-    await store.remove_inflight("ep1", [ids[2]])
-    assert await store.get_inflight("ep1") == {}
+    rec, frec = await _task(store, ids[0]), await _task(store, foreign)
+    assert rec.data == "first" and rec.state == TaskState.SUCCESS and rec.completed_at == 20.0
+    assert rec.worker is not None and rec.worker.python == "3.11.7"
+    assert frec.state == TaskState.WAITING
+    # running after success must not go backwards; terminal tasks are not put in flight again
+    await store.tasks.mark_running("ep1", {ids[0]: 30.0})
+    assert (await _task(store, ids[0])).state == TaskState.SUCCESS
+    assert await store.inflight.add("ep1", {ids[0]: "b", ids[2]: "b"}, taken=2) == [ids[2]]
+    assert set(await store.inflight.get("ep1")) == {ids[2]}
+    await store.inflight.remove("ep1", [ids[2]])
+    assert await store.inflight.get("ep1") == {}
 
 
 async def test_queued_count_follows_submission_dispatch_and_requeue(store: Store) -> None:
-    await store.put_endpoint(
-        {"endpoint_id": "ep1", "user_id": "u1", "name": "n", "created_at": now()}, "cred"
-    )
+    await store.endpoints.put(_endpoint(), "cred")
 
     async def queued() -> int:
-        ep = await store.get_endpoint("ep1")
+        ep = await store.endpoints.get("ep1")
         assert ep is not None
-        return int(ep["queued_tasks"])
+        return ep.queued_tasks
 
     assert await queued() == 0
     _, ids = await _tasks(store, 4)
     assert await queued() == 4
-    await store.dispatch("ep1", {t: "body" for t in ids[:3]}, taken=3)
+    await store.inflight.add("ep1", {t: "body" for t in ids[:3]}, taken=3)
     assert await queued() == 1
-    await store.count_queued("ep1", 2)  # two lost tasks queued again
+    await store.endpoints.count_queued("ep1", 2)  # two lost tasks queued again
     assert await queued() == 3
 
 
 async def test_fail_tasks_is_terminal(store: Store) -> None:
     _, ids = await _tasks(store, 2)
-    await store.fail_tasks(ids[:1], "could not queue", 5.0)
-    rec = (await store.get_tasks(ids[:1]))[0]
-    assert rec is not None and rec["state"] == "failed" and rec["error"] == "could not queue"
-    assert await store.complete("ep1", [_result(ids[0])], 6.0) == []
+    await store.tasks.fail(ids[:1], "could not queue", 5.0)
+    rec = await _task(store, ids[0])
+    assert rec.state == TaskState.FAILED and rec.error == "could not queue"
+    assert rec.completed_at == 5.0 and rec.transitions["failed"] == 5.0
+    assert await store.tasks.complete("ep1", [_result(ids[0])], 6.0) == []
 
 
 async def test_result_fanout(store: Store) -> None:
-    sub_a = await store.subscribe_results("g1")
-    sub_b = await store.subscribe_results("g1")
-    other = await store.subscribe_results("g2")
+    sub_a = await store.pubsub.subscribe("g1")
+    sub_b = await store.pubsub.subscribe("g1")
+    other = await store.pubsub.subscribe("g2")
     frame = ResultStreamFrame(
         results=[TaskResult(task_id="t", state=TaskState.SUCCESS)]
     ).model_dump_json()
-    await store.publish_results("g1", frame)
+    await store.pubsub.publish("g1", frame)
 
     async def first(sub: Subscription) -> str:
         async for f in sub:
@@ -208,14 +221,28 @@ async def test_result_fanout(store: Store) -> None:
         await s.close()
 
 
+async def test_records_handed_out_are_copies(store: Store) -> None:
+    """Changing a record a store returned must not change what the store holds."""
+    _, (task_id,) = await _tasks(store, 1)
+    rec = await _task(store, task_id)
+    rec.transitions["bogus"] = 1.0
+    assert "bogus" not in (await _task(store, task_id)).transitions
+    await store.endpoints.put(_endpoint(), "cred")
+    ep = await store.endpoints.get("ep1")
+    assert ep is not None
+    ep.heartbeat.details["bogus"] = 1
+    again = await store.endpoints.get("ep1")
+    assert again is not None and "bogus" not in again.heartbeat.details
+
+
 @pytest.mark.usefixtures("services")
 async def test_results_get_ttl_on_redis(real_prefix: str) -> None:
     store = RedisStore(REDIS_URL, prefix=f"{real_prefix}:", result_ttl=3600)
     try:
         _, ids = await _tasks(store, 2)
-        await store.complete("ep1", [_result(ids[0])], now())
-        assert 0 < await store._r.ttl(store.k("task", ids[0])) <= 3600
-        assert await store._r.ttl(store.k("task", ids[1])) == -1
+        await store.tasks.complete("ep1", [_result(ids[0])], now())
+        assert 0 < await store.db.r.ttl(store.db.k("task", ids[0])) <= 3600
+        assert await store.db.r.ttl(store.db.k("task", ids[1])) == -1
     finally:
         await store.close()
         drop_redis_prefix(f"{real_prefix}:")
@@ -226,11 +253,11 @@ async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix
     """Frames of this replica are handed over directly and not again through Redis."""
     here = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
     there = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
-    sub = await here.subscribe_results("g")
+    sub = await here.pubsub.subscribe("g")
     try:
-        await here.publish_results("g", "one")
-        await here.publish_results("g", "two")
-        await there.publish_results("g", "last")  # through Redis, after any echo of the two above
+        await here.pubsub.publish("g", "one")
+        await here.pubsub.publish("g", "two")
+        await there.pubsub.publish("g", "last")  # through Redis, after any echo of the two above
 
         async def until_last() -> list[str]:
             got = []
@@ -248,21 +275,15 @@ async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix
 
 
 async def test_a_large_batch_is_created_whole_and_in_order(store: Store) -> None:
-    await store.put_endpoint(
-        {"endpoint_id": "ep1", "user_id": "u1", "name": "n", "created_at": now()}, "cred"
-    )
-    group = _id()
-    ids = [_id() for _ in range(2500)]
+    await store.endpoints.put(_endpoint(), "cred")
+    batch = _batch(2500)
+    ids = batch.task_ids
     direct = {t: f"body-{t}" for t in ids[:1200]}
-    await store.create_tasks(
-        [_task(t, group, "ep1") for t in ids],
-        {"task_group_id": group, "user_id": "u1", "created_at": now()},
-        inflight=direct,
-    )
-    assert await store.get_task_group_tasks(group) == ids
-    assert await store.get_task_group_owner(group) == "u1"
-    assert await store.get_inflight("ep1") == direct
-    ep = await store.get_endpoint("ep1")
-    assert ep is not None and ep["queued_tasks"] == 2500 - 1200
-    last = (await store.get_tasks([ids[-1]]))[0]
-    assert last is not None and last["task_group_id"] == group and last["state"] == "waiting-for-endpoint"
+    await store.tasks.create(batch, inflight=direct)
+    assert await store.tasks.group_tasks(batch.task_group_id) == ids
+    assert await store.tasks.group_owner(batch.task_group_id) == "u1"
+    assert await store.inflight.get("ep1") == direct
+    ep = await store.endpoints.get("ep1")
+    assert ep is not None and ep.queued_tasks == 2500 - 1200
+    last = await _task(store, ids[-1])
+    assert last.task_group_id == batch.task_group_id and last.state == TaskState.WAITING

@@ -11,8 +11,9 @@ import hmac
 import secrets
 import uuid
 
-from farcall.broker.store.base import Principal, Store
+from farcall.broker.store.base import Principal, UserStore
 from farcall.messages import now
+from farcall.records import UserRecord
 
 USER_PREFIX = "fcu_"
 ENDPOINT_PREFIX = "fce_"
@@ -35,22 +36,20 @@ def bearer(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-async def authenticate(store: Store, token: str | None) -> Principal | None:
+async def authenticate(users: UserStore, token: str | None) -> Principal | None:
     """Who holds ``token``: a user, an endpoint, or nobody (None)."""
     if not token:
         return None
     digest = token_hash(token)
-    principal = await store.resolve_token(digest)
+    principal = await users.resolve_token(digest)
     if principal is None or not hmac.compare_digest(principal.token_hash, digest):
         return None
     return principal
 
 
-async def create_user(store: Store, name: str) -> tuple[str, str]:
+async def create_user(users: UserStore, name: str) -> tuple[str, str]:
     """Create a user; returns ``(user_id, token)``. The token is never stored, only its hash."""
     user_id = str(uuid.uuid4())
     token = new_token(USER_PREFIX)
-    await store.create_user(
-        {"user_id": user_id, "name": name, "created_at": now()}, token_hash(token)
-    )
+    await users.create(UserRecord(user_id=user_id, name=name, created_at=now()), token_hash(token))
     return user_id, token

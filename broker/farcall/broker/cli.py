@@ -63,7 +63,7 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> 
     store = None
     if settings.redis_url is None:
         store = MemoryStore()
-        _, token = asyncio.run(auth.create_user(store, "demo"))
+        _, token = asyncio.run(auth.create_user(store.users, "demo"))
         log.warning("embedded store: nothing survives a restart; created user 'demo'")
         print(f"demo user token: {token}", flush=True)
     if (settings.redis_url is None) != (settings.amqp_url is None):
@@ -95,7 +95,7 @@ def create_user(settings: Settings, name: str) -> int:
     async def run() -> tuple[str, str]:
         store = RedisStore(settings.redis_url or "", settings.redis_prefix, settings.result_ttl)
         try:
-            return await auth.create_user(store, name)
+            return await auth.create_user(store.users, name)
         finally:
             await store.close()
 

@@ -76,7 +76,7 @@ class EmbeddedBroker:
         """Create a user on the running broker and return its token (thread-safe)."""
         loop: asyncio.AbstractEventLoop = self.app.state.loop
         future = asyncio.run_coroutine_threadsafe(
-            auth.create_user(self.app.state.services.store, name), loop
+            auth.create_user(self.app.state.services.store.users, name), loop
         )
         return future.result(START_TIMEOUT)[1]
 

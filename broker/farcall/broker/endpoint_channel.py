@@ -25,7 +25,6 @@ from farcall.broker import auth
 from farcall.broker.errors import Forbidden, Unauthorized, deny_websocket
 from farcall.broker.queue.base import Consumer, Delivery
 from farcall.broker.services import Services
-from farcall.broker.store.base import TERMINAL
 from farcall.messages import (
     PROTOCOL_VERSION,
     Credit,
@@ -63,7 +62,7 @@ TOUCH_EVERY = 1.0
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
     """Authenticate the endpoint credential, then run the session until either side closes."""
-    principal = await auth.authenticate(svc.store, auth.bearer(ws.headers.get("authorization")))
+    principal = await auth.authenticate(svc.store.users, auth.bearer(ws.headers.get("authorization")))
     if principal is None:
         await deny_websocket(ws, Unauthorized("the endpoint credential is unknown or revoked"))
         return
@@ -103,7 +102,7 @@ class EndpointSession:
             return
         if hello is None:
             return
-        await self.store.set_connected(self.endpoint_id, self.session_id, True, now())
+        await self.store.endpoints.set_connected(self.endpoint_id, self.session_id, True, now())
         log.info(
             "endpoint %s connected (session %s, credit %d, holds %d)",
             self.endpoint_id,
@@ -112,9 +111,7 @@ class EndpointSession:
             len(hello.held_task_ids),
         )
         try:
-            await self.store.set_heartbeat(
-                self.endpoint_id, hello.heartbeat.model_dump(mode="json"), now()
-            )
+            await self.store.endpoints.set_heartbeat(self.endpoint_id, hello.heartbeat, now())
             await self._reconcile(set(hello.held_task_ids))
             await self.send(Welcome(endpoint_id=self.endpoint_id).model_dump_json())
             self.svc.sessions[self.endpoint_id] = self
@@ -153,7 +150,7 @@ class EndpointSession:
             with contextlib.suppress(Exception):
                 await self.consumer.close()
         try:
-            await self.store.set_connected(self.endpoint_id, self.session_id, False, now())
+            await self.store.endpoints.set_connected(self.endpoint_id, self.session_id, False, now())
         except Exception as e:  # noqa: BLE001 - the store may be the reason we are closing
             log.warning("endpoint %s: could not record disconnect: %r", self.endpoint_id, e)
         log.info("endpoint %s disconnected (session %s)", self.endpoint_id, self.session_id)
@@ -189,18 +186,18 @@ class EndpointSession:
 
     async def _reconcile(self, held: set[str]) -> None:
         """Queue again the in-flight tasks the endpoint no longer holds and are not finished."""
-        inflight = await self.store.get_inflight(self.endpoint_id)
+        inflight = await self.store.inflight.get(self.endpoint_id)
         lost = [t for t in inflight if t not in held]
         if not lost:
             return
-        records = await self.store.get_tasks(lost)
+        records = await self.store.tasks.get_many(lost)
         again = [
-            t for t, rec in zip(lost, records, strict=True) if rec and rec["state"] not in TERMINAL
+            t for t, rec in zip(lost, records, strict=True) if rec and not rec.state.terminal
         ]
         if again:
             await self.queue.publish(self.endpoint_id, [join_task_batch([inflight[t] for t in again])])
-            await self.store.count_queued(self.endpoint_id, len(again))
-        await self.store.remove_inflight(self.endpoint_id, lost)
+            await self.store.endpoints.count_queued(self.endpoint_id, len(again))
+        await self.store.inflight.remove(self.endpoint_id, lost)
         log.info(
             "endpoint %s: reconciled %d lost in-flight tasks (%d queued again)",
             self.endpoint_id,
@@ -231,18 +228,16 @@ class EndpointSession:
                 continue
             at = now()
             if isinstance(frame, HeartbeatFrame):
-                await self.store.set_heartbeat(
-                    self.endpoint_id, frame.heartbeat.model_dump(mode="json"), at
-                )
+                await self.store.endpoints.set_heartbeat(self.endpoint_id, frame.heartbeat, at)
                 self._last_touch = at
                 continue
             if at - self._last_touch > TOUCH_EVERY:
                 self._last_touch = at
-                await self.store.touch_endpoint(self.endpoint_id, at)
+                await self.store.endpoints.touch(self.endpoint_id, at)
             if isinstance(frame, Credit):
                 await self._add_credit(frame.n)
             elif isinstance(frame, RunningFrame):
-                await self.store.mark_running(self.endpoint_id, frame.started)
+                await self.store.tasks.mark_running(self.endpoint_id, frame.started)
             elif isinstance(frame, ResultsFrame):
                 await self._results(frame)
             elif isinstance(frame, Hello):
@@ -258,12 +253,12 @@ class EndpointSession:
 
     async def _store_results(self, results: list[ResultMessage]) -> None:
         """Store results (first one per task wins) and push the new ones to their streams."""
-        done = await self.store.complete(self.endpoint_id, results, now())
+        done = await self.store.tasks.complete(self.endpoint_id, results, now())
         by_group: dict[str, list[TaskResult]] = defaultdict(list)
         for group, result in done:
             by_group[group].append(result)
         for group, stored in by_group.items():
-            await self.store.publish_results(group, ResultStreamFrame(results=stored).model_dump_json())
+            await self.store.pubsub.publish(group, ResultStreamFrame(results=stored).model_dump_json())
         ids = [r.task_id for r in results]
         self.held.difference_update(ids)
         self._remember_done(ids)
@@ -332,7 +327,7 @@ class EndpointSession:
                     taken += 1
                     tasks[task.task_id] = task.model_dump_json()
                     function_of[task.task_id] = task.function_id
-        accepted = await self.store.dispatch(self.endpoint_id, tasks, taken) if tasks else []
+        accepted = await self.store.inflight.add(self.endpoint_id, tasks, taken) if tasks else []
         await self.consumer.ack(deliveries)
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
@@ -380,13 +375,13 @@ class EndpointSession:
             await self.send(tasks_frame_json([body for _, _, body in batch], functions))
 
     async def _function_bodies(self, function_ids: set[str]) -> dict[str, str]:
-        cache = self.svc.owners
-        found = {f: rec["function"] for f in function_ids if (rec := cache.get(f"fn:{f}"))}
+        cache = self.svc.functions
+        found = {f: rec.function for f in function_ids if (rec := cache.get(f))}
         missing = [f for f in function_ids if f not in found]
         if missing:
-            for f, rec in (await self.store.get_functions(missing)).items():
-                cache.put(f"fn:{f}", rec)
-                found[f] = rec["function"]
+            for f, rec in (await self.store.functions.get_many(missing)).items():
+                cache.put(f, rec)
+                found[f] = rec.function
         return found
 
     async def _fail_orphans(

@@ -29,8 +29,11 @@ CODES = {
 }
 
 
-class BrokerError(Exception):
-    """Base class of errors the broker answers with; ``status`` is the HTTP status."""
+class ApiError(Exception):
+    """Base class of errors the broker answers with; ``status`` is the HTTP status.
+
+    (The SDK's ``farcall.errors.BrokerError`` is what a client raises on receiving one.)
+    """
 
     status = 500
     code = "internal"
@@ -46,30 +49,30 @@ class BrokerError(Exception):
         return None
 
 
-class Unauthorized(BrokerError):
+class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="farcall"'}
 
 
-class Forbidden(BrokerError):
+class Forbidden(ApiError):
     status, code = 403, "forbidden"
 
 
-class NotFound(BrokerError):
+class ObjectNotFound(ApiError):
     status, code = 404, "not_found"
 
 
-class InvalidRequest(BrokerError):
+class InvalidRequest(ApiError):
     status, code = 400, "invalid_request"
 
 
-class PayloadTooLarge(BrokerError):
+class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
-class Unavailable(BrokerError):
+class Unavailable(ApiError):
     """Redis or RabbitMQ did not answer; the request may be retried."""
 
     status, code = 503, "unavailable"
@@ -107,8 +110,8 @@ BACKEND_ERRORS = _backend_errors()
 def install_handlers(app: FastAPI) -> None:
     """Register the JSON error handlers on ``app``."""
 
-    async def broker_error(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, BrokerError)
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
         return exc.response()
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -139,7 +142,7 @@ def install_handlers(app: FastAPI) -> None:
         log.exception("unexpected error", exc_info=exc)
         return error_response(500, "internal", "the broker failed unexpectedly; see its log")
 
-    app.add_exception_handler(BrokerError, broker_error)
+    app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     for kind in BACKEND_ERRORS:
@@ -147,7 +150,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-async def deny_websocket(ws: WebSocket, error: BrokerError) -> None:
+async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
     """Refuse a WebSocket upgrade with the error's HTTP status and JSON body (else close 1008)."""
     try:
         await ws.send_denial_response(error.response())

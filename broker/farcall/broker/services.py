@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from farcall.broker import auth
 from farcall.broker.cache import TTLCache
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import Principal, Store
+from farcall.records import FunctionRecord
+
+if TYPE_CHECKING:
+    from farcall.broker.endpoint_channel import EndpointSession
 
 TOKEN_CACHE_SECONDS = 10.0
 """A revoked user token stops working on every replica within this time."""
@@ -42,17 +46,31 @@ def make_queue(settings: Settings) -> TaskQueue:
     return MemoryQueue(settings.queue_prefix)
 
 
+def _owner_cache() -> TTLCache[str, str]:
+    return TTLCache[str, str](OWNER_CACHE_SECONDS)
+
+
 @dataclass
 class Services:
+    """The store and queue, and what this replica keeps in memory to spare them a round trip."""
+
     settings: Settings
     store: Store
     queue: TaskQueue
     principals: TTLCache[str, Principal] = field(
         default_factory=lambda: TTLCache[str, Principal](TOKEN_CACHE_SECONDS)
     )
-    owners: TTLCache[str, Any] = field(default_factory=lambda: TTLCache[str, Any](OWNER_CACHE_SECONDS))
-    """Owners of endpoints and task groups and function records (none of them ever change)."""
-    sessions: dict[str, Any] = field(default_factory=dict)
+    """Token hash -> who holds it: every REST request asks."""
+    endpoint_owners: TTLCache[str, str] = field(default_factory=_owner_cache)
+    """Endpoint id -> its owner's user id (never changes; a deleted endpoint drops out in time)."""
+    group_owners: TTLCache[str, str] = field(default_factory=_owner_cache)
+    """Task group id -> its owner's user id."""
+    functions: TTLCache[str, FunctionRecord] = field(
+        default_factory=lambda: TTLCache[str, FunctionRecord](OWNER_CACHE_SECONDS)
+    )
+    """Function id -> its record with the body: every submission checks the owner, and a
+    channel session sends each body to its endpoint once."""
+    sessions: dict[str, EndpointSession] = field(default_factory=dict)
     """Endpoint id -> its channel session on this replica, for sending new tasks directly."""
 
     async def authenticate_user(self, token: str) -> Principal | None:
@@ -60,7 +78,7 @@ class Services:
         digest = auth.token_hash(token)
         found = self.principals.get(digest)
         if found is None:
-            found = await auth.authenticate(self.store, token)
+            found = await auth.authenticate(self.store.users, token)
             if found is not None:
                 self.principals.put(digest, found)
         return found

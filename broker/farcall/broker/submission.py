@@ -17,107 +17,97 @@ from __future__ import annotations
 import logging
 import uuid
 
-from farcall.broker.errors import NotFound
+from farcall.broker.errors import ObjectNotFound
 from farcall.broker.services import Services
-from farcall.broker.store.base import Record
-from farcall.messages import BatchSubmission, BatchSubmitted, TaskMessage, TaskState, dump_task_batch, now
+from farcall.broker.store.base import SubmissionContext
+from farcall.messages import BatchSubmission, BatchSubmitted, TaskMessage, dump_task_batch, now
+from farcall.records import NewTasks
 
 log = logging.getLogger(__name__)
 
 
 async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> BatchSubmitted:
-    """Accept ``batch`` for ``user``; raises ``NotFound`` for an id that is not theirs."""
+    """Accept ``batch`` for ``user``; raises ``ObjectNotFound`` for an id that is not theirs."""
     received = now()
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
-    endpoint_owner, functions, group_owner = await _submit_context(
-        svc, batch.endpoint_id, function_ids, batch.task_group_id
-    )
-    if endpoint_owner != user:
-        raise NotFound(f"endpoint {batch.endpoint_id} not found; list yours with GET /v1/endpoints")
+    context = await _submission_context(svc, batch.endpoint_id, function_ids, batch.task_group_id)
+    if context.endpoint_owner != user:
+        raise ObjectNotFound(
+            f"endpoint {batch.endpoint_id} not found; list yours with GET /v1/endpoints")
+    functions = context.functions
     for function_id in function_ids:
         f = functions.get(function_id)
-        if f is None or f["user_id"] != user:
-            raise NotFound(f"function {function_id} not found; register it first")
-    if batch.task_group_id and group_owner != user:
-        raise NotFound(
+        if f is None or f.user_id != user:
+            raise ObjectNotFound(f"function {function_id} not found; register it first")
+    if batch.task_group_id and context.group_owner != user:
+        raise ObjectNotFound(
             f"task group {batch.task_group_id} not found; omit task_group_id to get a new one"
         )
 
-    group_id = batch.task_group_id or str(uuid.uuid4())
-    new_group = (
-        None
-        if batch.task_group_id
-        else {"task_group_id": group_id, "user_id": user, "created_at": received}
+    messages = [
+        TaskMessage.model_construct(
+            task_id=str(uuid.uuid4()),
+            function_id=spec.function_id,
+            args=spec.args,
+            resource_specification=spec.resource_specification,
+            submitter=batch.submitter,
+        )
+        for spec in batch.tasks
+    ]
+    task_ids = [m.task_id for m in messages]
+    new = NewTasks(
+        user_id=user,
+        task_group_id=batch.task_group_id or str(uuid.uuid4()),
+        endpoint_id=batch.endpoint_id,
+        task_ids=task_ids,
+        function_ids=[m.function_id for m in messages],
+        received_at=received,
+        waiting_at=now(),
+        submitter=batch.submitter,
+        new_group=not batch.task_group_id,
     )
-    submitter = batch.submitter.model_dump() if batch.submitter else None
-    waiting = now()
-    transitions = {TaskState.RECEIVED.value: received, TaskState.WAITING.value: waiting}
-    records, messages = [], []
-    for spec in batch.tasks:
-        task_id = str(uuid.uuid4())
-        records.append(
-            {
-                "task_id": task_id,
-                "user_id": user,
-                "task_group_id": group_id,
-                "endpoint_id": batch.endpoint_id,
-                "function_id": spec.function_id,
-                "state": TaskState.WAITING.value,
-                "transitions": dict(transitions),
-                "submitter": submitter,
-            }
-        )
-        messages.append(
-            TaskMessage.model_construct(
-                task_id=task_id,
-                function_id=spec.function_id,
-                args=spec.args,
-                resource_specification=spec.resource_specification,
-                submitter=batch.submitter,
-            )
-        )
-    task_ids = [str(r["task_id"]) for r in records]
+    answer = BatchSubmitted(task_group_id=new.task_group_id, task_ids=task_ids)
     session = svc.sessions.get(batch.endpoint_id)
     direct = None
     if session is not None and session.can_take(len(messages)):
         direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
     inflight = {task_id: body for task_id, _, body in direct} if direct else None
-    await svc.store.create_tasks(records, new_group, inflight=inflight)
+    await svc.store.tasks.create(new, inflight=inflight)
     if direct and session is not None:
         # Recorded in flight, the tasks are as safe as dispatched ones: if the session ends
         # before their results, the endpoint's next hello queues them again (reconcile).
         try:
-            await session.send_direct(direct, {f: functions[f]["function"] for f in function_ids})
+            await session.send_direct(direct, {f: functions[f].function for f in function_ids})
         except Exception as e:  # noqa: BLE001 - reconcile at the next hello queues them again
             log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
-        return BatchSubmitted(task_group_id=group_id, task_ids=task_ids)
+        return answer
     try:
         await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
     except Exception:
-        await svc.store.fail_tasks(
+        await svc.store.tasks.fail(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
-        await svc.store.count_queued(batch.endpoint_id, -len(task_ids))
+        await svc.store.endpoints.count_queued(batch.endpoint_id, -len(task_ids))
         raise
-    return BatchSubmitted(task_group_id=group_id, task_ids=task_ids)
+    return answer
 
 
-async def _submit_context(
+async def _submission_context(
     svc: Services, endpoint_id: str, function_ids: list[str], task_group_id: str | None
-) -> tuple[str | None, dict[str, Record], str | None]:
-    """Owners and function records, from the replica's cache when it has them all."""
-    cache = svc.owners
-    owner = cache.get(f"ep:{endpoint_id}")
-    group_owner = cache.get(f"tg:{task_group_id}") if task_group_id else None
-    functions = {f: rec for f in function_ids if (rec := cache.get(f"fn:{f}")) is not None}
-    if owner is None or len(functions) < len(function_ids) or (task_group_id and group_owner is None):
-        owner, functions, group_owner = await svc.store.submit_context(
-            endpoint_id, function_ids, task_group_id
-        )
-        if owner is not None:
-            cache.put(f"ep:{endpoint_id}", owner)
-        if group_owner is not None:
-            cache.put(f"tg:{task_group_id}", group_owner)
-        for f, rec in functions.items():
-            cache.put(f"fn:{f}", rec)
-    return owner, functions, group_owner
+) -> SubmissionContext:
+    """Owners and function records, from the replica's caches when they have them all."""
+    owner = svc.endpoint_owners.get(endpoint_id)
+    group_owner = svc.group_owners.get(task_group_id) if task_group_id else None
+    functions = {f: rec for f in function_ids if (rec := svc.functions.get(f)) is not None}
+    if owner is not None and len(functions) == len(function_ids) and (
+        not task_group_id or group_owner is not None
+    ):
+        return SubmissionContext(owner, functions, group_owner)
+    context = await svc.store.tasks.submission_context(endpoint_id, function_ids, task_group_id)
+    if context.endpoint_owner is not None:
+        svc.endpoint_owners.put(endpoint_id, context.endpoint_owner)
+    if task_group_id and context.group_owner is not None:
+        svc.group_owners.put(task_group_id, context.group_owner)
+    for f, rec in context.functions.items():
+        svc.functions.put(f, rec)
+    return context

@@ -1,10 +1,21 @@
-"""The store interface: users, functions, endpoints, task groups, tasks, results.
+"""The store: a few narrow interfaces composed into one ``Store``, each with a memory and a Redis backend.
 
-The HTTP routes and the endpoint channel only see this interface, so they do
-not know whether Redis or process memory sits behind it. Records are plain
-dicts shaped like the REST answers of docs/protocol.md plus a ``user_id`` owner.
-Every method that touches many tasks takes them as one batch, so an
-implementation can serve it in one round trip.
+The HTTP routes and the endpoint channel only see these interfaces, so they do
+not know whether Redis or process memory sits behind them. Records are the
+typed models of :mod:`farcall.records`. Every method that touches many tasks
+takes them as one batch, so a backend can serve it in one round trip; where one
+operation spans two interfaces' data (a submitted batch sent straight to its
+endpoint is also in flight), it belongs to the interface that owns the main
+concept and says so.
+
+| part | holds |
+|---|---|
+| ``users`` | users and the tokens that identify users and endpoints |
+| ``functions`` | registered functions |
+| ``endpoints`` | endpoints, their sessions, heartbeats and queued-task counts |
+| ``tasks`` | task groups, task records and their life cycle |
+| ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
+| ``pubsub`` | result-stream frames published to every replica's subscribers |
 """
 
 from __future__ import annotations
@@ -13,12 +24,18 @@ import abc
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from farcall.messages import ResultMessage, TaskResult, TaskState
+from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState
+from farcall.records import (
+    EndpointRecord,
+    FunctionRecord,
+    NewTasks,
+    TaskGroupRecord,
+    TaskRecord,
+    UserRecord,
+)
 
-Record = dict[str, Any]
-TERMINAL = frozenset({TaskState.SUCCESS.value, TaskState.FAILED.value})
 _LIFECYCLE = {s.value: i for i, s in enumerate(TaskState)}
 
 
@@ -36,6 +53,141 @@ class Principal:
     token_hash: str
 
 
+@dataclass(frozen=True)
+class SubmissionContext:
+    """What accepting a batch needs to know, read in one round trip."""
+
+    endpoint_owner: str | None
+    functions: dict[str, FunctionRecord]
+    """The functions that exist among those asked for, by id."""
+    group_owner: str | None
+
+
+class UserStore(abc.ABC):
+    @abc.abstractmethod
+    async def create(self, user: UserRecord, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def resolve_token(self, token_hash: str) -> Principal | None:
+        """The user or endpoint a token hash belongs to."""
+
+
+class FunctionStore(abc.ABC):
+    @abc.abstractmethod
+    async def put(self, function: FunctionRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
+        """The functions that exist among ``function_ids``, by id."""
+
+    @abc.abstractmethod
+    async def delete(self, function_id: str) -> None: ...
+
+
+class EndpointStore(abc.ABC):
+    @abc.abstractmethod
+    async def put(self, endpoint: EndpointRecord, credential_hash: str) -> None:
+        """Store a new endpoint and its credential (a token of kind ``endpoint``)."""
+
+    @abc.abstractmethod
+    async def get(self, endpoint_id: str) -> EndpointRecord | None: ...
+
+    @abc.abstractmethod
+    async def list(self, user_id: str) -> list[EndpointRecord]:
+        """The user's endpoints, by id."""
+
+    @abc.abstractmethod
+    async def delete(self, endpoint_id: str) -> None:
+        """Remove the endpoint, revoke its credential, forget its in-flight set and queued count."""
+
+    @abc.abstractmethod
+    async def set_connected(
+        self, endpoint_id: str, session_id: str, connected: bool, at: float
+    ) -> None:
+        """Add or remove one channel session; an endpoint is connected while it has any."""
+
+    @abc.abstractmethod
+    async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def touch(self, endpoint_id: str, at: float) -> None:
+        """Record that the endpoint was heard from (any frame) at ``at``."""
+
+    @abc.abstractmethod
+    async def count_queued(self, endpoint_id: str, delta: int) -> None:
+        """Adjust the endpoint's queued-task count (tasks queued again, or never queued)."""
+
+
+class TaskStore(abc.ABC):
+    """Task groups and tasks. Completion is idempotent: the first result for a task id wins."""
+
+    @abc.abstractmethod
+    async def create_group(self, group: TaskGroupRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def group_owner(self, task_group_id: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def group_tasks(self, task_group_id: str) -> list[str]:
+        """The group's task ids in submission order."""
+
+    @abc.abstractmethod
+    async def submission_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> SubmissionContext:
+        """The endpoint's owner, the functions, and the task group's owner, in one round trip."""
+
+    @abc.abstractmethod
+    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+        """Record a submitted batch (and its new task group) at once.
+
+        Spans two other parts: ``inflight`` (task id -> TaskMessage JSON, for tasks sent
+        straight to the endpoint) goes into the endpoint's in-flight set; the other tasks
+        add to its queued-task count.
+        """
+
+    @abc.abstractmethod
+    async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        """Task records in the order asked; None for unknown (or expired) ids."""
+
+    @abc.abstractmethod
+    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
+        """Fail tasks that are not terminal yet (ones that could not be queued, for example)."""
+
+    @abc.abstractmethod
+    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
+        """Set ``running`` for tasks of this endpoint that are not terminal yet."""
+
+    @abc.abstractmethod
+    async def complete(
+        self, endpoint_id: str, results: list[ResultMessage], at: float
+    ) -> list[tuple[str, TaskResult]]:
+        """Store results, first one per task id wins; drop them from the in-flight set.
+
+        Returns ``(task_group_id, TaskResult)`` for the newly completed tasks only.
+        Results for tasks of other endpoints are ignored.
+        """
+
+
+class InflightStore(abc.ABC):
+    """Per endpoint, the tasks a channel session took (task id -> TaskMessage JSON) and no result
+    has come back for; the endpoint's next hello queues again those it no longer holds."""
+
+    @abc.abstractmethod
+    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+        """Put tasks in the endpoint's in-flight set; ``taken`` of them left its queue.
+
+        The queued-task count shrinks by ``taken``. Returns the ids accepted: tasks that
+        exist, belong to this endpoint and are not terminal. The caller drops the others.
+        """
+
+    @abc.abstractmethod
+    async def get(self, endpoint_id: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    async def remove(self, endpoint_id: str, task_ids: list[str]) -> None: ...
+
+
 class Subscription(abc.ABC):
     """Result-stream frames (JSON text) published for one task group, from any broker replica."""
 
@@ -44,6 +196,34 @@ class Subscription(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+class PubSub(abc.ABC):
+    @abc.abstractmethod
+    async def publish(self, task_group_id: str, frame: str) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, task_group_id: str) -> Subscription:
+        """Start receiving frames for a group; frames published after this returns are delivered."""
+
+
+class Store:
+    """Durable broker state: the narrow parts above, from one backend."""
+
+    users: UserStore
+    functions: FunctionStore
+    endpoints: EndpointStore
+    tasks: TaskStore
+    inflight: InflightStore
+    pubsub: PubSub
+
+    async def start(self) -> None:
+        """Connect (and fail fast if the backing service does not answer)."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections."""
+        return None
 
 
 class LocalSubscription(Subscription):
@@ -73,150 +253,3 @@ class LocalSubscription(Subscription):
 def deliver_locally(fanout: dict[str, set[LocalSubscription]], group: str, frame: str) -> None:
     for sub in list(fanout.get(group, ())):
         sub.put(frame)
-
-
-class Store(abc.ABC):
-    """Durable broker state. Completion is idempotent: the first result for a task id wins."""
-
-    async def start(self) -> None:
-        """Connect (and fail fast if the backing service does not answer)."""
-        return None
-
-    async def close(self) -> None:
-        """Release connections."""
-        return None
-
-    # ------------------------------------------------------------ users and tokens
-    @abc.abstractmethod
-    async def create_user(self, user: Record, token_hash: str) -> None: ...
-
-    @abc.abstractmethod
-    async def resolve_token(self, token_hash: str) -> Principal | None: ...
-
-    # ------------------------------------------------------------ functions
-    @abc.abstractmethod
-    async def put_function(self, function: Record) -> None:
-        """Store a function record.
-
-        Keys: function_id, user_id, function_name, description, function, created_at.
-        """
-
-    @abc.abstractmethod
-    async def get_functions(self, function_ids: list[str]) -> dict[str, Record]:
-        """The functions that exist among ``function_ids``, by id."""
-
-    @abc.abstractmethod
-    async def delete_function(self, function_id: str) -> None: ...
-
-    # ------------------------------------------------------------ endpoints
-    @abc.abstractmethod
-    async def put_endpoint(self, endpoint: Record, credential_hash: str) -> None:
-        """Store ``endpoint_id, user_id, name, description, created_at`` and its credential."""
-
-    @abc.abstractmethod
-    async def get_endpoint(self, endpoint_id: str) -> Record | None:
-        """The record plus ``last_heartbeat``, ``last_seen``, ``heartbeat``, ``connected`` and
-        ``queued_tasks`` (tasks in its queue, not yet taken by a channel session)."""
-
-    @abc.abstractmethod
-    async def list_endpoints(self, user_id: str) -> list[Record]: ...
-
-    @abc.abstractmethod
-    async def delete_endpoint(self, endpoint_id: str) -> None:
-        """Remove the endpoint, revoke its credential, forget its in-flight set."""
-
-    @abc.abstractmethod
-    async def set_connected(
-        self, endpoint_id: str, session_id: str, connected: bool, at: float
-    ) -> None:
-        """Add or remove one channel session; an endpoint is connected while it has any."""
-
-    @abc.abstractmethod
-    async def set_heartbeat(self, endpoint_id: str, heartbeat: Record, at: float) -> None: ...
-
-    @abc.abstractmethod
-    async def touch_endpoint(self, endpoint_id: str, at: float) -> None:
-        """Record that the endpoint was heard from (any frame) at ``at``."""
-
-    # ------------------------------------------------------------ task groups
-    @abc.abstractmethod
-    async def create_task_group(self, task_group_id: str, user_id: str, at: float) -> None: ...
-
-    @abc.abstractmethod
-    async def get_task_group_owner(self, task_group_id: str) -> str | None: ...
-
-    @abc.abstractmethod
-    async def get_task_group_tasks(self, task_group_id: str) -> list[str]: ...
-
-    # ------------------------------------------------------------ tasks
-    @abc.abstractmethod
-    async def submit_context(
-        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
-    ) -> tuple[str | None, dict[str, Record], str | None]:
-        """What a submission needs, in one round trip: the endpoint's owner, the functions
-        that exist among ``function_ids`` (by id), and the task group's owner."""
-
-    @abc.abstractmethod
-    async def create_tasks(
-        self,
-        tasks: list[Record],
-        new_group: Record | None = None,
-        inflight: dict[str, str] | None = None,
-    ) -> None:
-        """Create task records (and ``new_group``: task_group_id, user_id, created_at) at once.
-
-        Each task: ``task_id, user_id, task_group_id, endpoint_id, function_id, state,
-        transitions, submitter``. All tasks of one call belong to one group and one endpoint.
-        ``inflight`` (id -> TaskMessage JSON) goes into the endpoint's in-flight set at once,
-        for tasks sent to it directly; the others add to its queued-task count.
-        """
-
-    @abc.abstractmethod
-    async def count_queued(self, endpoint_id: str, delta: int) -> None:
-        """Adjust the endpoint's queued-task count (tasks queued again, or never queued)."""
-
-    @abc.abstractmethod
-    async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
-        """Task records in the order asked; None for unknown (or expired) ids."""
-
-    @abc.abstractmethod
-    async def fail_tasks(self, task_ids: list[str], error: str, at: float) -> None:
-        """Mark tasks failed that could not be queued (they never reach an endpoint)."""
-
-    # ------------------------------------------------------------ endpoint channel
-    @abc.abstractmethod
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
-        """Put tasks (id -> TaskMessage JSON) in the endpoint's in-flight set.
-
-        ``taken`` tasks left the queue (the queued-task count shrinks by it). Returns
-        the ids accepted: tasks that exist, belong to this endpoint and are not
-        terminal. The others must be dropped by the caller.
-        """
-
-    @abc.abstractmethod
-    async def get_inflight(self, endpoint_id: str) -> dict[str, str]: ...
-
-    @abc.abstractmethod
-    async def remove_inflight(self, endpoint_id: str, task_ids: list[str]) -> None: ...
-
-    @abc.abstractmethod
-    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
-        """Set ``running`` for tasks of this endpoint that are not terminal yet."""
-
-    @abc.abstractmethod
-    async def complete(
-        self, endpoint_id: str, results: list[ResultMessage], at: float
-    ) -> list[tuple[str, TaskResult]]:
-        """Store results, first one per task id wins; drop them from the in-flight set.
-
-        Returns ``(task_group_id, TaskResult)`` for the newly completed tasks only.
-        Results for tasks of other endpoints are ignored.
-        """
-
-    # ------------------------------------------------------------ result fan-out
-    @abc.abstractmethod
-    async def publish_results(self, task_group_id: str, frame: str) -> None: ...
-
-    @abc.abstractmethod
-    async def subscribe_results(self, task_group_id: str) -> Subscription:
-        """Start receiving frames for a group; frames published after this returns are delivered."""

@@ -1,226 +1,262 @@
 """In-process store for embedded mode and unit tests: same semantics as Redis, nothing persisted.
 
-All methods run on one event loop, so each is atomic without locks.
+All methods run on one event loop, so each is atomic without locks. The parts
+share one ``_State``, as the Redis parts share one database. Records handed out
+are copies, so a caller cannot change the store by changing them.
 """
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, field
 
 from farcall.broker.store.base import (
-    TERMINAL,
+    EndpointStore,
+    FunctionStore,
+    InflightStore,
     LocalSubscription,
     Principal,
-    Record,
+    PubSub,
     Store,
+    SubmissionContext,
     Subscription,
+    TaskStore,
+    UserStore,
     deliver_locally,
 )
-from farcall.messages import ResultMessage, TaskResult, TaskState
+from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState
+from farcall.records import (
+    EndpointRecord,
+    FunctionRecord,
+    NewTasks,
+    TaskGroupRecord,
+    TaskRecord,
+    UserRecord,
+)
 
 
-class MemoryStore(Store):
-    def __init__(self) -> None:
-        self._users: dict[str, Record] = {}
-        self._tokens: dict[str, Principal] = {}
-        self._functions: dict[str, Record] = {}
-        self._endpoints: dict[str, Record] = {}
-        self._credentials: dict[str, str] = {}  # endpoint_id -> token hash
-        self._sessions: dict[str, set[str]] = {}
-        self._inflight: dict[str, dict[str, str]] = {}
-        self._groups: dict[str, Record] = {}
-        self._group_tasks: dict[str, list[str]] = {}
-        self._tasks: dict[str, Record] = {}
-        self._subscribers: dict[str, set[LocalSubscription]] = {}
-        self._queued: dict[str, int] = {}
+@dataclass
+class _State:
+    users: dict[str, UserRecord] = field(default_factory=dict)
+    tokens: dict[str, Principal] = field(default_factory=dict)
+    functions: dict[str, FunctionRecord] = field(default_factory=dict)
+    endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
+    credentials: dict[str, str] = field(default_factory=dict)
+    """endpoint id -> its credential's hash"""
+    sessions: dict[str, set[str]] = field(default_factory=dict)
+    queued: dict[str, int] = field(default_factory=dict)
+    inflight: dict[str, dict[str, str]] = field(default_factory=dict)
+    groups: dict[str, TaskGroupRecord] = field(default_factory=dict)
+    group_tasks: dict[str, list[str]] = field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    subscribers: dict[str, set[LocalSubscription]] = field(default_factory=dict)
 
-    # ------------------------------------------------------------ users and tokens
-    async def create_user(self, user: Record, token_hash: str) -> None:
-        self._users[user["user_id"]] = dict(user)
-        self._tokens[token_hash] = Principal("user", user["user_id"], token_hash)
+    def live_task(self, task_id: str, endpoint_id: str) -> TaskRecord | None:
+        """The task if it exists, runs on ``endpoint_id`` and is not terminal yet."""
+        task = self.tasks.get(task_id)
+        if task is None or task.endpoint_id != endpoint_id or task.state.terminal:
+            return None
+        return task
+
+
+class MemoryUsers(UserStore):
+    def __init__(self, state: _State) -> None:
+        self._s = state
+
+    async def create(self, user: UserRecord, token_hash: str) -> None:
+        self._s.users[user.user_id] = user.model_copy()
+        self._s.tokens[token_hash] = Principal("user", user.user_id, token_hash)
 
     async def resolve_token(self, token_hash: str) -> Principal | None:
-        return self._tokens.get(token_hash)
+        return self._s.tokens.get(token_hash)
 
-    # ------------------------------------------------------------ functions
-    async def put_function(self, function: Record) -> None:
-        self._functions[function["function_id"]] = dict(function)
 
-    async def get_functions(self, function_ids: list[str]) -> dict[str, Record]:
-        return {f: dict(self._functions[f]) for f in function_ids if f in self._functions}
+class MemoryFunctions(FunctionStore):
+    def __init__(self, state: _State) -> None:
+        self._s = state
 
-    async def delete_function(self, function_id: str) -> None:
-        self._functions.pop(function_id, None)
+    async def put(self, function: FunctionRecord) -> None:
+        self._s.functions[function.function_id] = function.model_copy()
 
-    # ------------------------------------------------------------ endpoints
-    async def put_endpoint(self, endpoint: Record, credential_hash: str) -> None:
-        eid = endpoint["endpoint_id"]
-        self._endpoints[eid] = {
-            "last_heartbeat": None,
-            "last_seen": None,
-            "heartbeat": {},
-            **endpoint,
-        }
-        self._credentials[eid] = credential_hash
-        self._tokens[credential_hash] = Principal("endpoint", eid, credential_hash)
+    async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
+        found = self._s.functions
+        return {f: found[f].model_copy() for f in function_ids if f in found}
 
-    async def get_endpoint(self, endpoint_id: str) -> Record | None:
-        ep = self._endpoints.get(endpoint_id)
+    async def delete(self, function_id: str) -> None:
+        self._s.functions.pop(function_id, None)
+
+
+class MemoryEndpoints(EndpointStore):
+    def __init__(self, state: _State) -> None:
+        self._s = state
+
+    async def put(self, endpoint: EndpointRecord, credential_hash: str) -> None:
+        eid = endpoint.endpoint_id
+        self._s.endpoints[eid] = endpoint.model_copy(deep=True)
+        self._s.credentials[eid] = credential_hash
+        self._s.tokens[credential_hash] = Principal("endpoint", eid, credential_hash)
+
+    async def get(self, endpoint_id: str) -> EndpointRecord | None:
+        ep = self._s.endpoints.get(endpoint_id)
         if ep is None:
             return None
-        return {
-            **copy.deepcopy(ep),
-            "connected": bool(self._sessions.get(endpoint_id)),
-            "queued_tasks": max(0, self._queued.get(endpoint_id, 0)),
-        }
+        return ep.model_copy(deep=True, update={
+            "connected": bool(self._s.sessions.get(endpoint_id)),
+            "queued_tasks": max(0, self._s.queued.get(endpoint_id, 0)),
+        })
 
-    async def list_endpoints(self, user_id: str) -> list[Record]:
-        ids = [e for e, rec in self._endpoints.items() if rec["user_id"] == user_id]
-        return [r for e in ids if (r := await self.get_endpoint(e)) is not None]
+    async def list(self, user_id: str) -> list[EndpointRecord]:
+        ids = sorted(e for e, rec in self._s.endpoints.items() if rec.user_id == user_id)
+        return [r for e in ids if (r := await self.get(e)) is not None]
 
-    async def delete_endpoint(self, endpoint_id: str) -> None:
-        self._endpoints.pop(endpoint_id, None)
-        self._tokens.pop(self._credentials.pop(endpoint_id, ""), None)
-        self._sessions.pop(endpoint_id, None)
-        self._inflight.pop(endpoint_id, None)
-        self._queued.pop(endpoint_id, None)
+    async def delete(self, endpoint_id: str) -> None:
+        s = self._s
+        s.endpoints.pop(endpoint_id, None)
+        s.tokens.pop(s.credentials.pop(endpoint_id, ""), None)
+        s.sessions.pop(endpoint_id, None)
+        s.inflight.pop(endpoint_id, None)
+        s.queued.pop(endpoint_id, None)
 
     async def set_connected(
         self, endpoint_id: str, session_id: str, connected: bool, at: float
     ) -> None:
-        sessions = self._sessions.setdefault(endpoint_id, set())
+        sessions = self._s.sessions.setdefault(endpoint_id, set())
         if connected:
             sessions.add(session_id)
         else:
             sessions.discard(session_id)
-        await self.touch_endpoint(endpoint_id, at)
+        await self.touch(endpoint_id, at)
 
-    async def set_heartbeat(self, endpoint_id: str, heartbeat: Record, at: float) -> None:
-        ep = self._endpoints.get(endpoint_id)
+    async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None:
+        ep = self._s.endpoints.get(endpoint_id)
         if ep is not None:
-            ep.update(heartbeat=copy.deepcopy(heartbeat), last_heartbeat=at, last_seen=at)
+            ep.heartbeat = heartbeat.model_copy(deep=True)
+            ep.last_heartbeat = ep.last_seen = at
 
-    async def touch_endpoint(self, endpoint_id: str, at: float) -> None:
-        ep = self._endpoints.get(endpoint_id)
+    async def touch(self, endpoint_id: str, at: float) -> None:
+        ep = self._s.endpoints.get(endpoint_id)
         if ep is not None:
-            ep["last_seen"] = at
+            ep.last_seen = at
 
-    # ------------------------------------------------------------ task groups
-    async def create_task_group(self, task_group_id: str, user_id: str, at: float) -> None:
-        self._groups[task_group_id] = {"user_id": user_id, "created_at": at}
-        self._group_tasks.setdefault(task_group_id, [])
-
-    async def get_task_group_owner(self, task_group_id: str) -> str | None:
-        group = self._groups.get(task_group_id)
-        return group["user_id"] if group else None
-
-    async def get_task_group_tasks(self, task_group_id: str) -> list[str]:
-        return list(self._group_tasks.get(task_group_id, []))
-
-    # ------------------------------------------------------------ tasks
-    async def submit_context(
-        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
-    ) -> tuple[str | None, dict[str, Record], str | None]:
-        ep = self._endpoints.get(endpoint_id)
-        owner = None if task_group_id is None else await self.get_task_group_owner(task_group_id)
-        return (ep["user_id"] if ep else None), await self.get_functions(function_ids), owner
-
-    async def create_tasks(
-        self,
-        tasks: list[Record],
-        new_group: Record | None = None,
-        inflight: dict[str, str] | None = None,
-    ) -> None:
-        if new_group is not None:
-            await self.create_task_group(
-                new_group["task_group_id"], new_group["user_id"], new_group["created_at"]
-            )
-        if tasks:
-            await self.count_queued(tasks[0]["endpoint_id"], len(tasks) - len(inflight or ()))
-            if inflight:
-                self._inflight.setdefault(tasks[0]["endpoint_id"], {}).update(inflight)
-        for task in tasks:
-            record = copy.deepcopy(task)
-            record.update(data="", error="", completed_at=None, worker=None)
-            self._tasks[task["task_id"]] = record
-            self._group_tasks.setdefault(task["task_group_id"], []).append(task["task_id"])
-
-    async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
-        return [
-            copy.deepcopy(t) if (t := self._tasks.get(i)) is not None else None for i in task_ids
-        ]
-
-    async def fail_tasks(self, task_ids: list[str], error: str, at: float) -> None:
-        for task_id in task_ids:
-            task = self._tasks.get(task_id)
-            if task is not None and task["state"] not in TERMINAL:
-                task.update(state=TaskState.FAILED.value, error=error, completed_at=at)
-                task["transitions"][TaskState.FAILED.value] = at
-
-    # ------------------------------------------------------------ endpoint channel
     async def count_queued(self, endpoint_id: str, delta: int) -> None:
-        self._queued[endpoint_id] = self._queued.get(endpoint_id, 0) + delta
+        self._s.queued[endpoint_id] = self._s.queued.get(endpoint_id, 0) + delta
 
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
-        await self.count_queued(endpoint_id, -taken)
-        inflight = self._inflight.setdefault(endpoint_id, {})
-        accepted = []
-        for task_id, body in tasks.items():
-            task = self._tasks.get(task_id)
-            if (
-                task is not None
-                and task["endpoint_id"] == endpoint_id
-                and task["state"] not in TERMINAL
-            ):
-                inflight[task_id] = body
-                accepted.append(task_id)
-        return accepted
 
-    async def get_inflight(self, endpoint_id: str) -> dict[str, str]:
-        return dict(self._inflight.get(endpoint_id, {}))
+class MemoryTasks(TaskStore):
+    def __init__(self, state: _State) -> None:
+        self._s = state
 
-    async def remove_inflight(self, endpoint_id: str, task_ids: list[str]) -> None:
-        inflight = self._inflight.get(endpoint_id, {})
+    async def create_group(self, group: TaskGroupRecord) -> None:
+        self._s.groups[group.task_group_id] = group.model_copy()
+        self._s.group_tasks.setdefault(group.task_group_id, [])
+
+    async def group_owner(self, task_group_id: str) -> str | None:
+        group = self._s.groups.get(task_group_id)
+        return group.user_id if group else None
+
+    async def group_tasks(self, task_group_id: str) -> list[str]:
+        return list(self._s.group_tasks.get(task_group_id, []))
+
+    async def submission_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> SubmissionContext:
+        ep = self._s.endpoints.get(endpoint_id)
+        functions = {f: rec.model_copy() for f in function_ids if (rec := self._s.functions.get(f))}
+        owner = None if task_group_id is None else await self.group_owner(task_group_id)
+        return SubmissionContext(ep.user_id if ep else None, functions, owner)
+
+    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+        s = self._s
+        if batch.new_group:
+            await self.create_group(TaskGroupRecord(
+                task_group_id=batch.task_group_id, user_id=batch.user_id,
+                created_at=batch.received_at))
+        eid = batch.endpoint_id
+        s.queued[eid] = s.queued.get(eid, 0) + len(batch.task_ids) - len(inflight or ())
+        if inflight:
+            s.inflight.setdefault(eid, {}).update(inflight)
+        for record in batch.records():
+            s.tasks[record.task_id] = record
+        s.group_tasks.setdefault(batch.task_group_id, []).extend(batch.task_ids)
+
+    async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        tasks = self._s.tasks
+        return [t.model_copy(deep=True) if (t := tasks.get(i)) is not None else None
+                for i in task_ids]
+
+    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
         for task_id in task_ids:
-            inflight.pop(task_id, None)
+            task = self._s.tasks.get(task_id)
+            if task is not None and not task.state.terminal:
+                task.state, task.error, task.completed_at = TaskState.FAILED, error, at
+                task.transitions[TaskState.FAILED.value] = at
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         for task_id, at in started.items():
-            task = self._tasks.get(task_id)
-            if (
-                task is not None
-                and task["endpoint_id"] == endpoint_id
-                and task["state"] not in TERMINAL
-            ):
-                task["state"] = TaskState.RUNNING.value
-                task["transitions"][TaskState.RUNNING.value] = at
+            task = self._s.live_task(task_id, endpoint_id)
+            if task is not None:
+                task.state = TaskState.RUNNING
+                task.transitions[TaskState.RUNNING.value] = at
 
     async def complete(
         self, endpoint_id: str, results: list[ResultMessage], at: float
     ) -> list[tuple[str, TaskResult]]:
-        await self.remove_inflight(endpoint_id, [r.task_id for r in results])
+        inflight = self._s.inflight.get(endpoint_id, {})
         done = []
         for r in results:
-            task = self._tasks.get(r.task_id)
-            if task is None or task["endpoint_id"] != endpoint_id or task["state"] in TERMINAL:
+            inflight.pop(r.task_id, None)
+            task = self._s.live_task(r.task_id, endpoint_id)
+            if task is None:
                 continue
-            state = TaskState(r.state).value
-            task.update(
-                state=state,
-                data=r.data,
-                error=r.error,
-                completed_at=at,
-                worker=r.worker.model_dump() if r.worker else None,
-            )
+            task.state = TaskState(r.state)
+            task.data, task.error, task.completed_at, task.worker = r.data, r.error, at, r.worker
             if r.started_at is not None:
-                task["transitions"].setdefault(TaskState.RUNNING.value, r.started_at)
-            task["transitions"][state] = at
-            done.append((task["task_group_id"], TaskResult.stored(r, at)))
+                task.transitions.setdefault(TaskState.RUNNING.value, r.started_at)
+            task.transitions[task.state.value] = at
+            done.append((task.task_group_id, TaskResult.stored(r, at)))
         return done
 
-    # ------------------------------------------------------------ result fan-out
-    async def publish_results(self, task_group_id: str, frame: str) -> None:
-        deliver_locally(self._subscribers, task_group_id, frame)
 
-    async def subscribe_results(self, task_group_id: str) -> Subscription:
-        return LocalSubscription(self._subscribers, task_group_id)
+class MemoryInflight(InflightStore):
+    def __init__(self, state: _State) -> None:
+        self._s = state
+
+    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+        s = self._s
+        s.queued[endpoint_id] = s.queued.get(endpoint_id, 0) - taken
+        inflight = s.inflight.setdefault(endpoint_id, {})
+        accepted = []
+        for task_id, body in tasks.items():
+            if s.live_task(task_id, endpoint_id) is not None:
+                inflight[task_id] = body
+                accepted.append(task_id)
+        return accepted
+
+    async def get(self, endpoint_id: str) -> dict[str, str]:
+        return dict(self._s.inflight.get(endpoint_id, {}))
+
+    async def remove(self, endpoint_id: str, task_ids: list[str]) -> None:
+        inflight = self._s.inflight.get(endpoint_id, {})
+        for task_id in task_ids:
+            inflight.pop(task_id, None)
+
+
+class MemoryPubSub(PubSub):
+    def __init__(self, state: _State) -> None:
+        self._s = state
+
+    async def publish(self, task_group_id: str, frame: str) -> None:
+        deliver_locally(self._s.subscribers, task_group_id, frame)
+
+    async def subscribe(self, task_group_id: str) -> Subscription:
+        return LocalSubscription(self._s.subscribers, task_group_id)
+
+
+class MemoryStore(Store):
+    def __init__(self) -> None:
+        state = _State()
+        self.users = MemoryUsers(state)
+        self.functions = MemoryFunctions(state)
+        self.endpoints = MemoryEndpoints(state)
+        self.tasks = MemoryTasks(state)
+        self.inflight = MemoryInflight(state)
+        self.pubsub = MemoryPubSub(state)

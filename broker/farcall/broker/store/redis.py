@@ -8,122 +8,320 @@ tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one
 transition. Results are published on channel ``p results:<task group id>`` as
 ``<replica id> <frame>``; a replica hands its own frames to its subscribers directly.
 State changes that must not go backwards (running after success, a second
-result) are Lua scripts, so they are atomic across broker replicas.
+result) are Lua scripts (:mod:`.redis_scripts`), so they are atomic across broker replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from farcall.broker.store import redis_scripts
 from farcall.broker.store.base import (
+    EndpointStore,
+    FunctionStore,
+    InflightStore,
     LocalSubscription,
     Principal,
-    Record,
+    PubSub,
     Store,
+    SubmissionContext,
     Subscription,
+    TaskStore,
+    UserStore,
     deliver_locally,
     ordered_transitions,
 )
-from farcall.messages import ResultMessage, TaskResult, TaskState
+from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState, Versions
+from farcall.records import (
+    EndpointRecord,
+    FunctionRecord,
+    NewTasks,
+    TaskGroupRecord,
+    TaskRecord,
+    UserRecord,
+)
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] inflight hash, KEYS[2] queued counter, KEYS[3..] task hashes; ARGV[1] endpoint id,
-# ARGV[2] tasks taken off the queue, then (task id, body) pairs.
-_DISPATCH = """
-local out = {}
-redis.call('DECRBY', KEYS[2], ARGV[2])
-for i = 3, #KEYS do
-  local id = ARGV[2 * i - 3]
-  local st = redis.call('HGET', KEYS[i], 'state')
-  if st and st ~= 'success' and st ~= 'failed'
-     and redis.call('HGET', KEYS[i], 'endpoint_id') == ARGV[1] then
-    redis.call('HSET', KEYS[1], id, ARGV[2 * i - 2])
-    out[#out + 1] = id
-  end
-end
-return out
-"""
 
-# KEYS[1] group hash, KEYS[2] group's task list, KEYS[3] queued counter, KEYS[4] inflight hash,
-# KEYS[5..] task hashes. ARGV: ttl, new group ('1'/'0'), its user id, its created_at, queued
-# delta, number of inflight pairs, the pairs, then per task a field count and its fields, then
-# the task ids in order. One call instead of a pipeline of commands: a single task's round
-# trip is about 40% shorter.
-_CREATE = """
-local function push(cmd, key, from, to)
-  for a = from, to, 1000 do
-    redis.call(cmd, key, unpack(ARGV, a, math.min(a + 999, to)))
-  end
-end
-local ttl = tonumber(ARGV[1])
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[1], 'user_id', ARGV[3], 'created_at', ARGV[4])
-end
-redis.call('INCRBY', KEYS[3], ARGV[5])
-local i = 7
-local pairs_end = i + 2 * tonumber(ARGV[6]) - 1
-if pairs_end >= i then push('HSET', KEYS[4], i, pairs_end) end
-i = pairs_end + 1
-for k = 5, #KEYS do
-  local n = tonumber(ARGV[i])
-  redis.call('HSET', KEYS[k], unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
-end
-push('RPUSH', KEYS[2], i, #ARGV)
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('EXPIRE', KEYS[2], ttl)
-return 1
-"""
+class _Redis:
+    """The connection, key prefix, result lifetime and scripts every part of one store shares."""
 
-# KEYS task hashes; ARGV[1] endpoint id (or '' for any), ARGV[2] new state, ARGV[3] error,
-# ARGV[3 + i] timestamp for KEYS[i].
-_TRANSITION = """
-for i = 1, #KEYS do
-  local st = redis.call('HGET', KEYS[i], 'state')
-  if st and st ~= 'success' and st ~= 'failed'
-     and (ARGV[1] == '' or redis.call('HGET', KEYS[i], 'endpoint_id') == ARGV[1]) then
-    redis.call('HSET', KEYS[i], 'state', ARGV[2], 't:' .. ARGV[2], ARGV[3 + i])
-    if ARGV[2] == 'failed' then
-      redis.call('HSET', KEYS[i], 'done', '1', 'error', ARGV[3], 'completed_at', ARGV[3 + i])
-    end
-  end
-end
-return #KEYS
-"""
+    def __init__(self, url: str, prefix: str, result_ttl: int) -> None:
+        self.prefix = prefix
+        self.result_ttl = result_ttl
+        # Any: redis-py's annotations do not model decode_responses=True (we get str, not bytes).
+        self.r: Any = aioredis.Redis.from_url(url, decode_responses=True)
+        self.inflight_add = self.r.register_script(redis_scripts.INFLIGHT_ADD)
+        self.transition = self.r.register_script(redis_scripts.TRANSITION)
+        self.complete = self.r.register_script(redis_scripts.COMPLETE)
+        self.create_tasks = self.r.register_script(redis_scripts.CREATE_TASKS)
 
-# KEYS[1] inflight hash, KEYS[2..] task hashes; ARGV[1] endpoint id, ARGV[2] ttl, ARGV[3] now,
-# then 6 per result: task id, state, data, error, worker JSON, started_at ('' if unknown).
-# Returns per result the task group id if this call completed it, else ''.
-_COMPLETE = """
-local out = {}
-local ttl = tonumber(ARGV[2])
-for i = 2, #KEYS do
-  local b = 3 + (i - 2) * 6
-  local k = KEYS[i]
-  redis.call('HDEL', KEYS[1], ARGV[b + 1])
-  if redis.call('HGET', k, 'endpoint_id') == ARGV[1]
-     and redis.call('HSETNX', k, 'done', '1') == 1 then
-    local st = ARGV[b + 2]
-    redis.call('HSET', k, 'state', st, 'data', ARGV[b + 3], 'error', ARGV[b + 4],
-               'worker', ARGV[b + 5], 'completed_at', ARGV[3], 't:' .. st, ARGV[3])
-    if ARGV[b + 6] ~= '' and redis.call('HEXISTS', k, 't:running') == 0 then
-      redis.call('HSET', k, 't:running', ARGV[b + 6])
-    end
-    if ttl > 0 then redis.call('EXPIRE', k, ttl) end
-    out[#out + 1] = redis.call('HGET', k, 'task_group_id')
-  else
-    out[#out + 1] = ''
-  end
-end
-return out
-"""
+    def k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+
+class RedisUsers(UserStore):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
+
+    async def create(self, user: UserRecord, token_hash: str) -> None:
+        db = self._db
+        async with db.r.pipeline(transaction=True) as p:
+            p.hset(db.k("user", user.user_id), mapping=_flat(user.model_dump()))
+            p.hset(db.k("tokens"), token_hash, f"user:{user.user_id}")
+            await p.execute()
+
+    async def resolve_token(self, token_hash: str) -> Principal | None:
+        value = await self._db.r.hget(self._db.k("tokens"), token_hash)
+        if not value:
+            return None
+        kind, _, ident = value.partition(":")
+        return Principal("endpoint" if kind == "endpoint" else "user", ident, token_hash)
+
+
+class RedisFunctions(FunctionStore):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
+
+    async def put(self, function: FunctionRecord) -> None:
+        await self._db.r.hset(self._db.k("fn", function.function_id),
+                              mapping=_flat(function.model_dump()))
+
+    async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
+        async with self._db.r.pipeline(transaction=False) as p:
+            for f in function_ids:
+                p.hgetall(self._db.k("fn", f))
+            found = await p.execute()
+        return {f: _function(rec) for f, rec in zip(function_ids, found, strict=True) if rec}
+
+    async def delete(self, function_id: str) -> None:
+        await self._db.r.delete(self._db.k("fn", function_id))
+
+
+class RedisEndpoints(EndpointStore):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
+
+    async def put(self, endpoint: EndpointRecord, credential_hash: str) -> None:
+        db, eid = self._db, endpoint.endpoint_id
+        fields = endpoint.model_dump(
+            include={"endpoint_id", "user_id", "name", "description", "created_at"})
+        async with db.r.pipeline(transaction=True) as p:
+            p.hset(db.k("ep", eid), mapping={**_flat(fields), "credential_hash": credential_hash})
+            p.sadd(db.k("user", endpoint.user_id, "endpoints"), eid)
+            p.hset(db.k("tokens"), credential_hash, f"endpoint:{eid}")
+            await p.execute()
+
+    async def get(self, endpoint_id: str) -> EndpointRecord | None:
+        return (await self._get_many([endpoint_id]))[0]
+
+    async def _get_many(self, endpoint_ids: list[str]) -> list[EndpointRecord | None]:
+        db = self._db
+        async with db.r.pipeline(transaction=False) as p:
+            for e in endpoint_ids:
+                p.hgetall(db.k("ep", e))
+                p.scard(db.k("ep", e, "sessions"))
+                p.get(db.k("ep", e, "queued"))
+            raw = await p.execute()
+        out: list[EndpointRecord | None] = []
+        for rec, sessions, queued in zip(raw[::3], raw[1::3], raw[2::3], strict=True):
+            out.append(None if not rec else EndpointRecord(
+                endpoint_id=rec["endpoint_id"],
+                user_id=rec["user_id"],
+                name=rec["name"],
+                description=rec.get("description", ""),
+                created_at=float(rec["created_at"]),
+                last_heartbeat=_float(rec.get("last_heartbeat")),
+                last_seen=_float(rec.get("last_seen")),
+                heartbeat=Heartbeat.model_validate_json(rec.get("heartbeat") or "{}"),
+                connected=sessions > 0,
+                queued_tasks=max(0, int(queued or 0)),
+            ))
+        return out
+
+    async def list(self, user_id: str) -> list[EndpointRecord]:
+        ids = sorted(await self._db.r.smembers(self._db.k("user", user_id, "endpoints")))
+        return [r for r in await self._get_many(ids) if r is not None]
+
+    async def delete(self, endpoint_id: str) -> None:
+        db = self._db
+        key = db.k("ep", endpoint_id)
+        credential, user_id = await db.r.hmget(key, ["credential_hash", "user_id"])
+        async with db.r.pipeline(transaction=True) as p:
+            if credential:
+                p.hdel(db.k("tokens"), credential)
+            if user_id:
+                p.srem(db.k("user", user_id, "endpoints"), endpoint_id)
+            p.delete(
+                key,
+                db.k("ep", endpoint_id, "sessions"),
+                db.k("ep", endpoint_id, "inflight"),
+                db.k("ep", endpoint_id, "queued"),
+            )
+            await p.execute()
+
+    async def set_connected(
+        self, endpoint_id: str, session_id: str, connected: bool, at: float
+    ) -> None:
+        db = self._db
+        sessions = db.k("ep", endpoint_id, "sessions")
+        async with db.r.pipeline(transaction=True) as p:
+            if connected:
+                p.sadd(sessions, session_id)
+            else:
+                p.srem(sessions, session_id)
+            p.hset(db.k("ep", endpoint_id), "last_seen", repr(at))
+            await p.execute()
+
+    async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None:
+        await self._db.r.hset(
+            self._db.k("ep", endpoint_id),
+            mapping={
+                "heartbeat": heartbeat.model_dump_json(),
+                "last_heartbeat": repr(at),
+                "last_seen": repr(at),
+            },
+        )
+
+    async def touch(self, endpoint_id: str, at: float) -> None:
+        await self._db.r.hset(self._db.k("ep", endpoint_id), "last_seen", repr(at))
+
+    async def count_queued(self, endpoint_id: str, delta: int) -> None:
+        await self._db.r.incrby(self._db.k("ep", endpoint_id, "queued"), delta)
+
+
+class RedisTasks(TaskStore):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
+
+    async def create_group(self, group: TaskGroupRecord) -> None:
+        db = self._db
+        key = db.k("tg", group.task_group_id)
+        async with db.r.pipeline(transaction=False) as p:
+            p.hset(key, mapping={"user_id": group.user_id, "created_at": repr(group.created_at)})
+            p.expire(key, db.result_ttl)
+            await p.execute()
+
+    async def group_owner(self, task_group_id: str) -> str | None:
+        return await self._db.r.hget(self._db.k("tg", task_group_id), "user_id")
+
+    async def group_tasks(self, task_group_id: str) -> list[str]:
+        return await self._db.r.lrange(self._db.k("tg", task_group_id, "tasks"), 0, -1)
+
+    async def submission_context(
+        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
+    ) -> SubmissionContext:
+        db = self._db
+        async with db.r.pipeline(transaction=False) as p:
+            p.hget(db.k("ep", endpoint_id), "user_id")
+            p.hget(db.k("tg", task_group_id or "-"), "user_id")
+            for f in function_ids:
+                p.hgetall(db.k("fn", f))
+            owner, group_owner, *found = await p.execute()
+        functions = {f: _function(rec) for f, rec in zip(function_ids, found, strict=True) if rec}
+        return SubmissionContext(owner, functions, group_owner if task_group_id else None)
+
+    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+        if not batch.task_ids:
+            return
+        db = self._db
+        group, endpoint = batch.task_group_id, batch.endpoint_id
+        inflight = inflight or {}
+        keys = [
+            db.k("tg", group),
+            db.k("tg", group, "tasks"),
+            db.k("ep", endpoint, "queued"),
+            db.k("ep", endpoint, "inflight"),
+        ]
+        keys += [db.k("task", t) for t in batch.task_ids]
+        shared = [
+            "user_id", batch.user_id, "task_group_id", group, "endpoint_id", endpoint,
+            "state", TaskState.WAITING.value,
+            "submitter", batch.submitter.model_dump_json() if batch.submitter else "",
+            f"t:{TaskState.RECEIVED.value}", repr(batch.received_at),
+            f"t:{TaskState.WAITING.value}", repr(batch.waiting_at),
+        ]
+        args: list[Any] = [
+            db.result_ttl,
+            "1" if batch.new_group else "0",
+            batch.user_id,
+            repr(batch.received_at),
+            len(batch.task_ids) - len(inflight),
+            len(inflight),
+        ]
+        for pair in inflight.items():
+            args += pair
+        args.append(len(shared))
+        args += shared
+        for pair in zip(batch.task_ids, batch.function_ids, strict=True):
+            args += pair
+        await db.create_tasks(keys=keys, args=args)
+
+    async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        async with self._db.r.pipeline(transaction=False) as p:
+            for t in task_ids:
+                p.hgetall(self._db.k("task", t))
+            raw = await p.execute()
+        return [_task(rec) if rec else None for rec in raw]
+
+    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
+        if task_ids:
+            keys = [self._db.k("task", t) for t in task_ids]
+            await self._db.transition(
+                keys=keys, args=["", TaskState.FAILED.value, error] + [repr(at)] * len(keys)
+            )
+
+    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
+        if started:
+            keys = [self._db.k("task", t) for t in started]
+            args = [endpoint_id, TaskState.RUNNING.value, ""] + [repr(at) for at in started.values()]
+            await self._db.transition(keys=keys, args=args)
+
+    async def complete(
+        self, endpoint_id: str, results: list[ResultMessage], at: float
+    ) -> list[tuple[str, TaskResult]]:
+        if not results:
+            return []
+        db = self._db
+        keys = [db.k("ep", endpoint_id, "inflight")] + [db.k("task", r.task_id) for r in results]
+        args: list[str] = [endpoint_id, str(db.result_ttl), repr(at)]
+        for r in results:
+            worker = r.worker.model_dump_json() if r.worker else ""
+            started = repr(r.started_at) if r.started_at is not None else ""
+            args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started]
+        groups = await db.complete(keys=keys, args=args)
+        return [
+            (group, TaskResult.stored(r, at))
+            for r, group in zip(results, groups, strict=True)
+            if group
+        ]
+
+
+class RedisInflight(InflightStore):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
+
+    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+        db = self._db
+        keys = [db.k("ep", endpoint_id, "inflight"), db.k("ep", endpoint_id, "queued")]
+        keys += [db.k("task", t) for t in tasks]
+        args: list[str] = [endpoint_id, str(taken)]
+        for task_id, body in tasks.items():
+            args += [task_id, body]
+        return list(await db.inflight_add(keys=keys, args=args))
+
+    async def get(self, endpoint_id: str) -> dict[str, str]:
+        return await self._db.r.hgetall(self._db.k("ep", endpoint_id, "inflight"))
+
+    async def remove(self, endpoint_id: str, task_ids: list[str]) -> None:
+        if task_ids:
+            await self._db.r.hdel(self._db.k("ep", endpoint_id, "inflight"), *task_ids)
 
 
 class _RedisSubscription(LocalSubscription):
@@ -154,290 +352,41 @@ class _RedisSubscription(LocalSubscription):
         await super().close()
 
 
-class RedisStore(Store):
-    def __init__(self, url: str, prefix: str = "farcall:", result_ttl: int = 7 * 24 * 3600) -> None:
-        self.prefix = prefix
-        self.result_ttl = result_ttl
-        # Any: redis-py's annotations do not model decode_responses=True (we get str, not bytes).
-        self._r: Any = aioredis.Redis.from_url(url, decode_responses=True)
-        self._dispatch = self._r.register_script(_DISPATCH)
-        self._transition = self._r.register_script(_TRANSITION)
-        self._complete = self._r.register_script(_COMPLETE)
-        self._create = self._r.register_script(_CREATE)
+class RedisPubSub(PubSub):
+    def __init__(self, db: _Redis) -> None:
+        self._db = db
         self.replica = uuid.uuid4().hex[:12]
         self._subscribers: dict[str, set[LocalSubscription]] = {}
 
-    def k(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    async def start(self) -> None:
-        await self._r.ping()
-
-    async def close(self) -> None:
-        await self._r.aclose()
-
-    # ------------------------------------------------------------ users and tokens
-    async def create_user(self, user: Record, token_hash: str) -> None:
-        async with self._r.pipeline(transaction=True) as p:
-            p.hset(self.k("user", user["user_id"]), mapping=_flat(user))
-            p.hset(self.k("tokens"), token_hash, f"user:{user['user_id']}")
-            await p.execute()
-
-    async def resolve_token(self, token_hash: str) -> Principal | None:
-        value = await self._r.hget(self.k("tokens"), token_hash)
-        if not value:
-            return None
-        kind, _, ident = value.partition(":")
-        return Principal("endpoint" if kind == "endpoint" else "user", ident, token_hash)
-
-    # ------------------------------------------------------------ functions
-    async def put_function(self, function: Record) -> None:
-        await self._r.hset(self.k("fn", function["function_id"]), mapping=_flat(function))
-
-    async def get_functions(self, function_ids: list[str]) -> dict[str, Record]:
-        async with self._r.pipeline(transaction=False) as p:
-            for f in function_ids:
-                p.hgetall(self.k("fn", f))
-            found = await p.execute()
-        return {
-            f: {**rec, "created_at": float(rec["created_at"])}
-            for f, rec in zip(function_ids, found, strict=True)
-            if rec
-        }
-
-    async def delete_function(self, function_id: str) -> None:
-        await self._r.delete(self.k("fn", function_id))
-
-    # ------------------------------------------------------------ endpoints
-    async def put_endpoint(self, endpoint: Record, credential_hash: str) -> None:
-        eid = endpoint["endpoint_id"]
-        async with self._r.pipeline(transaction=True) as p:
-            p.hset(
-                self.k("ep", eid), mapping={**_flat(endpoint), "credential_hash": credential_hash}
-            )
-            p.sadd(self.k("user", endpoint["user_id"], "endpoints"), eid)
-            p.hset(self.k("tokens"), credential_hash, f"endpoint:{eid}")
-            await p.execute()
-
-    async def get_endpoint(self, endpoint_id: str) -> Record | None:
-        return (await self._get_endpoints([endpoint_id]))[0]
-
-    async def _get_endpoints(self, endpoint_ids: list[str]) -> list[Record | None]:
-        async with self._r.pipeline(transaction=False) as p:
-            for e in endpoint_ids:
-                p.hgetall(self.k("ep", e))
-                p.scard(self.k("ep", e, "sessions"))
-                p.get(self.k("ep", e, "queued"))
-            raw = await p.execute()
-        out: list[Record | None] = []
-        for rec, sessions, queued in zip(raw[::3], raw[1::3], raw[2::3], strict=True):
-            if not rec:
-                out.append(None)
-                continue
-            rec.pop("credential_hash", None)
-            out.append(
-                {
-                    **rec,
-                    "created_at": float(rec["created_at"]),
-                    "last_heartbeat": _float(rec.get("last_heartbeat")),
-                    "last_seen": _float(rec.get("last_seen")),
-                    "heartbeat": json.loads(rec.get("heartbeat") or "{}"),
-                    "connected": sessions > 0,
-                    "queued_tasks": max(0, int(queued or 0)),
-                }
-            )
-        return out
-
-    async def list_endpoints(self, user_id: str) -> list[Record]:
-        ids = sorted(await self._r.smembers(self.k("user", user_id, "endpoints")))
-        return [r for r in await self._get_endpoints(ids) if r is not None]
-
-    async def delete_endpoint(self, endpoint_id: str) -> None:
-        key = self.k("ep", endpoint_id)
-        credential, user_id = await self._r.hmget(key, ["credential_hash", "user_id"])
-        async with self._r.pipeline(transaction=True) as p:
-            if credential:
-                p.hdel(self.k("tokens"), credential)
-            if user_id:
-                p.srem(self.k("user", user_id, "endpoints"), endpoint_id)
-            p.delete(
-                key,
-                self.k("ep", endpoint_id, "sessions"),
-                self.k("ep", endpoint_id, "inflight"),
-                self.k("ep", endpoint_id, "queued"),
-            )
-            await p.execute()
-
-    async def set_connected(
-        self, endpoint_id: str, session_id: str, connected: bool, at: float
-    ) -> None:
-        sessions = self.k("ep", endpoint_id, "sessions")
-        async with self._r.pipeline(transaction=True) as p:
-            if connected:
-                p.sadd(sessions, session_id)
-            else:
-                p.srem(sessions, session_id)
-            p.hset(self.k("ep", endpoint_id), "last_seen", repr(at))
-            await p.execute()
-
-    async def set_heartbeat(self, endpoint_id: str, heartbeat: Record, at: float) -> None:
-        await self._r.hset(
-            self.k("ep", endpoint_id),
-            mapping={
-                "heartbeat": json.dumps(heartbeat),
-                "last_heartbeat": repr(at),
-                "last_seen": repr(at),
-            },
-        )
-
-    async def touch_endpoint(self, endpoint_id: str, at: float) -> None:
-        await self._r.hset(self.k("ep", endpoint_id), "last_seen", repr(at))
-
-    # ------------------------------------------------------------ task groups
-    async def create_task_group(self, task_group_id: str, user_id: str, at: float) -> None:
-        async with self._r.pipeline(transaction=False) as p:
-            self._queue_group(p, task_group_id, user_id, at)
-            await p.execute()
-
-    def _queue_group(self, p: Any, task_group_id: str, user_id: str, at: float) -> None:
-        key = self.k("tg", task_group_id)
-        p.hset(key, mapping={"user_id": user_id, "created_at": repr(at)})
-        p.expire(key, self.result_ttl)
-
-    async def get_task_group_owner(self, task_group_id: str) -> str | None:
-        return await self._r.hget(self.k("tg", task_group_id), "user_id")
-
-    async def get_task_group_tasks(self, task_group_id: str) -> list[str]:
-        return await self._r.lrange(self.k("tg", task_group_id, "tasks"), 0, -1)
-
-    # ------------------------------------------------------------ tasks
-    async def submit_context(
-        self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
-    ) -> tuple[str | None, dict[str, Record], str | None]:
-        async with self._r.pipeline(transaction=False) as p:
-            p.hget(self.k("ep", endpoint_id), "user_id")
-            p.hget(self.k("tg", task_group_id or "-"), "user_id")
-            for f in function_ids:
-                p.hgetall(self.k("fn", f))
-            owner, group_owner, *found = await p.execute()
-        functions = {f: rec for f, rec in zip(function_ids, found, strict=True) if rec}
-        return owner, functions, group_owner if task_group_id else None
-
-    async def create_tasks(
-        self,
-        tasks: list[Record],
-        new_group: Record | None = None,
-        inflight: dict[str, str] | None = None,
-    ) -> None:
-        if not tasks:
-            return
-        group, endpoint = tasks[0]["task_group_id"], tasks[0]["endpoint_id"]
-        inflight = inflight or {}
-        keys = [
-            self.k("tg", group),
-            self.k("tg", group, "tasks"),
-            self.k("ep", endpoint, "queued"),
-            self.k("ep", endpoint, "inflight"),
-        ]
-        args: list[Any] = [
-            self.result_ttl,
-            "1" if new_group is not None else "0",
-            new_group["user_id"] if new_group else "",
-            repr(new_group["created_at"]) if new_group else "",
-            len(tasks) - len(inflight),
-            len(inflight),
-        ]
-        for pair in inflight.items():
-            args += pair
-        submitter = json.dumps(tasks[0]["submitter"]) if tasks[0].get("submitter") else ""
-        for t in tasks:
-            keys.append(self.k("task", t["task_id"]))
-            fields = [
-                "task_id", t["task_id"], "user_id", t["user_id"], "task_group_id", group,
-                "endpoint_id", endpoint, "function_id", t["function_id"], "state", t["state"],
-                "submitter", submitter,
-            ]
-            for state, at in t["transitions"].items():
-                fields += (f"t:{state}", repr(at))
-            args.append(len(fields))
-            args += fields
-        args += [t["task_id"] for t in tasks]
-        await self._create(keys=keys, args=args)
-
-    async def get_tasks(self, task_ids: list[str]) -> list[Record | None]:
-        async with self._r.pipeline(transaction=False) as p:
-            for t in task_ids:
-                p.hgetall(self.k("task", t))
-            raw = await p.execute()
-        return [_task(rec) if rec else None for rec in raw]
-
-    async def fail_tasks(self, task_ids: list[str], error: str, at: float) -> None:
-        if task_ids:
-            keys = [self.k("task", t) for t in task_ids]
-            await self._transition(
-                keys=keys, args=["", TaskState.FAILED.value, error] + [repr(at)] * len(keys)
-            )
-
-    # ------------------------------------------------------------ endpoint channel
-    async def count_queued(self, endpoint_id: str, delta: int) -> None:
-        await self._r.incrby(self.k("ep", endpoint_id, "queued"), delta)
-
-    async def dispatch(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
-        keys = [self.k("ep", endpoint_id, "inflight"), self.k("ep", endpoint_id, "queued")]
-        keys += [self.k("task", t) for t in tasks]
-        args: list[str] = [endpoint_id, str(taken)]
-        for task_id, body in tasks.items():
-            args += [task_id, body]
-        return list(await self._dispatch(keys=keys, args=args))
-
-    async def get_inflight(self, endpoint_id: str) -> dict[str, str]:
-        return await self._r.hgetall(self.k("ep", endpoint_id, "inflight"))
-
-    async def remove_inflight(self, endpoint_id: str, task_ids: list[str]) -> None:
-        if task_ids:
-            await self._r.hdel(self.k("ep", endpoint_id, "inflight"), *task_ids)
-
-    async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
-        if started:
-            keys = [self.k("task", t) for t in started]
-            args = [endpoint_id, TaskState.RUNNING.value, ""] + [
-                repr(at) for at in started.values()
-            ]
-            await self._transition(keys=keys, args=args)
-
-    async def complete(
-        self, endpoint_id: str, results: list[ResultMessage], at: float
-    ) -> list[tuple[str, TaskResult]]:
-        if not results:
-            return []
-        keys = [self.k("ep", endpoint_id, "inflight")] + [
-            self.k("task", r.task_id) for r in results
-        ]
-        args: list[str] = [endpoint_id, str(self.result_ttl), repr(at)]
-        for r in results:
-            worker = r.worker.model_dump_json() if r.worker else ""
-            started = repr(r.started_at) if r.started_at is not None else ""
-            args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started]
-        groups = await self._complete(keys=keys, args=args)
-        return [
-            (group, TaskResult.stored(r, at))
-            for r, group in zip(results, groups, strict=True)
-            if group
-        ]
-
-    # ------------------------------------------------------------ result fan-out
-    async def publish_results(self, task_group_id: str, frame: str) -> None:
+    async def publish(self, task_group_id: str, frame: str) -> None:
         """Subscribers on this replica get the frame at once; the others through Redis."""
         deliver_locally(self._subscribers, task_group_id, frame)
-        await self._r.publish(self.k("results", task_group_id), f"{self.replica} {frame}")
+        await self._db.r.publish(self._db.k("results", task_group_id), f"{self.replica} {frame}")
 
-    async def subscribe_results(self, task_group_id: str) -> Subscription:
-        pubsub = self._r.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.k("results", task_group_id))
+    async def subscribe(self, task_group_id: str) -> Subscription:
+        pubsub = self._db.r.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self._db.k("results", task_group_id))
         return _RedisSubscription(self._subscribers, task_group_id, pubsub, self.replica)
 
 
-def _flat(record: Record) -> dict[str, str]:
+class RedisStore(Store):
+    def __init__(self, url: str, prefix: str = "farcall:", result_ttl: int = 7 * 24 * 3600) -> None:
+        self.db = _Redis(url, prefix, result_ttl)
+        self.users = RedisUsers(self.db)
+        self.functions = RedisFunctions(self.db)
+        self.endpoints = RedisEndpoints(self.db)
+        self.tasks = RedisTasks(self.db)
+        self.inflight = RedisInflight(self.db)
+        self.pubsub = RedisPubSub(self.db)
+
+    async def start(self) -> None:
+        await self.db.r.ping()
+
+    async def close(self) -> None:
+        await self.db.r.aclose()
+
+
+def _flat(record: dict[str, Any]) -> dict[str, str]:
     return {
         k: (repr(v) if isinstance(v, float) else str(v)) for k, v in record.items() if v is not None
     }
@@ -447,20 +396,34 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def _task(rec: dict[str, str]) -> Record:
+def _function(rec: dict[str, str]) -> FunctionRecord:
+    return FunctionRecord.model_construct(
+        function_id=rec["function_id"],
+        user_id=rec["user_id"],
+        function_name=rec.get("function_name", ""),
+        description=rec.get("description", ""),
+        function=rec["function"],
+        created_at=float(rec["created_at"]),
+    )
+
+
+def _versions(raw: str | None) -> Versions | None:
+    return Versions.model_validate_json(raw) if raw else None
+
+
+def _task(rec: dict[str, str]) -> TaskRecord:
     transitions = {k[2:]: float(v) for k, v in rec.items() if k.startswith("t:")}
-    state = rec.get("state", TaskState.RECEIVED.value)
-    return {
-        "task_id": rec["task_id"],
-        "user_id": rec.get("user_id", ""),
-        "task_group_id": rec.get("task_group_id", ""),
-        "endpoint_id": rec.get("endpoint_id", ""),
-        "function_id": rec.get("function_id", ""),
-        "state": state,
-        "transitions": ordered_transitions(transitions),
-        "data": rec.get("data", ""),
-        "error": rec.get("error", ""),
-        "completed_at": _float(rec.get("completed_at")),
-        "submitter": json.loads(rec["submitter"]) if rec.get("submitter") else None,
-        "worker": json.loads(rec["worker"]) if rec.get("worker") else None,
-    }
+    return TaskRecord.model_construct(
+        task_id=rec["task_id"],
+        user_id=rec.get("user_id", ""),
+        task_group_id=rec.get("task_group_id", ""),
+        endpoint_id=rec.get("endpoint_id", ""),
+        function_id=rec.get("function_id", ""),
+        state=TaskState(rec.get("state", TaskState.RECEIVED.value)),
+        transitions=ordered_transitions(transitions),
+        data=rec.get("data", ""),
+        error=rec.get("error", ""),
+        completed_at=_float(rec.get("completed_at")),
+        submitter=_versions(rec.get("submitter")),
+        worker=_versions(rec.get("worker")),
+    )

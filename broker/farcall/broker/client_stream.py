@@ -1,10 +1,11 @@
-"""``WS /v1/task_groups/{id}/results``: push each batch of stored results of a group to the client.
+"""A client's stream on its task group (``WS /v1/task_groups/{id}/results``): results out, batches in.
 
-Frames come from the store's pub/sub, so a result stored by any broker replica
-reaches a client connected to any other. Nothing is replayed: the client asks
+Out: each batch of stored results of the group, as one frame. Frames come from
+the store's pub/sub, so a result stored by any broker replica reaches a client
+connected to any other. Nothing is replayed: the client asks
 ``POST /v1/tasks/status`` for what it missed.
 
-The client may also submit batches on this socket (``SubmitFrame``), which
+In: batches the client submits on the same socket (``SubmitFrame``), which
 spares it an HTTP request per batch; each gets a ``SubmittedFrame`` or a
 ``RequestFailedFrame`` answer, in order.
 """
@@ -23,9 +24,9 @@ from starlette.websockets import WebSocketDisconnect
 from farcall.broker import auth
 from farcall.broker.errors import (
     BACKEND_ERRORS,
-    BrokerError,
+    ApiError,
     Forbidden,
-    NotFound,
+    ObjectNotFound,
     Unauthorized,
     deny_websocket,
 )
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(ws: WebSocket, svc: Services, task_group_id: str) -> None:
-    principal = await auth.authenticate(svc.store, auth.bearer(ws.headers.get("authorization")))
+    principal = await auth.authenticate(svc.store.users, auth.bearer(ws.headers.get("authorization")))
     if principal is None:
         await deny_websocket(
             ws, Unauthorized("no valid user token: send 'Authorization: Bearer <token>'")
@@ -47,10 +48,10 @@ async def serve(ws: WebSocket, svc: Services, task_group_id: str) -> None:
     if principal.kind != "user":
         await deny_websocket(ws, Forbidden("an endpoint credential cannot read result streams"))
         return
-    if await svc.store.get_task_group_owner(task_group_id) != principal.id:
-        await deny_websocket(ws, NotFound(f"task group {task_group_id} not found"))
+    if await svc.store.tasks.group_owner(task_group_id) != principal.id:
+        await deny_websocket(ws, ObjectNotFound(f"task group {task_group_id} not found"))
         return
-    subscription = await svc.store.subscribe_results(task_group_id)
+    subscription = await svc.store.pubsub.subscribe(task_group_id)
     lock = asyncio.Lock()
     try:
         await ws.accept()
@@ -106,7 +107,7 @@ async def _answer(
         )
     try:
         done = await submit_batch(svc, user, frame.batch)
-    except BrokerError as e:
+    except ApiError as e:
         return RequestFailedFrame(request_id=request_id, status=e.status, error=e.code,
                                   message=e.message)
     except BACKEND_ERRORS as e:

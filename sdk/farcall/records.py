@@ -1,0 +1,120 @@
+"""What the broker stores, as one pydantic model each: users, functions, endpoints, task groups, tasks.
+
+The store backends (memory, Redis) read and write these; the HTTP routes turn
+them into the REST answers of :mod:`farcall.messages`. Every record names its
+owner (``user_id``); only the broker sees that field.
+
+Hot paths build records with ``model_construct`` from values the broker made
+itself (no validation twice); anything read from outside goes through
+``model_validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from farcall.messages import Heartbeat, TaskState, Versions
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class UserRecord(_Record):
+    user_id: str
+    name: str
+    created_at: float
+
+
+class FunctionRecord(_Record):
+    """A registered function; ``function`` is its serialized body (opaque to the broker)."""
+
+    function_id: str
+    user_id: str
+    function_name: str = ""
+    description: str = ""
+    function: str
+    created_at: float
+
+
+class EndpointRecord(_Record):
+    """A registered endpoint and what the broker last heard of it."""
+
+    endpoint_id: str
+    user_id: str
+    name: str
+    description: str = ""
+    created_at: float
+    last_heartbeat: float | None = None
+    last_seen: float | None = None
+    """Any frame from the endpoint; heartbeats and connects count."""
+    heartbeat: Heartbeat = Field(default_factory=Heartbeat)
+    connected: bool = False
+    """Whether any channel session of the endpoint is open, on any broker replica."""
+    queued_tasks: int = 0
+    """Tasks in its queue, not yet taken by a channel session."""
+
+    def online(self, timeout: float, at: float) -> bool:
+        """Connected and heard from within ``timeout`` seconds of ``at``."""
+        return self.connected and self.last_seen is not None and at - self.last_seen < timeout
+
+
+class TaskGroupRecord(_Record):
+    task_group_id: str
+    user_id: str
+    created_at: float
+
+
+class TaskRecord(_Record):
+    """One task: where it runs, its state with the time of each transition, and its outcome.
+
+    ``data`` and ``error`` are set once the task is terminal (see ``farcall.messages.ResultMessage``).
+    """
+
+    task_id: str
+    user_id: str
+    task_group_id: str
+    endpoint_id: str
+    function_id: str
+    state: TaskState
+    transitions: dict[str, float] = Field(default_factory=dict)
+    data: str = ""
+    error: str = ""
+    completed_at: float | None = None
+    submitter: Versions | None = None
+    worker: Versions | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTasks:
+    """A submitted batch as the store records it: one user, one task group, one endpoint.
+
+    Tasks are ``task_ids[i]`` calling ``function_ids[i]``, all ``waiting-for-endpoint``
+    since ``waiting_at``. ``new_group`` creates the task group with them.
+    """
+
+    user_id: str
+    task_group_id: str
+    endpoint_id: str
+    task_ids: list[str]
+    function_ids: list[str]
+    received_at: float
+    waiting_at: float
+    submitter: Versions | None = None
+    new_group: bool = False
+
+    def records(self) -> list[TaskRecord]:
+        """The task records this batch creates, in order."""
+        transitions = {TaskState.RECEIVED.value: self.received_at,
+                       TaskState.WAITING.value: self.waiting_at}
+        return [
+            TaskRecord.model_construct(
+                task_id=task_id, user_id=self.user_id, task_group_id=self.task_group_id,
+                endpoint_id=self.endpoint_id, function_id=function_id, state=TaskState.WAITING,
+                transitions=dict(transitions), data="", error="", completed_at=None,
+                submitter=self.submitter, worker=None,
+            )
+            for task_id, function_id in zip(self.task_ids, self.function_ids, strict=True)
+        ]
