@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from farcall import config
-from farcall.errors import (
-    AuthenticationError,
-    BrokerError,
-    DeserializationError,
-    NotFound,
-    TaskPending,
-)
+from farcall.backoff import Backoff
+from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
 from farcall.messages import (
-    SAME_VERSIONS,
     BatchSubmission,
     BatchSubmitted,
     EndpointRegistration,
@@ -33,10 +25,11 @@ from farcall.messages import (
     TaskSpec,
     TaskState,
     Versions,
-    versions_text,
 )
-from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
+from farcall.outcome import outcome_of
+from farcall.serialize import pack_args, serialize_function
 from farcall.transport import Response, Transport, TransportError
+from farcall.urls import websocket_url
 from farcall.version import __version__, local_versions
 
 log = logging.getLogger(__name__)
@@ -86,25 +79,22 @@ class Batch:
         return len(self.tasks)
 
 
-@dataclass
 class _Retry:
     """Bounded, jittered retry of a request while the broker is restarting or overloaded."""
 
-    seconds: float
-    attempt: int = 0
-    deadline: float = field(default=0.0)
-
-    def __post_init__(self) -> None:
-        self.deadline = time.monotonic() + self.seconds
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self._backoff = Backoff(cap=5.0)
 
     def wait(self, why: str, url: str) -> bool:
         """Sleep before the next attempt; False when the time is up."""
-        delay = min(5.0, 0.1 * 2**self.attempt) * random.uniform(0.5, 1.0)
+        first = self._backoff.attempt == 0
+        delay = self._backoff.next_delay()
         if time.monotonic() + delay > self.deadline:
             return False
-        level = logging.WARNING if self.attempt == 0 else logging.DEBUG
+        level = logging.WARNING if first else logging.DEBUG
         log.log(level, "broker at %s: %s; retrying for up to %.0f s", url, why, self.seconds)
-        self.attempt += 1
         time.sleep(delay)
         return True
 
@@ -172,9 +162,8 @@ class Client:
             return _decode(answer)
 
     def websocket_url(self, path: str) -> str:
-        """``ws(s)://`` URL of a broker WebSocket route under ``/v1``."""
-        scheme, rest = self.broker_url.split("://", 1)
-        return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/v1{path}"
+        """``ws(s)://`` URL of a broker WebSocket route under ``/v1`` (see :mod:`farcall.urls`)."""
+        return websocket_url(self.broker_url, path)
 
     # ---------------------------------------------------------------- functions
 
@@ -303,10 +292,7 @@ class Client:
         record = self.get_task(task_id)
         if not TaskState(record["state"]).terminal:
             raise TaskPending(task_id, record["state"])
-        ok, value = outcome(record)
-        if not ok:
-            raise value
-        return value
+        return outcome_of(record).unwrap()
 
     def get_tasks(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Records of many tasks, in requests of up to 10,000; unknown or foreign ids are left out."""
@@ -328,7 +314,7 @@ class Client:
             entry: dict[str, Any] = {"pending": not TaskState(record["state"]).terminal,
                                      "status": record["state"]}
             if not entry["pending"]:
-                ok, value = outcome(record)
+                ok, value = outcome_of(record)
                 entry["result" if ok else "exception"] = value
                 entry["completion_t"] = record.get("completed_at")
             out[task_id] = entry
@@ -353,32 +339,6 @@ def split_batch(
         size += n
     if chunk:
         yield chunk
-
-
-def outcome(record: dict[str, Any]) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)`` of a finished task record."""
-    return result_outcome(record.get("task_id", ""), record["state"], record.get("data", ""),
-                          record.get("error", ""), record.get("worker"))
-
-
-def result_outcome(task_id: str, state: str, data: str, error: str, worker: Any) -> tuple[bool, Any]:
-    """``(True, value)`` or ``(False, exception)`` of a finished task, from its fields."""
-    if state == TaskState.SUCCESS:
-        try:
-            return True, deserialize(data)
-        except Exception as e:  # noqa: BLE001 - whatever dill raises, say which versions differ
-            return False, _undecodable(task_id, worker, e)
-    return False, rebuild_exception(data, error, task_id)
-
-
-def _undecodable(task_id: str, worker: Any, cause: BaseException) -> DeserializationError:
-    err = DeserializationError(
-        f"the result of task {task_id} cannot be loaded here ({type(cause).__name__}: {cause}). "
-        f"{versions_text(SUBMITTER, worker)} (this side is the submitter); {SAME_VERSIONS}, and "
-        "make every module the result's types come from importable here."
-    )
-    err.__cause__ = cause
-    return err
 
 
 def _decode(answer: Response) -> Any:

@@ -2,56 +2,44 @@
 
 ``submit`` serializes the call in the caller's thread (so an unpicklable
 argument fails at once), returns a future and queues the task. A submitter
-thread sends queued tasks in batches (one ``POST /v1/tasks`` per batch; a
-function is registered once per Executor). A result thread holds one WebSocket
-on the Executor's task group and resolves futures as results are pushed; after
-any reconnect, and whenever the stream has been quiet for a while, it asks for
-the outstanding tasks' states in one request, so no result is missed.
+thread sends queued tasks in batches (a function is registered once per
+Executor) on the task group's result stream (:mod:`farcall.stream`), or by
+``POST /v1/tasks`` while it is down. Results pushed on the stream resolve the
+futures; after any reconnect, and whenever the stream has been quiet for a
+while, the outstanding tasks' states are asked for in one request, so no
+result is missed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import itertools
 import logging
 import queue
-import random
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-from websockets.exceptions import InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
-
-from farcall.client import SUBMITTER, Client, broker_error, outcome, result_outcome, split_batch
-from farcall.errors import ExecutorShutdown, FarcallError
+from farcall.client import SUBMITTER, Client, split_batch
+from farcall.errors import ExecutorShutdown
 from farcall.messages import (
     BatchSubmission,
     BatchSubmitted,
-    RequestFailedFrame,
-    ResultStreamFrame,
-    SubmitFrame,
-    SubmittedFrame,
     TaskResult,
     TaskSpec,
     TaskState,
-    parse_stream_frame,
     version_mismatch,
 )
+from farcall.outcome import outcome_of
 from farcall.serialize import pack_args, serialize_function
+from farcall.stream import TaskGroupStream
 
 log = logging.getLogger(__name__)
 
-QUIET_SECONDS = 15.0
-"""With tasks outstanding and no pushed result for this long, poll their states once."""
 CONNECT_WAIT = 10.0
 """How long the first batch waits for the result stream before it is sent anyway."""
-SUBMIT_TIMEOUT = 120.0
-"""How long a batch sent on the stream waits for its answer before it goes by HTTP instead."""
 
 
 class TaskFuture(concurrent.futures.Future[Any]):
@@ -61,19 +49,50 @@ class TaskFuture(concurrent.futures.Future[Any]):
 
 
 @dataclass(slots=True)
-class _Reply:
-    event: threading.Event
-    frame: SubmittedFrame | RequestFailedFrame | None = None
+class _Function:
+    """A function as this Executor sends it; ``payload`` is needed only until ``function_id`` is known."""
+
+    payload: str
+    name: str
+    function_id: str | None = None
+
+
+class _Functions:
+    """Each function is serialized and registered once per Executor.
+
+    Found by the function object while it lives (held weakly), else by its
+    payload's digest: a function that cannot be weakly referenced, or an equal
+    one made anew (a lambda per call), is serialized again but shares one
+    registration.
+    """
+
+    def __init__(self) -> None:
+        self._by_object: weakref.WeakKeyDictionary[Any, _Function] = weakref.WeakKeyDictionary()
+        self._by_digest: dict[str, _Function] = {}
+
+    def get(self, fn: Callable[..., Any]) -> _Function:
+        try:
+            found = self._by_object.get(fn)
+        except TypeError:  # not weakly referenceable
+            found = None
+        if found is not None:
+            return found
+        payload = serialize_function(fn)
+        digest = hashlib.sha256(payload.encode()).hexdigest()
+        found = self._by_digest.setdefault(digest, _Function(payload, getattr(fn, "__name__", "")))
+        try:
+            self._by_object[fn] = found
+        except TypeError:
+            pass
+        return found
 
 
 @dataclass(slots=True)
 class _Call:
     future: TaskFuture
     args: str
+    function: _Function | None = None
     function_id: str | None = None
-    payload: str | None = None
-    digest: str = ""
-    name: str = ""
 
 
 class Executor(concurrent.futures.Executor):
@@ -109,18 +128,11 @@ class Executor(concurrent.futures.Executor):
         self._early: dict[str, TaskResult] = {}
         self._posting = 0
         self._unsent = 0
-        self._payloads: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
-        self._function_ids: dict[str, str] = {}
-        self._replies: dict[int, _Reply] = {}
-        self._request_ids = itertools.count(1)
+        self._functions = _Functions()
         self._shutdown = False
         self._version_checked = False
-        self._closing = False
-        self._connected = threading.Event()
-        self._closed = threading.Event()
-        self._ws: ClientConnection | None = None
         self._submitter = threading.Thread(target=self._submit_loop, name="farcall-submit", daemon=True)
-        self._stream: threading.Thread | None = None
+        self._stream: TaskGroupStream | None = None
         self._start_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -134,10 +146,8 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Queue ``fn(*args, **kwargs)`` for the endpoint; returns at once."""
         self._check_open()
-        payload, digest = self._function_payload(fn)
-        call = _Call(TaskFuture(), pack_args(args, kwargs), payload=payload, digest=digest,
-                     name=getattr(fn, "__name__", ""))
-        return self._enqueue(call)
+        function = self._functions.get(fn)
+        return self._enqueue(_Call(TaskFuture(), pack_args(args, kwargs), function=function))
 
     def submit_to_registered_function(
         self,
@@ -183,21 +193,6 @@ class Executor(concurrent.futures.Executor):
             raise ValueError(
                 "no endpoint: create the Executor with endpoint_id=... (see Client.get_endpoints())"
             )
-
-    def _function_payload(self, fn: Callable[..., Any]) -> tuple[str, str]:
-        try:
-            cached = self._payloads.get(fn)
-        except TypeError:  # not weakly referenceable: serialize every time, registered once
-            cached = None
-        if cached is not None:
-            return cached
-        payload = serialize_function(fn)
-        entry = (payload, hashlib.sha256(payload.encode()).hexdigest())
-        try:
-            self._payloads[fn] = entry
-        except TypeError:
-            pass
-        return entry
 
     def _enqueue(self, call: _Call) -> TaskFuture:
         with self._lock:
@@ -285,52 +280,27 @@ class Executor(concurrent.futures.Executor):
     def _submit(self, chunk: list[TaskSpec]) -> BatchSubmitted:
         """On the result stream when it is up (no HTTP request per batch), else by POST."""
         assert self.endpoint_id is not None
-        ws = self._ws
-        if ws is not None:
-            answer = self._submit_on_stream(ws, chunk)
+        stream = self._stream
+        if stream is not None:
+            answer = stream.submit(BatchSubmission.model_construct(
+                endpoint_id=self.endpoint_id, tasks=chunk, task_group_id=self.task_group_id,
+                submitter=SUBMITTER,
+            ))
             if answer is not None:
                 return answer
         return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id)
 
-    def _submit_on_stream(self, ws: ClientConnection, chunk: list[TaskSpec]) -> BatchSubmitted | None:
-        """The broker's answer, or None when the stream dropped before it came.
-
-        A batch whose answer was lost may have been taken: sending it again by HTTP
-        can run its tasks twice, never lose them (at-least-once).
-        """
-        assert self.endpoint_id is not None
-        request_id = next(self._request_ids)
-        reply = _Reply(threading.Event())
-        with self._lock:
-            self._replies[request_id] = reply
-        batch = BatchSubmission.model_construct(
-            endpoint_id=self.endpoint_id, tasks=chunk, task_group_id=self.task_group_id,
-            submitter=SUBMITTER,
-        )
-        try:
-            ws.send(SubmitFrame(request_id=request_id, batch=batch).model_dump_json())
-            reply.event.wait(SUBMIT_TIMEOUT)
-        except (OSError, WebSocketException) as e:
-            log.info("submitting on the result stream failed (%s); using HTTP", e)
-        finally:
-            with self._lock:
-                self._replies.pop(request_id, None)
-        frame = reply.frame
-        if frame is None or (isinstance(frame, RequestFailedFrame) and frame.status == 503):
-            return None  # by HTTP, which retries while the broker's store or queue is down
-        if isinstance(frame, RequestFailedFrame):
-            raise broker_error(frame.status, frame.message, frame.error)
-        return BatchSubmitted(task_group_id=frame.task_group_id, task_ids=frame.task_ids)
-
     def _function_id(self, call: _Call) -> str:
         if call.function_id is not None:
             return call.function_id
-        found = self._function_ids.get(call.digest)
-        if found is None:
-            assert call.payload is not None
-            found = self.client.register_function_payload(call.payload, call.name)
-            self._function_ids[call.digest] = found
-        return found
+        function = call.function
+        assert function is not None
+        if function.function_id is None:
+            function.function_id = self.client.register_function_payload(
+                function.payload, function.name
+            )
+            function.payload = ""
+        return function.function_id
 
     def _record(self, calls: list[_Call], task_ids: list[str]) -> None:
         early: list[tuple[TaskFuture, TaskResult]] = []
@@ -343,7 +313,7 @@ class Executor(concurrent.futures.Executor):
                 else:
                     early.append((call.future, result))
         for future, result in early:
-            _settle(future, *_pushed_outcome(result))
+            outcome_of(result).settle(future)
 
     # ------------------------------------------------------------ results
 
@@ -352,75 +322,18 @@ class Executor(concurrent.futures.Executor):
             return
         if self.task_group_id is None:
             self.task_group_id = self.client.create_task_group()
-        self._stream = threading.Thread(target=self._stream_loop, name="farcall-results", daemon=True)
+        self._stream = TaskGroupStream(
+            self.client,
+            self.task_group_id,
+            on_results=self._deliver,
+            poll=self._catch_up,
+            on_refused=self._fail_outstanding,
+            done=self._finished,
+        )
         self._stream.start()
-        if not self._connected.wait(CONNECT_WAIT):
+        if not self._stream.wait_connected(CONNECT_WAIT):
             log.warning("result stream not connected after %.0f s; results will be polled meanwhile",
                         CONNECT_WAIT)
-
-    def _stream_loop(self) -> None:
-        url = self.client.websocket_url(f"/task_groups/{self.task_group_id}/results")
-        headers = {"Authorization": f"Bearer {self.client.token}"}
-        attempt = 0
-        while not self._closing and not self._finished():
-            try:
-                with connect(url, additional_headers=headers, max_size=None, compression=None,
-                             open_timeout=30, close_timeout=2) as ws:
-                    self._ws = ws
-                    attempt = 0
-                    self._connected.set()
-                    self._catch_up()
-                    self._receive(ws)
-            except InvalidStatus as e:
-                status = e.response.status_code
-                if status in (401, 403, 404):
-                    self._fail_outstanding(FarcallError(
-                        f"the broker refused the result stream of task group {self.task_group_id} "
-                        f"({status}); the token may have been revoked. Results can still be "
-                        "fetched with Client.get_batch_result."))
-                    return
-                log.warning("result stream: broker answered %s", status)
-            except (OSError, TimeoutError, WebSocketException) as e:
-                if self._closing:
-                    return
-                log.log(logging.WARNING if attempt == 0 else logging.DEBUG,
-                        "result stream lost (%s); reconnecting", str(e) or type(e).__name__)
-            finally:
-                self._ws = None
-                self._abandon_replies()
-            if self._closing or self._finished():
-                return
-            self._catch_up()
-            attempt += 1
-            self._closed.wait(min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
-
-    def _receive(self, ws: ClientConnection) -> None:
-        while not self._finished():
-            try:
-                raw = ws.recv(timeout=QUIET_SECONDS)
-            except TimeoutError:
-                self._catch_up()
-                continue
-            try:
-                frame = parse_stream_frame(raw)
-            except ValidationError as e:
-                log.error("ignoring an unreadable result frame: %s", e)
-                continue
-            if isinstance(frame, ResultStreamFrame):
-                self._deliver(frame.results)
-            else:
-                with self._lock:
-                    reply = self._replies.get(frame.request_id)
-                if reply is not None:
-                    reply.frame = frame
-                    reply.event.set()
-
-    def _abandon_replies(self) -> None:
-        """The stream is gone: batches waiting for an answer on it go by HTTP instead."""
-        with self._lock:
-            waiting = list(self._replies.values())
-        for reply in waiting:
-            reply.event.set()
 
     def _deliver(self, results: list[TaskResult]) -> None:
         ready: list[tuple[TaskFuture, TaskResult]] = []
@@ -432,7 +345,7 @@ class Executor(concurrent.futures.Executor):
                 elif self._posting:
                     self._early[result.task_id] = result
         for future, result in ready:
-            _settle(future, *_pushed_outcome(result))
+            outcome_of(result).settle(future)
         if not self._version_checked and results and results[0].worker is not None:
             self._version_checked = True
             mismatch = version_mismatch(SUBMITTER, results[0].worker)
@@ -458,7 +371,7 @@ class Executor(concurrent.futures.Executor):
                     if future is not None:
                         ready.append((future, record))
         for future, record in ready:
-            _settle(future, *outcome(record))
+            outcome_of(record).settle(future)
 
     def _finished(self) -> bool:
         """Shut down, everything sent, every result in: the stream has nothing left to do."""
@@ -470,16 +383,8 @@ class Executor(concurrent.futures.Executor):
             self._close_stream()
 
     def _close_stream(self) -> None:
-        self._closing = True
-        self._closed.set()
-        ws = self._ws
-        if ws is not None:
-            try:
-                ws.close()
-            except Exception:  # noqa: BLE001 - already closing
-                pass
-        if self._stream is not None and self._stream is not threading.current_thread():
-            self._stream.join(10)
+        if self._stream is not None:
+            self._stream.close()
 
     def _fail_outstanding(self, error: BaseException) -> None:
         with self._lock:
@@ -488,14 +393,3 @@ class Executor(concurrent.futures.Executor):
         for f in futures:
             f.set_exception(error)
 
-
-def _pushed_outcome(r: TaskResult) -> tuple[bool, Any]:
-    return result_outcome(r.task_id, r.state, r.data, r.error, r.worker)
-
-
-def _settle(future: TaskFuture, ok: bool, value: Any) -> None:
-    """Resolve a future from ``outcome``: its return value, or the exception to raise."""
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)

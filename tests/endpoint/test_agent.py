@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from farcall.endpoint.agent import Agent, ProtocolError, websocket_url
+from farcall.endpoint.agent import Agent, ProtocolError
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines import build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
@@ -58,11 +58,6 @@ def hold(marker: str, gate: str) -> str:
 
 def runs(marker: Path) -> int:
     return marker.read_text().count("ran") if marker.exists() else 0
-
-
-def test_websocket_url_keeps_prefix_and_scheme() -> None:
-    assert websocket_url("http://h:8000", "e") == "ws://h:8000/v1/endpoints/e/connect"
-    assert websocket_url("https://h/fc/", "e") == "wss://h/fc/v1/endpoints/e/connect"
 
 
 def test_hello_credit_tasks_run_results_batched_credit_returned(

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from farcall import Client
-from farcall.client import outcome, split_batch
-from farcall.errors import AuthenticationError, BrokerError, DeserializationError, NotFound, TaskPending
+from farcall.client import split_batch
+from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
 from farcall.messages import TaskSpec
 from harness.procs import wait_until
 from tests.helpers import StubHTTP
@@ -154,10 +154,3 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     with pytest.raises(BrokerError, match="cannot reach the broker"):
         c.get_endpoints()
 
-
-def test_undecodable_result_names_both_sides_versions() -> None:
-    record = {"task_id": "t", "state": "success", "data": "10\nbm90IGRpbGw=",
-              "worker": {"python": "3.99.0", "dill": "9.9"}}
-    ok, error = outcome(record)
-    assert not ok and isinstance(error, DeserializationError)
-    assert "3.99.0" in str(error) and "dill 9.9" in str(error) and "submitter: Python 3." in str(error)

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.sync.client import ClientConnection
 
+import farcall.stream
 from farcall import Client, Executor
 from farcall.errors import ExecutorShutdown, NotFound, SerializationError
 from harness.procs import wait_until
@@ -46,6 +48,14 @@ class CountingExecutor(Executor):
         assert self.client.hold.wait(30)
         self.client.posts.append(len(chunk))
         return super()._submit(chunk)
+
+
+def stream_connection(ex: Executor) -> ClientConnection:
+    """The WebSocket the Executor's result stream holds now."""
+    assert ex._stream is not None
+    ws = ex._stream._ws
+    assert ws is not None, "the result stream is not connected"
+    return ws
 
 
 @pytest.fixture
@@ -143,7 +153,9 @@ def test_shutdown_cancel_futures_cancels_unsent_tasks(stack: Stack, counting: Co
     assert counting.posts == [1]
 
 
-def test_results_are_polled_when_the_stream_is_lost(stack: Stack, client: Client, tmp_path: Path) -> None:
+def test_results_are_polled_when_the_stream_is_lost(
+    stack: Stack, client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gate = tmp_path / "gate"
 
     def after_gate(path: str) -> str:
@@ -160,9 +172,11 @@ def test_results_are_polled_when_the_stream_is_lost(stack: Stack, client: Client
         wait_until(lambda: future.task_id and client.get_task(future.task_id)["state"] == "running",
                    30, "running")
         # From now on the stream cannot reconnect: the result can only come from polling.
-        client.websocket_url = lambda path: "ws://127.0.0.1:9/nowhere"  # type: ignore[method-assign]
-        assert ex._ws is not None
-        ex._ws.close()
+        def unreachable(*args: Any, **kwargs: Any) -> ClientConnection:
+            raise ConnectionRefusedError("the broker cannot be reached in this test")
+
+        monkeypatch.setattr(farcall.stream, "connect", unreachable)
+        stream_connection(ex).close()
         gate.touch()
         assert future.result(timeout=30) == "polled"
 
@@ -176,19 +190,21 @@ def test_executor_reads_its_settings_from_the_environment(
         assert ex.submit(pow, 2, 10).result(timeout=30) == 1024
 
 
-def test_a_batch_whose_stream_answer_is_lost_goes_by_http(stack: Stack, counting: CountingClient) -> None:
+def test_a_batch_whose_stream_answer_is_lost_goes_by_http(
+    stack: Stack, counting: CountingClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def twice(x: int) -> int:
         return 2 * x
 
     with Executor(endpoint_id=stack.endpoint_id, client=counting) as ex:
         assert ex.submit(twice, 1).result(timeout=30) == 2
         assert counting.http_posts == 0
-        ws = ex._ws
-        assert ws is not None
-        def drop(message: Any, *args: Any) -> None:
+        ws = stream_connection(ex)
+
+        def drop(message: Any, *args: Any, **kwargs: Any) -> None:
             ws.close()  # the stream drops with the batch unanswered
 
-        ws.send = drop  # type: ignore[method-assign]
+        monkeypatch.setattr(ws, "send", drop)
         futures = [ex.submit(twice, i) for i in range(5)]
         assert [f.result(timeout=30) for f in futures] == [0, 2, 4, 6, 8]
     assert counting.http_posts >= 1

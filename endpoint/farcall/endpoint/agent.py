@@ -23,17 +23,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
+from farcall.backoff import Backoff
 from farcall.endpoint.engines.base import Engine
 from farcall.endpoint.errors import EndpointRejected
 from farcall.endpoint.worker import WORKER_VERSIONS, failed_result
@@ -53,6 +52,7 @@ from farcall.messages import (
     Welcome,
     parse_broker_frame,
 )
+from farcall.urls import websocket_url
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ FUNCTION_CACHE = 4096
 """Function bodies kept by id; the broker sends each once per session."""
 RECENT_IDS = 10_000
 """Acknowledged task ids remembered, so a late redelivery of a finished task is not run again."""
-
-
-def websocket_url(broker_url: str, endpoint_id: str) -> str:
-    """``http(s)://host[/prefix]`` -> ``ws(s)://host[/prefix]/v1/endpoints/{id}/connect``."""
-    parts = urlsplit(broker_url)
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    path = parts.path.rstrip("/") + f"/v1/endpoints/{endpoint_id}/connect"
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 class ProtocolError(Exception):
@@ -109,7 +101,7 @@ class Agent:
         self.max_backoff = max_backoff
         self.allowed_functions = None if allowed_functions is None else frozenset(allowed_functions)
         self.on_status = on_status
-        self._url = websocket_url(broker_url, endpoint_id)
+        self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
 
         self.connected = threading.Event()
@@ -228,7 +220,7 @@ class Agent:
     # ------------------------------------------------------------- connection
 
     async def _connect_loop(self) -> None:
-        attempt = 0
+        backoff = Backoff(cap=self.max_backoff)
         while True:
             welcomed = False
             try:
@@ -241,7 +233,7 @@ class Agent:
                     close_timeout=2,
                 ) as ws:
                     welcomed = await self._hello(ws)
-                    attempt = 0
+                    backoff.reset()
                     await self._session(ws)
                     if self._closing:
                         return
@@ -256,15 +248,14 @@ class Agent:
                     ) from None
                 log.warning("broker answered %s to the connection", status)
             except (OSError, TimeoutError, WebSocketException, ProtocolError) as e:
-                level = logging.WARNING if attempt == 0 else logging.INFO  # one warning per outage
+                level = logging.WARNING if backoff.attempt == 0 else logging.INFO  # one warning per outage
                 log.log(level, "connection to %s %s: %s", self._url,
                         "lost" if welcomed else "failed", str(e) or type(e).__name__)
             finally:
                 if self.connected.is_set():
                     self.connected.clear()
                     self._report()
-            delay = min(self.max_backoff, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt += 1
+            delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
 
