@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from farcall.endpoint.engines import Engine, build_engine, validate_engine
+from farcall.endpoint.engines import Engine, EngineStatus, build_engine, validate_engine
+from farcall.endpoint.engines.base import OnDone, OnStart, TaskEntry
 from farcall.endpoint.engines.processes import ProcessPoolEngine
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
+from farcall.messages import ResultMessage, TaskMessage
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
 
@@ -195,3 +197,50 @@ def test_bad_engine_option_names_the_key() -> None:
         validate_engine({"type": "ThreadPoolEngine", "max_worker": 2})
     with pytest.raises(EndpointConfigError, match=r"engine\.max_chunk: unknown key"):
         validate_engine({"type": "ThreadPoolEngine", "max_chunk": 2})
+
+
+class _ChunkingStub(Engine):
+    """Only the lost-chunk hook; the policy under test is the base class's."""
+
+    def __init__(self) -> None:
+        self.rerun: list[TaskEntry] = []
+
+    def _rerun_alone(self, entries: list[TaskEntry]) -> None:
+        self.rerun.extend(entries)
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        pass
+
+    def status(self) -> EngineStatus:
+        return EngineStatus()
+
+    @property
+    def capacity(self) -> int:
+        return 0
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
+        pass
+
+
+def test_a_lost_chunk_runs_again_task_by_task_and_a_lost_task_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got = Collector()
+
+    def broken(result: ResultMessage) -> None:
+        raise RuntimeError("callback bug")
+
+    engine = _ChunkingStub()
+    chunk = [TaskEntry(f"t{i}", "{}", got.on_done) for i in range(3)]
+    engine._lost(chunk, "its worker (pid 1, exit code 7)")
+    assert engine.rerun == chunk and all(e.alone for e in chunk) and not got.results
+    engine._lost([chunk[1]], "its worker (pid 2, killed by signal 9)")
+    (result,) = got.wait_results(["t1"])
+    with pytest.raises(WorkerLost, match=r"task t1 was lost with its worker \(pid 2, killed by signal 9\)"
+                                         r".*submit the task again"):
+        value_of(result)
+    engine._lost([TaskEntry("t9", "{}", broken)], "its worker (pid 3, exit code 1)")
+    assert "result callback failed for task t9" in caplog.text

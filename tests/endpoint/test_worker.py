@@ -1,7 +1,8 @@
-"""worker.run_task: the code that runs inside every worker."""
+"""worker.run_batch and worker.execute: the code that runs inside every worker."""
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -10,14 +11,16 @@ import pytest
 
 from farcall.endpoint import worker
 from farcall.errors import DeserializationError
-from farcall.messages import ResultMessage, TaskState, Versions
+from farcall.messages import ResultMessage, TaskState, Versions, join_task_batch, parse_result_batch
 from farcall.serialize import pack_args
 from farcall.version import local_versions
 from tests.endpoint.helpers import make_task, value_of
 
 
 def run(task_json: str) -> ResultMessage:
-    return ResultMessage.model_validate_json(worker.run_task(task_json))
+    """``task_json`` run the way every engine but the thread pool runs it: a batch of one."""
+    (result,) = parse_result_batch(worker.run_batch(join_task_batch([task_json])))
+    return result
 
 
 def test_success_carries_value_times_and_worker_versions() -> None:
@@ -42,7 +45,7 @@ def test_exception_is_rebuilt_with_the_remote_frame() -> None:
     assert result.state == TaskState.FAILED
     assert "ValueError: bad 7" in result.error
     assert "in boom" in result.error
-    assert "run_task" not in result.error and "in execute" not in result.error
+    assert "run_batch" not in result.error and "in execute" not in result.error
     with pytest.raises(ValueError, match="bad 7") as caught:
         value_of(result)
     assert "boom" in "".join(traceback.format_exception(caught.value))
@@ -108,3 +111,32 @@ def test_function_is_deserialized_once_per_function_id(monkeypatch: pytest.Monke
 def test_malformed_task_json_still_answers() -> None:
     result = run('{"task_id": "x1"}')
     assert result.task_id == "x1" and result.state == TaskState.FAILED
+
+
+def test_a_batch_answers_every_task_in_order_even_a_malformed_one() -> None:
+    def inc(x: int) -> int:
+        return x + 1
+
+    good = [make_task(inc, i) for i in range(3)]
+    payload = join_task_batch([good[0].model_dump_json(), '{"task_id": "x2", "function": 5}',
+                               good[1].model_dump_json(), '{"no_id": 1}', good[2].model_dump_json()])
+    results = parse_result_batch(worker.run_batch(payload))
+    assert [r.task_id for r in results] == [good[0].task_id, "x2", good[1].task_id, "",
+                                            good[2].task_id]
+    assert [value_of(results[i]) for i in (0, 2, 4)] == [1, 2, 3]
+    assert results[1].state == results[3].state == TaskState.FAILED
+
+
+def test_a_payload_that_is_not_json_still_answers() -> None:
+    (result,) = parse_result_batch(worker.run_batch(b"not json"))
+    assert result.task_id == "" and result.state == TaskState.FAILED
+
+
+def test_execute_runs_in_this_thread_and_keeps_the_given_start_time() -> None:
+    def where() -> int:
+        import threading
+
+        return threading.get_ident()
+
+    result = worker.execute(make_task(where), started=123.0)
+    assert value_of(result) == threading.get_ident() and result.started_at == 123.0

@@ -176,38 +176,25 @@ def _assert_fake_job_ran_and_was_cancelled(
     assert expected_commands <= used, f"expected {expected_commands} among {used}"
 
 
-def test_pbspro_block_runs_task_inside_a_fake_pbs_job(fake_sched: Path, tmp_path: Path) -> None:
-    provider = PBSProProvider(
-        nodes_per_block=1,
-        cpus_per_node=1,
-        init_blocks=1,
-        min_blocks=0,
-        max_blocks=1,
-        walltime="00:10:00",
-        launcher=SingleNodeLauncher(),
-        worker_init=worker_init(),
-        cmd_timeout=30,
-    )
-    seen: list[Any] = []
-    out = _run_in_job(
-        _config(provider, tmp_path),
-        ["PBS_JOBID", "PBS_O_WORKDIR"],
-        lambda result, provider: seen.extend(
-            [fake_jobs(fake_sched), _provider_state(provider, result["PBS_JOBID"])]
-        ),
-    )
-    job_id = out["result"]["PBS_JOBID"]
-    assert job_id, f"the task did not run inside a PBS job: {out['result']}"
-    jobs, provider_state = seen
-    assert [(j["id"], j["state"]) for j in jobs] == [(job_id, "R")], jobs
-    assert provider_state == JobState.RUNNING, f"the provider read {provider_state} from the stand-in"
-    _assert_fake_job_ran_and_was_cancelled(
-        fake_sched, job_id, out, {("qsub",), ("qstat", "-x", "-f", "-F"), ("qdel",)}
-    )
-
-
-def test_lsf_block_runs_task_inside_a_fake_lsf_job(fake_sched: Path, tmp_path: Path) -> None:
-    provider = LSFProvider(
+@pytest.mark.parametrize(
+    ("provider_class", "provider_args", "job_id_var", "job_var", "expected_commands"),
+    [
+        pytest.param(PBSProProvider, {"cpus_per_node": 1}, "PBS_JOBID", "PBS_O_WORKDIR",
+                     {("qsub",), ("qstat", "-x", "-f", "-F"), ("qdel",)}, id="pbspro"),
+        pytest.param(LSFProvider, {}, "LSB_JOBID", "LSB_HOSTS",
+                     {("bsub",), ("bjobs", "-noheader", "-o"), ("bkill",)}, id="lsf"),
+    ],
+)
+def test_block_runs_task_inside_a_fake_scheduler_job(
+    fake_sched: Path,
+    tmp_path: Path,
+    provider_class: type,
+    provider_args: dict[str, Any],
+    job_id_var: str,
+    job_var: str,
+    expected_commands: set[tuple[str, ...]],
+) -> None:
+    provider = provider_class(
         nodes_per_block=1,
         init_blocks=1,
         min_blocks=0,
@@ -216,20 +203,19 @@ def test_lsf_block_runs_task_inside_a_fake_lsf_job(fake_sched: Path, tmp_path: P
         launcher=SingleNodeLauncher(),
         worker_init=worker_init(),
         cmd_timeout=30,
+        **provider_args,
     )
     seen: list[Any] = []
     out = _run_in_job(
         _config(provider, tmp_path),
-        ["LSB_JOBID", "LSB_HOSTS"],
+        [job_id_var, job_var],
         lambda result, provider: seen.extend(
-            [fake_jobs(fake_sched), _provider_state(provider, result["LSB_JOBID"])]
+            [fake_jobs(fake_sched), _provider_state(provider, result[job_id_var])]
         ),
     )
-    job_id = out["result"]["LSB_JOBID"]
-    assert job_id, f"the task did not run inside an LSF job: {out['result']}"
+    job_id = out["result"][job_id_var]
+    assert job_id, f"the task did not run inside a {provider_class.__name__} job: {out['result']}"
     jobs, provider_state = seen
     assert [(j["id"], j["state"]) for j in jobs] == [(job_id, "R")], jobs
     assert provider_state == JobState.RUNNING, f"the provider read {provider_state} from the stand-in"
-    _assert_fake_job_ran_and_was_cancelled(
-        fake_sched, job_id, out, {("bsub",), ("bjobs", "-noheader", "-o"), ("bkill",)}
-    )
+    _assert_fake_job_ran_and_was_cancelled(fake_sched, job_id, out, expected_commands)

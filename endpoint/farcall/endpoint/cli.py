@@ -9,39 +9,29 @@ time) and runs the agent in the foreground, or as a daemon with ``--detach``;
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from farcall.endpoint import daemon
 from farcall.endpoint.agent import Agent
 from farcall.endpoint.config import (
     PROVIDER_TEMPLATES,
-    EndpointConfig,
     configure,
     endpoint_dir,
     farcall_home,
     load_config,
 )
-from farcall.endpoint.engines import ENGINES, build_engine, engine_class
+from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError
 from farcall.endpoint.registration import ensure_registered, load_registration
 from farcall.errors import FarcallError
 
 log = logging.getLogger(__name__)
-
-PID_FILE = "endpoint.pid"
-LOG_FILE = "endpoint.log"
-STATUS_FILE = "status.json"
-RUNINFO_DIR = "runinfo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,101 +124,34 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(name)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
-    engine_spec = _engine_spec(config, directory)
+    engine_spec = config.engine_spec(directory)
     build_engine(engine_spec)  # a bad engine section fails here, before anything starts
     if args.detach:
-        return _start_detached(name, directory, args.wait)
-    pid_path = directory / PID_FILE
-    _claim_pid_file(pid_path)
-    try:
-        _run_hook(config.endpoint_setup, "endpoint_setup", directory, fatal=True)
-        try:
-            registration = ensure_registered(directory, broker_url, config.display_name or name)
-            engine = build_engine(engine_spec)
-            agent = Agent(
-                broker_url,
-                registration.endpoint_id,
-                registration.credential,
-                engine,
-                heartbeat_period=config.heartbeat_period,
-                stop_timeout=config.stop_timeout,
-                display_name=config.display_name or name,
-                allowed_functions=config.allowed_functions,
-                on_status=lambda snapshot: _write_status(directory, snapshot),
-            )
-            log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id,
-                     engine.name)
-            asyncio.run(_run_with_signals(agent))
-        finally:
-            _run_hook(config.endpoint_teardown, "endpoint_teardown", directory, fatal=False)
-    finally:
-        _release_pid_file(pid_path)
-    return 0
-
-
-def _engine_spec(config: EndpointConfig, directory: Path) -> dict[str, Any]:
-    """The engine section, with Parsl's run directories inside the endpoint's directory."""
-    spec = dict(config.engine)
-    cls = engine_class(str(spec.get("type", "ProcessPoolEngine")))
-    if "run_dir" in cls.Options.model_fields and not spec.get("run_dir"):
-        spec["run_dir"] = str(directory / RUNINFO_DIR)
-    return spec
-
-
-async def _run_with_signals(agent: Agent) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.request_stop)
-    await agent.run()
-
-
-def _run_hook(command: str | None, key: str, directory: Path, fatal: bool) -> None:
-    if not command:
-        return
-    log.info("running %s: %s", key, command)
-    done = subprocess.run(command, shell=True, cwd=directory, capture_output=True, text=True)
-    for line in (done.stdout + done.stderr).splitlines():
-        log.info("%s: %s", key, line)
-    if done.returncode != 0:
-        message = (f"{key} failed (exit code {done.returncode}): {command!r}; "
-                   f"its output: {(done.stderr or done.stdout).strip()[-500:]!r}")
-        if fatal:
-            raise EndpointError(message + ". Fix the command in config.yaml and start again.")
-        log.warning("%s", message)
-
-
-def _start_detached(name: str, directory: Path, wait: float) -> int:
-    pid = running_pid(directory)
-    if pid is not None:
-        raise EndpointError(f"endpoint {name} is already running (pid {pid}); "
-                            f"stop it with: farcall-endpoint stop {name}")
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / LOG_FILE
-    status_path = directory / STATUS_FILE
-    status_path.unlink(missing_ok=True)
-    # The daemon runs in the endpoint's directory: a relative FARCALL_HOME must not move with it.
-    env = {**os.environ, "FARCALL_HOME": str(farcall_home().absolute())}
-    with open(log_path, "ab") as out:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "farcall.endpoint", "start", name],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=directory, env=env,
+        started = daemon.start_detached(name, directory, args.wait)
+        if started.endpoint_id is None:
+            print(f"endpoint {name} runs as pid {started.pid} but is not connected to the broker "
+                  f"yet; see {started.log}")
+        else:
+            print(f"started endpoint {name} ({started.endpoint_id}) as pid {started.pid}; "
+                  f"log: {started.log}")
+        return 0
+    with daemon.pid_file(directory), daemon.hooks(config.endpoint_setup, config.endpoint_teardown,
+                                                  directory):
+        registration = ensure_registered(directory, broker_url, config.display_name or name)
+        engine = build_engine(engine_spec)
+        agent = Agent(
+            broker_url,
+            registration.endpoint_id,
+            registration.credential,
+            engine,
+            heartbeat_period=config.heartbeat_period,
+            stop_timeout=config.stop_timeout,
+            display_name=config.display_name or name,
+            allowed_functions=config.allowed_functions,
+            on_status=lambda snapshot: daemon.write_status(directory, snapshot),
         )
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-15:]
-            print(f"error: endpoint {name} exited at start (exit code {child.returncode}); "
-                  f"the end of {log_path}:\n" + "\n".join(tail), file=sys.stderr)
-            return 1
-        status = read_status(directory)
-        if status and status.get("pid") == child.pid and status.get("connected"):
-            print(f"started endpoint {name} ({status['endpoint_id']}) as pid {child.pid}; "
-                  f"log: {log_path}")
-            return 0
-        time.sleep(0.1)
-    print(f"endpoint {name} runs as pid {child.pid} but is not connected to the broker yet; "
-          f"see {log_path}")
+        log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
+        daemon.run_agent(agent)
     return 0
 
 
@@ -236,40 +159,28 @@ def _start_detached(name: str, directory: Path, wait: float) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    return _stop(args.name, args.timeout)
+    _stop(args.name, args.timeout)
+    return 0
 
 
-def _stop(name: str, timeout: float | None) -> int:
+def _stop(name: str, timeout: float | None) -> None:
     directory = endpoint_dir(name)
-    pid = running_pid(directory)
+    pid = daemon.running_pid(directory)
     if pid is None:
         print(f"endpoint {name} is not running")
-        return 0
+        return
     if timeout is None:
         try:
             timeout = load_config(name).stop_timeout + 30
         except EndpointError:
             timeout = 60.0
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            print(
-                f"error: endpoint {name} (pid {pid}) did not stop within {timeout:.0f} s; "
-                f"to force it: kill -9 {pid}",
-                file=sys.stderr,
-            )
-            return 1
-        time.sleep(0.05)
+    daemon.stop(name, pid, timeout)
     print(f"stopped endpoint {name}")
-    return 0
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
     load_config(args.name)  # a broken config fails before the running endpoint is stopped
-    code = _stop(args.name, args.timeout)
-    if code:
-        return code
+    _stop(args.name, args.timeout)
     return cmd_start(argparse.Namespace(name=args.name, detach=True, wait=args.wait))
 
 
@@ -287,7 +198,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         except EndpointError:
             registration = None
         endpoint_id = registration.endpoint_id if registration else "-"
-        state, status = _state(directory)
+        state, status = daemon.state(directory)
         heartbeat = (status or {}).get("heartbeat") or {}
         workers = str(heartbeat.get("workers", "-")) if state != "stopped" else "-"
         rows.append((directory.name, endpoint_id, state, workers))
@@ -306,12 +217,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise EndpointError(f"endpoint {args.name!r} is not configured; "
                             f"run: farcall-endpoint configure {args.name}")
     registration = load_registration(directory)
-    state, status = _state(directory)
+    state, status = daemon.state(directory)
     out: dict[str, Any] = {
         "name": args.name,
         "endpoint_id": registration.endpoint_id if registration else None,
         "state": state,
-        "pid": running_pid(directory),
+        "pid": daemon.running_pid(directory),
     }
     if status and state != "stopped":
         out.update({k: status.get(k) for k in ("broker_url", "connected", "connections", "updated_at")})
@@ -339,32 +250,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _state(directory: Path) -> tuple[str, dict[str, Any] | None]:
-    """``running`` (connected), ``connecting`` (running, no broker session) or ``stopped``."""
-    pid = running_pid(directory)
-    if pid is None:
-        return "stopped", None
-    status = read_status(directory)
-    if status is None or status.get("pid") != pid:
-        return "connecting", None
-    return ("running" if status.get("connected") else "connecting"), status
-
-
-def read_status(directory: Path) -> dict[str, Any] | None:
-    try:
-        found = json.loads((directory / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def _write_status(directory: Path, snapshot: dict[str, Any]) -> None:
-    path = directory / STATUS_FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**snapshot, "pid": os.getpid()}))
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------ delete
 
 
@@ -379,8 +264,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
-    if _stop(args.name, None):
-        return 1
+    _stop(args.name, None)
     registration = load_registration(directory)
     if registration is not None:
         try:
@@ -408,56 +292,6 @@ def _deregister(broker_url: str, endpoint_id: str) -> None:
             client.delete_endpoint(endpoint_id)
         except NotFound:
             pass  # already gone
-
-
-# ------------------------------------------------------------------ pid files
-
-
-def running_pid(directory: Path) -> int | None:
-    """The pid in ``endpoint.pid`` if that process is alive; a stale file counts as not running."""
-    try:
-        pid = int((directory / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _alive(pid) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-    except ImportError:
-        return True
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _claim_pid_file(path: Path) -> None:
-    pid = running_pid(path.parent)
-    if pid is not None and pid != os.getpid():
-        raise EndpointError(
-            f"endpoint {path.parent.name} is already running (pid {pid}); "
-            f"stop it with: farcall-endpoint stop {path.parent.name}"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def _release_pid_file(path: Path) -> None:
-    try:
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 if __name__ == "__main__":

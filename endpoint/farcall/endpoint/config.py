@@ -22,13 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from farcall import config as sdk_config
 from farcall.config import farcall_home
-from farcall.endpoint.engines import ENGINES, format_validation_error, validate_engine
-from farcall.endpoint.errors import EndpointConfigError
+from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
+from farcall.endpoint.errors import EndpointConfigError, format_validation_error
 from farcall.errors import ConfigurationError
 
 __all__ = ["EndpointConfig", "configure", "endpoint_dir", "farcall_home", "load_config"]
 
 CONFIG_FILE = "config.yaml"
+RUNINFO_DIR = "runinfo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -69,6 +70,17 @@ class EndpointConfig(BaseModel):
             return sdk_config.broker_url(self.broker_url)
         except ConfigurationError as e:
             raise EndpointConfigError(f"{e} (or set broker_url in the endpoint's config.yaml)") from None
+
+    def engine_spec(self, directory: Path) -> dict[str, Any]:
+        """The ``engine`` section to build the engine from.
+
+        Parsl's run directories go inside the endpoint's ``directory`` unless the file sets ``run_dir``.
+        """
+        spec = dict(self.engine)
+        cls = engine_class(str(spec.get("type", "ProcessPoolEngine")))
+        if "run_dir" in cls.Options.model_fields and not spec.get("run_dir"):
+            spec["run_dir"] = str(directory / RUNINFO_DIR)
+        return spec
 
 
 def endpoint_dir(name: str) -> Path:

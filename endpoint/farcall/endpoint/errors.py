@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from farcall.errors import ConfigurationError, FarcallError
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class EndpointError(FarcallError):
@@ -30,3 +35,21 @@ class WorkerLost(EndpointError):
     The task's own code may have crashed the interpreter (a segfault, ``os._exit``,
     running out of memory) or the worker was killed from outside.
     """
+
+
+def format_validation_error(
+    error: ValidationError, prefix: str = "", valid_keys: list[str] | None = None
+) -> str:
+    """One part per bad key: ``engine.max_workers: Input should be greater than 0 (got 0)``.
+
+    Config errors use it so they name every key at fault and, for an unknown key, the valid ones.
+    """
+    lines = []
+    for item in error.errors():
+        key = prefix + ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            valid = f" (valid keys: {', '.join(valid_keys)})" if valid_keys else ""
+            lines.append(f"{key}: unknown key{valid}")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "; ".join(lines)

@@ -1,4 +1,4 @@
-"""What runs inside a worker (thread, process, or Parsl worker): one task in, one result out.
+"""What runs inside a worker (thread, process, or Parsl worker): tasks in, results out.
 
 This is the hot path. It imports only the SDK's serialization and message
 modules, keeps deserialized functions in a small per-process LRU keyed by
@@ -7,6 +7,7 @@ modules, keeps deserialized functions in a small per-process LRU keyed by
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,34 +33,19 @@ WORKER_VERSIONS = Versions(**local_versions())
 _functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
 
 
-def run_task(task_json: str | bytes) -> str:
-    """Run one task given as ``TaskMessage`` JSON; answer ``ResultMessage`` JSON.
+def run_batch(payload: bytes | str) -> str:
+    """Run a JSON array of ``TaskMessage`` in order; answer a JSON array of ``ResultMessage``.
 
-    The string-in, string-out signature lets any engine ship it across process
-    boundaries (a process pool, Parsl's HTEX) without pickling pydantic objects.
+    The one entry point for crossing a process boundary (the process pool's pipe,
+    Parsl's ``submit_payload``): bytes in, a string out, nothing for the other side
+    to pickle. Every element gets a result in its place, so results line up with
+    tasks; a malformed one fails under its ``task_id`` when it has one.
     """
-    started = time.time()
     try:
-        task = TaskMessage.model_validate_json(task_json)
-    except Exception as e:  # noqa: BLE001 - a malformed task still gets an answer if it has an id
-        task_id = _task_id_of(task_json)
-        return failed_result(task_id, e, started_at=started).model_dump_json()
-    return execute(task, started).model_dump_json()
-
-
-def run_task_buffer(buffer: bytes) -> str:
-    """Task executor for Parsl HTEX's ``submit_payload``: the buffer is the task JSON as bytes."""
-    return run_task(buffer)
-
-
-def run_tasks(task_jsons: list[str]) -> list[str]:
-    """Run a chunk of tasks in order; used by engines that batch to cut per-task IPC."""
-    return [run_task(t) for t in task_jsons]
-
-
-def run_tasks_buffer(buffer: bytes) -> str:
-    """Parsl task executor for a chunk: a JSON array of tasks in, a JSON array of results out."""
-    return dump_result_batch([execute(task) for task in parse_task_batch(buffer)])
+        tasks = parse_task_batch(payload)
+    except Exception:  # noqa: BLE001 - answer element by element, below
+        return dump_result_batch(_run_malformed(payload))
+    return dump_result_batch([execute(task) for task in tasks])
 
 
 def execute(task: TaskMessage, started: float | None = None) -> ResultMessage:
@@ -135,48 +121,20 @@ def _deserialization_error(task: TaskMessage, cause: BaseException) -> Deseriali
     return err
 
 
-def _task_id_of(task_json: str | bytes) -> str:
+def _run_malformed(payload: bytes | str) -> list[ResultMessage]:
+    """The slow path of ``run_batch``: validate each element alone, run the good ones."""
+    started = time.time()
     try:
-        import json
-
-        return str(json.loads(task_json).get("task_id", ""))
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-def serve_pipe(fd: int) -> None:
-    """Body of a process-pool worker: run chunks of task JSON arriving on ``fd`` until told to stop.
-
-    A reader thread keeps draining the pipe while tasks run, so the agent's send
-    of the next chunk never blocks against this worker's send of results (no
-    deadlock with large payloads), and the worker exits when the agent goes away.
-    """
-    import multiprocessing.connection
-    import queue
-    import signal
-    import threading
-
-    # Ctrl-C in the agent's terminal, or a service manager signalling the whole group,
-    # must not kill running tasks: the agent decides when its workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = multiprocessing.connection.Connection(fd)
-    inbox: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
-
-    def read() -> None:
+        found = json.loads(payload)
+    except ValueError as e:
+        return [failed_result("", e, started_at=started)]
+    results = []
+    for item in found if isinstance(found, list) else [found]:
         try:
-            while (chunk := conn.recv()) is not None:
-                inbox.put(chunk)
-        except (EOFError, OSError):
-            pass
-        inbox.put(None)
-
-    threading.Thread(target=read, name="farcall-worker-reader", daemon=True).start()
-    while (chunk := inbox.get()) is not None:
-        conn.send(run_tasks(chunk))
-
-
-if __name__ == "__main__":
-    import sys
-
-    serve_pipe(int(sys.argv[1]))
+            task = TaskMessage.model_validate(item)
+        except Exception as e:  # noqa: BLE001 - a malformed task still gets an answer
+            task_id = item.get("task_id", "") if isinstance(item, dict) else ""
+            results.append(failed_result(str(task_id), e, started_at=started))
+            continue
+        results.append(execute(task))
+    return results

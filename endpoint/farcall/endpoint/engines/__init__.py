@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus
-from farcall.endpoint.errors import EndpointConfigError
+from farcall.endpoint.errors import EndpointConfigError, format_validation_error
 
 __all__ = ["ENGINES", "Engine", "EngineStatus", "build_engine", "engine_class", "validate_engine"]
 
@@ -63,18 +63,3 @@ def build_engine(spec: Mapping[str, Any]) -> Engine:
     """A new, not yet started engine from the config's ``engine`` section."""
     cls, options = validate_engine(spec)
     return cls.from_options(options)
-
-
-def format_validation_error(
-    error: ValidationError, prefix: str = "", valid_keys: list[str] | None = None
-) -> str:
-    """One part per bad key: ``engine.max_workers: Input should be greater than 0 (got 0)``."""
-    lines = []
-    for item in error.errors():
-        key = prefix + ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            valid = f" (valid keys: {', '.join(valid_keys)})" if valid_keys else ""
-            lines.append(f"{key}: unknown key{valid}")
-        else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(lines)

@@ -8,13 +8,18 @@ pools and Parsl's HighThroughputExecutor all fit behind this interface.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farcall.messages import ResultMessage, TaskMessage
+from farcall.endpoint.errors import WorkerLost
+from farcall.endpoint.worker import failed_result
+from farcall.messages import ResultMessage, TaskMessage, parse_result_batch
+
+log = logging.getLogger(__name__)
 
 CHUNK_SECONDS = 0.005
 """Most work (by average task duration) an engine sends a worker as one chunk, so a task never
@@ -45,6 +50,21 @@ OnDone = Callable[[ResultMessage], None]
 """Called once per task with its result, from an engine thread: must be quick and thread-safe."""
 OnStart = Callable[[str, float], None]
 """Called with ``(task_id, started_at)`` when a worker gets the task, from an engine thread."""
+
+
+@dataclass(slots=True)
+class TaskEntry:
+    """A submitted task as an engine that ships tasks to other processes holds it."""
+
+    task_id: str
+    payload: str
+    """The ``TaskMessage`` JSON, made once at submit and sent as it is."""
+    on_done: OnDone
+    on_start: OnStart | None = None
+    spec: dict[str, Any] | None = None
+    """The task's resource specification, for engines that place tasks by it."""
+    alone: bool = False
+    """Set when the task must travel in a chunk of its own (it shared a lost one)."""
 
 
 class EngineOptions(BaseModel):
@@ -116,3 +136,47 @@ class Engine(abc.ABC):
         ``wait=True`` lets submitted tasks finish first (up to ``timeout`` seconds);
         ``wait=False`` stops at once, abandoning unfinished tasks without callbacks.
         """
+
+    # ------------------------------------------------ for subclasses: results and losses
+
+    def _deliver(self, on_done: OnDone, result: ResultMessage) -> None:
+        """Hand ``result`` to the agent; a failing callback is logged, never raised into the engine."""
+        try:
+            on_done(result)
+        except Exception:
+            log.exception("result callback failed for task %s", result.task_id)
+
+    def _deliver_chunk(self, chunk: list[TaskEntry], raw: bytes | str) -> list[ResultMessage]:
+        """Deliver the results of ``chunk`` from ``worker.run_batch``'s answer; returns them."""
+        results = parse_result_batch(raw)
+        for entry, result in zip(chunk, results, strict=True):
+            self._deliver(entry.on_done, result)
+        return results
+
+    def _lost(self, chunk: list[TaskEntry], lost_with: str) -> None:
+        """The worker running ``chunk`` is gone; ``lost_with`` says which and how, for the user.
+
+        Any task of a chunk may have killed it, so a chunk runs again task by task and
+        only the culprit, lost alone, fails with ``WorkerLost``.
+        """
+        if len(chunk) > 1:
+            log.warning("lost a chunk of %d tasks with %s; running each alone", len(chunk), lost_with)
+            for entry in chunk:
+                entry.alone = True
+            self._rerun_alone(chunk)
+            return
+        (entry,) = chunk
+        log.warning("lost task %s with %s", entry.task_id, lost_with)
+        self._deliver(entry.on_done, failed_result(entry.task_id, WorkerLost(
+            f"task {entry.task_id} was lost with {lost_with}. The function may have crashed "
+            "the worker (segfault, os._exit, out of memory), or the worker was stopped from "
+            "outside (killed, or its block ended at walltime or scale-in); check the endpoint's "
+            "log and the machine's memory, then submit the task again."
+        )))
+
+    def _rerun_alone(self, entries: list[TaskEntry]) -> None:
+        """Queue ``entries`` to run again, each in a chunk of its own, ahead of new tasks.
+
+        Engines that send tasks in chunks implement it; the others never lose a chunk.
+        """
+        raise NotImplementedError(f"{self.name} sends no chunks, so it cannot rerun one")

@@ -6,32 +6,24 @@ pools on them, and Parsl's scaling strategy adds blocks while tasks wait and
 releases them after ``max_idletime`` seconds idle.
 
 Tasks go to HTEX as farcall's own task JSON through ``submit_payload`` with a
-custom task executor (``farcall.endpoint.worker.run_task_buffer``), so Parsl never
-pickles the user's function a second time; the worker answers result JSON.
-
-Provider and launcher ``type`` names are Parsl's own class names; their other
-keys are the classes' constructor arguments. Both are checked when the config
-is read, before anything starts or is submitted.
+custom task executor (``farcall.endpoint.worker.run_batch``), so Parsl never
+pickles the user's function a second time: a JSON array of one task, or of a
+chunk of short ones, in; an array of results out. The ``engine:`` section is
+checked in ``parsl_config``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-
-from pydantic import ConfigDict, Field, model_validator
 
 from farcall.endpoint.engines.base import (
     CHUNK_SECONDS,
@@ -41,155 +33,23 @@ from farcall.endpoint.engines.base import (
     OnDone,
     OnStart,
     TaskDurations,
+    TaskEntry,
 )
-from farcall.endpoint.errors import EndpointConfigError, WorkerLost
+from farcall.endpoint.engines.parsl_config import (
+    MPIOptions,
+    ParslOptions,
+    build_provider,
+    executor_class,
+    interchange_cmd,
+)
+from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.worker import failed_result
-from farcall.messages import ResultMessage, TaskMessage, parse_result_batch
+from farcall.messages import ResultMessage, TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = (
-    "LocalProvider",
-    "SlurmProvider",
-    "PBSProProvider",
-    "LSFProvider",
-    "KubernetesProvider",
-    "TorqueProvider",
-    "CondorProvider",
-    "GridEngineProvider",
-)
-LAUNCHERS = (
-    "SimpleLauncher",
-    "SingleNodeLauncher",
-    "SrunLauncher",
-    "SrunMPILauncher",
-    "AprunLauncher",
-    "MpiExecLauncher",
-    "MpiRunLauncher",
-    "JsrunLauncher",
-    "GnuParallelLauncher",
-    "WrappedLauncher",
-)
-ENGINE_OWN = {"provider", "label", "address", "interchange_launch_cmd"}
-"""Executor arguments the engine sets itself (or takes from its own options)."""
-TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_task_buffer"}
-CHUNK_EXECUTOR = {"f": "farcall.endpoint.worker.run_tasks_buffer"}
-
-
-@dataclass(slots=True)
-class _Entry:
-    task_id: str
-    payload: str
-    on_done: OnDone
-    spec: dict[str, Any] | None
-    alone: bool = False
-
-
-def _signature_keys(cls: type) -> list[str]:
-    return [
-        name
-        for name, p in inspect.signature(cls).parameters.items()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-
-
-def _component(kind: str, spec: Any, choices: tuple[str, ...], module: str) -> tuple[type, dict[str, Any]]:
-    """The Parsl class a ``{type: ..., ...}`` section names and its checked options.
-
-    Errors name the config key (``engine.provider.partiton``) and the valid choices.
-    """
-    where = "engine.provider.launcher" if kind == "launcher" else f"engine.{kind}"
-    if not isinstance(spec, Mapping):
-        raise EndpointConfigError(f"{where}: expected a mapping with a 'type' key, got {spec!r}")
-    options = dict(spec)
-    type_name = options.pop("type", None)
-    if type_name not in choices:
-        raise EndpointConfigError(
-            f"{where}.type: {type_name!r} is not a Parsl {kind}; valid choices: {', '.join(choices)}"
-        )
-    if type_name == "KubernetesProvider":
-        try:
-            import kubernetes  # noqa: F401
-        except ImportError:
-            raise EndpointConfigError(
-                f"{where}.type: KubernetesProvider needs the kubernetes package: "
-                "pip install 'farcall[kubernetes]'"
-            ) from None
-    cls: type = getattr(importlib.import_module(module), type_name)
-    valid = _signature_keys(cls)
-    for key in options:
-        if key not in valid:
-            raise EndpointConfigError(
-                f"{where}.{key}: not an option of {type_name}; valid options: {', '.join(valid)}"
-            )
-    if "launcher" in options:
-        options["launcher"] = _component("launcher", options["launcher"], LAUNCHERS, "parsl.launchers")
-    return cls, options
-
-
-def _build(kind: str, cls: type, options: dict[str, Any]) -> Any:
-    args = dict(options)
-    if isinstance(args.get("launcher"), tuple):
-        args["launcher"] = _build("launcher", *args["launcher"])
-    try:
-        return cls(**args)
-    except Exception as e:  # noqa: BLE001 - Parsl raises many kinds for bad values
-        raise EndpointConfigError(f"engine.{kind}: {cls.__name__}({args}) failed: {e}") from None
-
-
-def _interchange_cmd() -> list[str]:
-    """Parsl's interchange from this interpreter's bin/, even when that is not on PATH."""
-    here = Path(sys.executable).parent / "interchange.py"
-    return [sys.executable, str(here)] if here.is_file() else ["interchange.py"]
-
-
-def _venv_worker_init() -> str:
-    """Puts this interpreter's bin/ first on PATH in the job, where HTEX looks for its worker pool."""
-    return f"export PATH={Path(sys.executable).parent}:$PATH"
-
-
-def _executor_class(name: str) -> type:
-    from parsl.executors import HighThroughputExecutor, MPIExecutor
-
-    return {"HighThroughputExecutor": HighThroughputExecutor, "MPIExecutor": MPIExecutor}[name]
-
-
-class ParslOptions(EngineOptions):
-    """``engine:`` keys for ``type: ParslEngine``. Any other key must be an executor argument."""
-
-    model_config = ConfigDict(extra="allow")
-    EXECUTOR: ClassVar[str] = "HighThroughputExecutor"
-
-    provider: dict[str, Any] = Field(default_factory=lambda: {"type": "LocalProvider"})
-    address: str = Field(default="127.0.0.1", description="where the interchange listens for workers")
-    strategy: str = "htex_auto_scale"
-    strategy_period: float = Field(default=1.0, gt=0)
-    max_idletime: float = Field(default=120.0, ge=0)
-    run_dir: str | None = None
-    max_chunk: int = Field(default=64, ge=1, description="most short tasks run as one Parsl task")
-
-    @model_validator(mode="after")
-    def _check_parsl_keys(self) -> ParslOptions:
-        valid = [k for k in _signature_keys(_executor_class(self.EXECUTOR)) if k not in ENGINE_OWN]
-        for key in self.model_extra or {}:
-            if key not in valid:
-                own = ", ".join(["type", *type(self).model_fields])
-                raise EndpointConfigError(
-                    f"engine.{key}: unknown key; valid keys: {own}, and the {self.EXECUTOR} "
-                    f"arguments {', '.join(valid)}"
-                )
-        _component("provider", self.provider, PROVIDERS, "parsl.providers")
-        return self
-
-
-class MPIOptions(ParslOptions):
-    """``type: MPIEngine``: Parsl's MPIExecutor; tasks set ``num_nodes``/``ranks_per_node``."""
-
-    EXECUTOR: ClassVar[str] = "MPIExecutor"
-
-    provider: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "LocalProvider", "launcher": {"type": "SimpleLauncher"}}
-    )
+TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_batch"}
+"""HTEX's worker calls this on each payload instead of unpickling a Python function."""
 
 
 class ParslEngine(Engine):
@@ -224,7 +84,7 @@ class ParslEngine(Engine):
         self._idle = threading.Condition()
         self._outstanding = 0
         self._workers = 0
-        self._pending: list[_Entry] = []
+        self._pending: list[TaskEntry] = []
         self._inflight = 0  # Parsl tasks (single tasks or chunks) submitted, not finished
         self._stopping = False
         self._durations = TaskDurations()
@@ -239,17 +99,13 @@ class ParslEngine(Engine):
     def start(self) -> None:
         from parsl.jobs.job_status_poller import JobStatusPoller
 
-        spec = dict(self.provider_spec)
-        cls, options = _component("provider", spec, PROVIDERS, "parsl.providers")
-        if "worker_init" in _signature_keys(cls) and "worker_init" not in options:
-            options["worker_init"] = _venv_worker_init()
-        provider = _build("provider", cls, options)
+        provider = build_provider(self.provider_spec)
         executor_options = dict(self.executor_options)
         executor_options.setdefault("heartbeat_period", 5)
         executor_options.setdefault("heartbeat_threshold", 20)
         executor_options.setdefault("poll_period", 10)
         try:
-            self.htex = _executor_class(self.executor_name)(
+            self.htex = executor_class(self.executor_name)(
                 label="farcall",
                 provider=provider,
                 address=self.address,
@@ -258,7 +114,7 @@ class ParslEngine(Engine):
         except Exception as e:  # noqa: BLE001 - typeguard and Parsl raise many kinds
             raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
         # Set after construction: MPIExecutor's type check refuses a list here, HTEX needs one.
-        self.htex.interchange_launch_cmd = _interchange_cmd()
+        self.htex.interchange_launch_cmd = interchange_cmd()
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
         run_dir = run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +149,7 @@ class ParslEngine(Engine):
                    "Only 'priority' applies here; use an MPIEngine endpoint for MPI resources.")
             )))
             return
-        entry = _Entry(task.task_id, task.model_dump_json(), on_done, spec or None)
+        entry = TaskEntry(task.task_id, task.model_dump_json(), on_done, spec=spec or None)
         with self._idle:
             self._outstanding += 1
             # Tasks with resources (MPI ranks, priorities) always go alone; the others may share.
@@ -328,7 +184,7 @@ class ParslEngine(Engine):
             return 1 << 30
         return 2 * max(1, self._workers) - self._inflight
 
-    def _chunks(self, pending: list[_Entry], room: int) -> list[list[_Entry]]:
+    def _chunks(self, pending: list[TaskEntry], room: int) -> list[list[TaskEntry]]:
         short = self._short()
         alone = [[e] for e in pending if e.spec is not None or e.alone or not short]
         rest = [e for e in pending if e.spec is None and not e.alone and short]
@@ -338,23 +194,18 @@ class ParslEngine(Engine):
                    self._durations.chunk_size(self.max_chunk))
         return alone + [rest[i : i + size] for i in range(0, len(rest), size)]
 
-    def _submit_chunk(self, chunk: list[_Entry]) -> None:
-        if len(chunk) == 1:
-            context: dict[str, Any] = {"task_executor": TASK_EXECUTOR}
-            if chunk[0].spec:
-                context["resource_spec"] = chunk[0].spec
-            payload = chunk[0].payload.encode()
-        else:
-            context = {"task_executor": CHUNK_EXECUTOR}
-            payload = ("[" + ",".join(e.payload for e in chunk) + "]").encode()
+    def _submit_chunk(self, chunk: list[TaskEntry]) -> None:
+        context: dict[str, Any] = {"task_executor": TASK_EXECUTOR}
+        if len(chunk) == 1 and chunk[0].spec:
+            context["resource_spec"] = chunk[0].spec
         with self._idle:
             self._inflight += 1
         try:
-            future = self.htex.submit_payload(context, payload)
+            future = self.htex.submit_payload(context, join_task_batch([e.payload for e in chunk]))
         except Exception as e:  # noqa: BLE001 - executor in a bad state: fail the tasks clearly
             self._chunk_left()
             for entry in chunk:
-                self._finish(entry, failed_result(entry.task_id, e))
+                self._deliver(entry.on_done, failed_result(entry.task_id, e))
             return
         future.add_done_callback(lambda f: self._chunk_done(chunk, f))
 
@@ -363,42 +214,26 @@ class ParslEngine(Engine):
             self._inflight -= 1
             self._idle.notify_all()
 
-    def _chunk_done(self, chunk: list[_Entry], future: Future[Any]) -> None:
+    def _chunk_done(self, chunk: list[TaskEntry], future: Future[Any]) -> None:
         self._chunk_left()
         exc = future.exception()
-        if exc is not None and len(chunk) > 1:
-            # One of them may have killed the worker: run each alone, so only that one fails.
-            log.warning("a chunk of %d tasks was lost (%s); running each alone", len(chunk), exc)
-            for entry in chunk:
-                entry.alone = True
-            with self._idle:
-                self._pending[:0] = chunk
-                self._idle.notify_all()
-            return
         if exc is not None:
-            entry = chunk[0]
-            self._finish(entry, failed_result(entry.task_id, WorkerLost(
-                f"task {entry.task_id} was lost with its Parsl worker or manager "
-                f"({type(exc).__name__}: {exc}); the function may have crashed the worker "
-                "(segfault, os._exit, out of memory) or the block ended (walltime, scale-in). "
-                "Submit it again to retry."
-            )))
+            self._lost(chunk, f"its Parsl worker or manager ({type(exc).__name__}: {exc})")
             return
-        raw = future.result()
-        results = [ResultMessage.model_validate_json(raw)] if len(chunk) == 1 else parse_result_batch(raw)
-        for entry, result in zip(chunk, results, strict=True):
-            self._finish(entry, result)
-        self._durations.add(results)
+        self._durations.add(self._deliver_chunk(chunk, future.result()))
 
-    def _finish(self, entry: _Entry, result: ResultMessage) -> None:
+    def _rerun_alone(self, entries: list[TaskEntry]) -> None:
+        with self._idle:
+            self._pending[:0] = entries
+            self._idle.notify_all()
+
+    def _deliver(self, on_done: OnDone, result: ResultMessage) -> None:
+        """Count the task as finished (``shutdown(wait=True)`` waits on that), then deliver."""
         with self._idle:
             self._outstanding -= 1
             if not self._outstanding:
                 self._idle.notify_all()
-        try:
-            entry.on_done(result)
-        except Exception:
-            log.exception("result callback failed for task %s", entry.task_id)
+        super()._deliver(on_done, result)
 
     # -------------------------------------------------------------- status
 

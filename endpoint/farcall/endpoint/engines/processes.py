@@ -3,14 +3,14 @@
 Why not ``concurrent.futures.ProcessPoolExecutor``: when one of its workers dies
 it cannot say which, marks the whole pool broken and kills every sibling, so one
 crashing task would fail every task in flight. Here each worker has its own
-pipe, so a death costs only the chunk that worker was running: a task that was
-alone in its chunk gets a ``WorkerLost`` result; tasks that shared a chunk with
-the culprit run again, each alone, and only the one that dies again fails.
+pipe, so a death costs only the chunk that worker was running, and the engine
+base's policy for a lost chunk applies: its tasks run again, each alone, and
+only the one that dies again fails, with ``WorkerLost``.
 
-Tasks travel to workers in chunks to cut per-task IPC. A chunk is sized from a
-running average of task duration (about 5 ms of work at most), so long tasks
-go one at a time and never queue behind each other in one worker while another
-worker idles.
+Tasks travel to workers in chunks, one JSON array per message (``worker.run_batch``
+on the other side), to cut per-task IPC. A chunk is sized from a running average
+of task duration (about 5 ms of work at most), so long tasks go one at a time
+and never queue behind each other in one worker while another worker idles.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
+from farcall.endpoint.engines import process_worker
 from farcall.endpoint.engines.base import (
     Engine,
     EngineOptions,
@@ -38,10 +38,9 @@ from farcall.endpoint.engines.base import (
     OnDone,
     OnStart,
     TaskDurations,
+    TaskEntry,
 )
-from farcall.endpoint.errors import WorkerLost
-from farcall.endpoint.worker import failed_result
-from farcall.messages import ResultMessage, TaskMessage
+from farcall.messages import TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +51,6 @@ SHORT_TASK_SECONDS = 0.001
 class ProcessPoolOptions(EngineOptions):
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     max_chunk: int = Field(default=64, ge=1, description="most tasks sent to a worker at once")
-
-
-@dataclass(slots=True)
-class _Entry:
-    task_id: str
-    payload: str
-    on_done: OnDone
-    on_start: OnStart | None
-    suspect: bool = False
 
 
 class _Worker:
@@ -77,7 +67,7 @@ class _Worker:
                 self.pidfd = os.pidfd_open(process.pid)
             except OSError:  # old kernel: a death still shows as EOF on the pipe
                 self.pidfd = None
-        self.inflight: collections.deque[list[_Entry]] = collections.deque()
+        self.inflight: collections.deque[list[TaskEntry]] = collections.deque()
         self.dead = False
 
     @property
@@ -112,8 +102,8 @@ class ProcessPoolEngine(Engine):
         self.prefetch = prefetch
         self.max_chunk = max_chunk
         self._workers: list[_Worker] = []
-        self._pending: collections.deque[_Entry] = collections.deque()
-        self._suspects: collections.deque[_Entry] = collections.deque()
+        self._pending: collections.deque[TaskEntry] = collections.deque()
+        self._suspects: collections.deque[TaskEntry] = collections.deque()
         self._durations = TaskDurations()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._wake_sent = False
@@ -130,7 +120,7 @@ class ProcessPoolEngine(Engine):
         self._thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
-        self._pending.append(_Entry(task.task_id, task.model_dump_json(), on_done, on_start))
+        self._pending.append(TaskEntry(task.task_id, task.model_dump_json(), on_done, on_start))
         self._wake()
 
     def status(self) -> EngineStatus:
@@ -178,10 +168,10 @@ class ProcessPoolEngine(Engine):
             self._thread.join(5)
         for w in self._workers:
             if not wait and w.process.poll() is None:
-                w.process.kill()  # workers ignore SIGTERM (see worker.serve_pipe)
+                w.process.kill()  # workers ignore SIGTERM (see process_worker.serve_pipe)
                 continue
             try:
-                w.conn.send(None)
+                w.conn.send_bytes(process_worker.STOP)
             except OSError:
                 pass
         for w in self._workers:
@@ -201,7 +191,7 @@ class ProcessPoolEngine(Engine):
                 pass
 
     def _spawn(self) -> _Worker:
-        """Start ``python -m farcall.endpoint.worker FD``.
+        """Start ``python -m farcall.endpoint.engines.process_worker FD``.
 
         A fresh interpreter rather than multiprocessing's spawn: it never re-imports
         the caller's ``__main__`` (a script without a ``__main__`` guard, a notebook),
@@ -210,7 +200,7 @@ class ProcessPoolEngine(Engine):
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "farcall.endpoint.worker", str(theirs.fileno())],
+                [sys.executable, "-m", process_worker.__name__, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
@@ -239,7 +229,7 @@ class ProcessPoolEngine(Engine):
                 elif obj in by_conn:
                     w = by_conn[obj]
                     try:
-                        self._on_results(w, w.conn.recv())
+                        self._on_results(w, w.conn.recv_bytes())
                     except (EOFError, OSError):
                         self._on_death(w)
             for obj in ready:
@@ -275,7 +265,7 @@ class ProcessPoolEngine(Engine):
             if chunk:
                 self._send(w, chunk)
 
-    def _send(self, w: _Worker, chunk: list[_Entry]) -> None:
+    def _send(self, w: _Worker, chunk: list[TaskEntry]) -> None:
         w.inflight.append(chunk)
         started = time.time()
         for e in chunk:
@@ -285,29 +275,22 @@ class ProcessPoolEngine(Engine):
                 except Exception:
                     log.exception("start callback failed for task %s", e.task_id)
         try:
-            w.conn.send([e.payload for e in chunk])
+            w.conn.send_bytes(join_task_batch([e.payload for e in chunk]))
         except OSError:
             self._on_death(w)
 
-    def _on_results(self, w: _Worker, raw: list[str]) -> None:
-        chunk = w.inflight.popleft()
-        results = [ResultMessage.model_validate_json(r) for r in raw]
-        for entry, result in zip(chunk, results, strict=True):
-            self._deliver(entry, result)
-        self._durations.add(results)
+    def _on_results(self, w: _Worker, raw: bytes) -> None:
+        self._durations.add(self._deliver_chunk(w.inflight.popleft(), raw))
 
-    def _deliver(self, entry: _Entry, result: ResultMessage) -> None:
-        try:
-            entry.on_done(result)
-        except Exception:
-            log.exception("result callback failed for task %s", entry.task_id)
+    def _rerun_alone(self, entries: list[TaskEntry]) -> None:
+        self._suspects.extend(entries)
 
     def _on_death(self, w: _Worker) -> None:
         if w.dead:
             return
         try:
             while w.conn.poll():
-                self._on_results(w, w.conn.recv())
+                self._on_results(w, w.conn.recv_bytes())
         except (EOFError, OSError):
             pass
         w.dead = True
@@ -319,25 +302,7 @@ class ProcessPoolEngine(Engine):
             running, unstarted = lost[0], lost[1:]
             for chunk in reversed(unstarted):
                 self._pending.extendleft(reversed(chunk))
-            if len(running) == 1:
-                entry = running[0]
-                log.warning("worker %s died (%s) running task %s", w.pid, how,
-                            entry.task_id)
-                err = WorkerLost(
-                    f"the worker process (pid {w.pid}) died ({how}) while running task "
-                    f"{entry.task_id}. The task may have crashed the interpreter (segfault, "
-                    "os._exit, out of memory) or the worker was killed; check the endpoint's "
-                    "log and the machine's memory, then submit the task again."
-                )
-                self._deliver(entry, failed_result(entry.task_id, err))
-            else:
-                log.warning(
-                    "worker %s died (%s) running a chunk of %d tasks; running each alone",
-                    w.pid, how, len(running),
-                )
-                for entry in running:
-                    entry.suspect = True
-                    self._suspects.append(entry)
+            self._lost(running, f"its worker process (pid {w.pid}, {how})")
         else:
             log.warning("idle worker %s died (%s)", w.pid, how)
         w.close()

@@ -6,7 +6,6 @@ that never returns cannot keep the agent from exiting after a stop.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -17,8 +16,6 @@ from pydantic import Field
 from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
 from farcall.endpoint.worker import execute, failed_result
 from farcall.messages import TaskMessage
-
-log = logging.getLogger(__name__)
 
 _Item = tuple[TaskMessage, OnDone, "OnStart | None"]
 
@@ -72,10 +69,7 @@ class ThreadPoolEngine(Engine):
             with self._lock:
                 self._running -= 1
             if not self._closed:
-                try:
-                    on_done(result)
-                except Exception:
-                    log.exception("result callback failed for task %s", task.task_id)
+                self._deliver(on_done, result)
 
     def status(self) -> EngineStatus:
         with self._lock:

@@ -1,0 +1,50 @@
+"""A process-pool worker: ``python -m farcall.endpoint.engines.process_worker FD``.
+
+``ProcessPoolEngine`` starts one per worker. It imports no more than running a
+task needs (``farcall.endpoint.worker`` and the SDK's messages), so a
+replacement for a dead worker is up quickly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import queue
+import signal
+import sys
+import threading
+
+from farcall.endpoint.worker import run_batch
+
+STOP = b""
+"""What the engine sends instead of a chunk when this worker should exit."""
+
+
+def serve_pipe(fd: int) -> None:
+    """Run chunks (JSON arrays of tasks) arriving on ``fd``, answering each with its results.
+
+    A reader thread keeps draining the pipe while tasks run, so the agent's send
+    of the next chunk never blocks against this worker's send of results (no
+    deadlock with large payloads), and the worker exits when the agent goes away.
+    """
+    # Ctrl-C in the agent's terminal, or a service manager signalling the whole group,
+    # must not kill running tasks: the agent decides when its workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn = multiprocessing.connection.Connection(fd)
+    inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            while (chunk := conn.recv_bytes()) != STOP:
+                inbox.put(chunk)
+        except (EOFError, OSError):
+            pass
+        inbox.put(STOP)
+
+    threading.Thread(target=read, name="farcall-worker-reader", daemon=True).start()
+    while (chunk := inbox.get()) != STOP:
+        conn.send_bytes(run_batch(chunk).encode())
+
+
+if __name__ == "__main__":
+    serve_pipe(int(sys.argv[1]))
