@@ -78,8 +78,8 @@ class FarcallSystem(System):
 
     def _start_endpoint(self, endpoint: Endpoint) -> tuple[str, float]:
         """Configure, start and wait for ``endpoint``; its id and seconds from start to online."""
-        endpoint.configure()
-        t0 = endpoint.start()
+        endpoint.prepare()
+        t0 = endpoint.spawn()
         self._endpoints.append((endpoint, ""))
         eid = endpoint.wait_online(self.client)
         self._endpoints[-1] = (endpoint, eid)
@@ -155,7 +155,7 @@ class FarcallSystem(System):
             try:
                 future = ex.submit(noop, 7)
                 wait_until(partial(_has_task_id, future), 30, "the task to be queued")
-                t0 = endpoint.start()
+                t0 = endpoint.spawn()
                 assert future.result(timeout=60) == 7
                 samples.append(time.perf_counter() - t0)
             finally:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from harness import BIN
-from harness.procs import ManagedProcess, free_port, wait_until
 from harness.services import AMQP_URL, REDIS_URL, drop_service_data
 from tests.integration.helpers import Broker, Endpoint
 
@@ -42,14 +41,9 @@ def service_env(services: None, run_id: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def broker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    port = free_port()
-    logdir = tmp_path_factory.mktemp("broker")
-    args = [str(BIN / "farcall-broker"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    proc = ManagedProcess("broker", args, service_env, logdir / "broker.log").start()
-    b = Broker(f"http://127.0.0.1:{port}", port, service_env, proc)
-    wait_until(b.healthy, 30, f"broker health\n{b.proc.output()}")
+    b = Broker(service_env, tmp_path_factory.mktemp("broker") / "broker.log").start()
     yield b
-    b.proc.stop()
+    b.stop()
     drop_service_data(service_env["FARCALL_REDIS_PREFIX"], service_env["FARCALL_QUEUE_PREFIX"])
 
 
@@ -68,21 +62,13 @@ def make_endpoint(
              user_token: str | None = None, engine_spec: dict[str, Any] | None = None,
              extra_env: dict[str, str] | None = None) -> Endpoint:
         """Configure an endpoint; ``engine_spec`` replaces the config's engine section."""
-        home = tmp_path / f"home-{name}"
-        home.mkdir()
-        env = dict(broker.env, FARCALL_HOME=str(home), FARCALL_BROKER_URL=broker.url,
-                   FARCALL_TOKEN=user_token or token, **(extra_env or {}))
-        ep = Endpoint(name, home, env)
-        done = ep.cli("configure", name, "--engine", engine, "--max-workers", str(workers),
-                      "--broker-url", broker.url)
-        assert done.returncode == 0, done.stderr + done.stdout
-        if engine_spec is not None:
-            import yaml
-
-            path = ep.dir / "config.yaml"
-            config = yaml.safe_load(path.read_text())
-            config.update(engine=engine_spec, heartbeat_period=1, stop_timeout=5)
-            path.write_text(yaml.safe_dump(config))
+        env = dict(broker.env, FARCALL_HOME=str(tmp_path / f"home-{name}"),
+                   FARCALL_BROKER_URL=broker.url, FARCALL_TOKEN=user_token or token,
+                   **(extra_env or {}))
+        ep = Endpoint(name, env)
+        overrides = {} if engine_spec is None else {
+            "engine": engine_spec, "heartbeat_period": 1, "stop_timeout": 5}
+        ep.configure(engine, workers, broker.url, **overrides)
         made.append(ep)
         return ep
 
