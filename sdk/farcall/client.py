@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -17,14 +18,19 @@ from farcall import config
 from farcall.backoff import Backoff
 from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
 from farcall.messages import (
+    MAX_RETRIES,
+    MAX_WALLTIME,
     BatchSubmission,
     BatchSubmitted,
+    CancelRequest,
     EndpointRegistration,
     FunctionRegistration,
     TaskIds,
+    TasksCancelled,
     TaskSpec,
     TaskState,
     Versions,
+    check_resource_specification,
 )
 from farcall.outcome import outcome_of
 from farcall.serialize import pack_args, serialize_function
@@ -35,8 +41,8 @@ from farcall.version import __version__, local_versions
 log = logging.getLogger(__name__)
 
 SUBMITTER = Versions(**local_versions())
-STATUS_CHUNK = 10_000
-"""Most task ids the broker takes in one ``POST /v1/tasks/status``."""
+IDS_PER_REQUEST = 10_000
+"""Most task ids the broker takes in one ``POST /v1/tasks/status`` or ``/v1/tasks/cancel``."""
 MAX_BATCH_TASKS = 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """A batch is split below these, so a request stays well under the broker's body limit."""
@@ -44,15 +50,22 @@ RETRY_SECONDS = 30.0
 
 
 class Batch:
-    """Tasks to submit together with :meth:`Client.batch_run` (one request per ~1,000 tasks)."""
+    """Tasks to submit together with :meth:`Client.batch_run` (one request per ~1,000 tasks).
+
+    ``resource_specification``, ``walltime`` and ``max_retries`` go with every task
+    added (``add`` may set ``walltime`` and ``max_retries`` per task instead).
+    """
 
     def __init__(
         self,
         task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
+        walltime: float | None = None,
+        max_retries: int = 0,
     ) -> None:
         self.task_group_id = task_group_id
-        self.resource_specification = resource_specification
+        self.resource_specification = check_resource_specification(resource_specification)
+        self.walltime, self.max_retries = check_task_options(walltime, max_retries)
         self.tasks: list[TaskSpec] = []
 
     def add(
@@ -60,18 +73,33 @@ class Batch:
         function_id: str,
         args: Iterable[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
+        *,
+        walltime: float | None = None,
+        max_retries: int | None = None,
     ) -> None:
-        """Add one call of a registered function (``Client.register_function``)."""
+        """Add one call of a registered function (``Client.register_function``).
+
+        ``walltime`` / ``max_retries``: for this task instead of the batch's (None: the batch's).
+        """
         if not isinstance(function_id, str):
             raise TypeError(
                 f"Batch.add takes a function_id string, got {type(function_id).__name__}; "
                 "register the function first with Client.register_function"
+            )
+        if walltime is None and max_retries is None:
+            own_walltime, own_retries = self.walltime, self.max_retries
+        else:
+            own_walltime, own_retries = check_task_options(
+                self.walltime if walltime is None else walltime,
+                self.max_retries if max_retries is None else max_retries,
             )
         self.tasks.append(
             TaskSpec.model_construct(
                 function_id=function_id,
                 args=pack_args(tuple(args or ()), dict(kwargs or {})),
                 resource_specification=self.resource_specification,
+                walltime=own_walltime,
+                max_retries=own_retries,
             )
         )
 
@@ -235,10 +263,18 @@ class Client:
         endpoint_id: str,
         function_id: str,
         resource_specification: dict[str, Any] | None = None,
+        walltime: float | None = None,
+        max_retries: int = 0,
         **kwargs: Any,
     ) -> str:
-        """Run a registered function once with ``args``/``kwargs``; the new task's id."""
-        batch = self.create_batch(resource_specification=resource_specification)
+        """Run a registered function once with ``args``/``kwargs``; the new task's id.
+
+        ``walltime``: seconds the task may run on a worker (past it, it fails with
+        :class:`~farcall.errors.TaskTimeout`); ``max_retries``: times it is run again
+        when a system failure (a lost worker) cuts it short.
+        """
+        batch = self.create_batch(resource_specification=resource_specification,
+                                  walltime=walltime, max_retries=max_retries)
         batch.add(function_id, args, kwargs)
         return str(self.batch_run(endpoint_id, batch)["task_ids"][0])
 
@@ -246,8 +282,11 @@ class Client:
         self,
         task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
+        walltime: float | None = None,
+        max_retries: int = 0,
     ) -> Batch:
-        return Batch(task_group_id, resource_specification)
+        """An empty :class:`Batch`; the options go with every task added to it."""
+        return Batch(task_group_id, resource_specification, walltime, max_retries)
 
     def batch_run(self, endpoint_id: str, batch: Batch) -> dict[str, Any]:
         """Submit a batch; ``{"task_group_id", "endpoint_id", "task_ids", "tasks"}``.
@@ -288,23 +327,47 @@ class Client:
         return dict(self.request("GET", f"/tasks/{task_id}"))
 
     def get_result(self, task_id: str) -> Any:
-        """The task's return value; raises its remote exception, or ``TaskPending`` if unfinished."""
+        """The task's return value; raises its remote exception, ``concurrent.futures.CancelledError``
+        if it was cancelled, or ``TaskPending`` if unfinished."""
         record = self.get_task(task_id)
         if not TaskState(record["state"]).terminal:
             raise TaskPending(task_id, record["state"])
-        return outcome_of(record).unwrap()
+        return outcome_of(record).unwrap()  # a cancelled task raises CancelledError
 
     def get_tasks(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Records of many tasks, in requests of up to 10,000; unknown or foreign ids are left out."""
         ids = list(dict.fromkeys(task_ids))
         found: dict[str, dict[str, Any]] = {}
-        for i in range(0, len(ids), STATUS_CHUNK):
-            body = TaskIds(task_ids=ids[i : i + STATUS_CHUNK])
+        for i in range(0, len(ids), IDS_PER_REQUEST):
+            body = TaskIds(task_ids=ids[i : i + IDS_PER_REQUEST])
             found.update(self.request("POST", "/tasks/status", body.model_dump())["tasks"])
         return found
 
+    def cancel(self, task_ids: str | Iterable[str], *, only_queued: bool = False) -> dict[str, Any]:
+        """Cancel tasks: queued ones never run, running ones are stopped; each ends ``cancelled``.
+
+        A running task's worker process is killed (or its thread abandoned and
+        replaced). With ``only_queued`` tasks that have started are left to finish.
+        The answer is ``{"cancelled": [task ids], "unchanged": {task id: why}}``,
+        ``why`` being a finished task's state, ``"running"`` (``only_queued``) or
+        ``"not_found"``. In requests of up to 10,000 ids.
+        """
+        ids = [task_ids] if isinstance(task_ids, str) else list(dict.fromkeys(task_ids))
+        cancelled: list[str] = []
+        unchanged: dict[str, str] = {}
+        for i in range(0, len(ids), IDS_PER_REQUEST):
+            body = CancelRequest(task_ids=ids[i : i + IDS_PER_REQUEST], only_queued=only_queued)
+            answer = TasksCancelled.model_validate(
+                self.request("POST", "/tasks/cancel", body.model_dump(exclude_defaults=True))
+            )
+            cancelled += answer.cancelled
+            unchanged.update(answer.unchanged)
+        return {"cancelled": cancelled, "unchanged": unchanged}
+
     def get_batch_result(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Per task id: ``pending``, ``status`` and, once finished, ``result`` or ``exception``.
+
+        A cancelled task has ``status`` ``"cancelled"`` and a ``CancelledError`` as ``exception``.
 
         Ids the broker does not know (never submitted, someone else's, or expired)
         are left out of the answer.
@@ -314,14 +377,34 @@ class Client:
             entry: dict[str, Any] = {"pending": not TaskState(record["state"]).terminal,
                                      "status": record["state"]}
             if not entry["pending"]:
-                ok, value = outcome_of(record)
-                entry["result" if ok else "exception"] = value
+                outcome = outcome_of(record)
+                entry["result" if outcome.ok else "exception"] = outcome.value
                 entry["completion_t"] = record.get("completed_at")
             out[task_id] = entry
         return out
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def check_task_options(walltime: float | None, max_retries: int) -> tuple[float | None, int]:
+    """``(walltime, max_retries)`` as every task carries them, checked where the user passed
+    them (the broker would refuse them only at submission)."""
+    if walltime is not None:
+        number = isinstance(walltime, numbers.Real) and not isinstance(walltime, bool)
+        if not number or not 0 < walltime <= MAX_WALLTIME:
+            raise ValueError(
+                f"walltime must be a number of seconds above 0 and at most {MAX_WALLTIME:.0f} "
+                f"(a year), got {walltime!r}; pass walltime=None for no limit"
+            )
+        walltime = float(walltime)
+    whole = isinstance(max_retries, numbers.Integral) and not isinstance(max_retries, bool)
+    if not whole or not 0 <= max_retries <= MAX_RETRIES:
+        raise ValueError(
+            f"max_retries must be a whole number from 0 to {MAX_RETRIES}, got {max_retries!r}: "
+            "the times a task is run again after a lost worker cut it short (default 0)"
+        )
+    return walltime, int(max_retries)
 
 
 def split_batch(

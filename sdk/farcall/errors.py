@@ -68,6 +68,10 @@ class TaskExecutionFailed(FarcallError):
         self.task_id = task_id
 
 
+class TaskTimeout(FarcallError, TimeoutError):
+    """A task ran past its ``walltime`` on the worker and was stopped."""
+
+
 class FunctionNotAllowed(FarcallError):
     """The endpoint refuses to run this function (not in its ``allowed_functions``)."""
 

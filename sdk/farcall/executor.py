@@ -7,7 +7,8 @@ Executor) on the task group's result stream (:mod:`farcall.stream`), or by
 ``POST /v1/tasks`` while it is down. Results pushed on the stream resolve the
 futures; after any reconnect, and whenever the stream has been quiet for a
 while, the outstanding tasks' states are asked for in one request, so no
-result is missed.
+result is missed. ``TaskFuture.cancel`` drops a task not yet sent, and asks the
+broker to cancel one that is sent but has not started on a worker.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
+from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from farcall.client import SUBMITTER, Client, split_batch
+from farcall.client import SUBMITTER, Client, check_task_options, split_batch
 from farcall.errors import ExecutorShutdown
 from farcall.messages import (
     BatchSubmission,
@@ -30,22 +33,57 @@ from farcall.messages import (
     TaskResult,
     TaskSpec,
     TaskState,
+    check_resource_specification,
     version_mismatch,
 )
-from farcall.outcome import outcome_of
+from farcall.outcome import Outcome, cancel_future, outcome_of
 from farcall.serialize import pack_args, serialize_function
 from farcall.stream import TaskGroupStream
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CONNECT_WAIT = 10.0
 """How long the first batch waits for the result stream before it is sent anyway."""
+CANCEL_WAIT = 60.0
+"""How long ``TaskFuture.cancel`` waits for a task being sent to get its id (then gives up)."""
 
 
 class TaskFuture(concurrent.futures.Future[Any]):
-    """A future with the broker's ``task_id`` (set once the task has been submitted)."""
+    """A future with the broker's ``task_id`` (set once the task has been submitted).
+
+    ``cancel()`` works until the task starts on a worker, not only until it is sent (as
+    ``concurrent.futures`` futures do): see :meth:`cancel`.
+    """
 
     task_id: str | None = None
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        super().__init__()
+        self._executor = executor
+
+    def cancel(self) -> bool:
+        """Cancel the task; True if it will never run (and ``cancelled()`` is then True).
+
+        A task not yet sent to the broker is dropped here. A sent one is cancelled by
+        the broker if it is still queued (one request); once it has started on a worker,
+        or finished, this returns False and the task runs to its end (``Client.cancel``
+        stops running tasks too). Never raises: if the broker cannot be asked, the error
+        is logged and the answer is False.
+        """
+        if cancel_future(self, running=False):
+            return True
+        if self._executor is None or not self.running():
+            return False
+        return self._executor._cancel_sent(self)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """As ``Future``'s, and also False for a future :meth:`cancel` already settled."""
+        with self._condition:
+            if self._state == CANCELLED_AND_NOTIFIED:
+                return False
+            return super().set_running_or_notify_cancel()
 
 
 @dataclass(slots=True)
@@ -100,7 +138,10 @@ class Executor(concurrent.futures.Executor):
 
     ``batch_size`` caps the tasks sent per request (more accumulate while a
     request is in flight); ``resource_specification`` goes with every task (for
-    the Parsl engine: ``num_nodes``, ``ranks_per_node``, ...). Without
+    the Parsl engine: ``num_nodes``, ``ranks_per_node``, ...), as do
+    ``walltime`` (seconds a task may run on a worker; past it the task fails with
+    :class:`~farcall.errors.TaskTimeout`) and ``max_retries`` (times a task is run
+    again after a system failure such as a lost worker cut it short). Without
     ``client`` a :class:`Client` is built from ``FARCALL_BROKER_URL`` /
     ``FARCALL_TOKEN``.
     """
@@ -112,18 +153,23 @@ class Executor(concurrent.futures.Executor):
         batch_size: int = 128,
         resource_specification: dict[str, Any] | None = None,
         task_group_id: str | None = None,
+        walltime: float | None = None,
+        max_retries: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.walltime, self.max_retries = check_task_options(walltime, max_retries)
+        self.resource_specification = check_resource_specification(resource_specification)
         self.endpoint_id = endpoint_id
         self.client = client or Client()
         self._own_client = client is None
         self.batch_size = batch_size
-        self.resource_specification = resource_specification
         self.task_group_id = task_group_id
 
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._sent = threading.Condition(self._lock)
+        """Notified when a batch got its task ids, or failed to be sent (a cancel may wait)."""
         self._outstanding: dict[str, TaskFuture] = {}
         self._early: dict[str, TaskResult] = {}
         self._posting = 0
@@ -147,7 +193,7 @@ class Executor(concurrent.futures.Executor):
         """Queue ``fn(*args, **kwargs)`` for the endpoint; returns at once."""
         self._check_open()
         function = self._functions.get(fn)
-        return self._enqueue(_Call(TaskFuture(), pack_args(args, kwargs), function=function))
+        return self._enqueue(_Call(TaskFuture(self), pack_args(args, kwargs), function=function))
 
     def submit_to_registered_function(
         self,
@@ -157,8 +203,35 @@ class Executor(concurrent.futures.Executor):
     ) -> TaskFuture:
         """Queue a call of a function registered with ``Client.register_function``."""
         self._check_open()
-        return self._enqueue(_Call(TaskFuture(), pack_args(tuple(args or ()), dict(kwargs or {})),
+        return self._enqueue(_Call(TaskFuture(self), pack_args(tuple(args or ()), dict(kwargs or {})),
                                    function_id=function_id))
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Generator[T, None, None]:
+        """As ``concurrent.futures.Executor.map``: results in order, ``TimeoutError`` past ``timeout``.
+
+        When the iteration stops early (a timeout, an exception, the iterator dropped), the
+        calls not yet done are cancelled in one request, not one request each.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+
+        def results() -> Generator[T, None, None]:
+            try:
+                futures.reverse()  # the next result is popped from the end
+                while futures:
+                    value = futures[-1].result(None if deadline is None else deadline - time.monotonic())
+                    futures.pop()
+                    yield value
+            finally:
+                self._cancel_many(futures)
+
+        return results()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks. ``wait``: return once every submitted task has its result.
@@ -259,6 +332,8 @@ class Executor(concurrent.futures.Executor):
                     function_id=self._function_id(c),
                     args=c.args,
                     resource_specification=self.resource_specification,
+                    walltime=self.walltime,
+                    max_retries=self.max_retries,
                 )
                 for c in live
             ]
@@ -270,7 +345,9 @@ class Executor(concurrent.futures.Executor):
         except BaseException as e:  # noqa: BLE001 - every future of the batch must hear of it
             log.warning("submitting %d task(s) failed: %s", len(live) - sent, e)
             for c in live[sent:]:
-                c.future.set_exception(e)
+                Outcome(False, e).settle(c.future)
+            with self._sent:
+                self._sent.notify_all()
         finally:
             with self._lock:
                 self._posting -= 1
@@ -312,6 +389,7 @@ class Executor(concurrent.futures.Executor):
                     self._outstanding[task_id] = call.future
                 else:
                     early.append((call.future, result))
+            self._sent.notify_all()
         for future, result in early:
             outcome_of(result).settle(future)
 
@@ -391,5 +469,72 @@ class Executor(concurrent.futures.Executor):
             futures = list(self._outstanding.values())
             self._outstanding.clear()
         for f in futures:
-            f.set_exception(error)
+            Outcome(False, error).settle(f)
+
+    # ------------------------------------------------------------ cancel
+
+    def _cancel_sent(self, future: TaskFuture) -> bool:
+        """``future.cancel()`` of a task handed to the broker: cancel it there if still queued."""
+        task_id = self._wait_task_id(future, self._send_wait())
+        if task_id is None:
+            if future.running():
+                log.warning("cannot cancel a task still being sent to the broker; try again later")
+            return future.cancelled()
+        self._cancel_at_broker({task_id: future})
+        return future.cancelled()
+
+    def _cancel_many(self, futures: list[TaskFuture]) -> None:
+        """Cancel what can be of ``futures``: unsent ones here, sent ones in one request."""
+        sent: dict[str, TaskFuture] = {}
+        deadline = time.monotonic() + self._send_wait()
+        for future in futures:
+            if cancel_future(future, running=False) or not future.running():
+                continue
+            task_id = self._wait_task_id(future, max(0.0, deadline - time.monotonic()))
+            if task_id is not None:
+                sent[task_id] = future
+        if sent:
+            self._cancel_at_broker(sent)
+
+    def _wait_task_id(self, future: TaskFuture, timeout: float) -> str | None:
+        """The task id once the task is sent; None if sending failed or took over ``timeout``.
+
+        Not on the future's own condition: ``Future.result`` takes any wake-up there for
+        the end of the task.
+        """
+        with self._sent:
+            self._sent.wait_for(lambda: future.task_id is not None or not future.running(), timeout)
+            return future.task_id
+
+    def _send_wait(self) -> float:
+        """How long a cancel waits for a task being sent to get its id.
+
+        Not at all on the submitter or stream thread (from a done-callback): the send
+        it would wait for cannot finish meanwhile.
+        """
+        if threading.current_thread() is self._submitter:
+            return 0.0
+        if self._stream is not None and self._stream.in_stream_thread():
+            return 0.0
+        return CANCEL_WAIT
+
+    def _cancel_at_broker(self, futures: dict[str, TaskFuture]) -> None:
+        """Ask the broker to cancel these sent tasks if queued; cancel the futures of those it did.
+
+        A broker error is logged, never raised: those futures simply stay as they are.
+        """
+        try:
+            answer = self.client.cancel(list(futures), only_queued=True)
+        except Exception as e:  # noqa: BLE001 - cancel() answers, never raises
+            log.warning("could not cancel %d task(s) (%s); they run as submitted", len(futures), e)
+            return
+        done = [t for t, why in answer["unchanged"].items() if why == TaskState.CANCELLED]
+        cancelled = [futures[t] for t in (*answer["cancelled"], *done) if t in futures]
+        with self._lock:
+            for future in cancelled:
+                self._outstanding.pop(str(future.task_id), None)
+        for future in cancelled:
+            cancel_future(future)
+        if len(cancelled) < len(futures):
+            log.debug("%d task(s) not cancelled (started or finished)", len(futures) - len(cancelled))
 

@@ -15,7 +15,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 PROTOCOL_VERSION = 1
 
@@ -31,10 +31,12 @@ class TaskState(enum.StrEnum):
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self in (TaskState.SUCCESS, TaskState.FAILED)
+        """Final: the task has its outcome and never changes state again."""
+        return self in (TaskState.SUCCESS, TaskState.FAILED, TaskState.CANCELLED)
 
 
 class _Msg(BaseModel):
@@ -95,12 +97,57 @@ class EndpointRegistration(_Msg):
     description: str = ""
 
 
+MAX_SPEC_DEPTH = 16
+"""Deepest nesting of a ``resource_specification`` (a dict inside a dict ... counts each level)."""
+MAX_SPEC_BYTES = 16 * 1024
+"""Largest ``resource_specification``, as JSON."""
+MAX_WALLTIME = 366 * 24 * 3600.0
+MAX_RETRIES = 100
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of a JSON value, counting no further than ``limit + 1``."""
+    if not isinstance(value, dict | list) or limit < 0:
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
+def check_resource_specification(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``spec`` if it is within ``MAX_SPEC_DEPTH`` and ``MAX_SPEC_BYTES``; ``ValueError`` otherwise.
+
+    Every hop (submission, the broker's queue reader, the agent) parses task JSON with
+    these limits, so a task the broker accepts is one every later parser can read.
+    """
+    if spec is None:
+        return None
+    if _depth(spec, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
+        raise ValueError(
+            f"resource_specification is nested deeper than {MAX_SPEC_DEPTH} levels; "
+            "flatten it (it holds scheduler options such as num_nodes, not data)")
+    size = len(json.dumps(spec))
+    if size > MAX_SPEC_BYTES:
+        raise ValueError(
+            f"resource_specification is {size} bytes as JSON, over the limit of {MAX_SPEC_BYTES}; "
+            "pass data as arguments, not in the resource specification")
+    return spec
+
+
+SpecField = Annotated[dict[str, Any] | None, AfterValidator(check_resource_specification)]
+WalltimeField = Annotated[float | None, Field(default=None, gt=0, le=MAX_WALLTIME, description=(
+    "seconds the task may run on a worker; past it the task fails with TaskTimeout"))]
+RetriesField = Annotated[int, Field(default=0, ge=0, le=MAX_RETRIES, description=(
+    "times to run the task again when a system failure (a lost worker) cut it short"))]
+
+
 class TaskSpec(_Msg):
     """One task inside a batch submission."""
 
     function_id: str
     args: str = Field(description="serialized (args, kwargs) payload")
-    resource_specification: dict[str, Any] | None = None
+    resource_specification: SpecField = None
+    walltime: WalltimeField = None
+    max_retries: RetriesField = 0
 
 
 class BatchSubmission(_Msg):
@@ -119,6 +166,14 @@ class TaskIds(_Msg):
     task_ids: list[str] = Field(min_length=1, max_length=10_000)
 
 
+class CancelRequest(_Msg):
+    """``POST /v1/tasks/cancel``: stop these tasks. With ``only_queued`` a task that has
+    started on a worker is left to finish (what ``TaskFuture.cancel`` asks for)."""
+
+    task_ids: list[str] = Field(min_length=1, max_length=10_000)
+    only_queued: bool = False
+
+
 # --------------------------------------------------------------------- REST answers
 
 
@@ -131,8 +186,12 @@ class ErrorBody(_Msg):
 
 
 class Health(_Msg):
-    status: str
+    """``ok`` when every backing service answers; ``unavailable`` (with HTTP 503) otherwise."""
+
+    status: Literal["ok", "unavailable"]
     version: str
+    services: dict[str, str] = Field(
+        default_factory=dict, description="backing service -> 'ok' or why it is not answering")
 
 
 class FunctionRegistered(_Msg):
@@ -202,6 +261,20 @@ class TaskGroupInfo(_Msg):
     task_ids: list[str] = Field(description="in submission order")
 
 
+class Attempt(_Msg):
+    """An earlier try of a task that a system failure cut short; the task ran again after it."""
+
+    at: float
+    error: str
+
+
+class TasksCancelled(_Msg):
+    cancelled: list[str] = Field(description="tasks now in state 'cancelled'")
+    unchanged: dict[str, str] = Field(
+        description="task id -> why it was not cancelled: its final state, 'running' "
+        "(with only_queued), or 'not_found'")
+
+
 class TaskInfo(_Msg):
     """A task as the REST API shows it. ``data`` and ``error`` appear once it is terminal,
     ``warnings`` when there is something to warn about (differing versions)."""
@@ -218,6 +291,8 @@ class TaskInfo(_Msg):
     data: str | None = Field(
         default=None, description="the serialized result or remote exception (farcall.serialize)")
     error: str | None = Field(default=None, description="the remote error with its traceback, as text")
+    attempts: list[Attempt] | None = Field(
+        default=None, description="earlier tries cut short by a system failure, oldest first")
     warnings: list[str] | None = None
 
 
@@ -250,8 +325,12 @@ class TaskMessage(_Msg):
     function_id: str
     function: str = ""
     args: str
-    resource_specification: dict[str, Any] | None = None
+    resource_specification: SpecField = None
     submitter: Versions | None = None
+    walltime: float | None = None
+    """Seconds it may run on a worker (the engine enforces it; ``TaskTimeout`` past it)."""
+    max_retries: int = 0
+    """Runs again after a lost worker (``WorkerLost``), up to this many times."""
 
 
 _TASK_LIST: TypeAdapter[list[TaskMessage]] = TypeAdapter(list[TaskMessage])
@@ -290,6 +369,8 @@ class ResultMessage(_Msg):
     started_at: float | None = None
     finished_at: float | None = None
     worker: Versions | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Earlier runs on this endpoint that a lost worker cut short (each retried)."""
 
 
 _RESULT_LIST: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
@@ -320,14 +401,22 @@ class Hello(_Msg):
     type: Literal["hello"] = "hello"
     protocol: int = PROTOCOL_VERSION
     held_task_ids: list[str] = Field(default_factory=list)
+    crashed_task_ids: list[str] = Field(default_factory=list)
+    """Tasks a previous agent process had started when it died (from its journal): the
+    broker counts such crashes per task and fails a task after ``max_endpoint_losses``."""
     credit: int = 0
     heartbeat: Heartbeat = Field(default_factory=Heartbeat)
+    heartbeat_period: float | None = Field(default=None, gt=0)
+    """Seconds between heartbeats; the broker calls the endpoint offline after a few missed."""
 
 
 class Welcome(_Msg):
     type: Literal["welcome"] = "welcome"
     protocol: int = PROTOCOL_VERSION
     endpoint_id: str
+    max_frame_bytes: int = 0
+    """Largest frame the broker reads from the endpoint (0: not said). The agent keeps every
+    results frame under it and fails a result too big to fit, instead of sending it."""
 
 
 class Credit(_Msg):
@@ -372,6 +461,13 @@ class ResultsAck(_Msg):
     task_ids: list[str]
 
 
+class CancelFrame(_Msg):
+    """Broker -> endpoint: these tasks were cancelled; drop them if queued, stop them if running."""
+
+    type: Literal["cancel"] = "cancel"
+    task_ids: list[str]
+
+
 class HeartbeatFrame(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
     heartbeat: Heartbeat
@@ -387,7 +483,7 @@ EndpointFrame = Annotated[
     Field(discriminator="type"),
 ]
 BrokerFrame = Annotated[
-    Welcome | TasksFrame | ResultsAck | ErrorFrame,
+    Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame,
     Field(discriminator="type"),
 ]
 
@@ -405,7 +501,9 @@ def parse_endpoint_frame(raw: str | bytes) -> Hello | Credit | RunningFrame | Re
     return _EndpointFrameBox.model_validate_json(b'{"frame":' + _b(raw) + b"}").frame
 
 
-def parse_broker_frame(raw: str | bytes) -> Welcome | TasksFrame | ResultsAck | ErrorFrame:
+def parse_broker_frame(
+    raw: str | bytes,
+) -> Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame:
     """Parse a frame sent by the broker to an endpoint."""
     return _BrokerFrameBox.model_validate_json(b'{"frame":' + _b(raw) + b"}").frame
 
@@ -422,6 +520,7 @@ class TaskResult(_Msg):
     error: str = ""
     completed_at: float | None = None
     worker: Versions | None = None
+    attempts: list[Attempt] | None = None
 
     @classmethod
     def stored(cls, result: ResultMessage, completed_at: float) -> TaskResult:
@@ -433,6 +532,7 @@ class TaskResult(_Msg):
             error=result.error,
             completed_at=completed_at,
             worker=result.worker,
+            attempts=result.attempts or None,
         )
 
 

@@ -3,57 +3,111 @@
 A result reaches the SDK two ways, pushed on the result stream
 (:class:`~farcall.messages.TaskResult`) or polled as a REST task record (a
 dict); both decode through :func:`outcome_of`, so a return value, a remote
-exception and a result that cannot be loaded here read the same either way.
+exception, a cancelled task and a result that cannot be loaded here read the
+same either way. :func:`cancel_future` is the one way a future is put in the
+cancelled state, whether the user cancelled it or the broker says so.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
+from typing import Any, NamedTuple
 
 from farcall.errors import DeserializationError
 from farcall.messages import SAME_VERSIONS, TaskResult, TaskState, versions_text
 from farcall.serialize import deserialize, rebuild_exception
 from farcall.version import local_versions
 
-if TYPE_CHECKING:
-    from concurrent.futures import Future
+log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
-    """``ok`` and the task's return value, or not ``ok`` and the exception it stands for."""
+    """``ok`` and the task's return value, or not ``ok`` and the exception it stands for.
+
+    ``cancelled``: the task was cancelled (``value`` is a ``CancelledError`` naming it), as
+    opposed to a task that failed by raising ``CancelledError`` itself.
+    """
 
     ok: bool
     value: Any
+    cancelled: bool = False
 
     def unwrap(self) -> Any:
-        """The return value; raises the exception instead when the task failed."""
+        """The return value; raises the exception instead when the task failed or was cancelled."""
         if self.ok:
             return self.value
         raise self.value
 
     def settle(self, future: Future[Any]) -> None:
-        """Resolve ``future`` with the return value or the exception."""
-        if self.ok:
-            future.set_result(self.value)
-        else:
-            future.set_exception(self.value)
+        """Resolve ``future`` with the return value or the exception, or cancel it.
+
+        A future that is already done (cancelled by its user while the result was on its
+        way) is left as it is.
+        """
+        if self.cancelled:
+            cancel_future(future)
+            return
+        try:
+            if self.ok:
+                future.set_result(self.value)
+            else:
+                future.set_exception(self.value)
+        except InvalidStateError:
+            log.debug("a result came for a future already done (%r); ignored", future)
+
+
+def cancel_future(future: Future[Any], *, running: bool = True) -> bool:
+    """Put ``future`` in the cancelled state at once; True if it is cancelled (now or before).
+
+    Unlike ``Future.cancel`` this also cancels a RUNNING future (unless ``running`` is
+    False): for a farcall future, RUNNING means sent to the broker, which may still cancel
+    the task. The state is CANCELLED_AND_NOTIFIED, the one ``concurrent.futures.wait`` and
+    ``as_completed`` count as done, and their waiters hear of it now, as an executor's
+    ``set_running_or_notify_cancel`` would tell them; ``result()`` raises
+    ``CancelledError`` and done-callbacks run (once), in the caller's thread.
+    """
+    with future._condition:
+        state = future._state
+        if state == FINISHED or (state == RUNNING and not running):
+            return False
+        if state == CANCELLED_AND_NOTIFIED:
+            return True
+        future._state = CANCELLED_AND_NOTIFIED
+        for waiter in future._waiters:
+            waiter.add_cancelled(future)
+        future._condition.notify_all()
+    if state != CANCELLED:  # a CANCELLED future already ran its callbacks
+        future._invoke_callbacks()  # type: ignore[attr-defined]
+    return True
 
 
 def outcome_of(result: TaskResult | Mapping[str, Any]) -> Outcome:
-    """The outcome of a finished task, pushed or polled (keys ``task_id``, ``state``, ``data``, ...)."""
+    """The outcome of a finished task, pushed or polled (keys ``task_id``, ``state``, ``data``, ...).
+
+    Fields this version does not use (``attempts``, ``transitions``, ...) are ignored.
+    """
     if isinstance(result, TaskResult):
         task_id, state, data = result.task_id, result.state, result.data
         error, worker = result.error, result.worker
     else:
-        task_id, state, data = result.get("task_id", ""), result["state"], result.get("data", "")
-        error, worker = result.get("error", ""), result.get("worker")
+        task_id, state, data = result.get("task_id", ""), result["state"], result.get("data") or ""
+        error, worker = result.get("error") or "", result.get("worker")
     if state == TaskState.SUCCESS:
         try:
             return Outcome(True, deserialize(data))
         except Exception as e:  # noqa: BLE001 - whatever dill raises, say which versions differ
             return Outcome(False, _undecodable(task_id, worker, e))
+    if state == TaskState.CANCELLED:
+        return Outcome(False, _cancelled(task_id, error), cancelled=True)
     return Outcome(False, rebuild_exception(data, error, task_id))
+
+
+def _cancelled(task_id: str, error: str) -> CancelledError:
+    why = error.strip().splitlines()[-1] if error.strip() else ""
+    return CancelledError(f"task {task_id} was cancelled" + (f" ({why})" if why else ""))
 
 
 def _undecodable(task_id: str, worker: Any, cause: BaseException) -> DeserializationError:

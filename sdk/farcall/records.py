@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farcall.messages import Heartbeat, TaskState, Versions
+from farcall.messages import Attempt, Heartbeat, TaskState, Versions
+
+MISSED_BEATS = 3
+"""Heartbeats an endpoint may miss before the broker calls it offline."""
 
 
 class _Record(BaseModel):
@@ -51,14 +54,24 @@ class EndpointRecord(_Record):
     last_seen: float | None = None
     """Any frame from the endpoint; heartbeats and connects count."""
     heartbeat: Heartbeat = Field(default_factory=Heartbeat)
+    heartbeat_period: float | None = None
+    """Seconds between the endpoint's heartbeats, as its agent said in its hello."""
     connected: bool = False
     """Whether any channel session of the endpoint is open, on any broker replica."""
     queued_tasks: int = 0
     """Tasks in its queue, not yet taken by a channel session."""
 
-    def online(self, timeout: float, at: float) -> bool:
-        """Connected and heard from within ``timeout`` seconds of ``at``."""
-        return self.connected and self.last_seen is not None and at - self.last_seen < timeout
+    def offline_after(self, default: float) -> float:
+        """Silence after which the endpoint counts as offline: a few missed heartbeats
+        (``MISSED_BEATS`` periods plus slack), or ``default`` when its period is unknown."""
+        if self.heartbeat_period is None:
+            return default
+        return MISSED_BEATS * self.heartbeat_period + 5.0
+
+    def online(self, default_timeout: float, at: float) -> bool:
+        """Connected and heard from within ``offline_after(default_timeout)`` of ``at``."""
+        return (self.connected and self.last_seen is not None
+                and at - self.last_seen < self.offline_after(default_timeout))
 
 
 class TaskGroupRecord(_Record):
@@ -85,6 +98,8 @@ class TaskRecord(_Record):
     completed_at: float | None = None
     submitter: Versions | None = None
     worker: Versions | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Earlier tries cut short by a system failure (a lost session, a lost worker), oldest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +129,7 @@ class NewTasks:
                 task_id=task_id, user_id=self.user_id, task_group_id=self.task_group_id,
                 endpoint_id=self.endpoint_id, function_id=function_id, state=TaskState.WAITING,
                 transitions=dict(transitions), data="", error="", completed_at=None,
-                submitter=self.submitter, worker=None,
+                submitter=self.submitter, worker=None, attempts=[],
             )
             for task_id, function_id in zip(self.task_ids, self.function_ids, strict=True)
         ]

@@ -90,6 +90,10 @@ class TaskGroupStream:
         """True once the stream has been connected at least once; False after ``timeout`` seconds."""
         return self._connected.wait(timeout)
 
+    def in_stream_thread(self) -> bool:
+        """True when called from the stream's own thread (its callbacks run there)."""
+        return threading.current_thread() is self._thread
+
     def submit(self, batch: BatchSubmission) -> BatchSubmitted | None:
         """The broker's answer; None when the batch should go by HTTP instead.
 
