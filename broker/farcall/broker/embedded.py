@@ -88,5 +88,5 @@ class EmbeddedBroker:
 
 
 def ws_max_size(settings: Settings) -> int:
-    """Largest WebSocket message accepted: a results frame may carry several max-size payloads."""
-    return max(64 * 1024 * 1024, 4 * settings.max_payload_bytes)
+    """Largest WebSocket message accepted (``Settings.max_frame_bytes``)."""
+    return settings.max_frame_bytes

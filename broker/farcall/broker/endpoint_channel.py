@@ -6,6 +6,16 @@ the deliveries acked, and the tasks sent as far as the endpoint's credit goes;
 the rest wait in the session until credit comes back. A task is never held
 unacked in RabbitMQ while it runs; if the connection dies, the next hello
 reconciles the in-flight set and queues the lost (sent or waiting) tasks again.
+
+An endpoint has one live session, on whichever replica: a new hello with the
+endpoint's credential makes its session the live one at once and retires the
+old one (closed; on another replica through the endpoint's control channel).
+Only the live session can put tasks in flight (the store checks), so a
+connection that dropped silently costs the seconds until the agent reconnects,
+not the tasks the old session would have sent into a dead socket.
+
+The control channel (pub/sub group ``endpoint:<id>``) also carries cancels to
+whichever replica holds the session, and the endpoint's deletion.
 """
 
 from __future__ import annotations
@@ -13,20 +23,31 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import uuid
-from collections import defaultdict
+from typing import Any
 
 from fastapi import WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
+from farcall.backoff import Backoff
 from farcall.broker import auth
-from farcall.broker.errors import Forbidden, Unauthorized, deny_websocket
+from farcall.broker.errors import (
+    BACKEND_ERRORS,
+    Forbidden,
+    Unauthorized,
+    Unavailable,
+    deny_websocket,
+)
 from farcall.broker.queue.base import Consumer, Delivery
 from farcall.broker.services import Services
+from farcall.broker.store.base import Subscription
+from farcall.broker.submission import publish_results
 from farcall.messages import (
     PROTOCOL_VERSION,
+    CancelFrame,
     Credit,
     ErrorFrame,
     HeartbeatFrame,
@@ -34,8 +55,8 @@ from farcall.messages import (
     ResultMessage,
     ResultsAck,
     ResultsFrame,
-    ResultStreamFrame,
     RunningFrame,
+    TaskMessage,
     TaskResult,
     TaskState,
     Welcome,
@@ -48,6 +69,9 @@ from farcall.messages import (
 
 log = logging.getLogger(__name__)
 
+_DOWN: tuple[type[Exception], ...] = (Unavailable, *BACKEND_ERRORS)
+"""What a backing service that is not answering raises."""
+
 HELLO_TIMEOUT = 30.0
 MAX_BATCH = 1000
 """Most tasks in one frame to the endpoint."""
@@ -58,6 +82,23 @@ PREFETCH = 32
 PARK_AFTER = 10.0
 """With no credit for this long, stop consuming so no delivery stays unacked (consumer timeout)."""
 TOUCH_EVERY = 1.0
+RETIRE_WAIT = 5.0
+"""How long a new session waits for the one it replaces (on this replica) to finish closing."""
+REPLACED = 4000
+"""Close code for a session that a newer session of the same endpoint replaced."""
+DELETED = 4004
+"""Close code for a session whose endpoint was deleted."""
+
+
+def control_group(endpoint_id: str) -> str:
+    """The pub/sub group that carries an endpoint's control messages to its session's replica."""
+    return f"endpoint:{endpoint_id}"
+
+
+async def send_control(svc: Services, endpoint_id: str, message: dict[str, Any]) -> None:
+    """Tell the endpoint's live session, on whichever replica: ``{"type": "cancel", "task_ids":
+    [...]}``, ``{"type": "deleted"}`` or ``{"type": "replaced", "session_id": ...}``."""
+    await svc.store.pubsub.publish(control_group(endpoint_id), json.dumps(message))
 
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
@@ -91,6 +132,12 @@ class EndpointSession:
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
         self._last_touch = 0.0
+        self.retired = False
+        """Set once a newer session replaced this one (or the endpoint was deleted)."""
+        self._ended = asyncio.Event()
+        self._control: Subscription | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         try:
@@ -101,29 +148,81 @@ class EndpointSession:
             await self._error_and_close(f"no hello within {HELLO_TIMEOUT:.0f} s")
             return
         if hello is None:
+            self._ended.set()
             return
-        await self.store.endpoints.set_connected(self.endpoint_id, self.session_id, True, now())
+        try:
+            self._control = await self.store.pubsub.subscribe(control_group(self.endpoint_id))
+            previous = await self.store.endpoints.connect_session(
+                self.endpoint_id, self.session_id, hello.heartbeat_period, now())
+        except BaseException as e:
+            await self._end_early(e)
+            raise
         log.info(
-            "endpoint %s connected (session %s, credit %d, holds %d)",
+            "endpoint %s connected (session %s, credit %d, holds %d%s)",
             self.endpoint_id,
             self.session_id,
             hello.credit,
             len(hello.held_task_ids),
+            f", replaces session {previous}" if previous else "",
         )
         try:
+            await self._retire(previous)
             await self.store.endpoints.set_heartbeat(self.endpoint_id, hello.heartbeat, now())
-            await self._reconcile(set(hello.held_task_ids))
-            await self.send(Welcome(endpoint_id=self.endpoint_id).model_dump_json())
-            self.svc.sessions[self.endpoint_id] = self
+            await self.queue.declare(self.endpoint_id)  # RabbitMQ may have lost it
+            await self._reconcile(set(hello.held_task_ids), set(hello.crashed_task_ids))
+            await self.send(Welcome(endpoint_id=self.endpoint_id,
+                                    max_frame_bytes=self.svc.settings.max_frame_bytes
+                                    ).model_dump_json())
             await self._add_credit(hello.credit)
             await self._run_loops()
         except WebSocketDisconnect:
             pass
+        except _DOWN as e:
+            log.warning("endpoint %s session ended: a backing service failed: %r", self.endpoint_id, e)
+            await self._close(1011, "broker's store or queue is not answering; reconnect later")
         except Exception as e:
             log.exception("endpoint %s session failed", self.endpoint_id)
             await self._close(1011, f"broker error: {type(e).__name__}")
         finally:
             await asyncio.shield(self._cleanup())
+
+    async def _end_early(self, error: BaseException) -> None:
+        log.warning("endpoint %s: could not start a session: %r", self.endpoint_id, error)
+        if self._control is not None:
+            with contextlib.suppress(Exception):
+                await self._control.close()
+        await self._close(1011, "broker's store is not answering; reconnect later")
+        self._ended.set()
+
+    async def _retire(self, previous: str | None) -> None:
+        """Make this the session new tasks go to, and end ``previous`` (same endpoint, older)."""
+        old = self.svc.sessions.get(self.endpoint_id)
+        self.svc.sessions[self.endpoint_id] = self
+        if not previous or previous == self.session_id:
+            return
+        if old is not None and old.session_id == previous:
+            await old.replaced()
+        else:  # on another replica, or already gone
+            await send_control(self.svc, self.endpoint_id,
+                               {"type": "replaced", "session_id": self.session_id})
+
+    async def replaced(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
+        """End this session from outside (another took its place); returns once it has ended."""
+        self.end(code, why)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RETIRE_WAIT):
+                await self._ended.wait()
+
+    def end(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
+        """Stop this session's loops and close its socket (in the background: a silently
+        dropped peer must not hold anyone up)."""
+        if self.retired:
+            return
+        self.retired = True
+        log.info("endpoint %s: session %s %s", self.endpoint_id, self.session_id, why)
+        for t in self._loops:
+            t.cancel()
+        self._closing = asyncio.create_task(self._close(code, why))
 
     async def _hello(self) -> Hello | None:
         raw = await asyncio.wait_for(self._receive(), HELLO_TIMEOUT)
@@ -144,19 +243,26 @@ class EndpointSession:
         return frame
 
     async def _cleanup(self) -> None:
+        self.retired = True
         if self.svc.sessions.get(self.endpoint_id) is self:
             del self.svc.sessions[self.endpoint_id]
-        if self.consumer is not None:
-            with contextlib.suppress(Exception):
-                await self.consumer.close()
+        for closing in (self.consumer, self._control):
+            if closing is not None:
+                with contextlib.suppress(Exception):
+                    await closing.close()
         try:
-            await self.store.endpoints.set_connected(self.endpoint_id, self.session_id, False, now())
+            await self.store.endpoints.disconnect_session(self.endpoint_id, self.session_id, now())
         except Exception as e:  # noqa: BLE001 - the store may be the reason we are closing
             log.warning("endpoint %s: could not record disconnect: %r", self.endpoint_id, e)
         log.info("endpoint %s disconnected (session %s)", self.endpoint_id, self.session_id)
+        self._ended.set()
 
     async def _run_loops(self) -> None:
-        tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._dispatch_loop())]
+        tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._dispatch_loop()),
+                 asyncio.create_task(self._control_loop())]
+        self._loops = tasks
+        if self.retired:  # replaced before the loops began
+            return
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -164,7 +270,8 @@ class EndpointSession:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for t in done:
-            t.result()
+            if not t.cancelled():
+                t.result()
 
     # ------------------------------------------------------------ sending
 
@@ -184,26 +291,28 @@ class EndpointSession:
 
     # ------------------------------------------------------------ reconcile
 
-    async def _reconcile(self, held: set[str]) -> None:
-        """Queue again the in-flight tasks the endpoint no longer holds and are not finished."""
-        inflight = await self.store.inflight.get(self.endpoint_id)
-        lost = [t for t in inflight if t not in held]
-        if not lost:
-            return
-        records = await self.store.tasks.get_many(lost)
-        again = [
-            t for t, rec in zip(lost, records, strict=True) if rec and not rec.state.terminal
-        ]
+    async def _reconcile(self, held: set[str], crashed: set[str]) -> None:
+        """Queue again the in-flight tasks the endpoint no longer holds and are not finished;
+        fail those that were running at too many deaths of the agent (``crashed``)."""
+        found = await self.store.inflight.reconcile(
+            self.endpoint_id, held, crashed, self.svc.settings.max_endpoint_losses, now())
+        again = list(found.again)
         if again:
-            await self.queue.publish(self.endpoint_id, [join_task_batch([inflight[t] for t in again])])
+            # Queued before they leave the in-flight set: a failure in between loses nothing.
+            await self.queue.publish(self.endpoint_id, [join_task_batch(list(found.again.values()))])
             await self.store.endpoints.count_queued(self.endpoint_id, len(again))
-        await self.store.inflight.remove(self.endpoint_id, lost)
-        log.info(
-            "endpoint %s: reconciled %d lost in-flight tasks (%d queued again)",
-            self.endpoint_id,
-            len(lost),
-            len(again),
-        )
+            await self.store.inflight.remove(self.endpoint_id, again)
+        await self._publish(found.failed)
+        if again or found.failed or found.dropped:
+            log.info(
+                "endpoint %s: reconciled lost in-flight tasks: %d queued again, %d failed after "
+                "%d agent crashes, %d already finished",
+                self.endpoint_id, len(again), len(found.failed),
+                self.svc.settings.max_endpoint_losses, found.dropped,
+            )
+
+    async def _publish(self, done: list[tuple[str, TaskResult]]) -> None:
+        await publish_results(self.svc, done)
 
     # ------------------------------------------------------------ endpoint -> broker
 
@@ -230,6 +339,10 @@ class EndpointSession:
             if isinstance(frame, HeartbeatFrame):
                 await self.store.endpoints.set_heartbeat(self.endpoint_id, frame.heartbeat, at)
                 self._last_touch = at
+                # A replacement announced while pub/sub was down is noticed here at the latest.
+                if await self.store.endpoints.live_session(self.endpoint_id) != self.session_id:
+                    self.end()
+                    return
                 continue
             if at - self._last_touch > TOUCH_EVERY:
                 self._last_touch = at
@@ -253,12 +366,7 @@ class EndpointSession:
 
     async def _store_results(self, results: list[ResultMessage]) -> None:
         """Store results (first one per task wins) and push the new ones to their streams."""
-        done = await self.store.tasks.complete(self.endpoint_id, results, now())
-        by_group: dict[str, list[TaskResult]] = defaultdict(list)
-        for group, result in done:
-            by_group[group].append(result)
-        for group, stored in by_group.items():
-            await self.store.pubsub.publish(group, ResultStreamFrame(results=stored).model_dump_json())
+        await self._publish(await self.store.tasks.complete(self.endpoint_id, results, now()))
         ids = [r.task_id for r in results]
         self.held.difference_update(ids)
         self._remember_done(ids)
@@ -274,21 +382,82 @@ class EndpointSession:
     # ------------------------------------------------------------ broker -> endpoint
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        backoff = Backoff(cap=5.0, base=0.2)
+        while not self.retired:
             if self.credit <= 0:
                 self.credit_changed.clear()
                 try:
-                    timeout = PARK_AFTER if self.consumer is not None else None
-                    await asyncio.wait_for(self.credit_changed.wait(), timeout)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                    # cancel that comes as the event is set, leaving the loop running.
+                    async with asyncio.timeout(PARK_AFTER if self.consumer is not None else None):
+                        await self.credit_changed.wait()
                 except TimeoutError:
                     await self._park()
                 continue
             if not self.waiting:
-                if self.consumer is None:
-                    self.consumer = await self.queue.consume(self.endpoint_id, PREFETCH)
-                # At least one task per message: `credit` messages cover the credit.
-                await self._take(await self.consumer.get_batch(min(self.credit, PREFETCH)))
+                try:
+                    if self.consumer is None:
+                        self.consumer = await self.queue.consume(self.endpoint_id, PREFETCH)
+                    # At least one task per message: `credit` messages cover the credit.
+                    deliveries = await self.consumer.get_batch(min(self.credit, PREFETCH))
+                except _DOWN as e:
+                    # The queue is down (a RabbitMQ restart): keep the session, which still
+                    # takes results and directly sent tasks, and consume again once it is back.
+                    await self._park()
+                    delay = backoff.next_delay()
+                    log.log(logging.WARNING if backoff.attempt == 1 else logging.DEBUG,
+                            "endpoint %s: cannot consume its queue (%r); retrying in %.1f s",
+                            self.endpoint_id, e, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                backoff.reset()
+                if not await self._take(deliveries):
+                    return
             await self._send_waiting()
+
+    async def _control_loop(self) -> None:
+        """Act on the endpoint's control messages (cancels, replacement, deletion)."""
+        backoff = Backoff(cap=5.0)
+        while not self.retired:
+            if self._control is None:
+                try:
+                    self._control = await self.store.pubsub.subscribe(control_group(self.endpoint_id))
+                except _DOWN as e:
+                    log.debug("endpoint %s: control channel unavailable: %r", self.endpoint_id, e)
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+            async for raw in self._control:
+                backoff.reset()
+                try:
+                    message = json.loads(raw)
+                    kind = message["type"]
+                except (ValueError, KeyError, TypeError):
+                    log.warning("endpoint %s: unreadable control message %.200r", self.endpoint_id, raw)
+                    continue
+                if kind == "cancel":
+                    await self.cancel(list(message.get("task_ids", [])))
+                elif kind == "replaced" and message.get("session_id") != self.session_id:
+                    self.end()
+                    return
+                elif kind == "deleted":
+                    self.end(DELETED, "ended: the endpoint was deleted")
+                    return
+            # The subscription ended (pub/sub reconnecting); a missed message is caught by the
+            # liveness check at the next heartbeat.
+            self._control = None
+
+    async def cancel(self, task_ids: list[str]) -> None:
+        """Drop cancelled tasks still waiting here; tell the endpoint to stop the ones it has."""
+        ids = {t for t in task_ids if t in self.held}
+        if not ids:
+            return
+        waiting = [t for t in self.waiting if t[0] in ids]
+        if waiting:
+            self.waiting = collections.deque(t for t in self.waiting if t[0] not in ids)
+            self.held.difference_update(t for t, _, _ in waiting)
+            ids.difference_update(t for t, _, _ in waiting)
+        if ids:
+            await self.send(CancelFrame(task_ids=sorted(ids)).model_dump_json())
 
     async def _park(self) -> None:
         """Give prefetched deliveries back to the queue while the endpoint has no room."""
@@ -305,39 +474,47 @@ class EndpointSession:
         while len(self.done_order) > RECENT_DONE:
             self.done_ids.discard(self.done_order.popleft())
 
-    async def _take(self, deliveries: list[Delivery]) -> None:
+    async def _take(self, deliveries: list[Delivery]) -> bool:
         """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send.
 
         Copies of tasks this session sent directly (held, or finished here) are dropped
-        without asking the store; they were never counted as queued.
+        without asking the store; they were never counted as queued. A task that cannot be
+        read fails alone. False when this session was replaced meanwhile: the deliveries
+        go back to the queue for the live session.
         """
         assert self.consumer is not None
         tasks: dict[str, str] = {}
         function_of: dict[str, str] = {}
+        unreadable: dict[str, str] = {}
         taken = 0
         for d in deliveries:
-            try:
-                batch = parse_task_batch(d.body)
-            except ValidationError as e:
-                log.error("endpoint %s: dropping a queued body that is not tasks: %s",
-                          self.endpoint_id, e)
-                continue
+            batch, bad = _read_queued(d.body)
+            unreadable.update(bad)
             for task in batch:
                 if task.task_id not in self.held and task.task_id not in self.done_ids:
                     taken += 1
                     tasks[task.task_id] = task.model_dump_json()
                     function_of[task.task_id] = task.function_id
-        accepted = await self.store.inflight.add(self.endpoint_id, tasks, taken) if tasks else []
+        accepted = await self.store.inflight.add(
+            self.endpoint_id, self.session_id, tasks, taken + len(unreadable))
+        if accepted is None:
+            await self._park()
+            self.end()
+            return False
         await self.consumer.ack(deliveries)
+        if unreadable:
+            for task_id, error in unreadable.items():
+                await self._publish(await self.store.tasks.fail([task_id], error, now()))
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
                       self.endpoint_id, taken - len(accepted))
         self.held.update(accepted)
         self.waiting.extend((t, function_of[t], tasks[t]) for t in accepted)
+        return True
 
     def can_take(self, n: int) -> bool:
         """Whether ``n`` new tasks would go out at once (credit to spare, nothing waiting)."""
-        return not self.waiting and self.credit >= n
+        return not self.retired and not self.waiting and self.credit >= n
 
     async def send_direct(
         self, tasks: list[tuple[str, str, str]], functions: dict[str, str]
@@ -402,3 +579,32 @@ class EndpointSession:
             await self._store_results(results)
         gone = {t for t, _, _ in orphans}
         return [t for t in batch if t[0] not in gone]
+
+
+def _read_queued(body: bytes) -> tuple[list[TaskMessage], dict[str, str]]:
+    """The tasks of a queued message, and ``task id -> error`` for any that cannot be read.
+
+    The fast path parses the whole batch; if that fails, each element is read alone so
+    one bad task fails alone instead of taking its batch with it.
+    """
+    try:
+        return parse_task_batch(body), {}
+    except ValidationError:
+        pass
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        log.error("dropping a queued message that is not JSON (%d bytes): %.200s", len(body), e)
+        return [], {}
+    good: list[TaskMessage] = []
+    bad: dict[str, str] = {}
+    for item in items if isinstance(items, list) else [items]:
+        try:
+            good.append(TaskMessage.model_validate(item))
+        except (ValidationError, RecursionError) as e:
+            task_id = item.get("task_id") if isinstance(item, dict) else None
+            if isinstance(task_id, str):
+                bad[task_id] = f"the broker could not read this task ({str(e)[:300]}); submit it again"
+            else:
+                log.error("dropping a queued element that is not a task: %.200r", item)
+    return good, bad

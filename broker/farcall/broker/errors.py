@@ -117,8 +117,12 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = CODES.get(exc.status_code, "error")
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parser hit the stack limit
+            message = ("the JSON body is nested too deeply to read; no field of the API nests "
+                       "more than a few levels (resource_specification at most 16)")
         return error_response(
-            exc.status_code, code, str(exc.detail), dict(exc.headers or {}) or None
+            exc.status_code, code, message, dict(exc.headers or {}) or None
         )
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ documents its error answers (``ErrorBody``) in the OpenAPI document.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -14,12 +15,15 @@ from fastapi import APIRouter, Body, Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from farcall.broker import auth
+from farcall.broker.endpoint_channel import send_control
 from farcall.broker.errors import Forbidden, ObjectNotFound, Unauthorized
+from farcall.broker.health import check as check_health
 from farcall.broker.services import Services
-from farcall.broker.submission import submit_batch
+from farcall.broker.submission import publish_results, submit_batch
 from farcall.messages import (
     BatchSubmission,
     BatchSubmitted,
+    CancelRequest,
     EndpointDeleted,
     EndpointInfo,
     EndpointList,
@@ -36,12 +40,12 @@ from farcall.messages import (
     TaskGroupInfo,
     TaskIds,
     TaskInfo,
+    TasksCancelled,
     TaskStatuses,
     now,
     version_mismatch,
 )
 from farcall.records import EndpointRecord, FunctionRecord, TaskGroupRecord, TaskRecord
-from farcall.version import __version__
 
 _bearer = HTTPBearer(auto_error=False, description="a user token (fcu_...)")
 
@@ -100,10 +104,13 @@ def _json(model: Any, *, exclude_unset: bool = False) -> Response:
                     media_type="application/json")
 
 
-@router.get("/health")
-async def health() -> Health:
-    """Liveness: answers without a token."""
-    return Health(status="ok", version=__version__)
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": (
+    "a backing service (Redis or RabbitMQ) is not answering; 'services' says which")}})
+async def health(svc: Svc) -> Response:
+    """Whether the broker can serve: 200 when its store and queue answer, 503 (saying which
+    is down) while one does not. Answers without a token."""
+    status, body = await check_health(svc)
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
 # ---- functions
@@ -211,11 +218,34 @@ async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> EndpointSta
 
 @router.delete("/endpoints/{endpoint_id}", responses={**USER_ERRORS, **error_answers(404)})
 async def delete_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointDeleted:
+    """Delete the endpoint: its credential stops working, its session ends, and every task
+    still waiting for it (queued or in flight) fails with an error that says why."""
     await _own_endpoint(svc, user, endpoint_id)
+    waiting = _task_ids(await svc.queue.drain(endpoint_id))  # 503 here changes nothing yet
+    waiting += list(await svc.store.inflight.get(endpoint_id))
     await svc.store.endpoints.delete(endpoint_id)
     svc.endpoint_owners.pop(endpoint_id)
+    await send_control(svc, endpoint_id, {"type": "deleted"})
+    waiting += _task_ids(await svc.queue.drain(endpoint_id))  # queued while we deleted
+    error = (f"endpoint {endpoint_id} was deleted before this task finished; submit it to "
+             "another endpoint")
+    await publish_results(svc, await svc.store.tasks.fail(waiting, error, now()))
     await svc.queue.delete(endpoint_id)
     return EndpointDeleted(endpoint_id=endpoint_id, deleted=True)
+
+
+def _task_ids(bodies: list[bytes]) -> list[str]:
+    """The task ids in queued messages (JSON arrays of tasks), however malformed the rest is."""
+    ids: list[str] = []
+    for body in bodies:
+        try:
+            items = json.loads(body)
+        except (ValueError, RecursionError):
+            continue
+        for item in items if isinstance(items, list) else [items]:
+            if isinstance(item, dict) and isinstance(item.get("task_id"), str):
+                ids.append(item["task_id"])
+    return ids
 
 
 # ---- task groups
@@ -251,6 +281,22 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
     return _json(await submit_batch(svc, user, batch))
 
 
+@router.post("/tasks/cancel", response_model=TasksCancelled,
+             responses={**USER_ERRORS, **error_answers(413)})
+async def cancel_tasks(body: CancelRequest, user: User, svc: Svc) -> Response:
+    """Cancel tasks: queued ones never run; running ones are stopped on their endpoint (with
+    ``only_queued``, left to finish). A cancelled task's state is ``cancelled``, final."""
+    done = await svc.store.tasks.cancel(user, body.task_ids, body.only_queued, now())
+    await publish_results(svc, [(group, result) for group, _, result in done.results])
+    by_endpoint: dict[str, list[str]] = {}
+    for _, endpoint_id, result in done.results:
+        by_endpoint.setdefault(endpoint_id, []).append(result.task_id)
+    for endpoint_id, ids in by_endpoint.items():
+        await send_control(svc, endpoint_id, {"type": "cancel", "task_ids": ids})
+    return _json(TasksCancelled(cancelled=[r.task_id for _, _, r in done.results],
+                                unchanged=done.unchanged))
+
+
 def task_info(rec: TaskRecord) -> TaskInfo:
     """A task record as the REST API shows it; ``data``/``error`` only once terminal."""
     fields: dict[str, Any] = {
@@ -266,6 +312,8 @@ def task_info(rec: TaskRecord) -> TaskInfo:
     }
     if rec.state.terminal:
         fields.update(data=rec.data, error=rec.error)
+    if rec.attempts:
+        fields["attempts"] = rec.attempts
     mismatch = version_mismatch(rec.submitter, rec.worker)
     if mismatch:
         fields["warnings"] = [mismatch]

@@ -25,6 +25,9 @@ class Settings:
     max_payload_bytes: int = 10 * MB
     result_ttl: int = 7 * 24 * 3600
     endpoint_timeout: float = 30.0
+    """Offline after this silence, for an endpoint that did not say its heartbeat period."""
+    max_endpoint_losses: int = 3
+    """A task running at this many deaths of its endpoint's agent fails instead of going again."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -37,7 +40,14 @@ class Settings:
             max_payload_bytes=_number(env, "FARCALL_MAX_PAYLOAD_BYTES", cls.max_payload_bytes, int),
             result_ttl=_number(env, "FARCALL_RESULT_TTL", cls.result_ttl, int),
             endpoint_timeout=_number(env, "FARCALL_ENDPOINT_TIMEOUT", cls.endpoint_timeout, float),
+            max_endpoint_losses=_number(env, "FARCALL_MAX_ENDPOINT_LOSSES",
+                                        cls.max_endpoint_losses, int),
         )
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest WebSocket message accepted: a results frame may carry several max-size payloads."""
+        return max(64 * 1024 * 1024, 4 * self.max_payload_bytes)
 
     @property
     def embedded(self) -> bool:

@@ -20,7 +20,15 @@ import uuid
 from farcall.broker.errors import ObjectNotFound
 from farcall.broker.services import Services
 from farcall.broker.store.base import SubmissionContext
-from farcall.messages import BatchSubmission, BatchSubmitted, TaskMessage, dump_task_batch, now
+from farcall.messages import (
+    BatchSubmission,
+    BatchSubmitted,
+    ResultStreamFrame,
+    TaskMessage,
+    TaskResult,
+    dump_task_batch,
+    now,
+)
 from farcall.records import NewTasks
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,8 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
             args=spec.args,
             resource_specification=spec.resource_specification,
             submitter=batch.submitter,
+            walltime=spec.walltime,
+            max_retries=spec.max_retries,
         )
         for spec in batch.tasks
     ]
@@ -72,8 +82,9 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     if session is not None and session.can_take(len(messages)):
         direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
     inflight = {task_id: body for task_id, _, body in direct} if direct else None
-    await svc.store.tasks.create(new, inflight=inflight)
-    if direct and session is not None:
+    went = await svc.store.tasks.create(
+        new, inflight=inflight, session_id=session.session_id if session else "")
+    if went and direct and session is not None:
         # Recorded in flight, the tasks are as safe as dispatched ones: if the session ends
         # before their results, the endpoint's next hello queues them again (reconcile).
         try:
@@ -84,12 +95,23 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     try:
         await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
     except Exception:
-        await svc.store.tasks.fail(
+        # Whatever the client hears (503, or nothing if it is gone), its tasks are final.
+        failed = await svc.store.tasks.fail(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
         await svc.store.endpoints.count_queued(batch.endpoint_id, -len(task_ids))
+        await publish_results(svc, failed)
         raise
     return answer
+
+
+async def publish_results(svc: Services, done: list[tuple[str, TaskResult]]) -> None:
+    """Push tasks the broker itself finished (failed, cancelled) to their result streams."""
+    by_group: dict[str, list[TaskResult]] = {}
+    for group, result in done:
+        by_group.setdefault(group, []).append(result)
+    for group, results in by_group.items():
+        await svc.store.pubsub.publish(group, ResultStreamFrame(results=results).model_dump_json())
 
 
 async def _submission_context(

@@ -11,6 +11,13 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+from farcall.broker.errors import Unavailable
+
+
+class QueueMissing(Unavailable):
+    """The endpoint's queue does not exist (its endpoint was deleted, or RabbitMQ lost it), so a
+    publish could not be kept; the tasks were not queued. Without a handler this answers 503."""
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -53,20 +60,38 @@ class TaskQueue(abc.ABC):
     async def close(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        """Return if the backing service answers now; raise otherwise (for ``/v1/health``)."""
+        return None
+
     @abc.abstractmethod
     async def declare(self, endpoint_id: str) -> None:
         """Create the endpoint's queue if it does not exist (idempotent)."""
 
     @abc.abstractmethod
     async def publish(self, endpoint_id: str, bodies: list[bytes]) -> None:
-        """Queue bodies durably; returns once the queue confirmed all of them."""
+        """Queue bodies durably; returns once the queue confirmed all of them.
+
+        Never creates the queue (``declare`` and ``consume`` do): ``QueueMissing`` if it is not
+        there, ``Unavailable`` if the queue service is down (some bodies may then be queued).
+        """
 
     @abc.abstractmethod
-    async def consume(self, endpoint_id: str, prefetch: int) -> Consumer: ...
+    async def consume(self, endpoint_id: str, prefetch: int) -> Consumer:
+        """Start taking deliveries (declaring the queue if needed); ``get_batch`` raises
+        ``Unavailable`` once the consumer is lost, and a new one must be opened."""
 
     @abc.abstractmethod
     async def depth(self, endpoint_id: str) -> int:
-        """Messages waiting in the queue (not counting unacked deliveries)."""
+        """Messages waiting in the queue (not counting unacked deliveries); 0 if it does not exist."""
+
+    @abc.abstractmethod
+    async def drain(self, endpoint_id: str) -> list[bytes]:
+        """Take every message waiting in the queue (acked: gone from the queue), oldest first.
+
+        For deleting an endpoint: its waiting tasks are failed, not left queued for ever.
+        A queue that does not exist gives ``[]``.
+        """
 
     @abc.abstractmethod
     async def delete(self, endpoint_id: str) -> None: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from farcall.broker.queue.base import Consumer, Delivery, TaskQueue
+from farcall.broker.queue.base import Consumer, Delivery, QueueMissing, TaskQueue
 
 
 class _Queue:
@@ -45,7 +45,8 @@ class MemoryConsumer(Consumer):
             if left is not None and left <= 0:
                 return []
             try:
-                await asyncio.wait_for(self._queue.changed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._queue.changed.wait()
             except TimeoutError:
                 return []
         return []
@@ -72,13 +73,26 @@ class MemoryQueue(TaskQueue):
         self._get(endpoint_id)
 
     async def publish(self, endpoint_id: str, bodies: list[bytes]) -> None:
-        self._get(endpoint_id).put(list(bodies))
+        queue = self._queues.get(self.queue_name(endpoint_id))
+        if queue is None:
+            raise QueueMissing(f"no queue for endpoint {endpoint_id} (was it deleted?); "
+                               "declare the queue or drop the tasks")
+        queue.put(list(bodies))
 
     async def consume(self, endpoint_id: str, prefetch: int) -> Consumer:
         return MemoryConsumer(self._get(endpoint_id), prefetch)
 
     async def depth(self, endpoint_id: str) -> int:
-        return len(self._get(endpoint_id).items)
+        queue = self._queues.get(self.queue_name(endpoint_id))
+        return 0 if queue is None else len(queue.items)
+
+    async def drain(self, endpoint_id: str) -> list[bytes]:
+        queue = self._queues.get(self.queue_name(endpoint_id))
+        if queue is None:
+            return []
+        bodies = list(queue.items)
+        queue.items.clear()
+        return bodies
 
     async def delete(self, endpoint_id: str) -> None:
         self._queues.pop(self.queue_name(endpoint_id), None)

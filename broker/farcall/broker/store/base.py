@@ -38,6 +38,19 @@ from farcall.records import (
 
 _LIFECYCLE = {s.value: i for i, s in enumerate(TaskState)}
 
+LOST_ATTEMPT = ("the endpoint's session ended with the task in flight and its agent no longer "
+                "held it; the task was queued again")
+CRASH_ATTEMPT = "the endpoint's agent process died while the task was running; it was queued again"
+CANCELLED_ERROR = "the task was cancelled at its submitter's request"
+
+
+def crash_failure(crashes: int) -> str:
+    """The error of a task failed for having been running at ``crashes`` deaths of its agent."""
+    return (f"the endpoint's agent process died {crashes} times while this task was running, so "
+            "the task is probably what kills it (os._exit, a crash in native code, or memory "
+            "exhausted in the agent). It is not sent again: fix the function, or run it on an "
+            "endpoint with a ProcessPoolEngine or Parsl engine, where a crash costs only a worker.")
+
 
 def ordered_transitions(transitions: dict[str, float]) -> dict[str, float]:
     """Transitions in lifecycle order (received .. terminal), whatever the clocks say."""
@@ -51,6 +64,29 @@ class Principal:
     kind: Literal["user", "endpoint"]
     id: str
     token_hash: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What ``TaskStore.cancel`` did."""
+
+    results: list[tuple[str, str, TaskResult]]
+    """``(task group id, endpoint id, TaskResult)`` of each task it cancelled."""
+    unchanged: dict[str, str]
+    """Task id -> why not: its final state, ``running`` (only queued asked), or ``not_found``."""
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What ``InflightStore.reconcile`` found among the tasks a new session's agent no longer holds."""
+
+    again: dict[str, str]
+    """Task id -> TaskMessage JSON of tasks to queue again (still in the in-flight set: the caller
+    removes them once they are queued)."""
+    failed: list[tuple[str, TaskResult]]
+    """``(task group id, TaskResult)`` of tasks failed for having crashed the agent too often."""
+    dropped: int
+    """Finished or unknown tasks removed from the in-flight set."""
 
 
 @dataclass(frozen=True)
@@ -101,10 +137,22 @@ class EndpointStore(abc.ABC):
         """Remove the endpoint, revoke its credential, forget its in-flight set and queued count."""
 
     @abc.abstractmethod
-    async def set_connected(
-        self, endpoint_id: str, session_id: str, connected: bool, at: float
-    ) -> None:
-        """Add or remove one channel session; an endpoint is connected while it has any."""
+    async def connect_session(
+        self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
+    ) -> str | None:
+        """Make ``session_id`` the endpoint's one live session; the previous live one, if any.
+
+        From here on only this session may take tasks in flight (``InflightStore.add``,
+        ``TaskStore.create`` with in-flight tasks), on any replica.
+        """
+
+    @abc.abstractmethod
+    async def disconnect_session(self, endpoint_id: str, session_id: str, at: float) -> None:
+        """The session ended; it stops being the live one if it still was."""
+
+    @abc.abstractmethod
+    async def live_session(self, endpoint_id: str) -> str | None:
+        """The endpoint's live session id, if one is connected."""
 
     @abc.abstractmethod
     async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None: ...
@@ -138,12 +186,16 @@ class TaskStore(abc.ABC):
         """The endpoint's owner, the functions, and the task group's owner, in one round trip."""
 
     @abc.abstractmethod
-    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+    async def create(
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+    ) -> bool:
         """Record a submitted batch (and its new task group) at once.
 
-        Spans two other parts: ``inflight`` (task id -> TaskMessage JSON, for tasks sent
-        straight to the endpoint) goes into the endpoint's in-flight set; the other tasks
-        add to its queued-task count.
+        Spans two other parts: ``inflight`` (task id -> TaskMessage JSON, for tasks to send
+        straight to the endpoint's session ``session_id``) goes into the endpoint's in-flight
+        set, but only while that session is the live one; otherwise, and for tasks without
+        ``inflight``, the tasks add to its queued-task count. True when they went in flight
+        (the caller sends them), False when they count as queued (the caller queues them).
         """
 
     @abc.abstractmethod
@@ -151,8 +203,18 @@ class TaskStore(abc.ABC):
         """Task records in the order asked; None for unknown (or expired) ids."""
 
     @abc.abstractmethod
-    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
-        """Fail tasks that are not terminal yet (ones that could not be queued, for example)."""
+    async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:
+        """Fail tasks that are not terminal yet (ones that could not be queued, for example).
+
+        Returns ``(task group id, TaskResult)`` for the tasks this call failed.
+        """
+
+    @abc.abstractmethod
+    async def cancel(
+        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+    ) -> Cancelled:
+        """Cancel the user's tasks that are not terminal (with ``only_queued``: not running
+        either). A cancelled task is final: a later result for it is ignored."""
 
     @abc.abstractmethod
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
@@ -174,11 +236,27 @@ class InflightStore(abc.ABC):
     has come back for; the endpoint's next hello queues again those it no longer holds."""
 
     @abc.abstractmethod
-    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+    async def add(
+        self, endpoint_id: str, session_id: str, tasks: dict[str, str], taken: int
+    ) -> list[str] | None:
         """Put tasks in the endpoint's in-flight set; ``taken`` of them left its queue.
 
         The queued-task count shrinks by ``taken``. Returns the ids accepted: tasks that
         exist, belong to this endpoint and are not terminal. The caller drops the others.
+        Returns None, changing nothing, when ``session_id`` is not the endpoint's live
+        session any more (it was replaced): the caller gives its deliveries back.
+        """
+
+    @abc.abstractmethod
+    async def reconcile(
+        self, endpoint_id: str, held: set[str], crashed: set[str], max_losses: int, at: float
+    ) -> Reconciled:
+        """Sort the in-flight tasks a new session's agent does not hold (``held``).
+
+        Finished ones are dropped. Each other one gets an ``Attempt`` in its record and
+        is to be queued again, except that a task in ``crashed`` (its agent process died
+        while running it) counts one crash more, and at ``max_losses`` crashes it fails
+        instead, with an error that says so.
         """
 
     @abc.abstractmethod
@@ -206,6 +284,10 @@ class PubSub(abc.ABC):
     async def subscribe(self, task_group_id: str) -> Subscription:
         """Start receiving frames for a group; frames published after this returns are delivered."""
 
+    async def close(self) -> None:
+        """Release what subscriptions hold (at shutdown)."""
+        return None
+
 
 class Store:
     """Durable broker state: the narrow parts above, from one backend."""
@@ -219,6 +301,10 @@ class Store:
 
     async def start(self) -> None:
         """Connect (and fail fast if the backing service does not answer)."""
+        return None
+
+    async def ping(self) -> None:
+        """Return if the backing service answers now; raise otherwise (for ``/v1/health``)."""
         return None
 
     async def close(self) -> None:

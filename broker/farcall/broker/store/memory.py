@@ -10,20 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from farcall.broker.store.base import (
+    CANCELLED_ERROR,
+    CRASH_ATTEMPT,
+    LOST_ATTEMPT,
+    Cancelled,
     EndpointStore,
     FunctionStore,
     InflightStore,
     LocalSubscription,
     Principal,
     PubSub,
+    Reconciled,
     Store,
     SubmissionContext,
     Subscription,
     TaskStore,
     UserStore,
+    crash_failure,
     deliver_locally,
 )
-from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState
+from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState
 from farcall.records import (
     EndpointRecord,
     FunctionRecord,
@@ -43,6 +49,9 @@ class _State:
     credentials: dict[str, str] = field(default_factory=dict)
     """endpoint id -> its credential's hash"""
     sessions: dict[str, set[str]] = field(default_factory=dict)
+    live: dict[str, str] = field(default_factory=dict)
+    """endpoint id -> its live session id"""
+    crashes: dict[str, int] = field(default_factory=dict)
     queued: dict[str, int] = field(default_factory=dict)
     inflight: dict[str, dict[str, str]] = field(default_factory=dict)
     groups: dict[str, TaskGroupRecord] = field(default_factory=dict)
@@ -113,18 +122,30 @@ class MemoryEndpoints(EndpointStore):
         s.endpoints.pop(endpoint_id, None)
         s.tokens.pop(s.credentials.pop(endpoint_id, ""), None)
         s.sessions.pop(endpoint_id, None)
+        s.live.pop(endpoint_id, None)
         s.inflight.pop(endpoint_id, None)
         s.queued.pop(endpoint_id, None)
 
-    async def set_connected(
-        self, endpoint_id: str, session_id: str, connected: bool, at: float
-    ) -> None:
-        sessions = self._s.sessions.setdefault(endpoint_id, set())
-        if connected:
-            sessions.add(session_id)
-        else:
-            sessions.discard(session_id)
+    async def connect_session(
+        self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
+    ) -> str | None:
+        self._s.sessions.setdefault(endpoint_id, set()).add(session_id)
+        previous = self._s.live.get(endpoint_id)
+        self._s.live[endpoint_id] = session_id
+        ep = self._s.endpoints.get(endpoint_id)
+        if ep is not None and heartbeat_period is not None:
+            ep.heartbeat_period = heartbeat_period
         await self.touch(endpoint_id, at)
+        return previous
+
+    async def disconnect_session(self, endpoint_id: str, session_id: str, at: float) -> None:
+        self._s.sessions.get(endpoint_id, set()).discard(session_id)
+        if self._s.live.get(endpoint_id) == session_id:
+            del self._s.live[endpoint_id]
+        await self.touch(endpoint_id, at)
+
+    async def live_session(self, endpoint_id: str) -> str | None:
+        return self._s.live.get(endpoint_id)
 
     async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None:
         ep = self._s.endpoints.get(endpoint_id)
@@ -164,31 +185,60 @@ class MemoryTasks(TaskStore):
         owner = None if task_group_id is None else await self.group_owner(task_group_id)
         return SubmissionContext(ep.user_id if ep else None, functions, owner)
 
-    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+    async def create(
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+    ) -> bool:
         s = self._s
         if batch.new_group:
             await self.create_group(TaskGroupRecord(
                 task_group_id=batch.task_group_id, user_id=batch.user_id,
                 created_at=batch.received_at))
         eid = batch.endpoint_id
-        s.queued[eid] = s.queued.get(eid, 0) + len(batch.task_ids) - len(inflight or ())
-        if inflight:
+        direct = bool(inflight) and s.live.get(eid) == session_id
+        s.queued[eid] = s.queued.get(eid, 0) + len(batch.task_ids) - (
+            len(inflight or ()) if direct else 0)
+        if direct and inflight:
             s.inflight.setdefault(eid, {}).update(inflight)
         for record in batch.records():
             s.tasks[record.task_id] = record
         s.group_tasks.setdefault(batch.task_group_id, []).extend(batch.task_ids)
+        return direct
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         tasks = self._s.tasks
         return [t.model_copy(deep=True) if (t := tasks.get(i)) is not None else None
                 for i in task_ids]
 
-    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
+    async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:
+        done = []
         for task_id in task_ids:
             task = self._s.tasks.get(task_id)
             if task is not None and not task.state.terminal:
-                task.state, task.error, task.completed_at = TaskState.FAILED, error, at
-                task.transitions[TaskState.FAILED.value] = at
+                self._finish(task, TaskState.FAILED, error, at)
+                done.append((task.task_group_id, _final(task)))
+        return done
+
+    async def cancel(
+        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+    ) -> Cancelled:
+        results = []
+        unchanged = {}
+        for task_id in dict.fromkeys(task_ids):
+            task = self._s.tasks.get(task_id)
+            if task is None or task.user_id != user_id:
+                unchanged[task_id] = "not_found"
+            elif task.state.terminal or (only_queued and task.state == TaskState.RUNNING):
+                unchanged[task_id] = task.state.value
+            else:
+                self._finish(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
+                self._s.inflight.get(task.endpoint_id, {}).pop(task_id, None)
+                results.append((task.task_group_id, task.endpoint_id, _final(task)))
+        return Cancelled(results, unchanged)
+
+    @staticmethod
+    def _finish(task: TaskRecord, state: TaskState, error: str, at: float) -> None:
+        task.state, task.error, task.completed_at = state, error, at
+        task.transitions[state.value] = at
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         for task_id, at in started.items():
@@ -209,6 +259,8 @@ class MemoryTasks(TaskStore):
                 continue
             task.state = TaskState(r.state)
             task.data, task.error, task.completed_at, task.worker = r.data, r.error, at, r.worker
+            if r.attempts:
+                task.attempts = sorted([*task.attempts, *r.attempts], key=lambda a: a.at)
             if r.started_at is not None:
                 task.transitions.setdefault(TaskState.RUNNING.value, r.started_at)
             task.transitions[task.state.value] = at
@@ -220,8 +272,12 @@ class MemoryInflight(InflightStore):
     def __init__(self, state: _State) -> None:
         self._s = state
 
-    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+    async def add(
+        self, endpoint_id: str, session_id: str, tasks: dict[str, str], taken: int
+    ) -> list[str] | None:
         s = self._s
+        if s.live.get(endpoint_id) != session_id:
+            return None
         s.queued[endpoint_id] = s.queued.get(endpoint_id, 0) - taken
         inflight = s.inflight.setdefault(endpoint_id, {})
         accepted = []
@@ -233,6 +289,32 @@ class MemoryInflight(InflightStore):
 
     async def get(self, endpoint_id: str) -> dict[str, str]:
         return dict(self._s.inflight.get(endpoint_id, {}))
+
+    async def reconcile(
+        self, endpoint_id: str, held: set[str], crashed: set[str], max_losses: int, at: float
+    ) -> Reconciled:
+        s = self._s
+        inflight = s.inflight.get(endpoint_id, {})
+        again: dict[str, str] = {}
+        failed: list[tuple[str, TaskResult]] = []
+        dropped = 0
+        for task_id in [t for t in inflight if t not in held]:
+            task = s.live_task(task_id, endpoint_id)
+            if task is None:
+                del inflight[task_id]
+                dropped += 1
+                continue
+            is_crash = task_id in crashed
+            task.attempts.append(Attempt(at=at, error=CRASH_ATTEMPT if is_crash else LOST_ATTEMPT))
+            if is_crash:
+                s.crashes[task_id] = s.crashes.get(task_id, 0) + 1
+            if is_crash and s.crashes[task_id] >= max_losses:
+                MemoryTasks._finish(task, TaskState.FAILED, crash_failure(max_losses), at)
+                del inflight[task_id]
+                failed.append((task.task_group_id, _final(task)))
+            else:
+                again[task_id] = inflight[task_id]
+        return Reconciled(again, failed, dropped)
 
     async def remove(self, endpoint_id: str, task_ids: list[str]) -> None:
         inflight = self._s.inflight.get(endpoint_id, {})
@@ -260,3 +342,10 @@ class MemoryStore(Store):
         self.tasks = MemoryTasks(state)
         self.inflight = MemoryInflight(state)
         self.pubsub = MemoryPubSub(state)
+
+
+def _final(task: TaskRecord) -> TaskResult:
+    """What the client sees of a task the broker itself finished (failed or cancelled)."""
+    return TaskResult.model_construct(
+        task_id=task.task_id, state=task.state, data="", error=task.error,
+        completed_at=task.completed_at, worker=None, attempts=None)

@@ -13,30 +13,34 @@ result) are Lua scripts (:mod:`.redis_scripts`), so they are atomic across broke
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from farcall.broker.store import redis_scripts
 from farcall.broker.store.base import (
+    CANCELLED_ERROR,
+    CRASH_ATTEMPT,
+    LOST_ATTEMPT,
+    Cancelled,
     EndpointStore,
     FunctionStore,
     InflightStore,
-    LocalSubscription,
     Principal,
-    PubSub,
+    Reconciled,
     Store,
     SubmissionContext,
-    Subscription,
     TaskStore,
     UserStore,
-    deliver_locally,
+    crash_failure,
     ordered_transitions,
 )
-from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState, Versions
+from farcall.broker.store.redis_pubsub import RedisPubSub
+from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState, Versions
 from farcall.records import (
     EndpointRecord,
     FunctionRecord,
@@ -48,6 +52,15 @@ from farcall.records import (
 
 log = logging.getLogger(__name__)
 
+MAX_CONNECTIONS = 100
+"""Redis connections a broker process uses for commands (pub/sub has its own one)."""
+POOL_WAIT = 5.0
+COMMAND_TIMEOUT = 10.0
+"""Seconds a command may wait for Redis's answer (the largest batch script takes milliseconds)."""
+"""Seconds a command waits for a free connection before the request answers 503."""
+
+_ATTEMPTS: TypeAdapter[list[Attempt]] = TypeAdapter(list[Attempt])
+
 
 class _Redis:
     """The connection, key prefix, result lifetime and scripts every part of one store shares."""
@@ -56,11 +69,24 @@ class _Redis:
         self.prefix = prefix
         self.result_ttl = result_ttl
         # Any: redis-py's annotations do not model decode_responses=True (we get str, not bytes).
-        self.r: Any = aioredis.Redis.from_url(url, decode_responses=True)
+        # A blocking pool: a burst of more commands than connections (hundreds of result
+        # streams authenticating at once) waits its turn instead of failing; a few retries
+        # carry commands over a Redis restart instead of failing the first one per connection.
+        # A read timeout: no command may wait for ever on a connection a restart left mute
+        # (seen once in twenty Redis restarts); the caller gets an error and retries instead.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT,
+            socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=POOL_WAIT)
+        self.r: Any = aioredis.Redis(
+            connection_pool=pool, retry=Retry(ExponentialBackoff(cap=0.5), 2))
         self.inflight_add = self.r.register_script(redis_scripts.INFLIGHT_ADD)
         self.transition = self.r.register_script(redis_scripts.TRANSITION)
         self.complete = self.r.register_script(redis_scripts.COMPLETE)
         self.create_tasks = self.r.register_script(redis_scripts.CREATE_TASKS)
+        self.cancel = self.r.register_script(redis_scripts.CANCEL)
+        self.del_if_equal = self.r.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
+        self.reconcile = self.r.register_script(redis_scripts.RECONCILE)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -140,6 +166,7 @@ class RedisEndpoints(EndpointStore):
                 last_heartbeat=_float(rec.get("last_heartbeat")),
                 last_seen=_float(rec.get("last_seen")),
                 heartbeat=Heartbeat.model_validate_json(rec.get("heartbeat") or "{}"),
+                heartbeat_period=_float(rec.get("heartbeat_period")),
                 connected=sessions > 0,
                 queued_tasks=max(0, int(queued or 0)),
             ))
@@ -161,23 +188,36 @@ class RedisEndpoints(EndpointStore):
             p.delete(
                 key,
                 db.k("ep", endpoint_id, "sessions"),
+                db.k("ep", endpoint_id, "live"),
                 db.k("ep", endpoint_id, "inflight"),
                 db.k("ep", endpoint_id, "queued"),
             )
             await p.execute()
 
-    async def set_connected(
-        self, endpoint_id: str, session_id: str, connected: bool, at: float
-    ) -> None:
+    async def connect_session(
+        self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
+    ) -> str | None:
         db = self._db
-        sessions = db.k("ep", endpoint_id, "sessions")
+        fields = {"last_seen": repr(at)}
+        if heartbeat_period is not None:
+            fields["heartbeat_period"] = repr(heartbeat_period)
         async with db.r.pipeline(transaction=True) as p:
-            if connected:
-                p.sadd(sessions, session_id)
-            else:
-                p.srem(sessions, session_id)
+            p.sadd(db.k("ep", endpoint_id, "sessions"), session_id)
+            p.set(db.k("ep", endpoint_id, "live"), session_id, get=True)
+            p.hset(db.k("ep", endpoint_id), mapping=fields)
+            _, previous, _ = await p.execute()
+        return previous or None
+
+    async def disconnect_session(self, endpoint_id: str, session_id: str, at: float) -> None:
+        db = self._db
+        async with db.r.pipeline(transaction=True) as p:
+            p.srem(db.k("ep", endpoint_id, "sessions"), session_id)
             p.hset(db.k("ep", endpoint_id), "last_seen", repr(at))
             await p.execute()
+        await db.del_if_equal(keys=[db.k("ep", endpoint_id, "live")], args=[session_id])
+
+    async def live_session(self, endpoint_id: str) -> str | None:
+        return await self._db.r.get(self._db.k("ep", endpoint_id, "live")) or None
 
     async def set_heartbeat(self, endpoint_id: str, heartbeat: Heartbeat, at: float) -> None:
         await self._db.r.hset(
@@ -227,9 +267,11 @@ class RedisTasks(TaskStore):
         functions = {f: _function(rec) for f, rec in zip(function_ids, found, strict=True) if rec}
         return SubmissionContext(owner, functions, group_owner if task_group_id else None)
 
-    async def create(self, batch: NewTasks, inflight: dict[str, str] | None = None) -> None:
+    async def create(
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+    ) -> bool:
         if not batch.task_ids:
-            return
+            return False
         db = self._db
         group, endpoint = batch.task_group_id, batch.endpoint_id
         inflight = inflight or {}
@@ -238,6 +280,7 @@ class RedisTasks(TaskStore):
             db.k("tg", group, "tasks"),
             db.k("ep", endpoint, "queued"),
             db.k("ep", endpoint, "inflight"),
+            db.k("ep", endpoint, "live"),
         ]
         keys += [db.k("task", t) for t in batch.task_ids]
         shared = [
@@ -253,6 +296,7 @@ class RedisTasks(TaskStore):
             batch.user_id,
             repr(batch.received_at),
             len(batch.task_ids) - len(inflight),
+            session_id,
             len(inflight),
         ]
         for pair in inflight.items():
@@ -261,7 +305,7 @@ class RedisTasks(TaskStore):
         args += shared
         for pair in zip(batch.task_ids, batch.function_ids, strict=True):
             args += pair
-        await db.create_tasks(keys=keys, args=args)
+        return bool(await db.create_tasks(keys=keys, args=args))
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         async with self._db.r.pipeline(transaction=False) as p:
@@ -270,17 +314,50 @@ class RedisTasks(TaskStore):
             raw = await p.execute()
         return [_task(rec) if rec else None for rec in raw]
 
-    async def fail(self, task_ids: list[str], error: str, at: float) -> None:
-        if task_ids:
-            keys = [self._db.k("task", t) for t in task_ids]
-            await self._db.transition(
-                keys=keys, args=["", TaskState.FAILED.value, error] + [repr(at)] * len(keys)
-            )
+    async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:
+        if not task_ids:
+            return []
+        db = self._db
+        keys = [db.k("task", t) for t in task_ids]
+        args: list[Any] = ["", TaskState.FAILED.value, error, db.result_ttl]
+        args += [repr(at)] * len(keys)
+        groups = await db.transition(keys=keys, args=args)
+        return [(group, TaskResult.model_construct(
+                    task_id=t, state=TaskState.FAILED, data="", error=error, completed_at=at,
+                    worker=None, attempts=None))
+                for t, group in zip(task_ids, groups, strict=True) if group]
+
+    async def cancel(
+        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+    ) -> Cancelled:
+        db = self._db
+        ids = list(dict.fromkeys(task_ids))
+        records = await self.get_many(ids)
+        mine = [r for r in records if r is not None and r.user_id == user_id]
+        unchanged = {t: "not_found" for t in ids}
+        if not mine:
+            return Cancelled([], unchanged)
+        keys = [db.k("task", r.task_id) for r in mine]
+        keys += [db.k("ep", r.endpoint_id, "inflight") for r in mine]
+        args: list[Any] = ["1" if only_queued else "0", repr(at), CANCELLED_ERROR, db.result_ttl]
+        args += [r.task_id for r in mine]
+        outcome = await db.cancel(keys=keys, args=args)
+        results = []
+        for rec, what in zip(mine, outcome, strict=True):
+            if what == "cancelled":
+                del unchanged[rec.task_id]
+                results.append((rec.task_group_id, rec.endpoint_id, TaskResult.model_construct(
+                    task_id=rec.task_id, state=TaskState.CANCELLED, data="",
+                    error=CANCELLED_ERROR, completed_at=at, worker=None, attempts=None)))
+            else:
+                unchanged[rec.task_id] = what or "not_found"
+        return Cancelled(results, unchanged)
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         if started:
             keys = [self._db.k("task", t) for t in started]
-            args = [endpoint_id, TaskState.RUNNING.value, ""] + [repr(at) for at in started.values()]
+            args: list[Any] = [endpoint_id, TaskState.RUNNING.value, "", 0]
+            args += [repr(at) for at in started.values()]
             await self._db.transition(keys=keys, args=args)
 
     async def complete(
@@ -294,7 +371,9 @@ class RedisTasks(TaskStore):
         for r in results:
             worker = r.worker.model_dump_json() if r.worker else ""
             started = repr(r.started_at) if r.started_at is not None else ""
-            args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started]
+            attempts = _ATTEMPTS.dump_json(r.attempts).decode() if r.attempts else ""
+            args += [r.task_id, TaskState(r.state).value, r.data, r.error, worker, started,
+                     attempts]
         groups = await db.complete(keys=keys, args=args)
         return [
             (group, TaskResult.stored(r, at))
@@ -307,14 +386,47 @@ class RedisInflight(InflightStore):
     def __init__(self, db: _Redis) -> None:
         self._db = db
 
-    async def add(self, endpoint_id: str, tasks: dict[str, str], taken: int) -> list[str]:
+    async def add(
+        self, endpoint_id: str, session_id: str, tasks: dict[str, str], taken: int
+    ) -> list[str] | None:
         db = self._db
-        keys = [db.k("ep", endpoint_id, "inflight"), db.k("ep", endpoint_id, "queued")]
+        keys = [db.k("ep", endpoint_id, "inflight"), db.k("ep", endpoint_id, "queued"),
+                db.k("ep", endpoint_id, "live")]
         keys += [db.k("task", t) for t in tasks]
-        args: list[str] = [endpoint_id, str(taken)]
+        args: list[str] = [endpoint_id, str(taken), session_id]
         for task_id, body in tasks.items():
             args += [task_id, body]
-        return list(await db.inflight_add(keys=keys, args=args))
+        accepted = await db.inflight_add(keys=keys, args=args)
+        return None if accepted is None else list(accepted)
+
+    async def reconcile(
+        self, endpoint_id: str, held: set[str], crashed: set[str], max_losses: int, at: float
+    ) -> Reconciled:
+        db = self._db
+        inflight = await self.get(endpoint_id)
+        lost = [t for t in inflight if t not in held]
+        if not lost:
+            return Reconciled({}, [], 0)
+        keys = [db.k("ep", endpoint_id, "inflight")] + [db.k("task", t) for t in lost]
+        failure = crash_failure(max_losses)
+        args: list[Any] = [endpoint_id, max_losses, repr(at), db.result_ttl, LOST_ATTEMPT,
+                           CRASH_ATTEMPT, failure]
+        for t in lost:
+            args += [t, "1" if t in crashed else "0"]
+        outcome = await db.reconcile(keys=keys, args=args)
+        again: dict[str, str] = {}
+        failed: list[tuple[str, TaskResult]] = []
+        dropped = 0
+        for t, what in zip(lost, outcome, strict=True):
+            if what == "again":
+                again[t] = inflight[t]
+            elif what == "dropped":
+                dropped += 1
+            else:
+                failed.append((what.partition(":")[2], TaskResult.model_construct(
+                    task_id=t, state=TaskState.FAILED, data="", error=failure, completed_at=at,
+                    worker=None, attempts=None)))
+        return Reconciled(again, failed, dropped)
 
     async def get(self, endpoint_id: str) -> dict[str, str]:
         return await self._db.r.hgetall(self._db.k("ep", endpoint_id, "inflight"))
@@ -322,51 +434,6 @@ class RedisInflight(InflightStore):
     async def remove(self, endpoint_id: str, task_ids: list[str]) -> None:
         if task_ids:
             await self._db.r.hdel(self._db.k("ep", endpoint_id, "inflight"), *task_ids)
-
-
-class _RedisSubscription(LocalSubscription):
-    """Frames from this replica directly, and from other replicas through Redis pub/sub."""
-
-    def __init__(
-        self, fanout: dict[str, set[LocalSubscription]], group: str, pubsub: Any, replica: str
-    ) -> None:
-        super().__init__(fanout, group)
-        self._pubsub = pubsub
-        self._reader = asyncio.create_task(self._read(replica))
-
-    async def _read(self, replica: str) -> None:
-        try:
-            async for message in self._pubsub.listen():
-                if message["type"] == "message":
-                    origin, _, frame = message["data"].partition(" ")
-                    if origin != replica:
-                        self.put(frame)
-        except Exception as e:  # noqa: BLE001 - end the stream; the client reconnects and catches up
-            log.warning("result subscription lost: %r", e)
-        self.put(None)
-
-    async def close(self) -> None:
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-        await self._pubsub.aclose()  # drops the connection, and with it the subscription
-        await super().close()
-
-
-class RedisPubSub(PubSub):
-    def __init__(self, db: _Redis) -> None:
-        self._db = db
-        self.replica = uuid.uuid4().hex[:12]
-        self._subscribers: dict[str, set[LocalSubscription]] = {}
-
-    async def publish(self, task_group_id: str, frame: str) -> None:
-        """Subscribers on this replica get the frame at once; the others through Redis."""
-        deliver_locally(self._subscribers, task_group_id, frame)
-        await self._db.r.publish(self._db.k("results", task_group_id), f"{self.replica} {frame}")
-
-    async def subscribe(self, task_group_id: str) -> Subscription:
-        pubsub = self._db.r.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self._db.k("results", task_group_id))
-        return _RedisSubscription(self._subscribers, task_group_id, pubsub, self.replica)
 
 
 class RedisStore(Store):
@@ -377,12 +444,16 @@ class RedisStore(Store):
         self.endpoints = RedisEndpoints(self.db)
         self.tasks = RedisTasks(self.db)
         self.inflight = RedisInflight(self.db)
-        self.pubsub = RedisPubSub(self.db)
+        self.pubsub = RedisPubSub(self.db.r, prefix)
 
     async def start(self) -> None:
         await self.db.r.ping()
 
+    async def ping(self) -> None:
+        await self.db.r.ping()
+
     async def close(self) -> None:
+        await self.pubsub.close()
         await self.db.r.aclose()
 
 
@@ -413,6 +484,10 @@ def _versions(raw: str | None) -> Versions | None:
 
 def _task(rec: dict[str, str]) -> TaskRecord:
     transitions = {k[2:]: float(v) for k, v in rec.items() if k.startswith("t:")}
+    attempts = _ATTEMPTS.validate_json(rec["attempts"]) if rec.get("attempts") else []
+    if rec.get("result_attempts"):
+        attempts = sorted(attempts + _ATTEMPTS.validate_json(rec["result_attempts"]),
+                          key=lambda a: a.at)
     return TaskRecord.model_construct(
         task_id=rec["task_id"],
         user_id=rec.get("user_id", ""),
@@ -426,4 +501,5 @@ def _task(rec: dict[str, str]) -> TaskRecord:
         completed_at=_float(rec.get("completed_at")),
         submitter=_versions(rec.get("submitter")),
         worker=_versions(rec.get("worker")),
+        attempts=attempts,
     )
