@@ -151,7 +151,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             on_status=lambda snapshot: daemon.write_status(directory, snapshot),
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
-        daemon.run_agent(agent)
+        daemon.run_agent(agent, directory)
     return 0
 
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 PID_FILE = "endpoint.pid"
 LOG_FILE = "endpoint.log"
 STATUS_FILE = "status.json"
+JOURNAL_FILE = "running.journal"
+"""Tasks started and not finished by the running agent (``journal.py``)."""
 
 
 # ------------------------------------------------------------------ pid file
@@ -149,8 +151,17 @@ def _run_hook(command: str | None, key: str, directory: Path, fatal: bool) -> No
         log.warning("%s", message)
 
 
-def run_agent(agent: Agent) -> None:
-    """Run ``agent`` until it stops; SIGTERM and Ctrl-C ask it to stop gracefully."""
+def run_agent(agent: Agent, directory: Path | None = None) -> None:
+    """Run ``agent`` until it stops; SIGTERM and Ctrl-C ask it to stop gracefully.
+
+    With the endpoint's ``directory`` and an engine that runs tasks in the agent's own
+    process, the agent keeps its crash journal there, so a task that kills this process
+    is reported to the broker by the next start. (With worker processes a task can only
+    kill its worker; journaling there would count an operator's kill -9 of the agent
+    against innocent tasks.)
+    """
+    if directory is not None and agent.engine.runs_tasks_in_agent:
+        agent.journal_path = directory / JOURNAL_FILE
     asyncio.run(_run_with_signals(agent))
 
 

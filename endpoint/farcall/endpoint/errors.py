@@ -29,6 +29,11 @@ class EndpointRejected(EndpointError):
     """The broker refused the endpoint credential (deleted endpoint or revoked credential)."""
 
 
+class ResultTooLarge(EndpointError, ValueError):
+    """A task's result is bigger than any frame the broker reads; the task fails with this
+    instead of wedging the endpoint's connection."""
+
+
 class WorkerLost(EndpointError):
     """The worker process running a task died before the task finished.
 

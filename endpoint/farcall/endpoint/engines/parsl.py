@@ -10,6 +10,15 @@ custom task executor (``farcall.endpoint.worker.run_batch``), so Parsl never
 pickles the user's function a second time: a JSON array of one task, or of a
 chunk of short ones, in; an array of results out. The ``engine:`` section is
 checked in ``parsl_config``.
+
+Parsl cannot stop one task: HTEX has no per-task cancel, and its workers belong
+to Parsl. So a task cancelled after it was handed to HTEX is answered at once
+and its later result dropped (it may still run, or finish running). A task's
+walltime is enforced in the worker (``worker.run_batch``): ``TaskTimeout`` is
+raised inside the function when due, and a task still running
+``worker.EXIT_GRACE`` seconds later ends its worker process, which Parsl
+replaces; that task then comes back lost (``WorkerLost``). HTEX does not say
+when a task starts, so there is no engine-side walltime clock here.
 """
 
 from __future__ import annotations
@@ -43,13 +52,14 @@ from farcall.endpoint.engines.parsl_config import (
     interchange_cmd,
 )
 from farcall.endpoint.errors import EndpointConfigError
-from farcall.endpoint.worker import failed_result
+from farcall.endpoint.worker import EXIT_GRACE, failed_result
 from farcall.messages import ResultMessage, TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 
-TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_batch"}
-"""HTEX's worker calls this on each payload instead of unpickling a Python function."""
+TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_batch", "k": {"exit_past_walltime": True}}
+"""HTEX's worker calls this on each payload instead of unpickling a Python function; no one
+can stop a task in a Parsl worker from outside, so the worker enforces walltimes itself."""
 
 
 class ParslEngine(Engine):
@@ -69,6 +79,7 @@ class ParslEngine(Engine):
         max_chunk: int = 64,
         **executor_options: Any,
     ) -> None:
+        super().__init__()
         self.provider_spec = dict(provider or self.Options.model_fields["provider"].get_default(
             call_default_factory=True))
         self.address = address
@@ -149,7 +160,7 @@ class ParslEngine(Engine):
                    "Only 'priority' applies here; use an MPIEngine endpoint for MPI resources.")
             )))
             return
-        entry = TaskEntry(task.task_id, task.model_dump_json(), on_done, spec=spec or None)
+        entry = self._admit(task, on_done, payload=task.model_dump_json(), spec=spec or None)
         with self._idle:
             self._outstanding += 1
             # Tasks with resources (MPI ranks, priorities) always go alone; the others may share.
@@ -185,9 +196,10 @@ class ParslEngine(Engine):
         return 2 * max(1, self._workers) - self._inflight
 
     def _chunks(self, pending: list[TaskEntry], room: int) -> list[list[TaskEntry]]:
+        """Tasks with resources or a walltime, and suspects, go alone; short ones share."""
         short = self._short()
-        alone = [[e] for e in pending if e.spec is not None or e.alone or not short]
-        rest = [e for e in pending if e.spec is None and not e.alone and short]
+        alone = [[e] for e in pending if not e.done and (e.spec is not None or e.alone or not short)]
+        rest = [e for e in pending if not e.done and e.spec is None and not e.alone and short]
         if not rest:
             return alone
         size = min(math.ceil(len(rest) / max(1, room - len(alone))),
@@ -205,7 +217,7 @@ class ParslEngine(Engine):
         except Exception as e:  # noqa: BLE001 - executor in a bad state: fail the tasks clearly
             self._chunk_left()
             for entry in chunk:
-                self._deliver(entry.on_done, failed_result(entry.task_id, e))
+                self._finish(entry, failed_result(entry.task_id, e))
             return
         future.add_done_callback(lambda f: self._chunk_done(chunk, f))
 
@@ -218,7 +230,11 @@ class ParslEngine(Engine):
         self._chunk_left()
         exc = future.exception()
         if exc is not None:
-            self._lost(chunk, f"its Parsl worker or manager ({type(exc).__name__}: {exc})")
+            walltime = chunk[0].walltime
+            hint = "" if walltime is None else (
+                f"; a worker also ends itself when its task is still running {EXIT_GRACE:g} s "
+                f"past its walltime of {walltime:g} s")
+            self._lost(chunk, f"its Parsl worker or manager ({type(exc).__name__}: {exc}{hint})")
             return
         self._durations.add(self._deliver_chunk(chunk, future.result()))
 
@@ -226,6 +242,12 @@ class ParslEngine(Engine):
         with self._idle:
             self._pending[:0] = entries
             self._idle.notify_all()
+
+    def _stop_tasks(self, entries: list[TaskEntry]) -> None:
+        """Drop answered tasks still in farcall's queue. Those handed to HTEX cannot be
+        stopped: their results are dropped when they come (``_finish``)."""
+        with self._idle:
+            self._pending = [e for e in self._pending if not e.done]
 
     def _deliver(self, on_done: OnDone, result: ResultMessage) -> None:
         """Count the task as finished (``shutdown(wait=True)`` waits on that), then deliver."""

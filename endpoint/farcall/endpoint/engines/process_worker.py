@@ -17,6 +17,9 @@ from farcall.endpoint.worker import run_batch
 
 STOP = b""
 """What the engine sends instead of a chunk when this worker should exit."""
+READY = b"ready"
+"""What this worker sends once it can run tasks (never a results array): the engine starts a
+task's walltime clock only on a ready worker, so start-up time does not count."""
 
 
 def serve_pipe(fd: int) -> None:
@@ -42,6 +45,7 @@ def serve_pipe(fd: int) -> None:
         inbox.put(STOP)
 
     threading.Thread(target=read, name="farcall-worker-reader", daemon=True).start()
+    conn.send_bytes(READY)
     while (chunk := inbox.get()) != STOP:
         conn.send_bytes(run_batch(chunk).encode())
 

@@ -11,6 +11,13 @@ Tasks travel to workers in chunks, one JSON array per message (``worker.run_batc
 on the other side), to cut per-task IPC. A chunk is sized from a running average
 of task duration (about 5 ms of work at most), so long tasks go one at a time
 and never queue behind each other in one worker while another worker idles.
+
+A task is stopped (cancelled, or past its walltime) by killing the worker process
+that runs it; the other tasks sent to that worker go back to the front of the
+queue, unharmed, and a new worker takes its place. A task with a walltime goes
+alone to an idle worker, so killing its worker costs no other task, and its
+clock starts when it starts. The worker raises ``TaskTimeout`` inside the
+function first (``worker.run_batch``), so usually no kill is needed.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from pydantic import Field
 
 from farcall.endpoint.engines import process_worker
 from farcall.endpoint.engines.base import (
+    WALLTIME_GRACE,
     Engine,
     EngineOptions,
     EngineStatus,
@@ -56,7 +64,7 @@ class ProcessPoolOptions(EngineOptions):
 class _Worker:
     """One worker process: its pipe, a pidfd that becomes readable when it exits, its chunks."""
 
-    __slots__ = ("process", "conn", "pidfd", "inflight", "dead")
+    __slots__ = ("process", "conn", "pidfd", "inflight", "dead", "killed", "ready")
 
     def __init__(self, process: subprocess.Popen[bytes], conn: mpc.Connection) -> None:
         self.process = process
@@ -69,6 +77,15 @@ class _Worker:
                 self.pidfd = None
         self.inflight: collections.deque[list[TaskEntry]] = collections.deque()
         self.dead = False
+        self.killed = False
+        """Killed by the engine to stop a task: its other tasks are not suspects."""
+        self.ready = False
+        """It said ``process_worker.READY``: it has started up and runs what it is sent."""
+
+    @property
+    def timed(self) -> bool:
+        """Running a task with a walltime (it runs alone: nothing is sent behind it)."""
+        return bool(self.inflight) and self.inflight[0][0].walltime is not None
 
     @property
     def pid(self) -> int:
@@ -91,6 +108,7 @@ class ProcessPoolEngine(Engine):
     """``max_workers`` processes, each fed chunks of tasks over its own pipe."""
 
     Options = ProcessPoolOptions
+    walltime_grace = WALLTIME_GRACE
 
     def __init__(
         self,
@@ -98,12 +116,15 @@ class ProcessPoolEngine(Engine):
         prefetch: int = 128,
         max_chunk: int = 64,
     ) -> None:
+        super().__init__()
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
         self.max_chunk = max_chunk
         self._workers: list[_Worker] = []
         self._pending: collections.deque[TaskEntry] = collections.deque()
         self._suspects: collections.deque[TaskEntry] = collections.deque()
+        self._stops: collections.deque[TaskEntry] = collections.deque()
+        """Answered tasks whose workers the dispatch thread must stop (``_stop_tasks``)."""
         self._durations = TaskDurations()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._wake_sent = False
@@ -120,7 +141,13 @@ class ProcessPoolEngine(Engine):
         self._thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
-        self._pending.append(TaskEntry(task.task_id, task.model_dump_json(), on_done, on_start))
+        self._pending.append(self._admit(task, on_done, on_start, payload=task.model_dump_json()))
+        self._wake()
+
+    def _stop_tasks(self, entries: list[TaskEntry]) -> None:
+        """Queued ones are skipped when their turn comes; the dispatch thread kills the
+        workers running the others."""
+        self._stops.extend(entries)
         self._wake()
 
     def status(self) -> EngineStatus:
@@ -146,14 +173,14 @@ class ProcessPoolEngine(Engine):
         return self.max_workers * self.prefetch
 
     def cancel_pending(self) -> list[str]:
-        cancelled = []
+        taken = []
         for queue in (self._pending, self._suspects):
             while True:
                 try:
-                    cancelled.append(queue.popleft().task_id)
+                    taken.append(queue.popleft())
                 except IndexError:
                     break
-        return cancelled
+        return self._forget(taken)
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         if wait:
@@ -164,6 +191,7 @@ class ProcessPoolEngine(Engine):
             self._wake_w.send_bytes(b"!")
         except OSError:
             pass
+        self._stop_watching()
         if self._thread is not None:
             self._thread.join(5)
         for w in self._workers:
@@ -215,6 +243,8 @@ class ProcessPoolEngine(Engine):
 
     def _loop(self) -> None:
         while not self._stopping:
+            if self._stops:
+                self._kill_for_stops()
             self._dispatch()
             live = [w for w in self._workers if not w.dead]
             by_conn: dict[Any, _Worker] = {w.conn: w for w in live}
@@ -229,7 +259,7 @@ class ProcessPoolEngine(Engine):
                 elif obj in by_conn:
                     w = by_conn[obj]
                     try:
-                        self._on_results(w, w.conn.recv_bytes())
+                        self._on_message(w, w.conn.recv_bytes())
                     except (EOFError, OSError):
                         self._on_death(w)
             for obj in ready:
@@ -244,53 +274,88 @@ class ProcessPoolEngine(Engine):
             return
         avg = self._durations.mean
         depth = 2 if avg is not None and avg < SHORT_TASK_SECONDS else 1
-        free = [w for w in self._workers if not w.dead and len(w.inflight) < depth]
+        free = [w for w in self._workers if not w.dead and len(w.inflight) < depth and not w.timed]
         for w in free:
-            if self._suspects:
-                self._send(w, [self._suspects.popleft()])
-                continue
-            if not self._pending:
+            chunk = self._next_chunk(w, free, depth, avg)
+            if chunk is None:
                 break
-            slots = sum(depth - len(x.inflight) for x in free if not x.dead) or 1
-            size = math.ceil(len(self._pending) / slots)
-            size = min(size, self.max_chunk)
-            if avg is not None:
-                size = min(size, self._durations.chunk_size(self.max_chunk))
-            chunk = []
-            for _ in range(max(1, size)):
-                try:
-                    chunk.append(self._pending.popleft())
-                except IndexError:
-                    break
             if chunk:
                 self._send(w, chunk)
 
+    def _next_chunk(self, w: _Worker, free: list[_Worker], depth: int,
+                    avg: float | None) -> list[TaskEntry] | None:
+        """The next chunk for ``w``: a suspect or a task that travels alone, or up to a chunk
+        of ordinary tasks. ``[]`` when ``w`` should wait (a task with a walltime starts only on
+        an idle, ready worker, so its clock starts when it does); None when nothing is queued.
+        Answered (cancelled) tasks are skipped."""
+        busy = bool(w.inflight) or not w.ready
+        for queue in (self._suspects, self._pending):
+            while queue and queue[0].done:
+                queue.popleft()
+            if queue and (queue is self._suspects or queue[0].alone):
+                if busy and queue[0].walltime is not None:
+                    return []
+                return [queue.popleft()]
+        pending = self._pending
+        if not pending:
+            return None
+        slots = sum(depth - len(x.inflight) for x in free if not x.dead) or 1
+        size = min(math.ceil(len(pending) / slots), self.max_chunk)
+        if avg is not None:
+            size = min(size, self._durations.chunk_size(self.max_chunk))
+        chunk: list[TaskEntry] = []
+        while pending and len(chunk) < size:
+            entry = pending[0]
+            if entry.done:
+                pending.popleft()
+            elif entry.alone:
+                break
+            else:
+                chunk.append(pending.popleft())
+        return chunk
+
     def _send(self, w: _Worker, chunk: list[TaskEntry]) -> None:
         w.inflight.append(chunk)
-        started = time.time()
-        for e in chunk:
-            if e.on_start is not None:
-                try:
-                    e.on_start(e.task_id, started)
-                except Exception:
-                    log.exception("start callback failed for task %s", e.task_id)
+        self._started(chunk, time.time(), w)
         try:
             w.conn.send_bytes(join_task_batch([e.payload for e in chunk]))
         except OSError:
             self._on_death(w)
 
-    def _on_results(self, w: _Worker, raw: bytes) -> None:
-        self._durations.add(self._deliver_chunk(w.inflight.popleft(), raw))
+    def _on_message(self, w: _Worker, raw: bytes) -> None:
+        """A worker's message: the results of its oldest chunk, or that it is ready."""
+        if raw == process_worker.READY:
+            w.ready = True
+        else:
+            self._durations.add(self._deliver_chunk(w.inflight.popleft(), raw))
 
     def _rerun_alone(self, entries: list[TaskEntry]) -> None:
         self._suspects.extend(entries)
+
+    def _kill_for_stops(self) -> None:
+        """Kill each worker that runs (or was sent) a task answered by ``cancel`` or the
+        walltime watchdog; tasks still queued are skipped by ``_next_chunk``."""
+        victims: dict[int, _Worker] = {}
+        while self._stops:
+            entry = self._stops.popleft()
+            w = entry.worker
+            if isinstance(w, _Worker) and not w.dead and any(entry in c for c in w.inflight):
+                victims[w.pid] = w
+        for w in victims.values():
+            log.info("killing worker %s to stop a cancelled or timed-out task", w.pid)
+            w.killed = True
+            try:
+                w.process.kill()
+            except OSError:
+                pass
+            self._on_death(w)
 
     def _on_death(self, w: _Worker) -> None:
         if w.dead:
             return
         try:
             while w.conn.poll():
-                self._on_results(w, w.conn.recv_bytes())
+                self._on_message(w, w.conn.recv_bytes())
         except (EOFError, OSError):
             pass
         w.dead = True
@@ -298,7 +363,12 @@ class ProcessPoolEngine(Engine):
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         lost = list(w.inflight)
         w.inflight.clear()
-        if lost:
+        if w.killed:  # stopped for a task already answered: the others are not suspects
+            again = [e for chunk in lost for e in chunk if not e.done]
+            for e in again:
+                e.worker = e.started = None
+            self._pending.extendleft(reversed(again))
+        elif lost:
             running, unstarted = lost[0], lost[1:]
             for chunk in reversed(unstarted):
                 self._pending.extendleft(reversed(chunk))

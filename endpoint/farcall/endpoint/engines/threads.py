@@ -2,10 +2,16 @@
 
 For I/O-bound functions and for tests. Worker threads are daemons, so a task
 that never returns cannot keep the agent from exiting after a stop.
+
+A thread cannot be killed, so a task stopped while it runs (cancelled, or past
+its walltime) is answered at once and its thread abandoned: a new thread takes
+its place, and the old one drops the task's result and exits when the function
+returns.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -13,72 +19,130 @@ import time
 
 from pydantic import Field
 
-from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.base import (
+    Engine,
+    EngineOptions,
+    EngineStatus,
+    OnDone,
+    OnStart,
+    TaskEntry,
+)
 from farcall.endpoint.worker import execute, failed_result
 from farcall.messages import TaskMessage
 
-_Item = tuple[TaskMessage, OnDone, "OnStart | None"]
+_DROPPED = object()
+"""``TaskEntry.worker`` of a queued task that was cancelled: counted out of the queue once."""
 
 
 class ThreadPoolOptions(EngineOptions):
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
 
+class _Slot:
+    """One worker thread: the task it runs, and whether the pool gave up on it."""
+
+    __slots__ = ("thread", "entry", "abandoned")
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.entry: TaskEntry | None = None
+        self.abandoned = False
+
+
 class ThreadPoolEngine(Engine):
     """``max_workers`` daemon threads pulling from one queue."""
 
     Options = ThreadPoolOptions
+    runs_tasks_in_agent = True
 
     def __init__(self, max_workers: int | None = None, prefetch: int = 128) -> None:
+        super().__init__()
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._queue: queue.SimpleQueue[TaskEntry | None] = queue.SimpleQueue()
+        self._slots: list[_Slot] = []
+        self._names = itertools.count()
         self._lock = threading.Lock()
         self._queued = 0
         self._running = 0
+        self._abandoned = 0  # abandoned threads whose task has not returned yet
         self._closed = False
 
     def start(self) -> None:
-        for i in range(self.max_workers):
-            t = threading.Thread(target=self._work, name=f"farcall-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        with self._lock:
+            for _ in range(self.max_workers):
+                self._add_thread()
+
+    def _add_thread(self) -> None:
+        """Start a worker thread (with ``_lock`` held)."""
+        slot = _Slot()
+        slot.thread = threading.Thread(target=self._work, args=(slot,), daemon=True,
+                                       name=f"farcall-worker-{next(self._names)}")
+        self._slots.append(slot)
+        slot.thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        entry = self._admit(task, on_done, on_start)
+        entry.task = task
         with self._lock:
             self._queued += 1
-        self._queue.put((task, on_done, on_start))
+        self._queue.put(entry)
 
-    def _work(self) -> None:
+    def _work(self, slot: _Slot) -> None:
         while True:
-            item = self._queue.get()
-            if item is None or self._closed:
+            entry = self._queue.get()
+            if entry is None or self._closed:
                 return
-            task, on_done, on_start = item
-            started = time.time()
             with self._lock:
-                self._queued -= 1
+                if entry.worker is None:
+                    self._queued -= 1
+                if entry.done:  # cancelled while queued
+                    entry.worker = _DROPPED
+                    continue
+                slot.entry = entry
+                entry.worker = slot
                 self._running += 1
+            started = time.time()
+            assert entry.task is not None
             try:
-                if on_start is not None:
-                    on_start(task.task_id, started)
-                result = execute(task, started)
+                self._started([entry], started, slot)
+                result = execute(entry.task, started)
             except BaseException as e:  # noqa: BLE001 - execute never raises; on_start might
-                result = failed_result(task.task_id, e, started_at=started)
+                result = failed_result(entry.task_id, e, started_at=started)
             with self._lock:
+                if slot.abandoned:
+                    self._abandoned -= 1
+                    return  # its task was answered when it was abandoned
+                slot.entry = None
                 self._running -= 1
             if not self._closed:
-                self._deliver(on_done, result)
+                self._finish(entry, result)
+
+    def _stop_tasks(self, entries: list[TaskEntry]) -> None:
+        """Queued ones are skipped when their turn comes; running ones lose their thread."""
+        with self._lock:
+            for entry in entries:
+                slot = entry.worker
+                if slot is None:
+                    self._queued -= 1
+                    entry.worker = _DROPPED
+                elif isinstance(slot, _Slot) and slot.entry is entry and not slot.abandoned:
+                    slot.abandoned = True
+                    self._abandoned += 1
+                    self._running -= 1
+                    self._slots.remove(slot)
+                    if not self._closed:
+                        self._add_thread()
 
     def status(self) -> EngineStatus:
         with self._lock:
-            running, queued = self._running, self._queued
+            running, queued, abandoned = self._running, self._queued, self._abandoned
         return EngineStatus(
             workers=self.max_workers,
             idle_workers=max(0, self.max_workers - running),
             pending_tasks=queued,
             running_tasks=running,
+            details={"abandoned_threads": abandoned},
         )
 
     @property
@@ -86,27 +150,33 @@ class ThreadPoolEngine(Engine):
         return self.max_workers * self.prefetch
 
     def cancel_pending(self) -> list[str]:
-        cancelled: list[str] = []
+        taken: list[TaskEntry] = []
         while True:
             try:
-                item = self._queue.get_nowait()
+                entry = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is None:
+            if entry is None:
                 continue
-            cancelled.append(item[0].task_id)
             with self._lock:
-                self._queued -= 1
-        return cancelled
+                if entry.worker is None:
+                    self._queued -= 1
+                    entry.worker = _DROPPED
+            taken.append(entry)
+        return self._forget(taken)
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> None:
         if not wait:
             self.cancel_pending()
             self._closed = True
-        for _ in self._threads:
+        with self._lock:
+            slots = list(self._slots)
+        for _ in slots:
             self._queue.put(None)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
+        for slot in slots:
+            assert slot.thread is not None
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            t.join(left if wait else 0)
+            slot.thread.join(left if wait else 0)
         self._closed = True
+        self._stop_watching()
