@@ -58,8 +58,9 @@ class FakeEndpoint:
     def recv(self, timeout: float = 10) -> Any:
         return parse_broker_frame(self.ws.recv(timeout=timeout))
 
-    def hello(self, credit: int, held: list[str] | None = None) -> Welcome:
-        self.send(Hello(credit=credit, held_task_ids=held or []))
+    def hello(self, credit: int, held: list[str] | None = None,
+              crashed: list[str] | None = None) -> Welcome:
+        self.send(Hello(credit=credit, held_task_ids=held or [], crashed_task_ids=crashed or []))
         frame = self.recv()
         assert isinstance(frame, Welcome), frame
         return frame

@@ -16,6 +16,7 @@ from farcall.broker import endpoint_channel
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
 from farcall.messages import (
+    CancelFrame,
     Credit,
     ErrorFrame,
     Heartbeat,
@@ -56,7 +57,10 @@ class Setup:
         batch = NewTasks(user_id=owner, task_group_id=group, endpoint_id=self.endpoint_id,
                          task_ids=ids, function_ids=[self.function_id] * n,
                          received_at=now(), waiting_at=now(), new_group=True)
-        on_loop(self.broker, store.tasks.create(batch, inflight={t: "{}" for t in ids}))
+        on_loop(self.broker, store.endpoints.connect_session(self.endpoint_id, "old", None, now()))
+        went = on_loop(self.broker, store.tasks.create(batch, inflight={t: "{}" for t in ids},
+                                                       session_id="old"))
+        assert went
         return group, ids
 
     def task(self, task_id: str) -> dict:
@@ -280,3 +284,107 @@ def test_tasks_left_waiting_go_out_when_credit_returns(setup: Setup) -> None:
 
 async def _credit_of(setup: Setup) -> int:
     return int(setup.broker.app.state.services.sessions[setup.endpoint_id].credit)
+
+
+def test_welcome_says_the_largest_frame_the_broker_reads(setup: Setup) -> None:
+    ep = setup.connect()
+    assert ep.hello(credit=1).max_frame_bytes == Settings().max_frame_bytes
+    ep.close()
+
+
+def test_a_new_session_replaces_the_old_one_at_once(setup: Setup) -> None:
+    """A silent drop: the old session still looks open, the agent reconnects. The new session
+    takes over at once: the old one is closed and what it held goes to the new one."""
+    _, ids = setup.submit(3)
+    old = setup.connect()
+    old.hello(credit=3)
+    assert {t.task_id for t in old.tasks(3)} == set(ids)
+    new = setup.connect()
+    new.hello(credit=10, held=[ids[0]])
+    assert {t.task_id for t in new.tasks(2)} == {ids[1], ids[2]}
+    with pytest.raises(ConnectionClosed) as closed:
+        old.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == endpoint_channel.REPLACED
+    # new tasks go to the live session only
+    _, (later,) = setup.submit(1)
+    assert [t.task_id for t in new.tasks(1)] == [later]
+    new.close()
+
+
+def test_cancel_drops_queued_tasks_and_stops_sent_ones(setup: Setup) -> None:
+    _, ids = setup.submit(3)
+    ep = setup.connect()
+    ep.hello(credit=1)
+    (sent,) = ep.tasks(1)
+    r = setup.http.post("/v1/tasks/cancel", json={"task_ids": ids + ["nope"]})
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["cancelled"]) == sorted(ids)
+    assert r.json()["unchanged"] == {"nope": "not_found"}
+    frame = ep.recv()
+    assert isinstance(frame, CancelFrame) and frame.task_ids == [sent.task_id]
+    assert all(setup.task(t)["state"] == "cancelled" for t in ids)
+    # the endpoint answers the stopped task; that answer changes nothing
+    ep.send(ResultsFrame(results=[_result(sent.task_id, "late")], credit=5))
+    assert isinstance(ep.recv(), ResultsAck)
+    assert setup.task(sent.task_id)["state"] == "cancelled"
+    ep.silent_for(0.5)  # the two waiting tasks are never sent
+    assert setup.inflight() == set()
+    ep.close()
+
+
+def test_only_queued_cancel_leaves_running_tasks(setup: Setup) -> None:
+    _, ids = setup.submit(2)
+    ep = setup.connect()
+    ep.hello(credit=2)
+    ep.tasks(2)
+    ep.send(RunningFrame(started={ids[0]: now()}))
+    wait_until(lambda: setup.task(ids[0])["state"] == "running", 10, "running")
+    r = setup.http.post("/v1/tasks/cancel", json={"task_ids": ids, "only_queued": True})
+    assert r.json() == {"cancelled": [ids[1]], "unchanged": {ids[0]: "running"}}
+    frame = ep.recv()
+    assert isinstance(frame, CancelFrame) and frame.task_ids == [ids[1]]
+    ep.close()
+
+
+def test_deleting_an_endpoint_fails_its_waiting_tasks(setup: Setup) -> None:
+    _, ids = setup.submit(3)
+    ep = setup.connect()
+    ep.hello(credit=1)
+    (sent,) = ep.tasks(1)
+    r = setup.http.delete(f"/v1/endpoints/{setup.endpoint_id}")
+    assert r.status_code == 200, r.text
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ep.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == endpoint_channel.DELETED
+    for t in ids:
+        rec = setup.task(t)
+        assert rec["state"] == "failed" and "was deleted" in rec["error"], rec
+    with pytest.raises(InvalidStatus):
+        setup.connect()
+
+
+def test_a_task_that_keeps_crashing_the_agent_fails_after_three_crashes(setup: Setup) -> None:
+    _, (poison, fine) = setup.submit(2)
+    for _ in range(4):  # the first session only receives it; three crashes follow
+        ep = setup.connect()
+        ep.hello(credit=2, crashed=[poison])
+        sent = {t.task_id for t in ep.tasks(1 if setup.task(poison)["state"] == "failed" else 2)}
+        ep.close()
+        if poison not in sent:
+            break
+    rec = setup.task(poison)
+    assert rec["state"] == "failed" and "died 3 times" in rec["error"], rec
+    assert len(rec["attempts"]) == 3
+    assert setup.task(fine)["state"] == "waiting-for-endpoint"
+    assert len(setup.task(fine)["attempts"]) >= 2
+
+
+@pytest.mark.parametrize("depth", [20, 250, 600, 5000])
+def test_a_deep_resource_specification_is_refused_at_submission(setup: Setup, depth: int) -> None:
+    nested = '{"a":' * depth + "{}" + "}" * depth
+    body = (f'{{"endpoint_id": "{setup.endpoint_id}", "tasks": [{{"function_id": '
+            f'"{setup.function_id}", "args": "A", "resource_specification": {nested}}}]}}')
+    r = setup.http.post("/v1/tasks", content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert "nested" in r.text or "depth" in r.text or "recursion" in r.text.lower(), r.text

@@ -25,6 +25,7 @@ def test_environment_overrides() -> None:
             "FARCALL_MAX_PAYLOAD_BYTES": "1000",
             "FARCALL_RESULT_TTL": "60",
             "FARCALL_ENDPOINT_TIMEOUT": "2.5",
+            "FARCALL_MAX_ENDPOINT_LOSSES": "5",
         }
     )
     assert not s.embedded
@@ -35,6 +36,7 @@ def test_environment_overrides() -> None:
         "x.",
     )
     assert (s.max_payload_bytes, s.result_ttl, s.endpoint_timeout) == (1000, 60, 2.5)
+    assert s.max_endpoint_losses == 5
 
 
 def test_a_bad_number_names_the_variable() -> None:

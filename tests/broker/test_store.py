@@ -11,6 +11,7 @@ import pytest
 from farcall.broker.store.base import Store, Subscription
 from farcall.broker.store.redis import RedisStore
 from farcall.messages import (
+    Attempt,
     Heartbeat,
     ResultMessage,
     ResultStreamFrame,
@@ -93,16 +94,21 @@ async def test_endpoints_status_and_credential_revocation(store: Store) -> None:
     assert principal is not None and principal.kind == "endpoint" and principal.id == eid
     ep = await store.endpoints.get(eid)
     assert ep is not None and ep.connected is False and ep.last_heartbeat is None
-    await store.endpoints.set_connected(eid, "s1", True, now())
-    await store.endpoints.set_connected(eid, "s2", True, now())
-    await store.endpoints.set_connected(eid, "s1", False, now())
+    assert await store.endpoints.connect_session(eid, "s1", None, now()) is None
+    assert await store.endpoints.connect_session(eid, "s2", None, now()) == "s1"
+    await store.endpoints.disconnect_session(eid, "s1", now())
+    assert await store.endpoints.live_session(eid) == "s2"  # the old one ending changes nothing
     await store.endpoints.set_heartbeat(eid, Heartbeat(workers=4, details={"a": 1}), 123.5)
     ep = await store.endpoints.get(eid)
     assert ep is not None and ep.connected is True
     assert ep.heartbeat == Heartbeat(workers=4, details={"a": 1}) and ep.last_heartbeat == 123.5
     seen = ep.last_seen
     assert seen is not None
-    assert ep.online(timeout=30, at=seen + 1) and not ep.online(timeout=30, at=seen + 31)
+    assert ep.online(30, at=seen + 1) and not ep.online(30, at=seen + 31)
+    await store.endpoints.disconnect_session(eid, "s2", now())
+    assert await store.endpoints.live_session(eid) is None
+    ep = await store.endpoints.get(eid)
+    assert ep is not None and ep.connected is False
     assert [e.endpoint_id for e in await store.endpoints.list("u1")] == [eid]
     assert await store.endpoints.list("u2") == []
     await store.endpoints.delete(eid)
@@ -136,11 +142,113 @@ async def test_submission_context_in_one_call(store: Store) -> None:
     assert (ctx.endpoint_owner, ctx.functions, ctx.group_owner) == (None, {}, None)
 
 
+async def test_offline_timeout_follows_the_heartbeat_period(store: Store) -> None:
+    """A 60 s endpoint stays online through a quiet minute; a 1 s one is offline in seconds."""
+    for eid, period in (("slow", 60.0), ("fast", 1.0)):
+        await store.endpoints.put(_endpoint(eid), f"cred-{eid}")
+        await store.endpoints.connect_session(eid, "s", period, 1000.0)
+    slow, fast = await store.endpoints.get("slow"), await store.endpoints.get("fast")
+    assert slow is not None and fast is not None
+    assert slow.heartbeat_period == 60.0 and fast.heartbeat_period == 1.0
+    assert slow.online(30, at=1000.0 + 90) and not slow.online(30, at=1000.0 + 200)
+    assert fast.online(30, at=1000.0 + 5) and not fast.online(30, at=1000.0 + 9)
+
+
+async def test_only_the_live_session_puts_tasks_in_flight(store: Store) -> None:
+    await store.endpoints.put(_endpoint(), "cred")
+    _, ids = await _tasks(store, 2)
+    await store.endpoints.connect_session("ep1", "old", None, now())
+    await store.endpoints.connect_session("ep1", "new", None, now())
+    assert await store.inflight.add("ep1", "old", {ids[0]: "b"}, taken=1) is None
+    assert await store.inflight.get("ep1") == {}
+    assert await store.inflight.add("ep1", "new", {ids[0]: "b"}, taken=1) == [ids[0]]
+    # a submission sent straight to a replaced session counts as queued instead
+    batch = _batch(3)
+    assert await store.tasks.create(batch, inflight={t: "b" for t in batch.task_ids},
+                                    session_id="old") is False
+    assert set(await store.inflight.get("ep1")) == {ids[0]}
+    ep = await store.endpoints.get("ep1")
+    assert ep is not None and ep.queued_tasks == 1 + 3
+
+
+async def test_cancel_is_final_and_only_queued_spares_running(store: Store) -> None:
+    await store.endpoints.put(_endpoint(), "cred")
+    await store.endpoints.connect_session("ep1", "s", None, now())
+    group, ids = await _tasks(store, 4)
+    await store.inflight.add("ep1", "s", {ids[0]: "b", ids[1]: "b"}, taken=2)
+    await store.tasks.mark_running("ep1", {ids[1]: 5.0})
+    await store.tasks.complete("ep1", [_result(ids[3])], 6.0)
+    done = await store.tasks.cancel("u1", [ids[0], ids[1], ids[2], ids[3], "nope"],
+                                    only_queued=True, at=7.0)
+    assert sorted(r.task_id for _, _, r in done.results) == sorted([ids[0], ids[2]])
+    assert {g for g, _, _ in done.results} == {group}
+    assert {e for _, e, _ in done.results} == {"ep1"}
+    assert all(r.state == TaskState.CANCELLED for _, _, r in done.results)
+    assert done.unchanged == {ids[1]: "running", ids[3]: "success", "nope": "not_found"}
+    rec = await _task(store, ids[0])
+    assert rec.state == TaskState.CANCELLED and rec.completed_at == 7.0 and rec.state.terminal
+    assert set(await store.inflight.get("ep1")) == {ids[1]}  # the cancelled one left the set
+    # a late result of a cancelled task is ignored; a foreign user cannot cancel
+    assert await store.tasks.complete("ep1", [_result(ids[0])], 8.0) == []
+    assert (await _task(store, ids[0])).state == TaskState.CANCELLED
+    other = await store.tasks.cancel("u2", [ids[1]], only_queued=False, at=9.0)
+    assert other.results == [] and other.unchanged == {ids[1]: "not_found"}
+    running = await store.tasks.cancel("u1", [ids[1]], only_queued=False, at=9.0)
+    assert [r.task_id for _, _, r in running.results] == [ids[1]]
+    # a cancelled task taken off the queue later is not put in flight
+    assert await store.inflight.add("ep1", "s", {ids[2]: "b"}, taken=1) == []
+
+
+async def test_reconcile_requeues_lost_tasks_and_fails_repeat_crashers(store: Store) -> None:
+    await store.endpoints.put(_endpoint(), "cred")
+    group, ids = await _tasks(store, 4)
+    held, lost, crasher, finished = ids
+
+    async def session(sid: str, tasks: list[str]) -> None:
+        await store.endpoints.connect_session("ep1", sid, None, now())
+        await store.inflight.add("ep1", sid, {t: f"body-{t}" for t in tasks}, taken=0)
+
+    await session("s1", ids)
+    await store.tasks.complete("ep1", [_result(finished)], now())
+    await store.inflight.add("ep1", "s1", {finished: "b"}, taken=0)  # a stale copy
+    for crash in (1, 2):
+        found = await store.inflight.reconcile("ep1", {held}, {crasher}, 3, float(crash))
+        assert found.again == {lost: f"body-{lost}", crasher: f"body-{crasher}"}
+        assert found.failed == []
+        await store.inflight.remove("ep1", list(found.again))
+        await session(f"s{crash + 1}", [lost, crasher])
+    rec = await _task(store, lost)
+    assert [a.at for a in rec.attempts] == [1.0, 2.0]
+    assert "session ended" in rec.attempts[0].error
+    assert "agent process died" in (await _task(store, crasher)).attempts[0].error
+    found = await store.inflight.reconcile("ep1", {held, lost}, {crasher}, 3, 3.0)
+    assert found.again == {}
+    assert [(g, r.task_id, r.state) for g, r in found.failed] == [
+        (group, crasher, TaskState.FAILED)]
+    rec = await _task(store, crasher)
+    assert rec.state == TaskState.FAILED and "died 3 times" in rec.error
+    assert len(rec.attempts) == 3
+    assert set(await store.inflight.get("ep1")) == {held, lost}
+
+
+async def test_fail_returns_what_it_failed_and_attempts_merge(store: Store) -> None:
+    group, ids = await _tasks(store, 2)
+    failed = await store.tasks.fail(ids, "endpoint deleted", 5.0)
+    assert [(g, r.task_id, r.state, r.error) for g, r in failed] == [
+        (group, t, TaskState.FAILED, "endpoint deleted") for t in ids]
+    assert await store.tasks.fail(ids, "again", 6.0) == []
+    _, (retried,) = await _tasks(store, 1)
+    result = _result(retried).model_copy(update={"attempts": [Attempt(at=1.0, error="lost")]})
+    await store.tasks.complete("ep1", [result], 7.0)
+    assert (await _task(store, retried)).attempts == [Attempt(at=1.0, error="lost")]
+
+
 async def test_inflight_running_complete_first_result_wins(store: Store) -> None:
     group, ids = await _tasks(store, 3)
     _, (foreign,) = await _tasks(store, 1, endpoint="ep2")
+    await store.endpoints.connect_session("ep1", "s", None, now())
     accepted = await store.inflight.add(
-        "ep1", {t: f"body-{t}" for t in [*ids, foreign, "missing"]}, taken=5
+        "ep1", "s", {t: f"body-{t}" for t in [*ids, foreign, "missing"]}, taken=5
     )
     assert accepted == ids
     assert await store.inflight.get("ep1") == {t: f"body-{t}" for t in ids}
@@ -167,7 +275,7 @@ async def test_inflight_running_complete_first_result_wins(store: Store) -> None
     # running after success must not go backwards; terminal tasks are not put in flight again
     await store.tasks.mark_running("ep1", {ids[0]: 30.0})
     assert (await _task(store, ids[0])).state == TaskState.SUCCESS
-    assert await store.inflight.add("ep1", {ids[0]: "b", ids[2]: "b"}, taken=2) == [ids[2]]
+    assert await store.inflight.add("ep1", "s", {ids[0]: "b", ids[2]: "b"}, taken=2) == [ids[2]]
     assert set(await store.inflight.get("ep1")) == {ids[2]}
     await store.inflight.remove("ep1", [ids[2]])
     assert await store.inflight.get("ep1") == {}
@@ -184,7 +292,8 @@ async def test_queued_count_follows_submission_dispatch_and_requeue(store: Store
     assert await queued() == 0
     _, ids = await _tasks(store, 4)
     assert await queued() == 4
-    await store.inflight.add("ep1", {t: "body" for t in ids[:3]}, taken=3)
+    await store.endpoints.connect_session("ep1", "s", None, now())
+    await store.inflight.add("ep1", "s", {t: "body" for t in ids[:3]}, taken=3)
     assert await queued() == 1
     await store.endpoints.count_queued("ep1", 2)  # two lost tasks queued again
     assert await queued() == 3
@@ -279,7 +388,8 @@ async def test_a_large_batch_is_created_whole_and_in_order(store: Store) -> None
     batch = _batch(2500)
     ids = batch.task_ids
     direct = {t: f"body-{t}" for t in ids[:1200]}
-    await store.tasks.create(batch, inflight=direct)
+    await store.endpoints.connect_session("ep1", "s", None, now())
+    assert await store.tasks.create(batch, inflight=direct, session_id="s")
     assert await store.tasks.group_tasks(batch.task_group_id) == ids
     assert await store.tasks.group_owner(batch.task_group_id) == "u1"
     assert await store.inflight.get("ep1") == direct

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from farcall.endpoint.embedded import BackgroundAgent
 from tests.endpoint.fake_broker import FakeBroker
+from tests.endpoint.helpers import Agents
 
 
 @pytest.fixture
@@ -17,6 +19,14 @@ def broker() -> Iterator[FakeBroker]:
     b = FakeBroker()
     yield b
     b.close()
+
+
+@pytest.fixture
+def start_agent(broker: FakeBroker) -> Iterator[Callable[..., BackgroundAgent]]:
+    """Start agents against the stand-in broker; each is stopped at the end of the test."""
+    agents = Agents(broker.url)
+    yield agents.start
+    agents.stop_all()
 
 
 @pytest.fixture

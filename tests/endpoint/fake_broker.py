@@ -2,14 +2,19 @@
 
 It speaks the protocol's frames (answers Hello with Welcome, acks results when
 ``auto_ack``), records every frame the agent sends with the number of the
-connection it came on, and lets the test send tasks, ack, drop the connection
-or take the whole server down and up again on the same port.
+connection it came on, and lets the test send tasks, ack, cancel, drop the
+connection or take the whole server down and up again on the same port.
+
+Faults on demand: ``close_after_welcome`` drops every session right after its
+welcome (a broker whose queue is down); ``max_size`` closes the connection with
+1009 on a frame bigger than that, whatever ``max_frame_bytes`` the welcome says.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -18,6 +23,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from farcall.messages import (
+    CancelFrame,
     Credit,
     HeartbeatFrame,
     Hello,
@@ -36,11 +42,21 @@ CREDENTIAL = "fce_test-credential"
 
 
 class FakeBroker:
-    def __init__(self, credential: str = CREDENTIAL, auto_ack: bool = True) -> None:
+    def __init__(self, credential: str = CREDENTIAL, auto_ack: bool = True,
+                 max_frame_bytes: int = 0, max_size: int | None = None) -> None:
         self.credential = credential
         self.auto_ack = auto_ack
+        self.max_frame_bytes = max_frame_bytes
+        """Said in every Welcome (0: not said)."""
+        self.max_size = max_size
+        """Frames bigger than this close the connection with 1009 (takes effect on start_server)."""
+        self.close_after_welcome = False
         self.port = 0
         self.frames: list[tuple[int, Any]] = []
+        self.sizes: list[tuple[int, str, int]] = []
+        """(connection, frame type, bytes) of every frame received."""
+        self.connected_at: list[float] = []
+        """time.monotonic() of each connection's start."""
         self.connections = 0
         self.rejected = 0
         self._ws: ServerConnection | None = None
@@ -64,7 +80,7 @@ class FakeBroker:
         async def start() -> Server:
             return await serve(self._handle, "127.0.0.1", self.port,
                                process_request=self._check_request, compression=None,
-                               max_size=None)
+                               max_size=self.max_size)
 
         self._server = self._call(start())
         self.port = self._server.sockets[0].getsockname()[1]
@@ -99,7 +115,9 @@ class FakeBroker:
     async def _handle(self, ws: ServerConnection) -> None:
         with self._cond:
             self.connections += 1
+            self.connected_at.append(time.monotonic())
             number = self.connections
+            self._cond.notify_all()
         self._ws = ws
         try:
             await self._serve_frames(ws, number)
@@ -109,11 +127,17 @@ class FakeBroker:
     async def _serve_frames(self, ws: ServerConnection, number: int) -> None:
         async for raw in ws:
             frame = parse_endpoint_frame(raw)
+            size = len(raw.encode() if isinstance(raw, str) else raw)
             with self._cond:
                 self.frames.append((number, frame))
+                self.sizes.append((number, frame.type, size))
                 self._cond.notify_all()
             if isinstance(frame, Hello):
-                await ws.send(Welcome(endpoint_id=ENDPOINT_ID).model_dump_json())
+                welcome = Welcome(endpoint_id=ENDPOINT_ID, max_frame_bytes=self.max_frame_bytes)
+                await ws.send(welcome.model_dump_json())
+                if self.close_after_welcome:
+                    await ws.close(1011, "broker error: queue unavailable")
+                    return
             elif isinstance(frame, ResultsFrame) and self.auto_ack and frame.results:
                 ack = ResultsAck(task_ids=[r.task_id for r in frame.results])
                 await ws.send(ack.model_dump_json())
@@ -129,6 +153,13 @@ class FakeBroker:
 
     def send_tasks(self, tasks: list[TaskMessage], functions: dict[str, str] | None = None) -> None:
         self._send(TasksFrame(tasks=tasks, functions=functions or {}).model_dump_json())
+
+    def send_raw(self, text: str) -> None:
+        """Send any text as a frame (a malformed one, say)."""
+        self._send(text)
+
+    def cancel(self, task_ids: list[str]) -> None:
+        self._send(CancelFrame(task_ids=task_ids).model_dump_json())
 
     def ack(self, task_ids: list[str]) -> None:
         self._send(ResultsAck(task_ids=task_ids).model_dump_json())

@@ -7,9 +7,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from farcall.endpoint.agent import Agent
+from farcall.endpoint.embedded import BackgroundAgent
+from farcall.endpoint.engines import build_engine
+from farcall.endpoint.engines.base import Engine
 from farcall.messages import ResultMessage, TaskMessage, Versions
 from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
 from farcall.version import local_versions
+from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID
 
 
 def make_task(fn: Callable[..., Any], *args: Any, task_id: str | None = None,
@@ -63,3 +68,32 @@ class Collector:
         self.wait(lambda: all(t in self.results for t in task_ids), timeout,
                   f"{len(task_ids)} results ({len(self.results)} so far)")
         return [self.results[t] for t in task_ids]
+
+
+class Agents:
+    """Starts agents against a fake broker in background threads; ``stop_all`` at teardown.
+
+    The default engine is a ThreadPoolEngine of 2 threads, 50 tasks each (capacity 100).
+    """
+
+    def __init__(self, broker_url: str) -> None:
+        self.broker_url = broker_url
+        self.runners: list[BackgroundAgent] = []
+
+    def start(self, credential: str = CREDENTIAL, connect: bool = True,
+              engine: Engine | None = None, **options: Any) -> BackgroundAgent:
+        if engine is None:
+            engine = build_engine({"type": "ThreadPoolEngine", "max_workers": 2, "prefetch": 50})
+        options = {"heartbeat_period": 0.2, "max_backoff": 0.3, "stop_timeout": 20, **options}
+        agent = Agent(self.broker_url, ENDPOINT_ID, credential, engine, **options)
+        runner = BackgroundAgent(agent)
+        runner.start()
+        self.runners.append(runner)
+        if connect:
+            runner.wait_connected(10)
+        return runner
+
+    def stop_all(self) -> None:
+        for r in self.runners:
+            r.stop(timeout=30)
+            assert not r.alive, "agent thread did not stop"

@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from farcall.endpoint.agent import Agent, ProtocolError
+from farcall.endpoint.agent import ProtocolError
 from farcall.endpoint.embedded import BackgroundAgent
-from farcall.endpoint.engines import build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.messages import Credit, Hello, ResultsFrame
 from harness.procs import wait_until
-from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
+from tests.endpoint.fake_broker import FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 
 CAPACITY = 2 * 50
-
-
-@pytest.fixture
-def start_agent(broker: FakeBroker) -> Iterator[Callable[..., BackgroundAgent]]:
-    runners: list[BackgroundAgent] = []
-
-    def start(
-        credential: str = CREDENTIAL, connect: bool = True, **options: Any
-    ) -> BackgroundAgent:
-        engine = build_engine({"type": "ThreadPoolEngine", "max_workers": 2, "prefetch": 50})
-        options = {"heartbeat_period": 0.2, "max_backoff": 0.3, "stop_timeout": 20, **options}
-        agent = Agent(broker.url, ENDPOINT_ID, credential, engine, **options)
-        runner = BackgroundAgent(agent)
-        runner.start()
-        runners.append(runner)
-        if connect:
-            runner.wait_connected(10)
-        return runner
-
-    yield start
-    for r in runners:
-        r.stop(timeout=30)
-        assert not r.alive, "agent thread did not stop"
 
 
 def hold(marker: str, gate: str) -> str:
@@ -66,6 +41,7 @@ def test_hello_credit_tasks_run_results_batched_credit_returned(
     start_agent()
     hello = broker.wait(lambda: broker.hello(1), 10, "hello")
     assert hello.credit == CAPACITY and hello.held_task_ids == []
+    assert hello.heartbeat_period == 0.2  # the broker calls the endpoint offline by it
     assert hello.heartbeat.workers == 2 and hello.heartbeat.engine == "ThreadPoolEngine"
 
     def square(x: int) -> int:

@@ -45,10 +45,11 @@ def make_engine(tmp_path: Path) -> Iterator[Callable[..., ParslEngine]]:
 
 
 def _run(engine: ParslEngine, fn: Callable[..., Any], *args: Any, timeout: float = 60,
-         resource_specification: dict[str, Any] | None = None) -> Any:
+         resource_specification: dict[str, Any] | None = None, max_retries: int = 0) -> Any:
     got = Collector()
     task = make_task(fn, *args)
     task.resource_specification = resource_specification
+    task.max_retries = max_retries
     engine.submit(task, got.on_done, got.on_start)
     (result,) = got.wait_results([task.task_id], timeout)
     return value_of(result)
@@ -129,7 +130,9 @@ def test_worker_death_fails_only_its_task_with_worker_lost(make_engine: Callable
 
     with pytest.raises(WorkerLost, match="lost with its Parsl worker"):
         _run(engine, crash)
-    assert _run(engine, pow, 3, 4) == 81  # the engine still runs tasks afterwards
+    # The engine still runs tasks afterwards. Parsl may still be losing the dead worker's
+    # manager when the next task arrives: that loss is a system failure, which a retry covers.
+    assert _run(engine, pow, 3, 4, max_retries=2) == 81
 
 
 def test_resource_specification_reaches_htex(make_engine: Callable[..., ParslEngine]) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from farcall.endpoint import worker
-from farcall.errors import DeserializationError
+from farcall.errors import DeserializationError, TaskTimeout
 from farcall.messages import ResultMessage, TaskState, Versions, join_task_batch, parse_result_batch
 from farcall.serialize import pack_args
 from farcall.version import local_versions
@@ -140,3 +144,92 @@ def test_execute_runs_in_this_thread_and_keeps_the_given_start_time() -> None:
 
     result = worker.execute(make_task(where), started=123.0)
     assert value_of(result) == threading.get_ident() and result.started_at == 123.0
+
+
+# ------------------------------------------------------------------ walltime inside the worker
+
+
+def _timed_json(fn: Callable[..., Any], walltime: float, *args: Any) -> str:
+    task = make_task(fn, *args)
+    task.walltime = walltime
+    return task.model_dump_json()
+
+
+def test_walltime_raises_task_timeout_inside_the_function() -> None:
+    """In a worker process's main thread: the traceback shows where the task was."""
+
+    def sleepy() -> None:
+        import time
+
+        time.sleep(30)
+
+    before = signal.getsignal(signal.SIGALRM)
+    outer = signal.setitimer(signal.ITIMER_REAL, 0)  # pytest-timeout's, given back below
+    signal.setitimer(signal.ITIMER_REAL, 120)
+    try:
+        result = run(_timed_json(sleepy, 0.2))
+        delay, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 100 < delay <= 120  # the timer that was set is set again
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, *outer)
+    assert signal.getsignal(signal.SIGALRM) is before
+    assert result.state == TaskState.FAILED and "in sleepy" in result.error
+    with pytest.raises(TaskTimeout, match=r"ran past its walltime of 0.2 s.*raise walltime="):
+        value_of(result)
+
+
+@pytest.mark.parametrize("then", ["returns", "raises"])
+def test_a_task_that_catches_task_timeout_still_times_out(then: str) -> None:
+    def stubborn(then: str) -> str:
+        import time
+
+        try:
+            time.sleep(30)
+        except TimeoutError:
+            if then == "raises":
+                raise KeyError("cleanup failed") from None
+        return "finished anyway"
+
+    result = run(_timed_json(stubborn, 0.2, then))
+    with pytest.raises(TaskTimeout, match="walltime of 0.2 s") as caught:
+        value_of(result)
+    if then == "raises":
+        assert "KeyError: 'cleanup failed'" in "".join(caught.value.__notes__)
+
+
+def test_no_walltime_alarm_outside_a_main_thread() -> None:
+    """Threads cannot be interrupted by a signal; the thread engine enforces walltimes itself."""
+
+    def nap() -> str:
+        import time
+
+        time.sleep(0.3)
+        return "done"
+
+    answer: list[ResultMessage] = []
+    thread = threading.Thread(target=lambda: answer.append(run(_timed_json(nap, 0.05))))
+    thread.start()
+    thread.join(30)
+    assert value_of(answer[0]) == "done"
+
+
+def test_a_worker_that_cannot_be_stopped_from_outside_ends_itself(tmp_path: Path) -> None:
+    """``exit_past_walltime`` (Parsl's workers): a task that ignores TaskTimeout ends the process."""
+
+    def stubborn() -> None:
+        import time
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                time.sleep(60)
+            except TimeoutError:
+                pass
+
+    payload = tmp_path / "batch.json"
+    payload.write_bytes(join_task_batch([_timed_json(stubborn, 0.2)]))
+    code = ("import sys; from farcall.endpoint import worker; worker.EXIT_GRACE = 0.3; "
+            f"worker.run_batch(open({str(payload)!r}, 'rb').read(), exit_past_walltime=True)")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
+    assert done.returncode == worker.EXIT_PAST_WALLTIME, done.stderr
+    assert "past its walltime" in done.stderr

@@ -1,4 +1,5 @@
-"""An embedded broker (in-process store and queue) and a thread-pool endpoint, shared by SDK tests.
+"""An embedded broker (in-process store and queue) and a thread-pool endpoint, shared by SDK tests,
+and a broker faked at the SDK's seams (``fake``) for tests that script the broker's answers.
 
 The SDK's behaviour against real Redis and RabbitMQ is in tests/integration.
 """
@@ -9,9 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
+import farcall.executor
 from farcall import Client
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.endpoint.embedded import EmbeddedEndpoint
+from tests.sdk.fake_broker import FakeBroker
 from tests.sdk.helpers import Stack
 
 
@@ -29,3 +32,11 @@ def client(stack: Stack) -> Iterator[Client]:
     c = stack.client()
     yield c
     c.close()
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeBroker:
+    """A fake broker; Executors made in the test use its result stream."""
+    broker = FakeBroker()
+    monkeypatch.setattr(farcall.executor, "TaskGroupStream", broker.stream)
+    return broker

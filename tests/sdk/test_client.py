@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from farcall import Client
+from farcall import Client, Executor
 from farcall.client import split_batch
 from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
 from farcall.messages import TaskSpec
@@ -154,3 +156,97 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     with pytest.raises(BrokerError, match="cannot reach the broker"):
         c.get_endpoints()
 
+
+
+def _stub_client(*replies: tuple[int, Any]) -> tuple[Client, StubHTTP]:
+    broker = StubHTTP(*replies)
+    return Client(broker_url=broker.url, token="fcu_t", retry_seconds=0), broker
+
+
+def _bodies(broker: StubHTTP) -> list[tuple[str, str, Any]]:
+    return [(m, p, json.loads(b) if b else None) for m, p, _, b in broker.requests]
+
+
+def test_cancel_sends_the_ids_and_returns_the_answer() -> None:
+    answer = {"cancelled": ["a"], "unchanged": {"b": "success", "c": "not_found"}}
+    client, broker = _stub_client((200, answer), (200, {"cancelled": [], "unchanged": {"d": "running"}}),
+                                  (200, answer))
+    try:
+        assert client.cancel(["a", "b", "c", "a"]) == answer
+        assert client.cancel("d", only_queued=True) == {"cancelled": [], "unchanged": {"d": "running"}}
+        assert client.cancel([]) == {"cancelled": [], "unchanged": {}}
+        assert _bodies(broker) == [
+            ("POST", "/v1/tasks/cancel", {"task_ids": ["a", "b", "c"]}),
+            ("POST", "/v1/tasks/cancel", {"task_ids": ["d"], "only_queued": True}),
+        ]
+    finally:
+        broker.close()
+
+
+def test_cancel_goes_in_requests_of_ten_thousand_ids() -> None:
+    ids = [f"t{i}" for i in range(10_001)]
+    client, broker = _stub_client(
+        (200, {"cancelled": ids[:10_000], "unchanged": {}}),
+        (200, {"cancelled": [], "unchanged": {"t10000": "failed"}}),
+    )
+    try:
+        assert client.cancel(ids) == {"cancelled": ids[:10_000], "unchanged": {"t10000": "failed"}}
+        assert [len(body["task_ids"]) for _, _, body in _bodies(broker)] == [10_000, 1]
+    finally:
+        broker.close()
+
+
+def test_a_cancelled_task_raises_cancelled_error_naming_it() -> None:
+    record = {"task_id": "t9", "task_group_id": "g", "endpoint_id": "e", "function_id": "f",
+              "state": "cancelled", "transitions": {"cancelled": 2.0}, "completed_at": 2.0,
+              "submitter": None, "worker": None, "data": None, "error": "cancelled by its owner",
+              "attempts": [{"at": 1.0, "error": "WorkerLost"}], "warnings": None}
+    client, broker = _stub_client((200, record), (200, {"tasks": {"t9": record}}))
+    try:
+        with pytest.raises(CancelledError, match="task t9 was cancelled"):
+            client.get_result("t9")
+        entry = client.get_batch_result(["t9"])["t9"]
+        assert entry["pending"] is False and entry["status"] == "cancelled"
+        assert isinstance(entry["exception"], CancelledError) and "t9" in str(entry["exception"])
+    finally:
+        broker.close()
+
+
+def test_walltime_and_max_retries_go_with_run_and_batch_run() -> None:
+    submitted = {"task_group_id": "g", "task_ids": ["t1"]}
+    client, broker = _stub_client((200, submitted), (200, {"task_group_id": "g", "task_ids": ["t2", "t3"]}))
+    try:
+        client.run(1, endpoint_id="e", function_id="f", walltime=5, max_retries=2, b=3)
+        batch = client.create_batch(walltime=1.5, max_retries=1)
+        batch.add("f", (1,))
+        batch.add("f", (2,), walltime=9, max_retries=0)
+        client.batch_run("e", batch)
+        tasks = [t for _, _, body in _bodies(broker) for t in body["tasks"]]
+        assert [(t["walltime"], t["max_retries"]) for t in tasks] == [(5.0, 2), (1.5, 1), (9.0, 0)]
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"walltime": 0}, "walltime must be a number of seconds above 0"),
+    ({"walltime": -1.0}, "walltime must be"),
+    ({"walltime": float("nan")}, "walltime must be"),
+    ({"walltime": "60"}, "walltime must be"),
+    ({"walltime": 10**9}, "at most"),
+    ({"max_retries": -1}, "max_retries must be a whole number from 0"),
+    ({"max_retries": 1.5}, "max_retries must be"),
+    ({"max_retries": 1000}, "max_retries must be"),
+])
+def test_bad_walltime_or_max_retries_fail_at_once(options: dict[str, Any], message: str) -> None:
+    from harness.procs import free_port
+
+    # Nothing listens there: a request would fail with BrokerError, not ValueError.
+    client = Client(broker_url=f"http://127.0.0.1:{free_port()}", token="fcu_t", retry_seconds=0)
+    with pytest.raises(ValueError, match=message):
+        client.create_batch(**options)
+    with pytest.raises(ValueError, match=message):
+        client.create_batch().add("f", (1,), **options)
+    with pytest.raises(ValueError, match=message):
+        client.run(1, endpoint_id="e", function_id="f", **options)
+    with pytest.raises(ValueError, match=message):
+        Executor(endpoint_id="e", client=client, **options)

@@ -14,6 +14,7 @@ import farcall.stream
 from farcall import Client, Executor
 from farcall.errors import ExecutorShutdown, NotFound, SerializationError
 from harness.procs import wait_until
+from tests.sdk.fake_broker import FakeBroker
 from tests.sdk.helpers import Stack
 
 
@@ -208,3 +209,34 @@ def test_a_batch_whose_stream_answer_is_lost_goes_by_http(
         futures = [ex.submit(twice, i) for i in range(5)]
         assert [f.result(timeout=30) for f in futures] == [0, 2, 4, 6, 8]
     assert counting.http_posts >= 1
+
+
+@pytest.mark.parametrize("options, sent", [
+    ({}, (None, 0)),
+    ({"walltime": 2.5, "max_retries": 3}, (2.5, 3)),
+    ({"walltime": 60}, (60.0, 0)),
+])
+def test_walltime_and_max_retries_go_with_every_task(
+    fake: FakeBroker, options: dict[str, Any], sent: tuple[float | None, int]
+) -> None:
+    with Executor(endpoint_id="endpoint-1", client=fake.client(), **options) as ex:
+        futures = [ex.submit(pow, 2, i) for i in range(3)]
+        wait_until(lambda: all(f.task_id for f in futures), 10, "tasks sent")
+        for f in futures:
+            fake.finish(str(f.task_id), "done")
+    tasks = [t for body in fake.calls("/tasks") for t in body["tasks"]]
+    assert [(t["walltime"], t["max_retries"]) for t in tasks] == [sent] * 3
+
+
+def test_bad_options_fail_when_the_executor_is_made(fake: FakeBroker) -> None:
+    client = fake.client()
+    with pytest.raises(ValueError, match="walltime must be a number of seconds above 0"):
+        Executor(endpoint_id="endpoint-1", client=client, walltime=0)
+    with pytest.raises(ValueError, match="max_retries must be a whole number from 0"):
+        Executor(endpoint_id="endpoint-1", client=client, max_retries=-1)
+    deep: dict[str, Any] = {}
+    for _ in range(40):
+        deep = {"nested": deep}
+    with pytest.raises(ValueError, match="nested deeper than"):
+        Executor(endpoint_id="endpoint-1", client=client, resource_specification=deep)
+    assert fake.requests == []
