@@ -54,7 +54,33 @@ def _exchange(port: int, request: bytes, timeout: float = 2.0) -> bytes:
         return b""
 
 
-class PrivateRedis:
+class _PrivateServer:
+    """What both private servers share: a temporary directory removed with the server, and
+    use as a context manager (started on entry, killed and removed on exit)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+
+    def start(self, timeout: float = 60.0) -> Self:
+        raise NotImplementedError
+
+    def stop(self, hard: bool = False) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Kill the server and remove its directory (its data is not wanted any more)."""
+        self.stop(hard=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+class PrivateRedis(_PrivateServer):
     """A ``redis-server`` of this test's own on a free loopback port.
 
     With ``appendonly`` (the default) every write goes to an append-only file in
@@ -65,9 +91,8 @@ class PrivateRedis:
 
     def __init__(self, appendonly: bool = True) -> None:
         self.appendonly = appendonly
+        super().__init__("farcall-redis-")
         self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="farcall-redis-"))
-        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
         self.proc: ManagedProcess | None = None
 
     @property
@@ -112,16 +137,6 @@ class PrivateRedis:
         self.stop(hard)
         self.start(timeout)
 
-    def close(self) -> None:
-        """Stop and remove its directory."""
-        self.stop(hard=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
 
 
 _CLI_DIST_PORTS = range(35672, 35683)
@@ -146,7 +161,7 @@ def _free_node_port() -> int:
     raise RuntimeError("found no free loopback port for a private RabbitMQ node")
 
 
-class PrivateRabbit:
+class PrivateRabbit(_PrivateServer):
     """A RabbitMQ node of this test's own: loopback only, its own data, logs and cookie.
 
     Everything a node would otherwise take from the machine (``/etc/rabbitmq``'s config
@@ -168,8 +183,7 @@ class PrivateRabbit:
         self.dist_port = _free_node_port()
         while self.dist_port == self.port:
             self.dist_port = _free_node_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="farcall-rabbit-"))
-        weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+        super().__init__("farcall-rabbit-")
         for sub in ("mnesia", "log", "home"):
             (self.dir / sub).mkdir()
         (self.dir / "rabbitmq.conf").write_text(
@@ -273,16 +287,6 @@ class PrivateRabbit:
                 log.warning("rabbitmqctl stop on %s failed (%s); killing the node", self.node, e)
         self.proc.stop(timeout=10, sig=signal.SIGKILL if hard else signal.SIGTERM)
 
-    def close(self) -> None:
-        """Kill the node and remove its directory (its data is not wanted any more)."""
-        self.stop(hard=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
 
 
 def _wait_answering(proc: ManagedProcess, answers: Callable[[], bool], timeout: float,

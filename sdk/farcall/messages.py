@@ -523,6 +523,12 @@ class TaskResult(_Msg):
     attempts: list[Attempt] | None = None
 
     @classmethod
+    def ended_by_broker(cls, task_id: str, state: TaskState, error: str, at: float) -> TaskResult:
+        """A task the broker itself ended (failed or cancelled): no data, no worker."""
+        return cls.model_construct(task_id=task_id, state=state, data="", error=error,
+                                   completed_at=at, worker=None, attempts=None)
+
+    @classmethod
     def stored(cls, result: ResultMessage, completed_at: float) -> TaskResult:
         """What the client sees of ``result`` once the broker stored it at ``completed_at``."""
         return cls.model_construct(

@@ -9,7 +9,7 @@ import pytest
 from farcall.endpoint.agent import DEFAULT_MAX_FRAME_BYTES, ResultTooLarge, _results_frame
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.worker import failed_result
-from farcall.messages import ResultsFrame, parse_endpoint_frame
+from farcall.messages import ResultsFrame, TaskMessage, parse_endpoint_frame
 from tests.endpoint.fake_broker import FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 
@@ -79,15 +79,23 @@ def test_results_are_packed_under_the_limit_the_broker_says(
     assert max(result_sizes(broker)) <= MiB
 
 
-def test_unacked_results_are_resent_in_pieces_under_a_smaller_limit(
+def _twelve_unacked_results(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
-) -> None:
+) -> tuple[list[TaskMessage], set[str]]:
+    """An agent holding 12 results of 300 kB that the broker has received and not acked."""
     broker.auto_ack = False
     start_agent()
     tasks = [make_task(blob, 300_000, i) for i in range(12)]
     ids = {t.task_id for t in tasks}
     broker.send_tasks(tasks)
     broker.wait(lambda: broker.result_ids(1) == ids, 60, "12 results on connection 1")
+    return tasks, ids
+
+
+def test_unacked_results_are_resent_in_pieces_under_a_smaller_limit(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    tasks, ids = _twelve_unacked_results(broker, start_agent)
     broker.max_frame_bytes = MiB  # the broker restarts with a smaller limit
     broker.drop()
     broker.wait(lambda: broker.result_ids(2) == ids, 60, "12 results resent on connection 2")
@@ -101,12 +109,7 @@ def test_unacked_results_are_resent_in_pieces_under_a_smaller_limit(
 def test_a_frame_refused_with_1009_is_not_sent_again_but_split(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
 ) -> None:
-    broker.auto_ack = False
-    start_agent()
-    tasks = [make_task(blob, 300_000, i) for i in range(12)]
-    ids = {t.task_id for t in tasks}
-    broker.send_tasks(tasks)
-    broker.wait(lambda: broker.result_ids(1) == ids, 60, "12 results on connection 1")
+    tasks, ids = _twelve_unacked_results(broker, start_agent)
     # The broker comes back reading 1 MiB at most but says nothing: the agent's first resend
     # (4.8 MB in one frame, under the 16 MiB default) is refused with 1009.
     broker.auto_ack = True

@@ -488,7 +488,7 @@ class EndpointSession:
         unreadable: dict[str, str] = {}
         taken = 0
         for d in deliveries:
-            batch, bad = _read_queued(d.body)
+            batch, bad = read_queued(d.body)
             unreadable.update(bad)
             for task in batch:
                 if task.task_id not in self.held and task.task_id not in self.done_ids:
@@ -581,8 +581,9 @@ class EndpointSession:
         return [t for t in batch if t[0] not in gone]
 
 
-def _read_queued(body: bytes) -> tuple[list[TaskMessage], dict[str, str]]:
-    """The tasks of a queued message, and ``task id -> error`` for any that cannot be read.
+def read_queued(body: bytes) -> tuple[list[TaskMessage], dict[str, str]]:
+    """The tasks of a queued message, and ``task id -> error`` for any that cannot be read
+    (the session's reader, and endpoint deletion's, which fails every task it finds).
 
     The fast path parses the whole batch; if that fails, each element is read alone so
     one bad task fails alone instead of taking its batch with it.

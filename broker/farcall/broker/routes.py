@@ -7,7 +7,6 @@ documents its error answers (``ErrorBody``) in the OpenAPI document.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -15,7 +14,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from farcall.broker import auth
-from farcall.broker.endpoint_channel import send_control
+from farcall.broker.endpoint_channel import read_queued, send_control
 from farcall.broker.errors import Forbidden, ObjectNotFound, Unauthorized
 from farcall.broker.health import check as check_health
 from farcall.broker.services import Services
@@ -235,16 +234,11 @@ async def delete_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointDel
 
 
 def _task_ids(bodies: list[bytes]) -> list[str]:
-    """The task ids in queued messages (JSON arrays of tasks), however malformed the rest is."""
+    """The task ids in queued messages, readable tasks or not."""
     ids: list[str] = []
     for body in bodies:
-        try:
-            items = json.loads(body)
-        except (ValueError, RecursionError):
-            continue
-        for item in items if isinstance(items, list) else [items]:
-            if isinstance(item, dict) and isinstance(item.get("task_id"), str):
-                ids.append(item["task_id"])
+        tasks, unreadable = read_queued(body)
+        ids += [t.task_id for t in tasks] + list(unreadable)
     return ids
 
 

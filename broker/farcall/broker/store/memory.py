@@ -214,8 +214,7 @@ class MemoryTasks(TaskStore):
         for task_id in task_ids:
             task = self._s.tasks.get(task_id)
             if task is not None and not task.state.terminal:
-                self._finish(task, TaskState.FAILED, error, at)
-                done.append((task.task_group_id, _final(task)))
+                done.append((task.task_group_id, _end(task, TaskState.FAILED, error, at)))
         return done
 
     async def cancel(
@@ -230,15 +229,11 @@ class MemoryTasks(TaskStore):
             elif task.state.terminal or (only_queued and task.state == TaskState.RUNNING):
                 unchanged[task_id] = task.state.value
             else:
-                self._finish(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
+                result = _end(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
                 self._s.inflight.get(task.endpoint_id, {}).pop(task_id, None)
-                results.append((task.task_group_id, task.endpoint_id, _final(task)))
+                results.append((task.task_group_id, task.endpoint_id, result))
         return Cancelled(results, unchanged)
 
-    @staticmethod
-    def _finish(task: TaskRecord, state: TaskState, error: str, at: float) -> None:
-        task.state, task.error, task.completed_at = state, error, at
-        task.transitions[state.value] = at
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         for task_id, at in started.items():
@@ -309,9 +304,9 @@ class MemoryInflight(InflightStore):
             if is_crash:
                 s.crashes[task_id] = s.crashes.get(task_id, 0) + 1
             if is_crash and s.crashes[task_id] >= max_losses:
-                MemoryTasks._finish(task, TaskState.FAILED, crash_failure(max_losses), at)
+                result = _end(task, TaskState.FAILED, crash_failure(max_losses), at)
                 del inflight[task_id]
-                failed.append((task.task_group_id, _final(task)))
+                failed.append((task.task_group_id, result))
             else:
                 again[task_id] = inflight[task_id]
         return Reconciled(again, failed, dropped)
@@ -344,8 +339,8 @@ class MemoryStore(Store):
         self.pubsub = MemoryPubSub(state)
 
 
-def _final(task: TaskRecord) -> TaskResult:
-    """What the client sees of a task the broker itself finished (failed or cancelled)."""
-    return TaskResult.model_construct(
-        task_id=task.task_id, state=task.state, data="", error=task.error,
-        completed_at=task.completed_at, worker=None, attempts=None)
+def _end(task: TaskRecord, state: TaskState, error: str, at: float) -> TaskResult:
+    """End ``task`` here (failed or cancelled by the broker); what its submitter sees of it."""
+    task.state, task.error, task.completed_at = state, error, at
+    task.transitions[state.value] = at
+    return TaskResult.ended_by_broker(task.task_id, state, error, at)

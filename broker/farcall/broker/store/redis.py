@@ -322,9 +322,7 @@ class RedisTasks(TaskStore):
         args: list[Any] = ["", TaskState.FAILED.value, error, db.result_ttl]
         args += [repr(at)] * len(keys)
         groups = await db.transition(keys=keys, args=args)
-        return [(group, TaskResult.model_construct(
-                    task_id=t, state=TaskState.FAILED, data="", error=error, completed_at=at,
-                    worker=None, attempts=None))
+        return [(group, TaskResult.ended_by_broker(t, TaskState.FAILED, error, at))
                 for t, group in zip(task_ids, groups, strict=True) if group]
 
     async def cancel(
@@ -346,9 +344,8 @@ class RedisTasks(TaskStore):
         for rec, what in zip(mine, outcome, strict=True):
             if what == "cancelled":
                 del unchanged[rec.task_id]
-                results.append((rec.task_group_id, rec.endpoint_id, TaskResult.model_construct(
-                    task_id=rec.task_id, state=TaskState.CANCELLED, data="",
-                    error=CANCELLED_ERROR, completed_at=at, worker=None, attempts=None)))
+                results.append((rec.task_group_id, rec.endpoint_id, TaskResult.ended_by_broker(
+                    rec.task_id, TaskState.CANCELLED, CANCELLED_ERROR, at)))
             else:
                 unchanged[rec.task_id] = what or "not_found"
         return Cancelled(results, unchanged)
@@ -423,9 +420,8 @@ class RedisInflight(InflightStore):
             elif what == "dropped":
                 dropped += 1
             else:
-                failed.append((what.partition(":")[2], TaskResult.model_construct(
-                    task_id=t, state=TaskState.FAILED, data="", error=failure, completed_at=at,
-                    worker=None, attempts=None)))
+                failed.append((what.partition(":")[2],
+                               TaskResult.ended_by_broker(t, TaskState.FAILED, failure, at)))
         return Reconciled(again, failed, dropped)
 
     async def get(self, endpoint_id: str) -> dict[str, str]:
