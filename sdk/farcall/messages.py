@@ -86,6 +86,13 @@ def version_mismatch(submitter: Versions | dict[str, Any] | None,
 # --------------------------------------------------------------------- REST bodies
 
 
+ObjectId = Annotated[str, Field(min_length=1, max_length=64, description="an id the broker gave")]
+"""Ids the broker hands out are UUIDs; anything longer is refused before it is looked up."""
+USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
+Username = Annotated[str, Field(pattern=USERNAME_PATTERN, description=(
+    "a user's name on the broker: letters, digits and . _ @ + -, at most 64"))]
+
+
 class FunctionRegistration(_Msg):
     function: str = Field(description="serialized function payload (farcall.serialize)")
     function_name: str = ""
@@ -143,7 +150,7 @@ RetriesField = Annotated[int, Field(default=0, ge=0, le=MAX_RETRIES, description
 class TaskSpec(_Msg):
     """One task inside a batch submission."""
 
-    function_id: str
+    function_id: ObjectId
     args: str = Field(description="serialized (args, kwargs) payload")
     resource_specification: SpecField = None
     walltime: WalltimeField = None
@@ -151,9 +158,9 @@ class TaskSpec(_Msg):
 
 
 class BatchSubmission(_Msg):
-    endpoint_id: str
+    endpoint_id: ObjectId
     tasks: list[TaskSpec] = Field(min_length=1)
-    task_group_id: str | None = None
+    task_group_id: ObjectId | None = None
     submitter: Versions | None = None
 
 
@@ -163,15 +170,29 @@ class BatchSubmitted(_Msg):
 
 
 class TaskIds(_Msg):
-    task_ids: list[str] = Field(min_length=1, max_length=10_000)
+    task_ids: list[ObjectId] = Field(min_length=1, max_length=10_000)
 
 
 class CancelRequest(_Msg):
     """``POST /v1/tasks/cancel``: stop these tasks. With ``only_queued`` a task that has
     started on a worker is left to finish (what ``TaskFuture.cancel`` asks for)."""
 
-    task_ids: list[str] = Field(min_length=1, max_length=10_000)
+    task_ids: list[ObjectId] = Field(min_length=1, max_length=10_000)
     only_queued: bool = False
+
+
+class TokenRequest(_Msg):
+    """``POST /v1/tokens``: a new token for the caller, named so the user can tell tokens apart."""
+
+    name: str = Field(default="", max_length=200)
+
+
+class ShareRequest(_Msg):
+    """``POST .../share`` and ``.../unshare``: with one user (by name) and, for a function,
+    with every user (``public``)."""
+
+    username: Username | None = None
+    public: bool = False
 
 
 # --------------------------------------------------------------------- REST answers
@@ -183,6 +204,9 @@ class ErrorBody(_Msg):
     error: str = Field(description="a stable code: invalid_request, unauthorized, not_found, ...")
     message: str
     detail: list[dict[str, Any]] | None = None
+    retry_after: float | None = Field(
+        default=None, description="with status 429: seconds to wait before sending it again "
+        "(also the Retry-After header, in whole seconds)")
 
 
 class Health(_Msg):
@@ -204,6 +228,24 @@ class FunctionInfo(_Msg):
     description: str
     function: str = Field(description="serialized function payload (farcall.serialize)")
     created_at: float
+    role: Literal["owner", "shared"] = Field(
+        default="owner", description="'owner', or 'shared' when another user shared it with you")
+    public: bool = Field(default=False, description="every user may run it")
+
+
+class FunctionSharing(_Msg):
+    """Whom a function is shared with (only its owner sees this)."""
+
+    function_id: str
+    shared_with: list[str] = Field(description="user names, besides the owner")
+    public: bool
+
+
+class EndpointSharing(_Msg):
+    """Whom an endpoint is shared with (only its owner sees this)."""
+
+    endpoint_id: str
+    shared_with: list[str] = Field(description="user names, besides the owner")
 
 
 class FunctionDeleted(_Msg):
@@ -224,6 +266,8 @@ class EndpointInfo(_Msg):
     status: Literal["online", "offline"]
     created_at: float
     last_heartbeat: float | None
+    role: Literal["owner", "shared"] = Field(
+        default="owner", description="'owner', or 'shared' when another user shared it with you")
 
 
 class EndpointList(_Msg):
@@ -250,6 +294,30 @@ class EndpointStatus(_Msg):
 class EndpointDeleted(_Msg):
     endpoint_id: str
     deleted: bool
+
+
+class TokenCreated(_Msg):
+    token_id: str
+    token: str = Field(description="the token itself, shown only this once")
+    name: str
+    created_at: float
+
+
+class TokenInfo(_Msg):
+    """A token as listed: never the token itself."""
+
+    token_id: str
+    name: str
+    created_at: float
+
+
+class TokenList(_Msg):
+    tokens: list[TokenInfo] = Field(description="oldest first")
+
+
+class TokenRevoked(_Msg):
+    token_id: str
+    revoked: bool
 
 
 class TaskGroupCreated(_Msg):
@@ -572,6 +640,8 @@ class RequestFailedFrame(_Msg):
     status: int
     error: str
     message: str
+    retry_after: float | None = Field(
+        default=None, description="with status 429: seconds to wait before sending it again")
 
 
 StreamFrame = Annotated[

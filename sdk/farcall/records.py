@@ -28,7 +28,19 @@ class _Record(BaseModel):
 class UserRecord(_Record):
     user_id: str
     name: str
+    """Unique on the broker; what others name the user by when they share with them."""
     created_at: float
+
+
+class TokenRecord(_Record):
+    """One of a user's tokens (the token itself is never stored, only its hash)."""
+
+    token_id: str
+    user_id: str
+    name: str = ""
+    created_at: float
+    token_hash: str
+    """SHA-256 of the token: what the broker looks tokens up by (never shown in answers)."""
 
 
 class FunctionRecord(_Record):
@@ -40,6 +52,14 @@ class FunctionRecord(_Record):
     description: str = ""
     function: str
     created_at: float
+    shared_with: list[str] = Field(default_factory=list)
+    """Ids of the users (besides the owner) who may run it and read its metadata."""
+    public: bool = False
+    """Every user may run it and read its metadata."""
+
+    def usable_by(self, user_id: str) -> bool:
+        """Whether ``user_id`` may run this function and read it."""
+        return user_id == self.user_id or self.public or user_id in self.shared_with
 
 
 class EndpointRecord(_Record):
@@ -60,6 +80,12 @@ class EndpointRecord(_Record):
     """Whether any channel session of the endpoint is open, on any broker replica."""
     queued_tasks: int = 0
     """Tasks in its queue, not yet taken by a channel session."""
+    shared_with: list[str] = Field(default_factory=list)
+    """Ids of the users (besides the owner) who may submit to it and read its status."""
+
+    def usable_by(self, user_id: str) -> bool:
+        """Whether ``user_id`` may submit to this endpoint and read its status."""
+        return user_id == self.user_id or user_id in self.shared_with
 
     def offline_after(self, default: float) -> float:
         """Silence after which the endpoint counts as offline: a few missed heartbeats

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from farcall.broker.store.base import Store, Subscription
+from farcall.broker.store.base import OverQuota, Store, Subscription
 from farcall.broker.store.redis import RedisStore
 from farcall.messages import (
     Attempt,
@@ -20,7 +20,7 @@ from farcall.messages import (
     Versions,
     now,
 )
-from farcall.records import EndpointRecord, FunctionRecord, NewTasks, TaskRecord, UserRecord
+from farcall.records import EndpointRecord, FunctionRecord, NewTasks, TaskRecord
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio
@@ -68,13 +68,6 @@ def _result(
         started_at=now() - 0.5,
         worker=Versions(python="3.11.7", dill="0.4.1"),
     )
-
-
-async def test_users_and_tokens(store: Store) -> None:
-    await store.users.create(UserRecord(user_id="u1", name="alice", created_at=now()), "hash-u1")
-    p = await store.users.resolve_token("hash-u1")
-    assert p is not None and (p.kind, p.id, p.token_hash) == ("user", "u1", "hash-u1")
-    assert await store.users.resolve_token("nope") is None
 
 
 async def test_functions(store: Store) -> None:
@@ -397,3 +390,84 @@ async def test_a_large_batch_is_created_whole_and_in_order(store: Store) -> None
     assert ep is not None and ep.queued_tasks == 2500 - 1200
     last = await _task(store, ids[-1])
     assert last.task_group_id == batch.task_group_id and last.state == TaskState.WAITING
+
+
+async def test_open_tasks_count_down_once_on_every_way_to_end(store: Store) -> None:
+    """Result, failure, cancel and a crash-failure in reconcile each take a task off the count
+    once; a second ending of the same task, running, and other users' tasks change nothing."""
+    await store.endpoints.put(_endpoint(), "cred")
+    await store.endpoints.connect_session("ep1", "s", None, now())
+    _, ids = await _tasks(store, 6)
+    await store.tasks.create(_batch(2, user="u2"))
+    assert (await store.tasks.open_tasks("u1"), await store.tasks.open_tasks("u2")) == (6, 2)
+    done, failed, cancelled, crasher, running, waiting = ids
+    await store.inflight.add("ep1", "s", {crasher: "b", running: "b"}, taken=2)
+    await store.tasks.mark_running("ep1", {running: 1.0})
+    assert await store.tasks.open_tasks("u1") == 6
+
+    await store.tasks.complete("ep1", [_result(done)], 2.0)
+    await store.tasks.complete("ep1", [_result(done)], 2.1)
+    assert await store.tasks.open_tasks("u1") == 5
+    await store.tasks.fail([failed, done], "could not queue", 3.0)
+    await store.tasks.fail([failed], "again", 3.1)
+    assert await store.tasks.open_tasks("u1") == 4
+    await store.tasks.cancel("u1", [cancelled, done, failed], only_queued=False, at=4.0)
+    await store.tasks.cancel("u1", [cancelled], only_queued=False, at=4.1)
+    await store.tasks.complete("ep1", [_result(cancelled)], 4.2)
+    assert await store.tasks.open_tasks("u1") == 3
+    found = await store.inflight.reconcile("ep1", {running}, {crasher}, 1, 5.0)
+    assert [r.task_id for _, r in found.failed] == [crasher]
+    await store.tasks.complete("ep1", [_result(crasher)], 5.1)
+    assert await store.tasks.open_tasks("u1") == 2
+    await store.tasks.complete("ep1", [_result(running)], 6.0)
+    await store.tasks.cancel("u1", [waiting], only_queued=True, at=6.0)
+    assert (await store.tasks.open_tasks("u1"), await store.tasks.open_tasks("u2")) == (0, 2)
+    assert await store.tasks.open_tasks("nobody") == 0
+
+
+async def test_a_batch_past_the_open_task_limit_changes_nothing(store: Store) -> None:
+    await store.endpoints.put(_endpoint(), "cred")
+    await store.endpoints.connect_session("ep1", "s", None, now())
+    first = _batch(3)
+    assert await store.tasks.create(first, max_open=5) is False
+    over = _batch(3)
+    with pytest.raises(OverQuota) as refused:
+        await store.tasks.create(over, inflight={t: "b" for t in over.task_ids}, session_id="s",
+                                 max_open=5)
+    assert (refused.value.open_tasks, refused.value.limit) == (3, 5)
+    assert await store.tasks.get_many(over.task_ids) == [None] * 3
+    assert await store.tasks.group_owner(over.task_group_id) is None
+    assert await store.tasks.group_tasks(over.task_group_id) == []
+    assert await store.inflight.get("ep1") == {}
+    ep = await store.endpoints.get("ep1")
+    assert ep is not None and ep.queued_tasks == 3
+    assert await store.tasks.open_tasks("u1") == 3
+    # exactly up to the limit is fine; another user has a count of their own
+    assert await store.tasks.create(_batch(2), max_open=5) is False
+    assert await store.tasks.create(_batch(5, user="u2"), max_open=5) is False
+    with pytest.raises(OverQuota):
+        await store.tasks.create(_batch(1), max_open=5)
+    # ending one task makes room for one; no limit (0) admits anything
+    await store.tasks.complete("ep1", [_result(first.task_ids[0])], now())
+    await store.tasks.create(_batch(1), max_open=5)
+    await store.tasks.create(_batch(4), max_open=0)
+    assert await store.tasks.open_tasks("u1") == 9
+
+
+@pytest.mark.usefixtures("services")
+async def test_open_task_count_read_and_raised_from_zero_on_redis(real_prefix: str) -> None:
+    """A count left below zero (tasks created before counting began, then ended) reads as 0
+    and is not subtracted from the next batch."""
+    store = RedisStore(REDIS_URL, prefix=f"{real_prefix}:", result_ttl=3600)
+    try:
+        _, ids = await _tasks(store, 1)
+        await store.db.r.delete(store.db.k("user", "u1", "open"))  # as if created before
+        await store.tasks.complete("ep1", [_result(ids[0])], now())
+        assert await store.db.r.get(store.db.k("user", "u1", "open")) == "0"
+        await store.db.r.set(store.db.k("user", "u1", "open"), -3)
+        assert await store.tasks.open_tasks("u1") == 0
+        await store.tasks.create(_batch(2), max_open=2)
+        assert await store.tasks.open_tasks("u1") == 2
+    finally:
+        await store.close()
+        drop_redis_prefix(f"{real_prefix}:")

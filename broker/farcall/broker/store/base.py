@@ -10,10 +10,10 @@ concept and says so.
 
 | part | holds |
 |---|---|
-| ``users`` | users and the tokens that identify users and endpoints |
-| ``functions`` | registered functions |
-| ``endpoints`` | endpoints, their sessions, heartbeats and queued-task counts |
-| ``tasks`` | task groups, task records and their life cycle |
+| ``users`` | users (unique names) and the tokens that identify users and endpoints |
+| ``functions`` | registered functions and whom they are shared with |
+| ``endpoints`` | endpoints, whom they are shared with, their sessions, heartbeats and queued-task counts |
+| ``tasks`` | task groups, task records and their life cycle; each user's count of open tasks |
 | ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
 | ``pubsub`` | result-stream frames published to every replica's subscribers |
 """
@@ -33,6 +33,7 @@ from farcall.records import (
     NewTasks,
     TaskGroupRecord,
     TaskRecord,
+    TokenRecord,
     UserRecord,
 )
 
@@ -64,6 +65,16 @@ class Principal:
     kind: Literal["user", "endpoint"]
     id: str
     token_hash: str
+    token_id: str = ""
+    """A user token's id (what revoking it names); empty for endpoint credentials."""
+
+
+class OverQuota(Exception):  # noqa: N818 - a condition the caller answers with 429, not a bug
+    """``TaskStore.create`` refused a batch: the user's open tasks would pass their quota."""
+
+    def __init__(self, open_tasks: int, limit: int) -> None:
+        super().__init__(f"{open_tasks} open tasks, limit {limit}")
+        self.open_tasks, self.limit = open_tasks, limit
 
 
 @dataclass(frozen=True)
@@ -94,30 +105,74 @@ class SubmissionContext:
     """What accepting a batch needs to know, read in one round trip."""
 
     endpoint_owner: str | None
+    endpoint_shared_with: frozenset[str]
+    """User ids the endpoint is shared with (besides its owner)."""
     functions: dict[str, FunctionRecord]
-    """The functions that exist among those asked for, by id."""
+    """The functions that exist among those asked for, by id (with whom they are shared)."""
     group_owner: str | None
+
+    def endpoint_usable_by(self, user_id: str) -> bool:
+        return user_id == self.endpoint_owner or user_id in self.endpoint_shared_with
 
 
 class UserStore(abc.ABC):
+    """Users, and the tokens of users and endpoints (an endpoint's is stored by ``EndpointStore``)."""
+
     @abc.abstractmethod
-    async def create(self, user: UserRecord, token_hash: str) -> None: ...
+    async def create(self, user: UserRecord, token: TokenRecord) -> bool:
+        """Create the user with its first token; False (changing nothing) if the name is taken."""
+
+    @abc.abstractmethod
+    async def get(self, user_id: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def get_many(self, user_ids: list[str]) -> dict[str, UserRecord]:
+        """The users that exist among ``user_ids``, by id."""
+
+    @abc.abstractmethod
+    async def by_name(self, name: str) -> UserRecord | None: ...
+
+    @abc.abstractmethod
+    async def add_token(self, token: TokenRecord) -> None:
+        """Give the user (``token.user_id``, who exists) another token."""
+
+    @abc.abstractmethod
+    async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
+        """The user's tokens (every user's with None), oldest first."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, token_id: str, user_id: str | None = None) -> TokenRecord | None:
+        """Delete the token (only if it is ``user_id``'s, when given); the deleted record, or
+        None if there was no such token. From here on ``resolve_token`` does not know it."""
 
     @abc.abstractmethod
     async def resolve_token(self, token_hash: str) -> Principal | None:
-        """The user or endpoint a token hash belongs to."""
+        """The user or endpoint a token hash belongs to (with the user token's id)."""
 
 
 class FunctionStore(abc.ABC):
     @abc.abstractmethod
-    async def put(self, function: FunctionRecord) -> None: ...
+    async def put(self, function: FunctionRecord) -> None:
+        """Store a new function (it counts towards its owner's ``count``)."""
 
     @abc.abstractmethod
     async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
-        """The functions that exist among ``function_ids``, by id."""
+        """The functions that exist among ``function_ids``, by id, with ``shared_with`` and
+        ``public`` filled in."""
 
     @abc.abstractmethod
     async def delete(self, function_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def count(self, user_id: str) -> int:
+        """How many functions the user has registered (and not deleted)."""
+
+    @abc.abstractmethod
+    async def share(
+        self, function_id: str, user_id: str | None, public: bool | None, shared: bool
+    ) -> None:
+        """Share (``shared``) or unshare the function: with ``user_id`` if given, and, if
+        ``public`` is True, with everyone (public False changes nothing about that)."""
 
 
 class EndpointStore(abc.ABC):
@@ -130,11 +185,16 @@ class EndpointStore(abc.ABC):
 
     @abc.abstractmethod
     async def list(self, user_id: str) -> list[EndpointRecord]:
-        """The user's endpoints, by id."""
+        """The user's endpoints and the endpoints shared with the user, by id."""
 
     @abc.abstractmethod
     async def delete(self, endpoint_id: str) -> None:
-        """Remove the endpoint, revoke its credential, forget its in-flight set and queued count."""
+        """Remove the endpoint, revoke its credential, forget its in-flight set, queued count
+        and shares (it leaves the lists of the users it was shared with)."""
+
+    @abc.abstractmethod
+    async def share(self, endpoint_id: str, user_id: str, shared: bool) -> None:
+        """Share the endpoint with ``user_id`` (``shared``) or stop sharing it."""
 
     @abc.abstractmethod
     async def connect_session(
@@ -187,9 +247,15 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     async def create(
-        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
+        max_open: int = 0,
     ) -> bool:
         """Record a submitted batch (and its new task group) at once.
+
+        The tasks add to the user's count of open tasks (``open_tasks``); with ``max_open``
+        (0: no limit), a batch that would take it past ``max_open`` raises ``OverQuota``
+        and changes nothing. Every way a task becomes terminal (result, failure, cancel)
+        takes it off that count.
 
         Spans two other parts: ``inflight`` (task id -> TaskMessage JSON, for tasks to send
         straight to the endpoint's session ``session_id``) goes into the endpoint's in-flight
@@ -201,6 +267,10 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         """Task records in the order asked; None for unknown (or expired) ids."""
+
+    @abc.abstractmethod
+    async def open_tasks(self, user_id: str) -> int:
+        """The user's tasks that are not terminal yet (waiting or running)."""
 
     @abc.abstractmethod
     async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:

@@ -18,6 +18,7 @@ from farcall.broker.store.base import (
     FunctionStore,
     InflightStore,
     LocalSubscription,
+    OverQuota,
     Principal,
     PubSub,
     Reconciled,
@@ -36,6 +37,7 @@ from farcall.records import (
     NewTasks,
     TaskGroupRecord,
     TaskRecord,
+    TokenRecord,
     UserRecord,
 )
 
@@ -43,7 +45,12 @@ from farcall.records import (
 @dataclass
 class _State:
     users: dict[str, UserRecord] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    """user name -> user id"""
     tokens: dict[str, Principal] = field(default_factory=dict)
+    """token hash -> whose it is (users' and endpoints')"""
+    user_tokens: dict[str, TokenRecord] = field(default_factory=dict)
+    """token id -> the user token's record"""
     functions: dict[str, FunctionRecord] = field(default_factory=dict)
     endpoints: dict[str, EndpointRecord] = field(default_factory=dict)
     credentials: dict[str, str] = field(default_factory=dict)
@@ -57,7 +64,20 @@ class _State:
     groups: dict[str, TaskGroupRecord] = field(default_factory=dict)
     group_tasks: dict[str, list[str]] = field(default_factory=dict)
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    open_tasks: dict[str, int] = field(default_factory=dict)
+    """user id -> tasks not terminal yet"""
     subscribers: dict[str, set[LocalSubscription]] = field(default_factory=dict)
+
+    def closed(self, task: TaskRecord) -> None:
+        """``task`` just became terminal: it leaves its user's count of open tasks."""
+        self.open_tasks[task.user_id] = max(0, self.open_tasks.get(task.user_id, 0) - 1)
+
+    def end(self, task: TaskRecord, state: TaskState, error: str, at: float) -> TaskResult:
+        """End ``task`` here (failed or cancelled by the broker); what its submitter sees of it."""
+        task.state, task.error, task.completed_at = state, error, at
+        task.transitions[state.value] = at
+        self.closed(task)
+        return TaskResult.ended_by_broker(task.task_id, state, error, at)
 
     def live_task(self, task_id: str, endpoint_id: str) -> TaskRecord | None:
         """The task if it exists, runs on ``endpoint_id`` and is not terminal yet."""
@@ -71,9 +91,43 @@ class MemoryUsers(UserStore):
     def __init__(self, state: _State) -> None:
         self._s = state
 
-    async def create(self, user: UserRecord, token_hash: str) -> None:
+    async def create(self, user: UserRecord, token: TokenRecord) -> bool:
+        if user.name in self._s.names:
+            return False
+        self._s.names[user.name] = user.user_id
         self._s.users[user.user_id] = user.model_copy()
-        self._s.tokens[token_hash] = Principal("user", user.user_id, token_hash)
+        await self.add_token(token)
+        return True
+
+    async def get(self, user_id: str) -> UserRecord | None:
+        user = self._s.users.get(user_id)
+        return None if user is None else user.model_copy()
+
+    async def get_many(self, user_ids: list[str]) -> dict[str, UserRecord]:
+        users = self._s.users
+        return {u: users[u].model_copy() for u in user_ids if u in users}
+
+    async def by_name(self, name: str) -> UserRecord | None:
+        user_id = self._s.names.get(name)
+        return None if user_id is None else await self.get(user_id)
+
+    async def add_token(self, token: TokenRecord) -> None:
+        self._s.user_tokens[token.token_id] = token.model_copy()
+        self._s.tokens[token.token_hash] = Principal(
+            "user", token.user_id, token.token_hash, token.token_id)
+
+    async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
+        found = [t.model_copy() for t in self._s.user_tokens.values()
+                 if user_id is None or t.user_id == user_id]
+        return sorted(found, key=lambda t: (t.created_at, t.token_id))
+
+    async def revoke_token(self, token_id: str, user_id: str | None = None) -> TokenRecord | None:
+        token = self._s.user_tokens.get(token_id)
+        if token is None or (user_id is not None and token.user_id != user_id):
+            return None
+        del self._s.user_tokens[token_id]
+        self._s.tokens.pop(token.token_hash, None)
+        return token
 
     async def resolve_token(self, token_hash: str) -> Principal | None:
         return self._s.tokens.get(token_hash)
@@ -84,14 +138,29 @@ class MemoryFunctions(FunctionStore):
         self._s = state
 
     async def put(self, function: FunctionRecord) -> None:
-        self._s.functions[function.function_id] = function.model_copy()
+        self._s.functions[function.function_id] = function.model_copy(
+            update={"shared_with": sorted(set(function.shared_with))})
 
     async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
         found = self._s.functions
-        return {f: found[f].model_copy() for f in function_ids if f in found}
+        return {f: found[f].model_copy(deep=True) for f in function_ids if f in found}
 
     async def delete(self, function_id: str) -> None:
         self._s.functions.pop(function_id, None)
+
+    async def count(self, user_id: str) -> int:
+        return sum(1 for f in self._s.functions.values() if f.user_id == user_id)
+
+    async def share(
+        self, function_id: str, user_id: str | None, public: bool | None, shared: bool
+    ) -> None:
+        fn = self._s.functions.get(function_id)
+        if fn is None:
+            return
+        if user_id is not None:
+            fn.shared_with = _shared(fn.shared_with, user_id, shared)
+        if public:
+            fn.public = shared
 
 
 class MemoryEndpoints(EndpointStore):
@@ -100,7 +169,8 @@ class MemoryEndpoints(EndpointStore):
 
     async def put(self, endpoint: EndpointRecord, credential_hash: str) -> None:
         eid = endpoint.endpoint_id
-        self._s.endpoints[eid] = endpoint.model_copy(deep=True)
+        self._s.endpoints[eid] = endpoint.model_copy(
+            deep=True, update={"shared_with": sorted(set(endpoint.shared_with))})
         self._s.credentials[eid] = credential_hash
         self._s.tokens[credential_hash] = Principal("endpoint", eid, credential_hash)
 
@@ -114,7 +184,7 @@ class MemoryEndpoints(EndpointStore):
         })
 
     async def list(self, user_id: str) -> list[EndpointRecord]:
-        ids = sorted(e for e, rec in self._s.endpoints.items() if rec.user_id == user_id)
+        ids = sorted(e for e, rec in self._s.endpoints.items() if rec.usable_by(user_id))
         return [r for e in ids if (r := await self.get(e)) is not None]
 
     async def delete(self, endpoint_id: str) -> None:
@@ -125,6 +195,11 @@ class MemoryEndpoints(EndpointStore):
         s.live.pop(endpoint_id, None)
         s.inflight.pop(endpoint_id, None)
         s.queued.pop(endpoint_id, None)
+
+    async def share(self, endpoint_id: str, user_id: str, shared: bool) -> None:
+        ep = self._s.endpoints.get(endpoint_id)
+        if ep is not None:
+            ep.shared_with = _shared(ep.shared_with, user_id, shared)
 
     async def connect_session(
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
@@ -181,14 +256,22 @@ class MemoryTasks(TaskStore):
         self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
     ) -> SubmissionContext:
         ep = self._s.endpoints.get(endpoint_id)
-        functions = {f: rec.model_copy() for f in function_ids if (rec := self._s.functions.get(f))}
+        functions = {f: rec.model_copy(deep=True)
+                     for f in function_ids if (rec := self._s.functions.get(f))}
         owner = None if task_group_id is None else await self.group_owner(task_group_id)
-        return SubmissionContext(ep.user_id if ep else None, functions, owner)
+        return SubmissionContext(ep.user_id if ep else None,
+                                 frozenset(ep.shared_with) if ep else frozenset(),
+                                 functions, owner)
 
     async def create(
-        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
+        max_open: int = 0,
     ) -> bool:
         s = self._s
+        current = s.open_tasks.get(batch.user_id, 0)
+        if max_open > 0 and batch.task_ids and current + len(batch.task_ids) > max_open:
+            raise OverQuota(current, max_open)
+        s.open_tasks[batch.user_id] = current + len(batch.task_ids)
         if batch.new_group:
             await self.create_group(TaskGroupRecord(
                 task_group_id=batch.task_group_id, user_id=batch.user_id,
@@ -209,12 +292,15 @@ class MemoryTasks(TaskStore):
         return [t.model_copy(deep=True) if (t := tasks.get(i)) is not None else None
                 for i in task_ids]
 
+    async def open_tasks(self, user_id: str) -> int:
+        return self._s.open_tasks.get(user_id, 0)
+
     async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:
         done = []
         for task_id in task_ids:
             task = self._s.tasks.get(task_id)
             if task is not None and not task.state.terminal:
-                done.append((task.task_group_id, _end(task, TaskState.FAILED, error, at)))
+                done.append((task.task_group_id, self._s.end(task, TaskState.FAILED, error, at)))
         return done
 
     async def cancel(
@@ -229,11 +315,10 @@ class MemoryTasks(TaskStore):
             elif task.state.terminal or (only_queued and task.state == TaskState.RUNNING):
                 unchanged[task_id] = task.state.value
             else:
-                result = _end(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
+                result = self._s.end(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
                 self._s.inflight.get(task.endpoint_id, {}).pop(task_id, None)
                 results.append((task.task_group_id, task.endpoint_id, result))
         return Cancelled(results, unchanged)
-
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         for task_id, at in started.items():
@@ -259,6 +344,7 @@ class MemoryTasks(TaskStore):
             if r.started_at is not None:
                 task.transitions.setdefault(TaskState.RUNNING.value, r.started_at)
             task.transitions[task.state.value] = at
+            self._s.closed(task)
             done.append((task.task_group_id, TaskResult.stored(r, at)))
         return done
 
@@ -304,7 +390,7 @@ class MemoryInflight(InflightStore):
             if is_crash:
                 s.crashes[task_id] = s.crashes.get(task_id, 0) + 1
             if is_crash and s.crashes[task_id] >= max_losses:
-                result = _end(task, TaskState.FAILED, crash_failure(max_losses), at)
+                result = s.end(task, TaskState.FAILED, crash_failure(max_losses), at)
                 del inflight[task_id]
                 failed.append((task.task_group_id, result))
             else:
@@ -339,8 +425,6 @@ class MemoryStore(Store):
         self.pubsub = MemoryPubSub(state)
 
 
-def _end(task: TaskRecord, state: TaskState, error: str, at: float) -> TaskResult:
-    """End ``task`` here (failed or cancelled by the broker); what its submitter sees of it."""
-    task.state, task.error, task.completed_at = state, error, at
-    task.transitions[state.value] = at
-    return TaskResult.ended_by_broker(task.task_id, state, error, at)
+def _shared(user_ids: list[str], user_id: str, shared: bool) -> list[str]:
+    """``user_ids`` with ``user_id`` added (``shared``) or removed, sorted as Redis hands them out."""
+    return sorted(set(user_ids) | {user_id} if shared else set(user_ids) - {user_id})

@@ -1,11 +1,17 @@
 """Redis store: every key under one prefix, batches in one pipeline or one Lua call.
 
 Keys (``p`` is the prefix):
-``p tokens`` hash sha256 -> ``user:<id>`` / ``endpoint:<id>``; ``p user:<id>``;
-``p user:<id>:endpoints`` set; ``p fn:<id>``; ``p ep:<id>``; ``p ep:<id>:sessions`` set;
+``p tokens`` hash sha256 -> ``user:<user id>:<token id>`` / ``endpoint:<id>`` (a ``user:<id>``
+written before tokens had ids still resolves, with no token id); ``p token:<id>`` hash (the
+TokenRecord); ``p tokens:all`` and ``p user:<id>:tokens`` sorted sets of token ids by creation;
+``p users:names`` hash name -> user id (what keeps names unique); ``p user:<id>``;
+``p user:<id>:endpoints`` set (owned); ``p user:<id>:shared_endpoints`` set (shared with them);
+``p user:<id>:functions`` set; ``p user:<id>:open`` count of open tasks; ``p fn:<id>`` (field
+``public`` when public) and ``p fn:<id>:shared`` set of user ids; ``p ep:<id>``;
+``p ep:<id>:shared`` set of user ids; ``p ep:<id>:sessions`` set;
 ``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p ep:<id>:queued`` count of queued
-tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>`` field per
-transition. Results are published on channel ``p results:<task group id>`` as
+tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>``
+field per transition. Results are published on channel ``p results:<task group id>`` as
 ``<replica id> <frame>``; a replica hands its own frames to its subscribers directly.
 State changes that must not go backwards (running after success, a second
 result) are Lua scripts (:mod:`.redis_scripts`), so they are atomic across broker replicas.
@@ -30,6 +36,7 @@ from farcall.broker.store.base import (
     EndpointStore,
     FunctionStore,
     InflightStore,
+    OverQuota,
     Principal,
     Reconciled,
     Store,
@@ -47,6 +54,7 @@ from farcall.records import (
     NewTasks,
     TaskGroupRecord,
     TaskRecord,
+    TokenRecord,
     UserRecord,
 )
 
@@ -55,9 +63,9 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 100
 """Redis connections a broker process uses for commands (pub/sub has its own one)."""
 POOL_WAIT = 5.0
+"""Seconds a command waits for a free connection before the request answers 503."""
 COMMAND_TIMEOUT = 10.0
 """Seconds a command may wait for Redis's answer (the largest batch script takes milliseconds)."""
-"""Seconds a command waits for a free connection before the request answers 503."""
 
 _ATTEMPTS: TypeAdapter[list[Attempt]] = TypeAdapter(list[Attempt])
 
@@ -87,6 +95,9 @@ class _Redis:
         self.del_if_equal = self.r.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
         self.reconcile = self.r.register_script(redis_scripts.RECONCILE)
+        self.create_user = self.r.register_script(redis_scripts.CREATE_USER)
+        self.revoke_token = self.r.register_script(redis_scripts.REVOKE_TOKEN)
+        self.share = self.r.register_script(redis_scripts.SHARE)
 
     def k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -96,19 +107,69 @@ class RedisUsers(UserStore):
     def __init__(self, db: _Redis) -> None:
         self._db = db
 
-    async def create(self, user: UserRecord, token_hash: str) -> None:
+    async def create(self, user: UserRecord, token: TokenRecord) -> bool:
+        db = self._db
+        fields = _pairs(user.model_dump())
+        keys = [db.k("users:names"), db.k("user", user.user_id), db.k("tokens"),
+                db.k("token", token.token_id), db.k("user", user.user_id, "tokens"),
+                db.k("tokens:all")]
+        args: list[Any] = [user.name, user.user_id, token.token_hash, _token_value(token),
+                           token.token_id, repr(token.created_at), len(fields), *fields,
+                           *_pairs(token.model_dump())]
+        return bool(await db.create_user(keys=keys, args=args))
+
+    async def get(self, user_id: str) -> UserRecord | None:
+        return (await self.get_many([user_id])).get(user_id)
+
+    async def get_many(self, user_ids: list[str]) -> dict[str, UserRecord]:
+        async with self._db.r.pipeline(transaction=False) as p:
+            for u in user_ids:
+                p.hgetall(self._db.k("user", u))
+            found = await p.execute()
+        return {u: UserRecord.model_validate(rec)
+                for u, rec in zip(user_ids, found, strict=True) if rec}
+
+    async def by_name(self, name: str) -> UserRecord | None:
+        user_id = await self._db.r.hget(self._db.k("users:names"), name)
+        return None if user_id is None else await self.get(user_id)
+
+    async def add_token(self, token: TokenRecord) -> None:
         db = self._db
         async with db.r.pipeline(transaction=True) as p:
-            p.hset(db.k("user", user.user_id), mapping=_flat(user.model_dump()))
-            p.hset(db.k("tokens"), token_hash, f"user:{user.user_id}")
+            p.hset(db.k("token", token.token_id), mapping=_flat(token.model_dump()))
+            p.hset(db.k("tokens"), token.token_hash, _token_value(token))
+            p.zadd(db.k("user", token.user_id, "tokens"), {token.token_id: token.created_at})
+            p.zadd(db.k("tokens:all"), {token.token_id: token.created_at})
             await p.execute()
+
+    async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
+        db = self._db
+        index = db.k("tokens:all") if user_id is None else db.k("user", user_id, "tokens")
+        token_ids = await db.r.zrange(index, 0, -1)
+        async with db.r.pipeline(transaction=False) as p:
+            for t in token_ids:
+                p.hgetall(db.k("token", t))
+            found = await p.execute()
+        return [TokenRecord.model_validate(rec) for rec in found if rec]
+
+    async def revoke_token(self, token_id: str, user_id: str | None = None) -> TokenRecord | None:
+        db = self._db
+        flat = await db.revoke_token(
+            keys=[db.k("token", token_id), db.k("tokens"), db.k("tokens:all")],
+            args=[token_id, user_id or "", db.prefix])
+        if not flat:
+            return None
+        return TokenRecord.model_validate(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def resolve_token(self, token_hash: str) -> Principal | None:
         value = await self._db.r.hget(self._db.k("tokens"), token_hash)
         if not value:
             return None
         kind, _, ident = value.partition(":")
-        return Principal("endpoint" if kind == "endpoint" else "user", ident, token_hash)
+        if kind == "endpoint":
+            return Principal("endpoint", ident, token_hash)
+        user_id, _, token_id = ident.partition(":")
+        return Principal("user", user_id, token_hash, token_id)
 
 
 class RedisFunctions(FunctionStore):
@@ -116,18 +177,43 @@ class RedisFunctions(FunctionStore):
         self._db = db
 
     async def put(self, function: FunctionRecord) -> None:
-        await self._db.r.hset(self._db.k("fn", function.function_id),
-                              mapping=_flat(function.model_dump()))
+        db, fid = self._db, function.function_id
+        fields = _flat(function.model_dump(exclude={"shared_with", "public"}))
+        if function.public:
+            fields["public"] = "1"
+        async with db.r.pipeline(transaction=True) as p:
+            p.hset(db.k("fn", fid), mapping=fields)
+            p.sadd(db.k("user", function.user_id, "functions"), fid)
+            if function.shared_with:
+                p.sadd(db.k("fn", fid, "shared"), *function.shared_with)
+            await p.execute()
 
     async def get_many(self, function_ids: list[str]) -> dict[str, FunctionRecord]:
         async with self._db.r.pipeline(transaction=False) as p:
             for f in function_ids:
-                p.hgetall(self._db.k("fn", f))
+                _read_function(p, self._db, f)
             found = await p.execute()
-        return {f: _function(rec) for f, rec in zip(function_ids, found, strict=True) if rec}
+        return _functions(function_ids, found)
 
     async def delete(self, function_id: str) -> None:
-        await self._db.r.delete(self._db.k("fn", function_id))
+        db = self._db
+        user_id = await db.r.hget(db.k("fn", function_id), "user_id")
+        async with db.r.pipeline(transaction=True) as p:
+            if user_id:
+                p.srem(db.k("user", user_id, "functions"), function_id)
+            p.delete(db.k("fn", function_id), db.k("fn", function_id, "shared"))
+            await p.execute()
+
+    async def count(self, user_id: str) -> int:
+        return int(await self._db.r.scard(self._db.k("user", user_id, "functions")))
+
+    async def share(
+        self, function_id: str, user_id: str | None, public: bool | None, shared: bool
+    ) -> None:
+        db = self._db
+        await db.share(
+            keys=[db.k("fn", function_id), db.k("fn", function_id, "shared")],
+            args=["1" if shared else "0", user_id or "", function_id, "1" if public else "0"])
 
 
 class RedisEndpoints(EndpointStore):
@@ -142,6 +228,9 @@ class RedisEndpoints(EndpointStore):
             p.hset(db.k("ep", eid), mapping={**_flat(fields), "credential_hash": credential_hash})
             p.sadd(db.k("user", endpoint.user_id, "endpoints"), eid)
             p.hset(db.k("tokens"), credential_hash, f"endpoint:{eid}")
+            for user_id in endpoint.shared_with:
+                p.sadd(db.k("ep", eid, "shared"), user_id)
+                p.sadd(db.k("user", user_id, "shared_endpoints"), eid)
             await p.execute()
 
     async def get(self, endpoint_id: str) -> EndpointRecord | None:
@@ -154,9 +243,12 @@ class RedisEndpoints(EndpointStore):
                 p.hgetall(db.k("ep", e))
                 p.scard(db.k("ep", e, "sessions"))
                 p.get(db.k("ep", e, "queued"))
+                p.smembers(db.k("ep", e, "shared"))
             raw = await p.execute()
         out: list[EndpointRecord | None] = []
-        for rec, sessions, queued in zip(raw[::3], raw[1::3], raw[2::3], strict=True):
+        for rec, sessions, queued, shared in zip(
+            raw[::4], raw[1::4], raw[2::4], raw[3::4], strict=True
+        ):
             out.append(None if not rec else EndpointRecord(
                 endpoint_id=rec["endpoint_id"],
                 user_id=rec["user_id"],
@@ -169,30 +261,49 @@ class RedisEndpoints(EndpointStore):
                 heartbeat_period=_float(rec.get("heartbeat_period")),
                 connected=sessions > 0,
                 queued_tasks=max(0, int(queued or 0)),
+                shared_with=sorted(shared),
             ))
         return out
 
     async def list(self, user_id: str) -> list[EndpointRecord]:
-        ids = sorted(await self._db.r.smembers(self._db.k("user", user_id, "endpoints")))
-        return [r for r in await self._get_many(ids) if r is not None]
+        db = self._db
+        async with db.r.pipeline(transaction=False) as p:
+            p.smembers(db.k("user", user_id, "endpoints"))
+            p.smembers(db.k("user", user_id, "shared_endpoints"))
+            owned, shared = await p.execute()
+        records = await self._get_many(sorted(owned | shared))
+        return [r for r in records if r is not None and r.usable_by(user_id)]
 
     async def delete(self, endpoint_id: str) -> None:
         db = self._db
         key = db.k("ep", endpoint_id)
-        credential, user_id = await db.r.hmget(key, ["credential_hash", "user_id"])
+        async with db.r.pipeline(transaction=False) as p:
+            p.hmget(key, ["credential_hash", "user_id"])
+            p.smembers(db.k("ep", endpoint_id, "shared"))
+            (credential, user_id), shared = await p.execute()
         async with db.r.pipeline(transaction=True) as p:
             if credential:
                 p.hdel(db.k("tokens"), credential)
             if user_id:
                 p.srem(db.k("user", user_id, "endpoints"), endpoint_id)
+            for other in shared:
+                p.srem(db.k("user", other, "shared_endpoints"), endpoint_id)
             p.delete(
                 key,
+                db.k("ep", endpoint_id, "shared"),
                 db.k("ep", endpoint_id, "sessions"),
                 db.k("ep", endpoint_id, "live"),
                 db.k("ep", endpoint_id, "inflight"),
                 db.k("ep", endpoint_id, "queued"),
             )
             await p.execute()
+
+    async def share(self, endpoint_id: str, user_id: str, shared: bool) -> None:
+        db = self._db
+        await db.share(
+            keys=[db.k("ep", endpoint_id), db.k("ep", endpoint_id, "shared"),
+                  db.k("user", user_id, "shared_endpoints")],
+            args=["1" if shared else "0", user_id, endpoint_id, "0"])
 
     async def connect_session(
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
@@ -260,15 +371,18 @@ class RedisTasks(TaskStore):
         db = self._db
         async with db.r.pipeline(transaction=False) as p:
             p.hget(db.k("ep", endpoint_id), "user_id")
+            p.smembers(db.k("ep", endpoint_id, "shared"))
             p.hget(db.k("tg", task_group_id or "-"), "user_id")
             for f in function_ids:
-                p.hgetall(db.k("fn", f))
-            owner, group_owner, *found = await p.execute()
-        functions = {f: _function(rec) for f, rec in zip(function_ids, found, strict=True) if rec}
-        return SubmissionContext(owner, functions, group_owner if task_group_id else None)
+                _read_function(p, db, f)
+            owner, endpoint_shared, group_owner, *found = await p.execute()
+        return SubmissionContext(
+            owner, frozenset(endpoint_shared) if owner else frozenset(),
+            _functions(function_ids, found), group_owner if task_group_id else None)
 
     async def create(
-        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = ""
+        self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
+        max_open: int = 0,
     ) -> bool:
         if not batch.task_ids:
             return False
@@ -281,6 +395,7 @@ class RedisTasks(TaskStore):
             db.k("ep", endpoint, "queued"),
             db.k("ep", endpoint, "inflight"),
             db.k("ep", endpoint, "live"),
+            db.k("user", batch.user_id, "open"),
         ]
         keys += [db.k("task", t) for t in batch.task_ids]
         shared = [
@@ -297,6 +412,7 @@ class RedisTasks(TaskStore):
             repr(batch.received_at),
             len(batch.task_ids) - len(inflight),
             session_id,
+            max_open,
             len(inflight),
         ]
         for pair in inflight.items():
@@ -305,7 +421,10 @@ class RedisTasks(TaskStore):
         args += shared
         for pair in zip(batch.task_ids, batch.function_ids, strict=True):
             args += pair
-        return bool(await db.create_tasks(keys=keys, args=args))
+        direct, open_tasks = await db.create_tasks(keys=keys, args=args)
+        if direct < 0:
+            raise OverQuota(open_tasks, max_open)
+        return bool(direct)
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         async with self._db.r.pipeline(transaction=False) as p:
@@ -314,12 +433,15 @@ class RedisTasks(TaskStore):
             raw = await p.execute()
         return [_task(rec) if rec else None for rec in raw]
 
+    async def open_tasks(self, user_id: str) -> int:
+        return max(0, int(await self._db.r.get(self._db.k("user", user_id, "open")) or 0))
+
     async def fail(self, task_ids: list[str], error: str, at: float) -> list[tuple[str, TaskResult]]:
         if not task_ids:
             return []
         db = self._db
         keys = [db.k("task", t) for t in task_ids]
-        args: list[Any] = ["", TaskState.FAILED.value, error, db.result_ttl]
+        args: list[Any] = ["", TaskState.FAILED.value, error, db.result_ttl, db.prefix]
         args += [repr(at)] * len(keys)
         groups = await db.transition(keys=keys, args=args)
         return [(group, TaskResult.ended_by_broker(t, TaskState.FAILED, error, at))
@@ -337,7 +459,8 @@ class RedisTasks(TaskStore):
             return Cancelled([], unchanged)
         keys = [db.k("task", r.task_id) for r in mine]
         keys += [db.k("ep", r.endpoint_id, "inflight") for r in mine]
-        args: list[Any] = ["1" if only_queued else "0", repr(at), CANCELLED_ERROR, db.result_ttl]
+        args: list[Any] = ["1" if only_queued else "0", repr(at), CANCELLED_ERROR, db.result_ttl,
+                           db.prefix]
         args += [r.task_id for r in mine]
         outcome = await db.cancel(keys=keys, args=args)
         results = []
@@ -353,7 +476,7 @@ class RedisTasks(TaskStore):
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
         if started:
             keys = [self._db.k("task", t) for t in started]
-            args: list[Any] = [endpoint_id, TaskState.RUNNING.value, "", 0]
+            args: list[Any] = [endpoint_id, TaskState.RUNNING.value, "", 0, self._db.prefix]
             args += [repr(at) for at in started.values()]
             await self._db.transition(keys=keys, args=args)
 
@@ -364,7 +487,7 @@ class RedisTasks(TaskStore):
             return []
         db = self._db
         keys = [db.k("ep", endpoint_id, "inflight")] + [db.k("task", r.task_id) for r in results]
-        args: list[str] = [endpoint_id, str(db.result_ttl), repr(at)]
+        args: list[str] = [endpoint_id, str(db.result_ttl), repr(at), db.prefix]
         for r in results:
             worker = r.worker.model_dump_json() if r.worker else ""
             started = repr(r.started_at) if r.started_at is not None else ""
@@ -407,7 +530,7 @@ class RedisInflight(InflightStore):
         keys = [db.k("ep", endpoint_id, "inflight")] + [db.k("task", t) for t in lost]
         failure = crash_failure(max_losses)
         args: list[Any] = [endpoint_id, max_losses, repr(at), db.result_ttl, LOST_ATTEMPT,
-                           CRASH_ATTEMPT, failure]
+                           CRASH_ATTEMPT, failure, db.prefix]
         for t in lost:
             args += [t, "1" if t in crashed else "0"]
         outcome = await db.reconcile(keys=keys, args=args)
@@ -459,11 +582,35 @@ def _flat(record: dict[str, Any]) -> dict[str, str]:
     }
 
 
+def _pairs(record: dict[str, Any]) -> list[str]:
+    """A record's fields as the flat name, value list a Lua ``HSET`` takes."""
+    return [x for pair in _flat(record).items() for x in pair]
+
+
+def _token_value(token: TokenRecord) -> str:
+    """What ``p tokens`` maps a user token's hash to."""
+    return f"user:{token.user_id}:{token.token_id}"
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
-def _function(rec: dict[str, str]) -> FunctionRecord:
+def _read_function(p: Any, db: _Redis, function_id: str) -> None:
+    """Queue on pipeline ``p`` the two reads ``_functions`` turns into a record."""
+    p.hgetall(db.k("fn", function_id))
+    p.smembers(db.k("fn", function_id, "shared"))
+
+
+def _functions(function_ids: list[str], raw: list[Any]) -> dict[str, FunctionRecord]:
+    """The functions that exist, from the replies of ``_read_function`` for each id in order."""
+    return {
+        f: _function(rec, shared)
+        for f, rec, shared in zip(function_ids, raw[::2], raw[1::2], strict=True) if rec
+    }
+
+
+def _function(rec: dict[str, str], shared: set[str]) -> FunctionRecord:
     return FunctionRecord.model_construct(
         function_id=rec["function_id"],
         user_id=rec["user_id"],
@@ -471,6 +618,8 @@ def _function(rec: dict[str, str]) -> FunctionRecord:
         description=rec.get("description", ""),
         function=rec["function"],
         created_at=float(rec["created_at"]),
+        shared_with=sorted(shared),
+        public=rec.get("public") == "1",
     )
 
 

@@ -179,9 +179,11 @@ class RedisPubSub(PubSub):
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await link.pubsub.connect()
-        except Exception as e:
+        except BaseException as e:  # a cancel too: a half-open connection must not leak
             await link.close()
-            raise Unavailable(f"Redis is not answering ({e!r}); retry later") from e
+            if isinstance(e, Exception):
+                raise Unavailable(f"Redis is not answering ({e!r}); retry later") from e
+            raise
         link.reader = asyncio.create_task(self._read(link), name=self.client_name)
         return link
 
