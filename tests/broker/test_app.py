@@ -50,7 +50,10 @@ class Env:
 @pytest.fixture
 def env() -> Iterator[Env]:
     store, queue = MemoryStore(), MemoryQueue()
-    app = create_app(Settings(max_payload_bytes=LIMIT), store=store, queue=queue)
+    # No limit on failed authentication: these tests send bad tokens on purpose, many times
+    # (the limit has tests of its own: tests/broker/test_limits.py, tests/integration/test_limits.py).
+    app = create_app(Settings(max_payload_bytes=LIMIT, auth_failure_rate=0), store=store,
+                     queue=queue)
     with TestClient(app) as client:
         e = Env(client, store, queue, {}, {})
         e.alice, e.bob = e.user("alice"), e.user("bob")
@@ -92,7 +95,7 @@ def test_openapi_shows_answers_and_error_bodies(env: Env) -> None:
             assert ref(op, "200").startswith("#/components/schemas/"), (method, path)
             if path == "/v1/health":
                 continue
-            for status in ("401", "403", "422", "503"):
+            for status in ("400", "401", "403", "413", "422", "429", "503"):
                 assert ref(op, status) == "#/components/schemas/ErrorBody", (method, path, status)
             if "{" in path:
                 assert ref(op, "404") == "#/components/schemas/ErrorBody", (method, path)

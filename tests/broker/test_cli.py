@@ -1,4 +1,4 @@
-"""``farcall-broker``: ``users create`` on Redis and embedded ``serve``, as real processes."""
+"""``farcall-broker``: user and token commands on Redis and embedded ``serve``, as real processes."""
 
 from __future__ import annotations
 
@@ -59,15 +59,31 @@ def test_users_create_prints_the_token_last(real_prefix: str) -> None:
     asyncio.run(check())
 
 
-def test_users_create_needs_redis() -> None:
+@pytest.mark.parametrize("command", [["users", "create", "x"], ["users", "token", "x"],
+                                     ["tokens", "list"], ["tokens", "revoke", "some-id"]])
+def test_user_and_token_commands_need_redis(command: list[str]) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "farcall.broker", "users", "create", "x"],
+        [sys.executable, "-m", "farcall.broker", *command],
         env=_env(),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert r.returncode == 2 and "--redis-url" in r.stderr
+
+
+def test_users_create_refuses_a_bad_name() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "farcall.broker", "users", "create", "no spaces", "--redis-url",
+         REDIS_URL], env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot be a user name" in r.stderr
+
+
+def test_serve_needs_both_certificate_and_key(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "farcall.broker", "serve", "--ssl-certfile", str(tmp_path / "c")],
+        env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ssl-keyfile" in r.stderr
 
 
 def test_serve_embedded_prints_a_demo_token(tmp_path: Path) -> None:

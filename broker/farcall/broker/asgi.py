@@ -1,11 +1,39 @@
-"""Generic ASGI pieces the broker's app wraps itself in, knowing nothing of farcall's routes."""
+"""Generic ASGI pieces the broker's app and server use, knowing nothing of farcall's routes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from farcall.broker.errors import InvalidRequest, PayloadTooLarge
+
+
+def over_limit(data: str | bytes, limit: int) -> bool:
+    """Whether a WebSocket message is over ``limit`` bytes (as UTF-8), found before parsing it
+    and without copying a text message unless its size in bytes is in doubt."""
+    if isinstance(data, bytes) or data.isascii():  # isascii() is O(1) on CPython's str
+        return len(data) > limit
+    if len(data) > limit:
+        return True
+    return len(data) * 4 > limit and len(data.encode("utf-8", "surrogatepass")) > limit
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's default WebSocket protocol, except that a connection refused with an HTTP
+    answer (ASGI's denial response, how the broker says 401/403/404/429) counts as handled.
+
+    uvicorn's own class logs "ASGI callable returned without completing handshake" at ERROR
+    for each such refusal (open upstream as uvicorn PR #3138), so anyone could fill the log.
+    Pass it as uvicorn's ``ws`` (``--ws farcall.broker.asgi:WebSocketProtocol``).
+    """
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True
 
 
 class BodyLimit:

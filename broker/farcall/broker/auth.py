@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 import secrets
 import uuid
 
-from farcall.broker.store.base import Principal, UserStore
-from farcall.messages import now
-from farcall.records import UserRecord
+from farcall.broker.store.base import Principal, Store, UserStore
+from farcall.messages import USERNAME_PATTERN, now
+from farcall.records import TokenRecord, UserRecord
 
 USER_PREFIX = "fcu_"
 ENDPOINT_PREFIX = "fce_"
+REVOKED_GROUP = "tokens:revoked"
+"""The pub/sub group on which a revocation reaches every broker replica (JSON: token_id, token_hash)."""
 
 
 def new_token(prefix: str) -> str:
@@ -47,9 +51,52 @@ async def authenticate(users: UserStore, token: str | None) -> Principal | None:
     return principal
 
 
-async def create_user(users: UserStore, name: str) -> tuple[str, str]:
-    """Create a user; returns ``(user_id, token)``. The token is never stored, only its hash."""
-    user_id = str(uuid.uuid4())
+class UserExists(ValueError):
+    """``create_user`` was given a name another user has."""
+
+
+def check_username(name: str) -> str:
+    """``name`` if it can be a user's name; ``ValueError`` saying what is allowed otherwise."""
+    if not re.fullmatch(USERNAME_PATTERN, name):
+        raise ValueError(
+            f"{name[:80]!r} cannot be a user name: use 1 to 64 letters, digits and . _ @ + -, "
+            "starting with a letter or digit")
+    return name
+
+
+def _token_for(user_id: str, name: str) -> tuple[TokenRecord, str]:
     token = new_token(USER_PREFIX)
-    await users.create(UserRecord(user_id=user_id, name=name, created_at=now()), token_hash(token))
+    record = TokenRecord(token_id=str(uuid.uuid4()), user_id=user_id, name=name,
+                         created_at=now(), token_hash=token_hash(token))
+    return record, token
+
+
+async def create_user(users: UserStore, name: str) -> tuple[str, str]:
+    """Create a user; returns ``(user_id, token)``. The token is never stored, only its hash.
+
+    Raises ``UserExists`` if the name is taken, ``ValueError`` if it cannot be a name.
+    """
+    user_id = str(uuid.uuid4())
+    record, token = _token_for(user_id, "created with the user")
+    if not await users.create(UserRecord(user_id=user_id, name=check_username(name),
+                                         created_at=now()), record):
+        raise UserExists(f"a user named {name!r} already exists; "
+                         f"give it another token with 'farcall-broker users token {name}'")
     return user_id, token
+
+
+async def add_token(users: UserStore, user_id: str, name: str = "") -> tuple[TokenRecord, str]:
+    """Give the user a new token; returns its record and the token (shown once, never stored)."""
+    record, token = _token_for(user_id, name)
+    await users.add_token(record)
+    return record, token
+
+
+async def revoke_token(store: Store, token_id: str, user_id: str | None = None) -> TokenRecord | None:
+    """Revoke a user token (only ``user_id``'s, when given) and tell every broker replica, so it is
+    refused at once and open streams that authenticated with it close. The revoked record, or None."""
+    record = await store.users.revoke_token(token_id, user_id)
+    if record is not None:
+        await store.pubsub.publish(REVOKED_GROUP, json.dumps(
+            {"token_id": record.token_id, "token_hash": record.token_hash}))
+    return record

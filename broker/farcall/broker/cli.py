@@ -1,4 +1,9 @@
-"""``farcall-broker``: run the broker (``serve``) and manage users (``users create``)."""
+"""``farcall-broker``: run the broker (``serve``), manage users and their tokens.
+
+``users create NAME`` and ``users token NAME`` print a token (last line);
+``tokens list [--user NAME]`` and ``tokens revoke TOKEN_ID`` manage them. The
+management commands talk to the broker's Redis directly (:mod:`.admin`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ import sys
 from farcall.broker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_REDIS_HELP = "Redis URL (default: $FARCALL_REDIS_URL)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--amqp-url", help="RabbitMQ URL (default: $FARCALL_AMQP_URL; none = in-process)"
     )
+    serve.add_argument("--ssl-certfile", metavar="PEM",
+                       help="serve HTTPS and WSS with this certificate (chain) file")
+    serve.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--forwarded-allow-ips", metavar="IPS",
+        help="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto headers "
+        "are trusted, so limits see the client's address (default: 127.0.0.1)")
     serve.add_argument("--log-level", default="info")
 
     users = sub.add_parser("users", help="manage users").add_subparsers(
@@ -33,7 +47,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     create = users.add_parser("create", help="create a user and print its token (last line)")
     create.add_argument("name")
-    create.add_argument("--redis-url", help="Redis URL (default: $FARCALL_REDIS_URL)")
+    create.add_argument("--redis-url", help=_REDIS_HELP)
+    token = users.add_parser("token", help="give an existing user a new token; prints it (last line)")
+    token.add_argument("name")
+    token.add_argument("--token-name", default="", help="a name to tell the token apart by")
+    token.add_argument("--redis-url", help=_REDIS_HELP)
+
+    tokens = sub.add_parser("tokens", help="list and revoke users' tokens").add_subparsers(
+        dest="tokens_command", required=True
+    )
+    listing = tokens.add_parser("list", help="every token (id, user, name, created), or one user's")
+    listing.add_argument("--user", metavar="NAME", help="only this user's tokens")
+    listing.add_argument("--redis-url", help=_REDIS_HELP)
+    revoke = tokens.add_parser(
+        "revoke", help="revoke a token: refused within a second, its open streams closed")
+    revoke.add_argument("token_id")
+    revoke.add_argument("--redis-url", help=_REDIS_HELP)
     return p
 
 
@@ -45,15 +74,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         if args.amqp_url:
             settings = dataclasses.replace(settings, amqp_url=args.amqp_url)
-        return serve(settings, args.host, args.port, args.log_level)
-    return create_user(settings, args.name)
+        if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+            print("farcall-broker serve: give both --ssl-certfile and --ssl-keyfile, or neither",
+                  file=sys.stderr)
+            return 2
+        return serve(settings, args.host, args.port, args.log_level,
+                     ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                     forwarded_allow_ips=args.forwarded_allow_ips)
+    from farcall.broker import admin
+
+    if args.command == "users":
+        if args.users_command == "create":
+            return admin.run(settings, admin.create_user, args.name)
+        return admin.run(settings, admin.new_token, args.name, args.token_name)
+    if args.tokens_command == "list":
+        return admin.run(settings, admin.list_tokens, args.user)
+    return admin.run(settings, admin.revoke_token, args.token_id)
 
 
-def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> int:
+def serve(settings: Settings, host: str, port: int, log_level: str = "info", *,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None,
+          forwarded_allow_ips: str | None = None) -> int:
     import uvicorn
 
     from farcall.broker import auth
     from farcall.broker.app import create_app
+    from farcall.broker.asgi import WebSocketProtocol
     from farcall.broker.embedded import ws_max_size
     from farcall.broker.store.memory import MemoryStore
 
@@ -74,38 +120,13 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info") -> 
         host=host,
         port=port,
         log_level=log_level,
+        ws=WebSocketProtocol,
         ws_max_size=ws_max_size(settings),
         timeout_graceful_shutdown=10,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        forwarded_allow_ips=forwarded_allow_ips,
     )
-    return 0
-
-
-def create_user(settings: Settings, name: str) -> int:
-    from farcall.broker import auth
-    from farcall.broker.store.redis import RedisStore
-
-    if not settings.redis_url:
-        print(
-            "farcall-broker users create needs --redis-url or FARCALL_REDIS_URL "
-            "(an embedded broker prints its demo user's token at start)",
-            file=sys.stderr,
-        )
-        return 2
-
-    async def run() -> tuple[str, str]:
-        store = RedisStore(settings.redis_url or "", settings.redis_prefix, settings.result_ttl)
-        try:
-            return await auth.create_user(store.users, name)
-        finally:
-            await store.close()
-
-    try:
-        user_id, token = asyncio.run(run())
-    except Exception as e:  # noqa: BLE001 - a CLI reports, it does not dump a traceback
-        print(f"could not create user {name!r}: {e}", file=sys.stderr)
-        return 1
-    print(f"created user {name!r} ({user_id}); its token (shown once):")
-    print(token)
     return 0
 
 

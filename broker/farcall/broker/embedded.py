@@ -17,6 +17,7 @@ import uvicorn
 
 from farcall.broker import auth
 from farcall.broker.app import create_app
+from farcall.broker.asgi import WebSocketProtocol
 from farcall.broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EmbeddedBroker:
             log_level=log_level,
             lifespan="on",
             timeout_graceful_shutdown=5,
+            ws=WebSocketProtocol,
             ws_max_size=ws_max_size(self.settings),
         )
         self._server = uvicorn.Server(config)

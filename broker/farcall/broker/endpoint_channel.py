@@ -34,12 +34,15 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farcall.backoff import Backoff
 from farcall.broker import auth
+from farcall.broker.asgi import over_limit
 from farcall.broker.errors import (
     BACKEND_ERRORS,
+    ApiError,
     Forbidden,
-    Unauthorized,
     Unavailable,
+    clip,
     deny_websocket,
+    error_summary,
 )
 from farcall.broker.queue.base import Consumer, Delivery
 from farcall.broker.services import Services
@@ -103,14 +106,14 @@ async def send_control(svc: Services, endpoint_id: str, message: dict[str, Any])
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
     """Authenticate the endpoint credential, then run the session until either side closes."""
-    principal = await auth.authenticate(svc.store.users, auth.bearer(ws.headers.get("authorization")))
-    if principal is None:
-        await deny_websocket(ws, Unauthorized("the endpoint credential is unknown or revoked"))
-        return
-    if principal.kind != "endpoint" or principal.id != endpoint_id:
-        await deny_websocket(
-            ws, Forbidden(f"this credential may not connect as endpoint {endpoint_id}")
-        )
+    address = ws.client.host if ws.client else ""
+    try:
+        principal = await svc.authenticate(
+            auth.bearer(ws.headers.get("authorization")), address, kind="endpoint")
+        if principal.id != endpoint_id:
+            raise Forbidden(f"this credential may not connect as endpoint {clip(endpoint_id)}")
+    except ApiError as refused:
+        await deny_websocket(ws, refused)
         return
     await ws.accept()
     await EndpointSession(ws, svc, endpoint_id).run()
@@ -230,7 +233,8 @@ class EndpointSession:
             frame = parse_endpoint_frame(raw) if raw is not None else None
         except ValidationError as e:
             frame = None
-            log.warning("endpoint %s: bad first frame: %s", self.endpoint_id, e)
+            log.warning("endpoint %s: bad first frame: %s", self.endpoint_id,
+                        error_summary(e.errors(), 3))
         if not isinstance(frame, Hello):
             await self._error_and_close("the first frame must be a hello")
             return None
@@ -316,11 +320,20 @@ class EndpointSession:
 
     # ------------------------------------------------------------ endpoint -> broker
 
-    async def _receive(self) -> str | None:
+    async def _receive(self) -> str | bytes | None:
+        """The next frame, unread (None if empty); one over ``max_frame_bytes`` ends the session
+        (close 1009) before it is parsed."""
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
-        return message.get("text") or (message.get("bytes") or b"").decode() or None
+        raw: str | bytes | None = message.get("text") or message.get("bytes") or None
+        limit = self.svc.settings.max_frame_bytes
+        if raw is not None and over_limit(raw, limit):
+            log.warning("endpoint %s sent a frame over the limit of %d bytes; closing its session",
+                        self.endpoint_id, limit)
+            await self._close(1009, f"frame over the limit of {limit} bytes; send smaller frames")
+            raise WebSocketDisconnect(1009)
+        return raw
 
     async def _read_loop(self) -> None:
         while True:
@@ -330,9 +343,10 @@ class EndpointSession:
             try:
                 frame = parse_endpoint_frame(raw)
             except ValidationError as e:
-                log.warning("endpoint %s sent a bad frame: %s", self.endpoint_id, e)
+                problem = error_summary(e.errors(), 3)
+                log.warning("endpoint %s sent a bad frame: %s", self.endpoint_id, problem)
                 await self.send(
-                    ErrorFrame(message=f"bad frame ignored: {e.errors()[:3]}").model_dump_json()
+                    ErrorFrame(message=f"bad frame ignored: {problem}").model_dump_json()
                 )
                 continue
             at = now()

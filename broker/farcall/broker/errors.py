@@ -1,12 +1,15 @@
 """Broker errors and the handlers that turn every failure into ``{"error", "message"}`` JSON.
 
 Bad input always answers 4xx; a Redis or RabbitMQ outage answers 503 so clients
-know to retry; only a bug in the broker itself is a 500.
+know to retry; only a bug in the broker itself is a 500. An answer quotes at most a
+short prefix of what the client sent (:func:`clip`), so a huge bad request gets a
+small answer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
@@ -15,7 +18,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from farcall.broker import limits
+
 log = logging.getLogger(__name__)
+
+CLIP = 80
+"""Most characters of client input (a key, an id, a value) an error answer quotes."""
+CLIP_PROBLEM = 200
+"""Most characters of one validation problem's text (pydantic's or a validator's sentence)."""
+MAX_MESSAGE = 500
+"""Most characters of an error message: ours are sentences, this only bounds a stray quote."""
+MAX_DETAILS = 10
+"""Most validation errors listed in a 422 answer's ``detail``."""
+REFUSAL_LOG_EVERY = 10.0
+"""Refused connections are logged at most once per this many seconds (with a count)."""
 
 CODES = {
     400: "invalid_request",
@@ -25,8 +41,43 @@ CODES = {
     405: "method_not_allowed",
     413: "payload_too_large",
     422: "invalid_request",
+    429: "rate_limited",
     503: "unavailable",
 }
+
+
+def clip(text: object, limit: int = CLIP) -> str:
+    """``text`` (or its ``str``) cut to ``limit`` characters, ending in an ellipsis when cut:
+    how an error answer or log line quotes what a client sent."""
+    s = text if isinstance(text, str) else str(text)
+    return s if len(s) <= limit else s[: max(0, limit - 1)] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def error_details(
+    errors: Sequence[Mapping[str, Any]], limit: int = MAX_DETAILS
+) -> list[dict[str, Any]]:
+    """pydantic or FastAPI validation errors as ``{"type", "loc", "msg"}``: the first ``limit``,
+    every string clipped, never the ``input`` or ``ctx`` (which hold what the client sent)."""
+    details = []
+    for e in errors[:limit]:
+        loc = [p if isinstance(p, int) else clip(p) for p in e.get("loc", ())]
+        if len(loc) > MAX_DETAILS:  # a deeply nested body: where it starts says enough
+            loc = [*loc[: MAX_DETAILS - 1], "\N{HORIZONTAL ELLIPSIS}"]
+        details.append({"type": clip(e.get("type", "invalid")), "loc": loc,
+                        "msg": clip(e.get("msg", "invalid"), CLIP_PROBLEM)})
+    return details
+
+
+def error_summary(errors: Sequence[Mapping[str, Any]], limit: int = 1) -> str:
+    """``where: what`` for the first ``limit`` validation errors, clipped, for a one-line message."""
+    parts = [
+        f"{clip('.'.join(str(p) for p in d['loc']))}: {d['msg']}"
+        for d in error_details(errors, limit)
+    ]
+    if not parts:
+        return "invalid"
+    more = len(errors) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
 class ApiError(Exception):
@@ -39,6 +90,7 @@ class ApiError(Exception):
     code = "internal"
 
     def __init__(self, message: str) -> None:
+        message = clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.message = message
 
@@ -62,6 +114,33 @@ class Forbidden(ApiError):
 
 class ObjectNotFound(ApiError):
     status, code = 404, "not_found"
+
+
+class QuotaExceeded(ApiError):
+    """The user owns as many endpoints or functions as the broker allows."""
+
+    status, code = 403, "quota_exceeded"
+
+
+class TooManyRequests(ApiError):
+    """Over a rate limit (``rate_limited``) or the open-task quota (``quota_exceeded``): the
+    answer says when to try again, in the ``Retry-After`` header and as ``retry_after``."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, retry_after)
+        """Seconds to wait before sending the request again."""
+        if code is not None:
+            self.code = code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers(),
+                              retry_after=round(self.retry_after, 3))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": limits.retry_after(self.retry_after)}
 
 
 class InvalidRequest(ApiError):
@@ -117,7 +196,7 @@ def install_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = CODES.get(exc.status_code, "error")
-        message = str(exc.detail)
+        message = clip(exc.detail, MAX_MESSAGE)
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parser hit the stack limit
             message = ("the JSON body is nested too deeply to read; no field of the API nests "
                        "more than a few levels (resource_specification at most 16)")
@@ -127,14 +206,11 @@ def install_handlers(app: FastAPI) -> None:
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        detail = [
-            {k: v for k, v in e.items() if k not in ("input", "ctx", "url")} for e in exc.errors()
-        ]
-        first = detail[0] if detail else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        problem = first.get("msg", "invalid")
-        message = f"invalid request: {where}: {problem}; see 'detail' and fix the body"
-        return error_response(422, "invalid_request", message, detail=jsonable_encoder(detail))
+        errors = exc.errors()
+        message = f"invalid request: {error_summary(errors)}; see 'detail' and fix the request"
+        return error_response(
+            422, "invalid_request", message, detail=jsonable_encoder(error_details(errors))
+        )
 
     async def backend_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("backing service unavailable: %r", exc)
@@ -154,8 +230,15 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+refusals = limits.QuietLog(log, every=REFUSAL_LOG_EVERY)
+"""Logs refused WebSocket connections: anyone can cause them, so they must not fill the log."""
+
+
 async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
-    """Refuse a WebSocket upgrade with the error's HTTP status and JSON body (else close 1008)."""
+    """Refuse a WebSocket upgrade with the error's HTTP status and JSON body (else close 1008),
+    logged at INFO at most once per ``REFUSAL_LOG_EVERY`` seconds."""
+    refusals("refused a WebSocket to %s from %s: %d %s", clip(ws.url.path),
+             ws.client.host if ws.client else "?", error.status, error.code)
     try:
         await ws.send_denial_response(error.response())
     except RuntimeError:

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from farcall.backoff import Backoff
 from farcall.broker import auth
 from farcall.broker.cache import TTLCache
+from farcall.broker.errors import Forbidden, TooManyRequests, Unauthorized
+from farcall.broker.limits import RateLimiter
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.settings import Settings
-from farcall.broker.store.base import Principal, Store
+from farcall.broker.store.base import Principal, Store, Subscription
 from farcall.records import FunctionRecord
 
 if TYPE_CHECKING:
     from farcall.broker.endpoint_channel import EndpointSession
 
-TOKEN_CACHE_SECONDS = 10.0
-"""A revoked user token stops working on every replica within this time."""
+TOKEN_CACHE_SECONDS = 1.0
+"""A revoked token stops working on every replica within this time even if the revocation's
+broadcast is lost (it normally arrives at once)."""
 OWNER_CACHE_SECONDS = 5.0
-"""A deleted endpoint or function stops taking tasks on every replica within this time."""
+"""A deleted or unshared endpoint or function stops taking tasks on every replica within this
+time (at once on the replica that deleted it)."""
 
 log = logging.getLogger(__name__)
+
+Closer = Callable[[], Coroutine[Any, Any, None]]
+"""Closes one result stream (when its token is revoked)."""
 
 
 def make_store(settings: Settings) -> Store:
@@ -61,8 +73,9 @@ class Services:
         default_factory=lambda: TTLCache[str, Principal](TOKEN_CACHE_SECONDS)
     )
     """Token hash -> who holds it: every REST request asks."""
-    endpoint_owners: TTLCache[str, str] = field(default_factory=_owner_cache)
-    """Endpoint id -> its owner's user id (never changes; a deleted endpoint drops out in time)."""
+    endpoint_access: TTLCache[str, tuple[str, frozenset[str]]] = field(
+        default_factory=lambda: TTLCache[str, tuple[str, frozenset[str]]](OWNER_CACHE_SECONDS))
+    """Endpoint id -> its owner's user id and the ids of the users it is shared with."""
     group_owners: TTLCache[str, str] = field(default_factory=_owner_cache)
     """Task group id -> its owner's user id."""
     functions: TTLCache[str, FunctionRecord] = field(
@@ -72,8 +85,20 @@ class Services:
     channel session sends each body to its endpoint once."""
     sessions: dict[str, EndpointSession] = field(default_factory=dict)
     """Endpoint id -> its channel session on this replica, for sending new tasks directly."""
+    token_streams: dict[str, set[Closer]] = field(default_factory=dict)
+    """User token id -> how to close each result stream opened with it (on revocation)."""
+    requests: RateLimiter = field(init=False)
+    """Requests per token."""
+    auth_failures: RateLimiter = field(init=False)
+    """Failed authentications per client address."""
+    _revocations: asyncio.Task[None] | None = None
 
-    async def authenticate_user(self, token: str) -> Principal | None:
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.requests = RateLimiter(s.rate_limit, s.rate_burst)
+        self.auth_failures = RateLimiter(s.auth_failure_rate, s.auth_failure_burst)
+
+    async def lookup(self, token: str) -> Principal | None:
         """Who holds ``token`` (cached briefly: every REST request needs this answer)."""
         digest = auth.token_hash(token)
         found = self.principals.get(digest)
@@ -82,6 +107,90 @@ class Services:
             if found is not None:
                 self.principals.put(digest, found)
         return found
+
+    async def authenticate(self, token: str | None, address: str, kind: str = "user") -> Principal:
+        """Who sends this request: raises ``Unauthorized`` (no or unknown token), ``Forbidden``
+        (an endpoint credential where a user token belongs, or the reverse) or, for an unknown
+        token from an address that failed too often lately, ``TooManyRequests``. A valid token
+        is never refused for its address's failures (a lab behind one NAT address)."""
+        principal = None
+        if token:  # endpoint credentials uncached: connects are rare, and a deleted one must fail
+            principal = await (self.lookup(token) if kind == "user"
+                               else auth.authenticate(self.store.users, token))
+        if principal is None:
+            wait = self.auth_failures.take(address)
+            if wait:
+                raise TooManyRequests(
+                    "too many requests with a missing or wrong token from this address; wait, "
+                    "and check the token (FARCALL_TOKEN)", wait)
+            if not token:
+                raise Unauthorized("no token: send 'Authorization: Bearer <your user token>'")
+            raise Unauthorized(
+                "the token is unknown or revoked; ask your broker operator for a new one")
+        if principal.kind != kind:
+            raise Forbidden(
+                "an endpoint credential may only open its endpoint's channel; use a user token"
+                if kind == "user" else "a user token cannot connect as an endpoint; use the "
+                "endpoint's credential (farcall-endpoint start does)")
+        return principal
+
+    def charge(self, principal: Principal) -> None:
+        """Count one request against the token's rate limit; ``TooManyRequests`` past it."""
+        wait = self.requests.take(principal.token_hash)
+        if wait:
+            raise TooManyRequests(
+                f"this token is over the broker's limit of {self.settings.rate_limit:g} requests "
+                "per second; send bigger batches or fewer requests", wait)
+
+    def watch_token(self, token_id: str, close: Closer) -> Callable[[], None]:
+        """Call ``close`` if the token is revoked; returns the function that stops watching."""
+        closers = self.token_streams.setdefault(token_id, set())
+        closers.add(close)
+
+        def unwatch() -> None:
+            closers.discard(close)
+            if not closers and self.token_streams.get(token_id) is closers:
+                del self.token_streams[token_id]
+
+        return unwatch
+
+    async def _subscribe_revocations(self) -> Subscription | None:
+        try:
+            return await self.store.pubsub.subscribe(auth.REVOKED_GROUP)
+        except Exception as e:  # noqa: BLE001 - the store may be down; the follower tries again
+            log.info("cannot follow token revocations yet: %r", e)
+            return None
+
+    async def _follow_revocations(self, subscription: Subscription | None) -> None:
+        """Drop revoked tokens from the cache and close their streams, as revocations arrive
+        from any replica (or ``farcall-broker tokens revoke``); subscribe again after a drop."""
+        backoff = Backoff(cap=5.0)
+        while True:
+            if subscription is None:
+                await asyncio.sleep(backoff.next_delay())
+                subscription = await self._subscribe_revocations()
+                continue
+            backoff.reset()
+            try:
+                async for frame in subscription:
+                    self._revoked(frame)
+            finally:
+                await subscription.close()
+            subscription = None
+
+    def _revoked(self, frame: str) -> None:
+        try:
+            revoked = json.loads(frame)
+            token_id, digest = str(revoked["token_id"]), str(revoked["token_hash"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed revocation message")
+            return
+        self.principals.pop(digest)
+        closers = self.token_streams.pop(token_id, set())
+        if closers:
+            log.info("token %s revoked: closing %d result streams", token_id, len(closers))
+        for close in closers:
+            asyncio.get_running_loop().create_task(close())
 
     @classmethod
     def build(
@@ -100,8 +209,16 @@ class Services:
                     type(part).__name__,
                     e,
                 )
+        # Subscribed here, not in the follower: a subscription cut short by a cancel at shutdown
+        # could leave the pub/sub connection half made.
+        first = await self._subscribe_revocations()
+        self._revocations = asyncio.get_running_loop().create_task(self._follow_revocations(first))
 
     async def close(self) -> None:
+        if self._revocations is not None:
+            self._revocations.cancel()
+            with contextlib.suppress(BaseException):
+                await self._revocations
         for part in (self.queue, self.store):
             try:
                 await part.close()

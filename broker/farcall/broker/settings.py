@@ -28,6 +28,21 @@ class Settings:
     """Offline after this silence, for an endpoint that did not say its heartbeat period."""
     max_endpoint_losses: int = 3
     """A task running at this many deaths of its endpoint's agent fails instead of going again."""
+    rate_limit: float = 500.0
+    """Requests per second one token may make, on average (REST calls and batches submitted on
+    a result stream); 0 for no limit. Each broker replica counts on its own."""
+    rate_burst: int = 2000
+    """Requests one token may make at once before ``rate_limit`` applies."""
+    auth_failure_rate: float = 1.0
+    """Failed authentications per second one client address may make, on average (0: no limit)."""
+    auth_failure_burst: int = 30
+    """Failed authentications one address may make at once before it is answered 429."""
+    max_endpoints: int = 100
+    """Endpoints one user may own (0: no limit)."""
+    max_functions: int = 50_000
+    """Functions one user may have registered (0: no limit)."""
+    max_open_tasks: int = 1_000_000
+    """Tasks one user may have waiting or running (0: no limit); past it, submissions answer 429."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -42,6 +57,15 @@ class Settings:
             endpoint_timeout=_number(env, "FARCALL_ENDPOINT_TIMEOUT", cls.endpoint_timeout, float),
             max_endpoint_losses=_number(env, "FARCALL_MAX_ENDPOINT_LOSSES",
                                         cls.max_endpoint_losses, int),
+            rate_limit=_number(env, "FARCALL_RATE_LIMIT", cls.rate_limit, float),
+            rate_burst=_number(env, "FARCALL_RATE_BURST", cls.rate_burst, int),
+            auth_failure_rate=_number(env, "FARCALL_AUTH_FAILURE_RATE", cls.auth_failure_rate,
+                                      float),
+            auth_failure_burst=_number(env, "FARCALL_AUTH_FAILURE_BURST", cls.auth_failure_burst,
+                                       int),
+            max_endpoints=_number(env, "FARCALL_MAX_ENDPOINTS", cls.max_endpoints, int),
+            max_functions=_number(env, "FARCALL_MAX_FUNCTIONS", cls.max_functions, int),
+            max_open_tasks=_number(env, "FARCALL_MAX_OPEN_TASKS", cls.max_open_tasks, int),
         )
 
     @property

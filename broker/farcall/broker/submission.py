@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import uuid
 
-from farcall.broker.errors import ObjectNotFound
+from farcall.broker.errors import ObjectNotFound, TooManyRequests
 from farcall.broker.services import Services
-from farcall.broker.store.base import SubmissionContext
+from farcall.broker.store.base import OverQuota, SubmissionContext
 from farcall.messages import (
     BatchSubmission,
     BatchSubmitted,
@@ -33,19 +33,23 @@ from farcall.records import NewTasks
 
 log = logging.getLogger(__name__)
 
+QUOTA_RETRY = 2.0
+"""Seconds a client over its open-task quota is told to wait before submitting again."""
+
 
 async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> BatchSubmitted:
     """Accept ``batch`` for ``user``; raises ``ObjectNotFound`` for an id that is not theirs."""
     received = now()
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
     context = await _submission_context(svc, batch.endpoint_id, function_ids, batch.task_group_id)
-    if context.endpoint_owner != user:
+    if not context.endpoint_usable_by(user):
         raise ObjectNotFound(
-            f"endpoint {batch.endpoint_id} not found; list yours with GET /v1/endpoints")
+            f"endpoint {batch.endpoint_id} not found; list yours (and those shared with you) "
+            "with GET /v1/endpoints")
     functions = context.functions
     for function_id in function_ids:
         f = functions.get(function_id)
-        if f is None or f.user_id != user:
+        if f is None or not f.usable_by(user):
             raise ObjectNotFound(f"function {function_id} not found; register it first")
     if batch.task_group_id and context.group_owner != user:
         raise ObjectNotFound(
@@ -82,8 +86,15 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     if session is not None and session.can_take(len(messages)):
         direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
     inflight = {task_id: body for task_id, _, body in direct} if direct else None
-    went = await svc.store.tasks.create(
-        new, inflight=inflight, session_id=session.session_id if session else "")
+    try:
+        went = await svc.store.tasks.create(
+            new, inflight=inflight, session_id=session.session_id if session else "",
+            max_open=svc.settings.max_open_tasks)
+    except OverQuota as e:
+        raise TooManyRequests(
+            f"you have {e.open_tasks} tasks waiting or running and this batch of {len(task_ids)} "
+            f"would pass the broker's limit of {e.limit} (FARCALL_MAX_OPEN_TASKS); wait for some "
+            "to finish", QUOTA_RETRY, code="quota_exceeded") from None
     if went and direct and session is not None:
         # Recorded in flight, the tasks are as safe as dispatched ones: if the session ends
         # before their results, the endpoint's next hello queues them again (reconcile).
@@ -117,17 +128,18 @@ async def publish_results(svc: Services, done: list[tuple[str, TaskResult]]) -> 
 async def _submission_context(
     svc: Services, endpoint_id: str, function_ids: list[str], task_group_id: str | None
 ) -> SubmissionContext:
-    """Owners and function records, from the replica's caches when they have them all."""
-    owner = svc.endpoint_owners.get(endpoint_id)
+    """Access lists and function records, from the replica's caches when they have them all."""
+    access = svc.endpoint_access.get(endpoint_id)
     group_owner = svc.group_owners.get(task_group_id) if task_group_id else None
     functions = {f: rec for f in function_ids if (rec := svc.functions.get(f)) is not None}
-    if owner is not None and len(functions) == len(function_ids) and (
+    if access is not None and len(functions) == len(function_ids) and (
         not task_group_id or group_owner is not None
     ):
-        return SubmissionContext(owner, functions, group_owner)
+        return SubmissionContext(access[0], access[1], functions, group_owner)
     context = await svc.store.tasks.submission_context(endpoint_id, function_ids, task_group_id)
     if context.endpoint_owner is not None:
-        svc.endpoint_owners.put(endpoint_id, context.endpoint_owner)
+        svc.endpoint_access.put(endpoint_id,
+                                (context.endpoint_owner, context.endpoint_shared_with))
     if task_group_id and context.group_owner is not None:
         svc.group_owners.put(task_group_id, context.group_owner)
     for f, rec in context.functions.items():

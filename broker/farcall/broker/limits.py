@@ -1,0 +1,79 @@
+"""Rate limits: a token bucket per key (a token's id, a client's address), held in memory.
+
+Each broker replica counts on its own, so N replicas let a client make up to N
+times the rate; what the limits guard against (a runaway loop, a password
+guesser, a log flood) is stopped either way, without a store round trip per
+request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+
+
+class RateLimiter:
+    """Up to ``burst`` events at once per key, refilled at ``rate`` per second.
+
+    ``rate`` 0 means no limit. Keys idle long enough to be full again are
+    forgotten first when more than ``max_keys`` are held.
+    """
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, max(1, burst), max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        """key -> (tokens left, when last refilled), least recently used first"""
+
+    def _level(self, key: str, at: float) -> float:
+        found = self._buckets.get(key)
+        if found is None:
+            return float(self.burst)
+        tokens, since = found
+        return min(float(self.burst), tokens + (at - since) * self.rate)
+
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """Spend ``cost`` from ``key``'s bucket: 0.0 if it held enough, else (spending nothing)
+        the seconds until it will."""
+        if self.rate <= 0:
+            return 0.0
+        at = time.monotonic()
+        tokens = self._level(key, at)
+        if tokens < cost:
+            return (cost - tokens) / self.rate
+        self._buckets[key] = (tokens - cost, at)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return 0.0
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` header value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+class QuietLog:
+    """Log a recurring event at most once per ``every`` seconds, saying how many were not logged.
+
+    For what strangers can cause at will (refused connections): the log stays readable
+    and cannot be filled by them.
+    """
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0, level: int = logging.INFO) -> None:
+        self.logger, self.every, self.level = logger, every, level
+        self._next = 0.0
+        self._skipped = 0
+
+    def __call__(self, message: str, *args: object) -> None:
+        at = time.monotonic()
+        if at < self._next:
+            self._skipped += 1
+            return
+        self._next = at + self.every
+        if self._skipped:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, self._skipped, self.every)
+            self._skipped = 0
+        self.logger.log(self.level, message, *args)

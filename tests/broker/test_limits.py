@@ -1,0 +1,79 @@
+"""``farcall.broker.limits``: token buckets per key and the rate-limited log, on a fake clock."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from farcall.broker import limits
+from farcall.broker.limits import QuietLog, RateLimiter, retry_after
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(limits.time, "monotonic", c)
+    return c
+
+
+def test_a_burst_then_the_rate(clock: Clock) -> None:
+    bucket = RateLimiter(rate=2.0, burst=3)
+    assert [bucket.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take("a") == pytest.approx(0.5)  # one token comes back every half second
+    assert bucket.take("b") == 0.0  # keys are separate
+    clock.now += 0.5
+    assert bucket.take("a") == 0.0
+    assert bucket.take("a") > 0
+    clock.now += 60
+    assert [bucket.take("a") for _ in range(3)] == [0.0] * 3  # refilled to the burst, no more
+    assert bucket.take("a") > 0
+
+
+def test_a_refused_take_spends_nothing(clock: Clock) -> None:
+    bucket = RateLimiter(rate=1.0, burst=1)
+    bucket.take("a")
+    for _ in range(10):
+        assert bucket.take("a") == pytest.approx(1.0)
+    clock.now += 1.0
+    assert bucket.take("a") == 0.0
+
+
+def test_rate_zero_means_no_limit(clock: Clock) -> None:
+    bucket = RateLimiter(rate=0, burst=1)
+    assert all(bucket.take("a") == 0.0 for _ in range(1000))
+
+
+def test_least_recently_used_keys_are_forgotten_first(clock: Clock) -> None:
+    bucket = RateLimiter(rate=1.0, burst=1, max_keys=2)
+    bucket.take("a")
+    bucket.take("b")
+    bucket.take("c")  # "a" is forgotten: a full bucket again
+    assert bucket.take("a") == 0.0
+    assert bucket.take("c") > 0
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert [retry_after(s) for s in (0.01, 1.0, 1.2, 59.9)] == ["1", "1", "2", "60"]
+
+
+def test_quiet_log_says_how_many_it_left_out(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    quiet = QuietLog(logging.getLogger("test.quiet"), every=10.0)
+    with caplog.at_level(logging.INFO, logger="test.quiet"):
+        for _ in range(100):
+            quiet("refused %s", "x")
+        clock.now += 10
+        quiet("refused %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused x", "refused y (and 99 more like it in the last 10 s)"]
+    assert all(r.levelno == logging.INFO for r in caplog.records)
