@@ -10,25 +10,38 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from farcall import config
 from farcall.backoff import Backoff
-from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
+from farcall.errors import (
+    AuthenticationError,
+    BrokerError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TaskPending,
+)
 from farcall.messages import (
     MAX_RETRIES,
     MAX_WALLTIME,
+    USERNAME_PATTERN,
     BatchSubmission,
     BatchSubmitted,
     CancelRequest,
     EndpointRegistration,
     FunctionRegistration,
+    ShareRequest,
     TaskIds,
     TasksCancelled,
     TaskSpec,
     TaskState,
+    TokenRequest,
     Versions,
     check_resource_specification,
 )
@@ -47,6 +60,12 @@ MAX_BATCH_TASKS = 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """A batch is split below these, so a request stays well under the broker's body limit."""
 RETRY_SECONDS = 30.0
+DEFAULT_RETRY_AFTER = 1.0
+"""Seconds to wait after a 429 whose body does not say (the broker normally does)."""
+MIN_RETRY_AFTER = 0.05
+"""A 429 is never resent sooner than this, whatever the broker says, so the client cannot spin."""
+RATE_WARNING_EVERY = 60.0
+"""A client says it is being rate limited at WARNING at most this often (else at DEBUG)."""
 
 
 class Batch:
@@ -107,13 +126,38 @@ class Batch:
         return len(self.tasks)
 
 
-class _Retry:
-    """Bounded, jittered retry of a request while the broker is restarting or overloaded."""
+class _QuietWarning:
+    """A warning logged at most once per ``every`` seconds, the rest at DEBUG: an Executor
+    rate limited on every batch says so once, not once per batch."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, every: float = RATE_WARNING_EVERY) -> None:
+        self.every = every
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            loud = now >= self._next
+            if loud:
+                self._next = now + self.every
+        log.log(logging.WARNING if loud else logging.DEBUG, message, *args)
+
+
+class Retry:
+    """The SDK's one retry policy for a request, within a budget of ``seconds``.
+
+    While the broker cannot be reached or answers 503 it backs off with jitter
+    (:meth:`wait`); a 429 waits what the broker asks (:meth:`wait_rate_limited`).
+    Both spend the same budget, so no request waits much longer than ``seconds``.
+    """
+
+    def __init__(self, seconds: float, rate_warning: Callable[..., None] | None = None) -> None:
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds
         self._backoff = Backoff(cap=5.0)
+        self._rate_warning = rate_warning or _QuietWarning()
 
     def wait(self, why: str, url: str) -> bool:
         """Sleep before the next attempt; False when the time is up."""
@@ -126,6 +170,36 @@ class _Retry:
         time.sleep(delay)
         return True
 
+    def wait_rate_limited(self, error: str, retry_after: float | None, url: str) -> bool:
+        """After a 429: sleep the ``retry_after`` seconds the broker asked (a little more, so
+        clients told the same do not come back together); False when that passes the budget."""
+        delay = DEFAULT_RETRY_AFTER if retry_after is None else max(MIN_RETRY_AFTER, retry_after)
+        delay *= random.uniform(1.0, 1.1)
+        if time.monotonic() + delay > self.deadline:
+            return False
+        why = ("the open-task quota is reached" if error == "quota_exceeded"
+               else "the broker is rate limiting this token")
+        self._rate_warning("broker at %s: %s; waiting %.1f s before sending again "
+                           "(for up to %g s in all)", url, why, delay, self.seconds)
+        time.sleep(delay)
+        return True
+
+    def rate_limited(self, error: str, message: str, retry_after: float | None,
+                     body: Any = None) -> RateLimited:
+        """The error to raise once :meth:`wait_rate_limited` gave up."""
+        waited = time.monotonic() - self.started
+        then = "" if retry_after is None else f" (it asks to wait {retry_after:g} s more)"
+        if error == "quota_exceeded":
+            said = f" ({message})" if message else ""
+            text = (f"your quota of open tasks is reached{said}; waited {waited:.1f} s"
+                    f"{then}. Wait for tasks to finish (or cancel some), or ask the broker's "
+                    "operator to raise FARCALL_MAX_OPEN_TASKS")
+        else:
+            text = (f"the broker rate limited this token for {waited:.1f} s{then}; send "
+                    "requests less often (bigger batches), or ask the broker's operator to "
+                    "raise FARCALL_RATE_LIMIT")
+        return RateLimited(429, text, error, body, retry_after)
+
 
 class Client:
     """A connection to one broker as one user.
@@ -133,7 +207,8 @@ class Client:
     ``broker_url`` and ``token`` default to ``FARCALL_BROKER_URL`` and
     ``FARCALL_TOKEN``, then to ``$FARCALL_HOME/config``. Thread-safe. Requests
     are retried for up to ``retry_seconds`` while the broker does not answer or
-    answers 503, so a broker restart does not fail a notebook cell.
+    answers 503, so a broker restart does not fail a notebook cell, and, when
+    the broker answers 429 (rate limited), for as long as it asks within that time.
     """
 
     def __init__(
@@ -153,6 +228,7 @@ class Client:
              "Accept": "application/json"},
             timeout,
         )
+        self._rate_warning = _QuietWarning()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -170,7 +246,7 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> Any:
         """One REST call; the decoded JSON answer, or a :class:`BrokerError`."""
-        retry = _Retry(self.retry_seconds)
+        retry = self.retry()
         if body is not None:
             content = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if content is not None else None
@@ -187,7 +263,16 @@ class Client:
                 ) from None
             if answer.status == 503 and retry.wait("503 unavailable", self.broker_url):
                 continue
+            if answer.status == 429:
+                error, message, retry_after, refusal = _rate_limit_of(answer)
+                if retry.wait_rate_limited(error, retry_after, self.broker_url):
+                    continue
+                raise retry.rate_limited(error, message, retry_after, refusal)
             return _decode(answer)
+
+    def retry(self) -> Retry:
+        """A fresh retry budget of ``retry_seconds`` for one request (or one stream submission)."""
+        return Retry(self.retry_seconds, self._rate_warning)
 
     def websocket_url(self, path: str) -> str:
         """``ws(s)://`` URL of a broker WebSocket route under ``/v1`` (see :mod:`farcall.urls`)."""
@@ -223,6 +308,29 @@ class Client:
     def delete_function(self, function_id: str) -> dict[str, Any]:
         return dict(self.request("DELETE", f"/functions/{function_id}"))
 
+    def share_function(
+        self, function_id: str, username: str | None = None, public: bool = False
+    ) -> dict[str, Any]:
+        """Let user ``username``, or with ``public`` every user, run your function and read it.
+
+        The answer is its sharing: ``{"function_id", "shared_with": [user names], "public"}``.
+        They see only their own tasks of it; only you may change, share or delete it.
+        """
+        body = _share_request("share_function", username, public, allow_public=True)
+        return dict(self.request("POST", f"/functions/{function_id}/share", body))
+
+    def unshare_function(
+        self, function_id: str, username: str | None = None, public: bool = False
+    ) -> dict[str, Any]:
+        """Stop sharing your function with ``username`` (and, with ``public``, with every user);
+        the answer is its sharing as :meth:`share_function` gives it."""
+        body = _share_request("unshare_function", username, public, allow_public=True)
+        return dict(self.request("POST", f"/functions/{function_id}/unshare", body))
+
+    def get_function_sharing(self, function_id: str) -> dict[str, Any]:
+        """Whom your function is shared with: ``{"function_id", "shared_with", "public"}``."""
+        return dict(self.request("GET", f"/functions/{function_id}/sharing"))
+
     # ---------------------------------------------------------------- endpoints
 
     def register_endpoint(self, name: str, description: str = "") -> dict[str, Any]:
@@ -247,6 +355,45 @@ class Client:
     def delete_endpoint(self, endpoint_id: str) -> dict[str, Any]:
         """Delete the endpoint and its queue; its credential stops working at once."""
         return dict(self.request("DELETE", f"/endpoints/{endpoint_id}"))
+
+    def share_endpoint(self, endpoint_id: str, username: str) -> dict[str, Any]:
+        """Let user ``username`` submit tasks to your endpoint and read its status.
+
+        The answer is its sharing: ``{"endpoint_id", "shared_with": [user names]}``. Its
+        ``allowed_functions`` still apply to them; only you may change, share or delete it,
+        and each user sees only the tasks they submitted.
+        """
+        body = _share_request("share_endpoint", username, False, allow_public=False)
+        return dict(self.request("POST", f"/endpoints/{endpoint_id}/share", body))
+
+    def unshare_endpoint(self, endpoint_id: str, username: str) -> dict[str, Any]:
+        """Stop sharing your endpoint with ``username``; the answer is its sharing."""
+        body = _share_request("unshare_endpoint", username, False, allow_public=False)
+        return dict(self.request("POST", f"/endpoints/{endpoint_id}/unshare", body))
+
+    def get_endpoint_sharing(self, endpoint_id: str) -> dict[str, Any]:
+        """Whom your endpoint is shared with: ``{"endpoint_id", "shared_with"}``."""
+        return dict(self.request("GET", f"/endpoints/{endpoint_id}/sharing"))
+
+    # ---------------------------------------------------------------- tokens
+
+    def create_token(self, name: str = "") -> dict[str, Any]:
+        """A new token for you: ``{"token_id", "token", "name", "created_at"}``.
+
+        ``token`` is shown only this once. One token per machine or notebook lets you
+        revoke one (:meth:`revoke_token`) without stopping the others.
+        """
+        body = TokenRequest(name=name)
+        return dict(self.request("POST", "/tokens", body.model_dump()))
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        """Your tokens, oldest first: ``token_id``, ``name``, ``created_at`` (never the token)."""
+        return list(self.request("GET", "/tokens")["tokens"])
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """Revoke one of your tokens (this client's own too): the broker refuses it within a
+        second, and closes the result streams opened with it. ``{"token_id", "revoked"}``."""
+        return dict(self.request("DELETE", f"/tokens/{token_id}"))
 
     # ---------------------------------------------------------------- tasks
 
@@ -407,6 +554,27 @@ def check_task_options(walltime: float | None, max_retries: int) -> tuple[float 
     return walltime, int(max_retries)
 
 
+def _share_request(
+    method: str, username: str | None, public: bool, *, allow_public: bool
+) -> dict[str, Any]:
+    """The ``ShareRequest`` body, checked here so a wrong argument fails before any request."""
+    if username is not None and (
+        not isinstance(username, str) or not re.fullmatch(USERNAME_PATTERN, username)
+    ):
+        raise ValueError(
+            f"{method}: username must be a user's name on the broker (letters, digits and "
+            f". _ @ + -, at most 64 characters), got {str(username)[:80]!r}"
+        )
+    if not isinstance(public, bool):
+        raise ValueError(f"{method}: public must be True or False, got {public!r}")
+    if username is None and not public:
+        whom = "username='their name', or public=True for every user" if allow_public else (
+            "username='their name'")
+        raise ValueError(f"{method}: say whom with: {whom}")
+    body = ShareRequest(username=username, public=public)
+    return body.model_dump(exclude_defaults=True)
+
+
 def split_batch(
     tasks: list[TaskSpec], max_tasks: int = MAX_BATCH_TASKS, max_bytes: int = MAX_BATCH_BYTES
 ) -> Iterator[list[TaskSpec]]:
@@ -438,7 +606,36 @@ def _decode(answer: Response) -> Any:
     raise broker_error(answer.status, message or answer.text[:500] or answer.reason, error, body)
 
 
-def broker_error(status: int, message: str, error: str = "", body: Any = None) -> BrokerError:
+def _rate_limit_of(answer: Response) -> tuple[str, str, float | None, Any]:
+    """``(error, message, retry_after, body)`` of a 429 answer.
+
+    The wait is read from the body's ``retry_after`` (the broker sends it there as well
+    as in the ``Retry-After`` header); None when the body has none.
+    """
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return "rate_limited", answer.text[:200], None, body
+    error = str(body.get("error") or "rate_limited")
+    return error, str(body.get("message", "")), _seconds(body.get("retry_after")), body
+
+
+def _seconds(value: Any) -> float | None:
+    """A non-negative finite number of seconds, or None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    seconds = float(value)
+    return seconds if 0 <= seconds < float("inf") else None
+
+
+def broker_error(status: int, message: str, error: str = "", body: Any = None,
+                 retry_after: float | None = None) -> BrokerError:
     """The SDK exception for a broker error answer (HTTP status and JSON body)."""
-    kind = {401: AuthenticationError, 404: NotFound}.get(status, BrokerError)
+    if status == 429:
+        if retry_after is None and isinstance(body, dict):
+            retry_after = _seconds(body.get("retry_after"))
+        return RateLimited(status, message, error, body, retry_after)
+    kind = {401: AuthenticationError, 403: PermissionDenied, 404: NotFound}.get(status, BrokerError)
     return kind(status, message, error, body)

@@ -13,6 +13,14 @@ class ConfigurationError(FarcallError):
     """The SDK or a component is missing a setting (broker URL, token, ...)."""
 
 
+class CertificateError(ConfigurationError):
+    """The broker's TLS certificate is not trusted here (unknown CA, or a host name mismatch).
+
+    Not retried: waiting does not make a certificate trusted. The message gives
+    OpenSSL's reason and names ``FARCALL_CA_BUNDLE`` / ``SSL_CERT_FILE``.
+    """
+
+
 class BrokerError(FarcallError):
     """The broker answered a request with an error.
 
@@ -33,6 +41,31 @@ class AuthenticationError(BrokerError):
 
 class NotFound(BrokerError):
     """The object does not exist, or is not yours (HTTP 404)."""
+
+
+class PermissionDenied(BrokerError):
+    """The broker refused a request you may not make (HTTP 403).
+
+    On an endpoint or function shared with you, only its owner may change, share
+    or delete it; ``error`` ``"quota_exceeded"`` means you hold as many endpoints or
+    functions as the broker allows: delete some, or ask its operator for more.
+    """
+
+
+class RateLimited(BrokerError):
+    """The broker kept answering 429 for longer than the client's ``retry_seconds``.
+
+    ``error`` is ``"rate_limited"`` (too many requests with this token) or
+    ``"quota_exceeded"`` (too many unfinished tasks); ``retry_after`` is the
+    seconds the broker last asked to wait (None if it did not say).
+    """
+
+    def __init__(
+        self, status: int, message: str, error: str = "", body: Any = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, message, error, body)
+        self.retry_after = retry_after
 
 
 class TaskPending(FarcallError):

@@ -143,7 +143,10 @@ class Executor(concurrent.futures.Executor):
     :class:`~farcall.errors.TaskTimeout`) and ``max_retries`` (times a task is run
     again after a system failure such as a lost worker cut it short). Without
     ``client`` a :class:`Client` is built from ``FARCALL_BROKER_URL`` /
-    ``FARCALL_TOKEN``.
+    ``FARCALL_TOKEN``. A batch the broker refuses with 429 (rate limited, or
+    the open-task quota reached) is sent again when the broker says, within
+    the client's ``retry_seconds``; past that its futures fail with
+    :class:`~farcall.errors.RateLimited`.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from farcall import tls
 from farcall.backoff import Backoff
 from farcall.client import Client, broker_error
 from farcall.errors import FarcallError
@@ -72,7 +74,11 @@ class TaskGroupStream:
         self.task_group_id = task_group_id
         self._url = client.websocket_url(f"/task_groups/{task_group_id}/results")
         self._headers = {"Authorization": f"Bearer {client.token}"}
+        self._ssl = tls.client_context() if self._url.startswith("wss:") else None
+        tls.warn_if_insecure(self._url)
         self._on_results, self._poll, self._on_refused, self._done = on_results, poll, on_refused, done
+        self._retry = client.retry
+        self._broker_url = client.broker_url
         self._lock = threading.Lock()
         self._replies: dict[int, _Reply] = {}
         self._request_ids = itertools.count(1)
@@ -100,9 +106,26 @@ class TaskGroupStream:
         That is when the stream is down, drops before the answer comes, or the
         broker answers 503 (HTTP retries while its store or queue is down). A
         batch whose answer was lost may have been taken: sending it again by
-        HTTP can run its tasks twice, never lose them (at-least-once). Any other
-        refusal raises its :class:`~farcall.errors.BrokerError`.
+        HTTP can run its tasks twice, never lose them (at-least-once). A 429
+        (rate limited, or the open-task quota reached) is waited out and the
+        batch sent again, within the client's ``retry_seconds``, then raises
+        :class:`~farcall.errors.RateLimited`. Any other refusal raises its
+        :class:`~farcall.errors.BrokerError`.
         """
+        retry = self._retry()
+        while True:
+            frame = self._exchange(batch)
+            if frame is None or (isinstance(frame, RequestFailedFrame) and frame.status == 503):
+                return None
+            if isinstance(frame, SubmittedFrame):
+                return BatchSubmitted(task_group_id=frame.task_group_id, task_ids=frame.task_ids)
+            if frame.status != 429:
+                raise broker_error(frame.status, frame.message, frame.error)
+            if not retry.wait_rate_limited(frame.error, frame.retry_after, self._broker_url):
+                raise retry.rate_limited(frame.error, frame.message, frame.retry_after)
+
+    def _exchange(self, batch: BatchSubmission) -> SubmittedFrame | RequestFailedFrame | None:
+        """Send the batch and wait for the broker's answer; None if the stream is down or drops."""
         ws = self._ws
         if ws is None:
             return None
@@ -118,12 +141,7 @@ class TaskGroupStream:
         finally:
             with self._lock:
                 self._replies.pop(request_id, None)
-        frame = reply.frame
-        if frame is None or (isinstance(frame, RequestFailedFrame) and frame.status == 503):
-            return None
-        if isinstance(frame, RequestFailedFrame):
-            raise broker_error(frame.status, frame.message, frame.error)
-        return BatchSubmitted(task_group_id=frame.task_group_id, task_ids=frame.task_ids)
+        return reply.frame
 
     def close(self) -> None:
         """End the stream and wait (up to 10 s) for its thread; safe to call more than once."""
@@ -143,7 +161,7 @@ class TaskGroupStream:
         while not self._closing and not self._done():
             try:
                 with connect(self._url, additional_headers=self._headers, max_size=None, compression=None,
-                             open_timeout=30, close_timeout=2) as ws:
+                             open_timeout=30, close_timeout=2, ssl=self._ssl) as ws:
                     self._ws = ws
                     backoff.reset()
                     self._connected.set()
@@ -158,6 +176,9 @@ class TaskGroupStream:
                         "fetched with Client.get_batch_result."))
                     return
                 log.warning("result stream: broker answered %s", status)
+            except ssl.SSLCertVerificationError as e:
+                self._on_refused(tls.certificate_error(self._url, e))  # retrying cannot help
+                return
             except (OSError, TimeoutError, WebSocketException) as e:
                 if self._closing:
                     return

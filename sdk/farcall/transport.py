@@ -4,7 +4,10 @@ Why not httpx or requests: on loopback a request through them spends about
 0.4 ms in Python before it reaches the wire, more than the broker spends on a
 task, and the Executor's round trip is made of such requests. This keeps a pool
 of ``http.client`` connections and nothing else. ``HTTPS_PROXY`` /
-``HTTP_PROXY`` / ``NO_PROXY`` are honoured as urllib does.
+``HTTP_PROXY`` / ``NO_PROXY`` are honoured as urllib does. Certificates are
+verified as :mod:`farcall.tls` says; an untrusted one raises
+:class:`~farcall.errors.CertificateError`, which is not a :class:`TransportError`
+(retrying cannot help).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from farcall import tls
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
@@ -40,7 +45,11 @@ class Response:
 
 
 class Transport:
-    """Requests to one origin (``base_url``, with an optional path prefix) over pooled connections."""
+    """Requests to one origin (``base_url``, with an optional path prefix) over pooled connections.
+
+    With an ``Authorization`` header and a plain ``http://`` URL to a host that
+    is not loopback, warns once (:class:`farcall.tls.InsecureBrokerWarning`).
+    """
 
     def __init__(self, base_url: str, headers: dict[str, str], timeout: float = 60.0) -> None:
         parts = urlsplit(base_url)
@@ -54,7 +63,9 @@ class Transport:
         self.timeout = timeout
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._proxy = _proxy_for(base_url)
-        self._ssl = ssl.create_default_context() if self.https else None
+        self._ssl = tls.client_context() if self.https else None
+        if any(name.lower() == "authorization" for name in headers):
+            tls.warn_if_insecure(base_url, stacklevel=3)
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
@@ -94,6 +105,9 @@ class Transport:
                 if reused and attempt == 0:
                     continue  # the server closed an idle keep-alive connection: try a fresh one
                 raise TransportError(f"{type(e).__name__}: {e}") from e
+            except ssl.SSLCertVerificationError as e:
+                conn.close()
+                raise tls.certificate_error(self._origin, e) from None
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 raise TransportError(f"{type(e).__name__}: {e}") from e

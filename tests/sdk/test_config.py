@@ -18,6 +18,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.mark.filterwarnings("ignore::farcall.tls.InsecureBrokerWarning")  # http://arg:3 on purpose
 def test_argument_then_environment_then_file(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (home / "config").write_text('broker_url = "http://file:1/"\ntoken = "fcu_file"\n')
     assert config.broker_url() == "http://file:1"

@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import json
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.frames import CloseCode
 
+from farcall import tls
 from farcall.backoff import Backoff
 from farcall.endpoint.engines.base import Engine
 from farcall.endpoint.errors import EndpointRejected, ResultTooLarge
@@ -165,6 +167,8 @@ class Agent:
         """The crash journal's file (in the endpoint's directory); ``None``: no journal."""
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
+        self._ssl = tls.client_context() if self._url.startswith("wss:") else None
+        tls.warn_if_insecure(self._url)
 
         self.connected = threading.Event()
         """Set while a session with the broker is up (after its Welcome)."""
@@ -309,6 +313,7 @@ class Agent:
                     max_size=None,
                     open_timeout=WELCOME_TIMEOUT,
                     close_timeout=2,
+                    ssl=self._ssl,
                 ) as ws:
                     session_ws = ws
                     welcomed = await self._hello(ws)
@@ -326,6 +331,8 @@ class Agent:
                         "endpoint's directory and start again to register a new endpoint."
                     ) from None
                 log.warning("broker answered %s to the connection", status)
+            except ssl.SSLCertVerificationError as e:
+                raise tls.certificate_error(self._url, e) from None  # fatal: retrying cannot help
             except (OSError, TimeoutError, WebSocketException, ProtocolError) as e:
                 level = logging.WARNING if backoff.attempt == 0 else logging.INFO  # one warning per outage
                 log.log(level, "connection to %s %s: %s", self._url,
