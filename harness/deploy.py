@@ -7,6 +7,7 @@ tests and the benchmark both drive these.
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -20,15 +21,25 @@ from harness.procs import ManagedProcess, free_port, wait_until
 
 
 class BrokerProcess:
-    """``farcall-broker serve`` on a free loopback port, configured by ``env`` (``FARCALL_*``)."""
+    """``farcall-broker serve`` on a free loopback port, configured by ``env`` (``FARCALL_*``).
+
+    With ``certfile`` and ``keyfile`` it serves HTTPS and WSS (``url`` is
+    ``https://``); ``ca_file`` is then the CA its health check trusts.
+    """
 
     def __init__(self, env: dict[str, str], log_path: Path, name: str = "broker",
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", *, certfile: Path | None = None,
+                 keyfile: Path | None = None, ca_file: Path | None = None) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
         self.env = env
         args = [str(BIN / "farcall-broker"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", log_level]
+        if certfile is not None:
+            assert keyfile is not None, "a certificate needs its key"
+            args += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile)]
+        self._verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True)
         self.proc = ManagedProcess(name, args, env, log_path)
 
     def start(self, timeout: float = 30) -> BrokerProcess:
@@ -40,7 +51,7 @@ class BrokerProcess:
     def healthy(self) -> bool:
         if not self.proc.alive():
             raise RuntimeError(f"the broker exited: {self.proc.output(4000)}")
-        return httpx.get(f"{self.url}/v1/health", timeout=2).status_code == 200
+        return httpx.get(f"{self.url}/v1/health", timeout=2, verify=self._verify).status_code == 200
 
     def create_user(self, name: str) -> str:
         """``farcall-broker users create NAME``; the token it prints last."""

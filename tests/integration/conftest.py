@@ -33,6 +33,9 @@ def service_env(services: None, run_id: str) -> dict[str, str]:
         FARCALL_AMQP_URL=AMQP_URL,
         FARCALL_REDIS_PREFIX=f"fctest-{run_id}:",
         FARCALL_QUEUE_PREFIX=f"fctest-{run_id}.",
+        # Many tests send bad tokens on purpose from 127.0.0.1; the per-address limit on failed
+        # authentication has its own test (test_limits.py) with its own broker.
+        FARCALL_AUTH_FAILURE_BURST="100000",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PYTHONUNBUFFERED="1",
     )
@@ -60,14 +63,17 @@ def make_endpoint(
 
     def make(name: str = "ep", engine: str = "ProcessPoolEngine", workers: int = 2,
              user_token: str | None = None, engine_spec: dict[str, Any] | None = None,
-             extra_env: dict[str, str] | None = None) -> Endpoint:
-        """Configure an endpoint; ``engine_spec`` replaces the config's engine section."""
+             extra_env: dict[str, str] | None = None,
+             config: dict[str, Any] | None = None) -> Endpoint:
+        """Configure an endpoint; ``engine_spec`` replaces the config's engine section, ``config``
+        sets other top-level keys of its config.yaml (``allowed_functions``, ...)."""
         env = dict(broker.env, FARCALL_HOME=str(tmp_path / f"home-{name}"),
                    FARCALL_BROKER_URL=broker.url, FARCALL_TOKEN=user_token or token,
                    **(extra_env or {}))
         ep = Endpoint(name, env)
         overrides = {} if engine_spec is None else {
             "engine": engine_spec, "heartbeat_period": 1, "stop_timeout": 5}
+        overrides.update(config or {})
         ep.configure(engine, workers, broker.url, **overrides)
         made.append(ep)
         return ep

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import traceback
+import uuid
 from concurrent.futures import as_completed, wait
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,7 @@ def test_second_user_cannot_see_or_use_first_users_objects(
     task_id = client.run(1, endpoint_id=endpoint.endpoint_id, function_id=function_id)
     wait_until(lambda: _result_or_none(client, task_id) == 1, 60, "result")
 
-    bob = Client(broker_url=broker.url, token=broker.create_user("bob"))
+    bob = Client(broker_url=broker.url, token=broker.create_user(f"bob-{uuid.uuid4().hex[:6]}"))
     with pytest.raises(NotFound):
         bob.get_task(task_id)
     with pytest.raises(NotFound):
@@ -273,8 +274,6 @@ def test_cli_users_create_prints_token_last(broker: Broker) -> None:
 
 
 def test_allowed_functions_refuse_other_functions(make_endpoint: Any, client: Client, tmp_path: Path) -> None:
-    import yaml
-
     from farcall.errors import FunctionNotAllowed
 
     def permitted(x: int) -> int:
@@ -284,11 +283,7 @@ def test_allowed_functions_refuse_other_functions(make_endpoint: Any, client: Cl
         open(path, "w").close()
 
     allowed_id = client.register_function(permitted)
-    ep = make_endpoint("guarded")
-    config_path = ep.dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    config["allowed_functions"] = [allowed_id]
-    config_path.write_text(yaml.safe_dump(config))
+    ep = make_endpoint("guarded", config={"allowed_functions": [allowed_id]})
     eid = ep.start(client)
     marker = tmp_path / "ran"
     with Executor(endpoint_id=eid, client=client) as ex:
