@@ -257,6 +257,13 @@ def test_malformed_and_misshapen_bodies_get_422(env: Env) -> None:
     assert r.status_code == 422
 
 
+def test_a_body_that_is_not_utf8_json_gets_400_saying_what_to_send(env: Env) -> None:
+    r = env.client.post("/v1/functions", content=b'{"function": "\xff"}',
+                        headers={**env.alice, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+    assert "could not be read as JSON" in r.json()["message"]
+
+
 def test_oversize_bodies_get_413(env: Env) -> None:
     big = {"function": "x" * (LIMIT + 1)}
     r = env.client.post("/v1/functions", json=big, headers=env.alice)

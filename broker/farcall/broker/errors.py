@@ -30,6 +30,8 @@ MAX_MESSAGE = 500
 """Most characters of an error message: ours are sentences, this only bounds a stray quote."""
 MAX_DETAILS = 10
 """Most validation errors listed in a 422 answer's ``detail``."""
+BODY_UNREADABLE = "There was an error parsing the body"
+"""FastAPI's own detail for a body it could not decode."""
 REFUSAL_LOG_EVERY = 10.0
 """Refused connections are logged at most once per this many seconds (with a count)."""
 
@@ -200,6 +202,9 @@ def install_handlers(app: FastAPI) -> None:
         if isinstance(exc.__cause__, RecursionError):  # FastAPI's body parser hit the stack limit
             message = ("the JSON body is nested too deeply to read; no field of the API nests "
                        "more than a few levels (resource_specification at most 16)")
+        elif exc.status_code == 400 and exc.detail == BODY_UNREADABLE:
+            message = ("the body could not be read as JSON; send one JSON object as the route's "
+                       "schema in /openapi.json describes, with Content-Type: application/json")
         return error_response(
             exc.status_code, code, message, dict(exc.headers or {}) or None
         )

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from farcall.backoff import Backoff
 from farcall.broker import auth
@@ -108,7 +108,9 @@ class Services:
                 self.principals.put(digest, found)
         return found
 
-    async def authenticate(self, token: str | None, address: str, kind: str = "user") -> Principal:
+    async def authenticate(
+        self, token: str | None, address: str, kind: Literal["user", "endpoint"] = "user"
+    ) -> Principal:
         """Who sends this request: raises ``Unauthorized`` (no or unknown token), ``Forbidden``
         (an endpoint credential where a user token belongs, or the reverse) or, for an unknown
         token from an address that failed too often lately, ``TooManyRequests``. A valid token
