@@ -12,7 +12,6 @@ import logging
 import numbers
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -46,6 +45,7 @@ from farcall.messages import (
     check_resource_specification,
 )
 from farcall.outcome import outcome_of
+from farcall.quietlog import QuietLog
 from farcall.serialize import pack_args, serialize_function
 from farcall.transport import Response, Transport, TransportError
 from farcall.urls import websocket_url
@@ -66,6 +66,11 @@ MIN_RETRY_AFTER = 0.05
 """A 429 is never resent sooner than this, whatever the broker says, so the client cannot spin."""
 RATE_WARNING_EVERY = 60.0
 """A client says it is being rate limited at WARNING at most this often (else at DEBUG)."""
+
+
+def _rate_warning() -> QuietLog:
+    """An Executor rate limited on every batch says so once a minute, not once per batch."""
+    return QuietLog(log, RATE_WARNING_EVERY, logging.WARNING, rest=logging.DEBUG)
 
 
 class Batch:
@@ -126,24 +131,6 @@ class Batch:
         return len(self.tasks)
 
 
-class _QuietWarning:
-    """A warning logged at most once per ``every`` seconds, the rest at DEBUG: an Executor
-    rate limited on every batch says so once, not once per batch."""
-
-    def __init__(self, every: float = RATE_WARNING_EVERY) -> None:
-        self.every = every
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def __call__(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            loud = now >= self._next
-            if loud:
-                self._next = now + self.every
-        log.log(logging.WARNING if loud else logging.DEBUG, message, *args)
-
-
 class Retry:
     """The SDK's one retry policy for a request, within a budget of ``seconds``.
 
@@ -157,7 +144,7 @@ class Retry:
         self.started = time.monotonic()
         self.deadline = self.started + seconds
         self._backoff = Backoff(cap=5.0)
-        self._rate_warning = rate_warning or _QuietWarning()
+        self._rate_warning = rate_warning or _rate_warning()
 
     def wait(self, why: str, url: str) -> bool:
         """Sleep before the next attempt; False when the time is up."""
@@ -228,7 +215,7 @@ class Client:
              "Accept": "application/json"},
             timeout,
         )
-        self._rate_warning = _QuietWarning()
+        self._rate_warning = _rate_warning()
 
     # ---------------------------------------------------------------- plumbing
 

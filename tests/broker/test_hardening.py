@@ -21,7 +21,6 @@ from farcall.broker.app import create_app
 from farcall.broker.asgi import over_limit
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.errors import TooManyRequests, clip, error_details, error_summary
-from farcall.broker.limits import QuietLog
 from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.settings import MB, Settings
 from farcall.broker.store.memory import MemoryStore
@@ -33,6 +32,7 @@ from farcall.messages import (
     parse_broker_frame,
     parse_stream_frame,
 )
+from farcall.quietlog import QuietLog
 
 LIMIT = 64 * 1024
 SMALL = 4096

@@ -1,13 +1,11 @@
-"""``farcall.broker.limits``: token buckets per key and the rate-limited log, on a fake clock."""
+"""``farcall.broker.limits``: token buckets per key, on a fake clock."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 
 from farcall.broker import limits
-from farcall.broker.limits import QuietLog, RateLimiter, retry_after
+from farcall.broker.limits import RateLimiter, retry_after
 
 
 class Clock:
@@ -63,17 +61,3 @@ def test_least_recently_used_keys_are_forgotten_first(clock: Clock) -> None:
 
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert [retry_after(s) for s in (0.01, 1.0, 1.2, 59.9)] == ["1", "1", "2", "60"]
-
-
-def test_quiet_log_says_how_many_it_left_out(
-    clock: Clock, caplog: pytest.LogCaptureFixture
-) -> None:
-    quiet = QuietLog(logging.getLogger("test.quiet"), every=10.0)
-    with caplog.at_level(logging.INFO, logger="test.quiet"):
-        for _ in range(100):
-            quiet("refused %s", "x")
-        clock.now += 10
-        quiet("refused %s", "y")
-    assert [r.getMessage() for r in caplog.records] == [
-        "refused x", "refused y (and 99 more like it in the last 10 s)"]
-    assert all(r.levelno == logging.INFO for r in caplog.records)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farcall.broker import limits
+from farcall.quietlog import QuietLog
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
-refusals = limits.QuietLog(log, every=REFUSAL_LOG_EVERY)
+refusals = QuietLog(log, every=REFUSAL_LOG_EVERY)
 """Logs refused WebSocket connections: anyone can cause them, so they must not fill the log."""
 
 

@@ -8,7 +8,6 @@ request.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import OrderedDict
@@ -52,28 +51,3 @@ class RateLimiter:
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` header value: whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds)))
-
-
-class QuietLog:
-    """Log a recurring event at most once per ``every`` seconds, saying how many were not logged.
-
-    For what strangers can cause at will (refused connections): the log stays readable
-    and cannot be filled by them.
-    """
-
-    def __init__(self, logger: logging.Logger, every: float = 10.0, level: int = logging.INFO) -> None:
-        self.logger, self.every, self.level = logger, every, level
-        self._next = 0.0
-        self._skipped = 0
-
-    def __call__(self, message: str, *args: object) -> None:
-        at = time.monotonic()
-        if at < self._next:
-            self._skipped += 1
-            return
-        self._next = at + self.every
-        if self._skipped:
-            message += " (and %d more like it in the last %.0f s)"
-            args = (*args, self._skipped, self.every)
-            self._skipped = 0
-        self.logger.log(self.level, message, *args)
