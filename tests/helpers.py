@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
+
+import pytest
+
+
+class FakeClock:
+    """A ``time.monotonic`` that moves only when a test moves ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> FakeClock:
+        """Make the ``time.monotonic`` that ``module`` calls this clock for the test (that is
+        ``time.monotonic`` everywhere: for synchronous tests only)."""
+        clock = cls()
+        monkeypatch.setattr(module.time, "monotonic", clock)
+        return clock
 
 
 class StubHTTP:

@@ -6,24 +6,15 @@ import pytest
 
 from farcall.broker import limits
 from farcall.broker.limits import RateLimiter, retry_after
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(limits.time, "monotonic", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    return FakeClock.install(monkeypatch, limits)
 
 
-def test_a_burst_then_the_rate(clock: Clock) -> None:
+def test_a_burst_then_the_rate(clock: FakeClock) -> None:
     bucket = RateLimiter(rate=2.0, burst=3)
     assert [bucket.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take("a") == pytest.approx(0.5)  # one token comes back every half second
@@ -36,7 +27,7 @@ def test_a_burst_then_the_rate(clock: Clock) -> None:
     assert bucket.take("a") > 0
 
 
-def test_a_refused_take_spends_nothing(clock: Clock) -> None:
+def test_a_refused_take_spends_nothing(clock: FakeClock) -> None:
     bucket = RateLimiter(rate=1.0, burst=1)
     bucket.take("a")
     for _ in range(10):
@@ -45,12 +36,12 @@ def test_a_refused_take_spends_nothing(clock: Clock) -> None:
     assert bucket.take("a") == 0.0
 
 
-def test_rate_zero_means_no_limit(clock: Clock) -> None:
+def test_rate_zero_means_no_limit(clock: FakeClock) -> None:
     bucket = RateLimiter(rate=0, burst=1)
     assert all(bucket.take("a") == 0.0 for _ in range(1000))
 
 
-def test_least_recently_used_keys_are_forgotten_first(clock: Clock) -> None:
+def test_least_recently_used_keys_are_forgotten_first(clock: FakeClock) -> None:
     bucket = RateLimiter(rate=1.0, burst=1, max_keys=2)
     bucket.take("a")
     bucket.take("b")

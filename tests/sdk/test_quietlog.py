@@ -8,25 +8,16 @@ import pytest
 
 from farcall import quietlog
 from farcall.quietlog import QuietLog
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(quietlog.time, "monotonic", c)
-    return c
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    return FakeClock.install(monkeypatch, quietlog)
 
 
 def test_repeats_are_counted_in_the_next_line(
-    clock: Clock, caplog: pytest.LogCaptureFixture
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     quiet = QuietLog(logging.getLogger("test.quiet"), every=10.0)
     with caplog.at_level(logging.DEBUG, logger="test.quiet"):
@@ -40,7 +31,7 @@ def test_repeats_are_counted_in_the_next_line(
 
 
 def test_repeats_go_to_the_lower_level_when_one_is_given(
-    clock: Clock, caplog: pytest.LogCaptureFixture
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     quiet = QuietLog(logging.getLogger("test.quiet"), 60.0, logging.WARNING, rest=logging.DEBUG)
     with caplog.at_level(logging.DEBUG, logger="test.quiet"):
