@@ -6,6 +6,9 @@
   munge with apt-get when absent, and is a quick verify when Slurm already runs) and returns the
   environment additions (``SLURM_CONF``, ``PATH``). Raises ``SlurmUnavailable`` (an
   AssertionError, so tests fail rather than skip) when Slurm cannot be set up.
+* ``ensure_mpich()`` runs ``scripts/mpich/setup.sh`` once per process (it installs Debian's ``mpich``
+  with apt-get when ``mpiexec``/``mpicc`` are absent) and returns their paths. Raises
+  ``MPICHUnavailable`` (an AssertionError: tests fail rather than skip) when it cannot.
 * ``fake_scheduler_env(state_dir)`` returns ``PATH`` (the stand-in commands first) and
   ``FARCALL_FAKE_SCHED_DIR``; ``qsub``/``qstat``/``qdel`` and ``bsub``/``bjobs``/``bkill`` on that
   PATH run job scripts on this machine.
@@ -30,6 +33,7 @@ from harness import BIN, REPO
 
 SLURM_SETUP = REPO / "scripts" / "slurm" / "setup.sh"
 SLURM_TEARDOWN = REPO / "scripts" / "slurm" / "teardown.sh"
+MPICH_SETUP = REPO / "scripts" / "mpich" / "setup.sh"
 SLURM_DIR = Path(os.environ.get("FARCALL_SLURM_DIR", "/tmp/farcall-slurm"))
 SLURM_PARTITION = os.environ.get("FARCALL_SLURM_PARTITION", "debug")
 FAKE_SCHED = REPO / "scripts" / "fake_schedulers" / "fakesched.py"
@@ -209,3 +213,32 @@ def patched_environ(changes: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class MPICHUnavailable(AssertionError):
+    """MPICH could not be installed; an AssertionError so a test using it fails instead of skipping."""
+
+
+_mpich_lock = threading.Lock()
+_mpich: dict[str, str] | None = None
+
+
+def ensure_mpich(timeout: float = 300) -> dict[str, str]:
+    """Install MPICH if needed (once per process); ``{"mpiexec": path, "mpicc": path}``."""
+    global _mpich
+    with _mpich_lock:
+        if _mpich is None:
+            try:
+                proc = subprocess.run(["bash", str(MPICH_SETUP)], capture_output=True, text=True,
+                                      timeout=timeout, stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise MPICHUnavailable(f"{MPICH_SETUP} did not finish: {e!r}") from e
+            lines = proc.stdout.strip().splitlines()
+            found = dict(w.split("=", 1) for w in (lines[-1] if lines else "").split() if "=" in w)
+            if proc.returncode != 0 or set(found) != {"mpiexec", "mpicc"}:
+                raise MPICHUnavailable(
+                    f"{MPICH_SETUP} failed (exit {proc.returncode})\n"
+                    f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+                )
+            _mpich = found
+        return dict(_mpich)

@@ -10,7 +10,7 @@ import pytest
 
 from harness import REPO
 
-RUNNABLE = ["quickstart.md"]
+RUNNABLE = ["quickstart.md", "functions.md", "timers.md"]
 
 
 def python_blocks(page: str) -> str:

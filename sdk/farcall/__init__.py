@@ -13,14 +13,19 @@ from farcall.version import __version__
 if TYPE_CHECKING:
     from farcall.client import Batch, Client
     from farcall.executor import Executor, TaskFuture
+    from farcall.shell import MPIFunction, ShellFunction, ShellResult
 
-__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__"]
+__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__",
+           "ShellFunction", "MPIFunction", "ShellResult"]
 
 _LAZY = {
     "Batch": "farcall.client",
     "Client": "farcall.client",
     "Executor": "farcall.executor",
     "TaskFuture": "farcall.executor",
+    "ShellFunction": "farcall.shell",
+    "MPIFunction": "farcall.shell",
+    "ShellResult": "farcall.shell",
 }
 
 

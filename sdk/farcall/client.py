@@ -14,7 +14,10 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
 from typing import Any
+
+from pydantic import ValidationError
 
 from farcall import config
 from farcall.backoff import Backoff
@@ -40,6 +43,7 @@ from farcall.messages import (
     TasksCancelled,
     TaskSpec,
     TaskState,
+    TimerRequest,
     TokenRequest,
     Versions,
     check_resource_specification,
@@ -382,6 +386,12 @@ class Client:
         second, and closes the result streams opened with it. ``{"token_id", "revoked"}``."""
         return dict(self.request("DELETE", f"/tokens/{token_id}"))
 
+    def whoami(self) -> dict[str, Any]:
+        """You, as the broker knows you: ``{"username", "identity_id"}``. Flows name you by
+        ``urn:globus:auth:identity:<identity_id>`` (an action's ``creator_id``, and whom its
+        ``manage_by`` and ``monitor_by`` grant rights)."""
+        return dict(self.request("GET", "/whoami"))
+
     # ---------------------------------------------------------------- tasks
 
     def create_task_group(self) -> str:
@@ -517,8 +527,89 @@ class Client:
             out[task_id] = entry
         return out
 
+    # ---------------------------------------------------------------- timers
+
+    def create_timer(
+        self,
+        endpoint_id: str,
+        function_id: str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        interval: float | None = None,
+        cron: str | None = None,
+        start: datetime | float | None = None,
+        stop_after_runs: int | None = None,
+        stop_at: datetime | float | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Run a registered function on an endpoint on a schedule, as your task each time; the
+        new timer's id.
+
+        Give exactly one of ``interval`` (seconds between runs, at least 1; the first run at
+        ``start``, default now) or ``cron`` (a 5-field cron expression, in UTC, such as
+        ``"0 2 * * *"``: every night at 02:00). ``start`` and ``stop_at`` are datetimes (a naive
+        one is local time) or seconds since the epoch; the timer finishes after
+        ``stop_after_runs`` runs, or once the next run would be after ``stop_at``. A run whose
+        time passed while no broker was up fires once when one is back. The timer stops (with
+        a ``reason``) if the endpoint or function is deleted or no longer shared with you.
+        """
+        if (interval is None) == (cron is None):
+            raise ValueError("create_timer: give exactly one of interval= (seconds between runs) "
+                             "or cron= (a 5-field cron expression such as '0 2 * * *')")
+        try:
+            body = TimerRequest(
+                endpoint_id=endpoint_id, function_id=function_id,
+                args=pack_args(tuple(args), dict(kwargs or {})), interval=interval, cron=cron,
+                start=_epoch(start, "start"), stop_after_runs=stop_after_runs,
+                stop_at=_epoch(stop_at, "stop_at"), name=name or "", submitter=SUBMITTER)
+        except ValidationError as e:
+            problem = e.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            what = str(problem["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"create_timer: {where + ': ' if where else ''}{what}") from None
+        answer = self.request("POST", "/timers",
+                              content=body.model_dump_json(exclude_none=True).encode())
+        return str(answer["timer_id"])
+
+    def list_timers(self) -> list[dict[str, Any]]:
+        """Your timers, oldest first: ``timer_id``, ``name``, ``schedule``, ``state`` (active,
+        paused, finished, stopped), ``reason``, ``next_run``, ``run_count``, ... (no runs)."""
+        return list(self.request("GET", "/timers")["timers"])
+
+    def get_timer(self, timer_id: str) -> dict[str, Any]:
+        """The timer as :meth:`list_timers` shows it, with ``runs``: its latest runs (up to
+        100, oldest first), each ``{"number", "at", "task_id"}`` (``error`` instead of a task
+        when the run could not submit one). Read a run's result with ``get_result(task_id)``."""
+        return dict(self.request("GET", f"/timers/{timer_id}"))
+
+    def pause_timer(self, timer_id: str) -> dict[str, Any]:
+        """Stop the timer running until :meth:`resume_timer`; the timer."""
+        return dict(self.request("POST", f"/timers/{timer_id}/pause"))
+
+    def resume_timer(self, timer_id: str) -> dict[str, Any]:
+        """Run the timer again from the next time of its schedule (runs it would have had while
+        paused are skipped); the timer."""
+        return dict(self.request("POST", f"/timers/{timer_id}/resume"))
+
+    def delete_timer(self, timer_id: str) -> dict[str, Any]:
+        """Delete the timer; the tasks it submitted stay. ``{"timer_id", "deleted"}``."""
+        return dict(self.request("DELETE", f"/timers/{timer_id}"))
+
 
 # ------------------------------------------------------------------ helpers
+
+
+def _epoch(when: datetime | float | None, what: str) -> float | None:
+    """A time the caller gave as a datetime or as seconds since the epoch, as the latter."""
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        return when.timestamp()
+    if isinstance(when, numbers.Real) and not isinstance(when, bool):
+        return float(when)
+    raise ValueError(
+        f"create_timer: {what} must be a datetime or seconds since the epoch, got {when!r:.80}")
 
 
 def check_task_options(walltime: float | None, max_retries: int) -> tuple[float | None, int]:

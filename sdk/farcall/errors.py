@@ -111,3 +111,13 @@ class FunctionNotAllowed(FarcallError):
 
 class ExecutorShutdown(FarcallError, RuntimeError):
     """``submit`` was called after ``shutdown``."""
+
+
+class ShellCommandError(FarcallError, ValueError):
+    """A ``ShellFunction``'s command line cannot be made: a bad template, or a ``{placeholder}``
+    without a keyword argument (the message names it)."""
+
+
+class MPIEnvironmentError(FarcallError, RuntimeError):
+    """An ``MPIFunction`` ran where no MPI launcher prefix (``$PARSL_MPI_PREFIX``) is given:
+    run it on an ``MPIEngine`` endpoint with a ``resource_specification``."""

@@ -12,10 +12,20 @@ itself (no validation twice); anything read from outside goes through
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farcall.messages import Attempt, Heartbeat, TaskState, Versions
+from farcall.actions import identity_urn
+from farcall.messages import (
+    Attempt,
+    Heartbeat,
+    TaskState,
+    TimerRun,
+    TimerSchedule,
+    TimerState,
+    Versions,
+)
 
 MISSED_BEATS = 3
 """Heartbeats an endpoint may miss before the broker calls it offline."""
@@ -159,3 +169,69 @@ class NewTasks:
             )
             for task_id, function_id in zip(self.task_ids, self.function_ids, strict=True)
         ]
+
+
+class ActionRecord(_Record):
+    """An action of the Action Provider API (``farcall.actions``): who started it and who else
+    may see or manage it, its tasks, and once it ended its final status, kept until it is
+    released (the task records may expire before that).
+
+    ``task_ids`` is empty while the tasks are being submitted (``task_count`` of them).
+    """
+
+    action_id: str
+    user_id: str
+    """Its creator, whose tasks it runs."""
+    request_id: str
+    request_digest: str
+    """``ActionRequest.digest()``: the same request id with another request is refused."""
+    label: str | None = None
+    monitor_by: list[str] = Field(default_factory=list)
+    manage_by: list[str] = Field(default_factory=list)
+    created_at: float
+    release_after: float
+    """Seconds its final status is kept once it ended."""
+    task_count: int
+    task_group_id: str = ""
+    task_ids: list[str] = Field(default_factory=list)
+    status: Literal["ACTIVE", "SUCCEEDED", "FAILED"] = "ACTIVE"
+    completed_at: float | None = None
+    display_status: str | None = None
+    details: dict[str, Any] | None = None
+    """The final details, once it ended."""
+
+    def may_monitor(self, user_id: str) -> bool:
+        """Whether ``user_id`` may see it: its creator, and whom ``monitor_by`` or ``manage_by``
+        name."""
+        urn = identity_urn(user_id)
+        return user_id == self.user_id or urn in self.monitor_by or urn in self.manage_by
+
+    def may_manage(self, user_id: str) -> bool:
+        """Whether ``user_id`` may cancel and release it: its creator, and whom ``manage_by``
+        names."""
+        return user_id == self.user_id or identity_urn(user_id) in self.manage_by
+
+
+class TimerRecord(_Record):
+    """A timer: what it submits at each run (a task of ``user_id``'s, as ``POST /v1/tasks``
+    would), its schedule, and its runs so far (the latest ``TIMER_RUNS_KEPT``, oldest first;
+    empty in lists).
+
+    ``next_run`` is set while it is ``active`` (it is the time the broker fires it at, and what
+    ``TimerStore.claim`` compares), None otherwise.
+    """
+
+    timer_id: str
+    user_id: str
+    name: str = ""
+    endpoint_id: str
+    function_id: str
+    args: str
+    submitter: Versions | None = None
+    schedule: TimerSchedule
+    state: TimerState = "active"
+    reason: str | None = None
+    next_run: float | None = None
+    run_count: int = 0
+    runs: list[TimerRun] = Field(default_factory=list)
+    created_at: float

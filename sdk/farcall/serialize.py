@@ -9,6 +9,8 @@ broker stores and forwards payloads without reading them. Strategies:
 ``11``  plain data with the standard pickle: tried first for arguments and results, since
         it is 10-60x faster than dill; anything defined in ``__main__`` or that pickle
         cannot handle (lambdas, closures) goes to ``10`` instead
+``12``  plain JSON (UTF-8): what a flow engine can write and read, so the arguments and
+        results of tasks run through the Action Provider API (``result_format="json"``)
 ``20``  a remote exception with its traceback (dill + tblib)
 """
 
@@ -35,6 +37,7 @@ FUNCTION_DILL = "01"
 FUNCTION_SOURCE = "02"
 DATA_DILL = "10"
 DATA_PICKLE = "11"
+DATA_JSON = "12"
 EXCEPTION = "20"
 
 STRATEGIES = {"dill": FUNCTION_DILL, "source": FUNCTION_SOURCE}
@@ -154,12 +157,44 @@ def serialize(obj: Any) -> str:
         ) from e
 
 
+def serialize_json(obj: Any) -> str:
+    """``obj`` as a JSON payload (strategy ``12``); ``SerializationError`` for anything that is
+    not plain JSON (NaN and infinities included, which JSON has no words for)."""
+    try:
+        text = json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise SerializationError(
+            f"cannot serialize {type(obj).__name__} as JSON: {e}. Use only dicts with string "
+            "keys, lists, strings, numbers, booleans and None.") from e
+    return _wrap(DATA_JSON, text.encode("utf-8"))
+
+
+def deserialize_json(payload: str) -> Any:
+    """The value of a JSON payload (strategy ``12``) without unpickling anything: safe on data
+    from anyone. ``DeserializationError`` for a payload of any other strategy."""
+    code, body = _unwrap(payload)
+    if code != DATA_JSON:
+        raise DeserializationError(
+            f"payload strategy {code!r} is not JSON (strategy {DATA_JSON!r}); it was not made with "
+            "result_format 'json'")
+    return _json_value(body)
+
+
+def _json_value(body: bytes) -> Any:
+    try:
+        return json.loads(body.decode("utf-8"))
+    except ValueError as e:
+        raise DeserializationError(f"JSON payload does not hold valid UTF-8 JSON: {e}") from e
+
+
 def deserialize(payload: str) -> Any:
     code, body = _unwrap(payload)
     if code == DATA_PICKLE:
         return pickle.loads(body)
     if code == DATA_DILL:
         return dill.loads(body)
+    if code == DATA_JSON:
+        return _json_value(body)
     if code in (FUNCTION_DILL, FUNCTION_SOURCE, EXCEPTION):
         raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
     raise DeserializationError(
@@ -170,6 +205,12 @@ def deserialize(payload: str) -> Any:
 
 def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return serialize((tuple(args), dict(kwargs)))
+
+
+def pack_json_args(args: list[Any], kwargs: dict[str, Any]) -> str:
+    """Arguments that are plain JSON as a strategy ``12`` payload ``[args, kwargs]``: how the
+    Action Provider API passes a flow's arguments (``unpack_args`` reads every strategy)."""
+    return serialize_json([list(args), dict(kwargs)])
 
 
 def unpack_args(payload: str) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -16,7 +16,7 @@ import pytest
 from farcall.endpoint import worker
 from farcall.errors import DeserializationError, TaskTimeout
 from farcall.messages import ResultMessage, TaskState, Versions, join_task_batch, parse_result_batch
-from farcall.serialize import pack_args
+from farcall.serialize import DATA_JSON, deserialize_json, pack_args, pack_json_args, payload_strategy
 from farcall.version import local_versions
 from tests.endpoint.helpers import make_task, value_of
 
@@ -233,3 +233,36 @@ def test_a_worker_that_cannot_be_stopped_from_outside_ends_itself(tmp_path: Path
     done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True, text=True)
     assert done.returncode == worker.EXIT_PAST_WALLTIME, done.stderr
     assert "past its walltime" in done.stderr
+
+
+def _json_task(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> str:
+    task = make_task(fn)
+    return task.model_copy(update={"args": pack_json_args(args, kwargs),
+                                   "result_format": "json"}).model_dump_json()
+
+
+def test_json_arguments_in_json_result_out() -> None:
+    def describe(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {"args": list(args), "kwargs": kwargs, "none": None}
+
+    result = run(_json_task(describe, [1, "two", [3.5]], {"k": {"nested": True}}))
+    assert result.state == TaskState.SUCCESS
+    assert payload_strategy(result.data) == DATA_JSON
+    assert deserialize_json(result.data) == {
+        "args": [1, "two", [3.5]], "kwargs": {"k": {"nested": True}}, "none": None}
+
+
+@pytest.mark.parametrize("value", [{1, 2}, float("nan"), Path("/tmp"), {"a": object()}])
+def test_a_result_that_is_not_json_fails_the_task_saying_so(value: Any) -> None:
+    def give() -> Any:
+        return value
+
+    result = run(_json_task(give, [], {}))
+    assert result.state == TaskState.FAILED
+    assert "the action provider needs a JSON-serializable return value" in result.error
+    assert "SerializationError" in result.error
+
+
+def test_the_pickle_format_is_unchanged_by_default() -> None:
+    result = run(make_task(lambda: {1, 2}).model_dump_json())
+    assert result.state == TaskState.SUCCESS and value_of(result) == {1, 2}

@@ -10,6 +10,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,19 @@ import pytest
 from harness import BIN
 from harness.services import AMQP_URL, REDIS_URL, drop_service_data
 from tests.integration.helpers import Broker, Endpoint
+from tests.schedulers import ensure_slurm, slurm_cancel, slurm_jobs
+
+
+@pytest.fixture
+def slurm(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """The private Slurm's environment (``SLURM_CONF``, ``PATH``), also set in this process for
+    Parsl's providers run in a test; jobs a failed test left behind are cancelled after it."""
+    env = ensure_slurm()  # fails the test (no skip) when Slurm cannot be set up
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = set(slurm_jobs())
+    yield env
+    slurm_cancel(set(slurm_jobs()) - before)  # normally nothing is left; matters after a failure
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +69,9 @@ def token(broker: Broker) -> str:
     return broker.create_user(f"alice-{uuid.uuid4().hex[:6]}")
 
 
-@pytest.fixture
-def make_endpoint(
-    broker: Broker, token: str, tmp_path: Path
-) -> Iterator[Callable[..., Endpoint]]:
+@contextmanager
+def _endpoint_maker(broker: Broker, token: str, root: Path) -> Iterator[Callable[..., Endpoint]]:
+    """``make(...)`` configures endpoints with homes under ``root``; all are stopped at the end."""
     made: list[Endpoint] = []
 
     def make(name: str = "ep", engine: str = "ProcessPoolEngine", workers: int = 2,
@@ -67,7 +80,7 @@ def make_endpoint(
              config: dict[str, Any] | None = None) -> Endpoint:
         """Configure an endpoint; ``engine_spec`` replaces the config's engine section, ``config``
         sets other top-level keys of its config.yaml (``allowed_functions``, ...)."""
-        env = dict(broker.env, FARCALL_HOME=str(tmp_path / f"home-{name}"),
+        env = dict(broker.env, FARCALL_HOME=str(root / f"home-{name}"),
                    FARCALL_BROKER_URL=broker.url, FARCALL_TOKEN=user_token or token,
                    **(extra_env or {}))
         ep = Endpoint(name, env)
@@ -83,6 +96,21 @@ def make_endpoint(
         ep.stop()
         if ep.proc and ep.proc.popen and ep.proc.popen.returncode not in (0, -signal.SIGTERM):
             print(ep.proc.output())
+
+
+@pytest.fixture
+def make_endpoint(broker: Broker, token: str, tmp_path: Path) -> Iterator[Callable[..., Endpoint]]:
+    with _endpoint_maker(broker, token, tmp_path) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_endpoint(
+    broker: Broker, token: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Endpoint]]:
+    """``make_endpoint`` for endpoints that the tests of one module share (each started once)."""
+    with _endpoint_maker(broker, token, tmp_path_factory.mktemp("endpoints")) as make:
+        yield make
 
 
 @pytest.fixture

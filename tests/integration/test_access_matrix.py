@@ -63,6 +63,7 @@ class World:
     task: str = ""
     own: dict[Caller, tuple[str, str]] = field(default_factory=dict)
     """Each user's own (endpoint, function), for what they submit to themselves."""
+    timer: str = ""
 
     def call(self, caller: Caller, method: str, path: str, body: Any = None) -> httpx.Response:
         return self.clients[caller].request(method, path, json=body)
@@ -97,6 +98,11 @@ class World:
         task_id: str = _ok(self.submit("owner", self.endpoint, self.function))["task_ids"][0]
         return task_id
 
+    def new_timer(self) -> str:
+        """A new (nightly) timer of the owner's, on the shared endpoint and function."""
+        timer_id: str = _ok(self.call("owner", "POST", "/v1/timers", _timer_body(self)))["timer_id"]
+        return timer_id
+
     def new_token(self) -> str:
         """The id of a new token of the owner's."""
         token_id: str = _ok(self.call("owner", "POST", "/v1/tokens", {"name": "matrix"}))["token_id"]
@@ -128,6 +134,7 @@ def world(matrix_broker: Broker) -> Iterator[World]:
         w.private_function = w.new_function(shared=False)
         w.group = _ok(w.call("owner", "POST", "/v1/task_groups"))["task_group_id"]
         w.task = _ok(w.submit("owner", w.endpoint, w.function, w.group))["task_ids"][0]
+        w.timer = w.new_timer()
         for user in USERS:
             endpoint_id = _ok(w.call(user, "POST", "/v1/endpoints", {"name": "own"}))["endpoint_id"]
             function_id = _ok(w.call(user, "POST", "/v1/functions", {"function": OPAQUE}))[
@@ -293,6 +300,29 @@ def _unshare_shared(w: World) -> dict[str, str]:
 
 HEALTH = allowed(credential=200, anonymous=200)
 
+def _whoami_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    me = response.json()
+    return None if me["username"] == w.names[caller] else f"{caller} is told they are {me}"
+
+
+def _timer_body(w: World) -> dict[str, Any]:
+    return {"endpoint_id": w.endpoint, "function_id": w.function, "args": OPAQUE,
+            "cron": "0 2 * * *"}
+
+
+def _timers_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    listed = {t["timer_id"] for t in response.json()["timers"]}
+    if caller == "owner":
+        return None if w.timer in listed else f"the owner's list lacks their timer: {listed}"
+    return f"{caller} was shown the owner's timer" if w.timer in listed else None
+
+
+def _paused_by_owner_only(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    state = _ok(w.call("owner", "GET", response.request.url.path.removesuffix("/pause")))["state"]
+    expected = "paused" if caller == "owner" else "active"
+    return None if state == expected else f"afterwards the owner's timer is {state}"
+
+
 MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/v1/health"): Row(_fixed("/v1/health"), HEALTH),
     # functions
@@ -337,6 +367,21 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/tasks/status"):
         Row(lambda w, _: ("/v1/tasks/status", {"task_ids": [w.task]}), allowed(), _status_check),
     ("POST", "/v1/tasks/cancel"): Row(_cancel, allowed(), _cancel_check),
+    # identity: everyone sees themselves, and only themselves
+    ("GET", "/v1/whoami"): Row(_fixed("/v1/whoami"), allowed(), _whoami_check),
+    # timers: their creator's alone; creating one needs the endpoint and function usable
+    ("POST", "/v1/timers"): Row(lambda w, _: ("/v1/timers", _timer_body(w)), OBJECT),
+    ("GET", "/v1/timers"): Row(_fixed("/v1/timers"), allowed(), _timers_check),
+    ("GET", "/v1/timers/{timer_id}"): Row(lambda w, _: (f"/v1/timers/{w.timer}", None),
+                                          SUBMITTER_ONLY),
+    ("POST", "/v1/timers/{timer_id}/pause"):
+        Row(lambda w, _: (f"/v1/timers/{w.new_timer()}/pause", None), SUBMITTER_ONLY,
+            _paused_by_owner_only),
+    ("POST", "/v1/timers/{timer_id}/resume"):
+        Row(lambda w, _: (f"/v1/timers/{w.new_timer()}/resume", None), SUBMITTER_ONLY),
+    ("DELETE", "/v1/timers/{timer_id}"):
+        Row(lambda w, _: (f"/v1/timers/{w.new_timer()}", None), SUBMITTER_ONLY,
+            _deleted_by_owner_only),
 }
 
 

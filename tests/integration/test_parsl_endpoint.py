@@ -17,11 +17,9 @@ from harness.procs import wait_until
 from tests.integration.helpers import Endpoint
 from tests.schedulers import (
     SLURM_PARTITION,
-    ensure_slurm,
     fake_cancel_all,
     fake_jobs,
     fake_scheduler_env,
-    slurm_cancel,
     slurm_jobs,
     worker_init,
 )
@@ -72,14 +70,6 @@ def test_local_blocks_scale_with_load_and_show_in_status(
     wait_until(lambda: _details(client, eid)["blocks_running"] == 0, 60, "scale in to zero blocks")
     assert client.get_endpoint_status(eid)["workers"] == 0
     ep.stop()
-
-
-@pytest.fixture
-def slurm() -> Iterator[dict[str, str]]:
-    env = ensure_slurm()  # fails the test (no skip) when Slurm cannot be set up
-    before = set(slurm_jobs())
-    yield env
-    slurm_cancel(set(slurm_jobs()) - before)  # only matters after a failure
 
 
 def test_slurm_endpoint_runs_tasks_in_jobs_it_cancels(

@@ -25,13 +25,11 @@ from parsl.providers import LSFProvider, PBSProProvider, SlurmProvider
 from harness.procs import wait_until
 from tests.schedulers import (
     SLURM_PARTITION,
-    ensure_slurm,
     fake_cancel_all,
     fake_commands,
     fake_jobs,
     fake_scheduler_env,
     process_group_alive,
-    slurm_cancel,
     slurm_jobs,
     worker_init,
 )
@@ -104,16 +102,6 @@ def _provider_state(provider: Any, job_id: str) -> JobState:
 
 
 # ----------------------------------------------------------------------------- Slurm
-@pytest.fixture
-def slurm(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    env = ensure_slurm()  # fails the test (no skip) when Slurm cannot be set up
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    before = set(slurm_jobs())
-    yield env
-    slurm_cancel(set(slurm_jobs()) - before)  # normally nothing is left; matters after a failure
-
-
 def test_slurm_block_runs_task_inside_a_slurm_job(slurm: dict[str, str], tmp_path: Path) -> None:
     provider = SlurmProvider(
         partition=SLURM_PARTITION,

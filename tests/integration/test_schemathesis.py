@@ -14,7 +14,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -52,7 +52,7 @@ def fuzz_broker(service_env: dict[str, str],
     with own_broker(service_env, tmp_path_factory.mktemp("fuzz"), "fuzz", settings={
         "FARCALL_RATE_LIMIT": "0", "FARCALL_AUTH_FAILURE_RATE": "0",
         "FARCALL_MAX_ENDPOINTS": "20", "FARCALL_MAX_FUNCTIONS": "200",
-        "FARCALL_MAX_OPEN_TASKS": "100",
+        "FARCALL_MAX_OPEN_TASKS": "100", "FARCALL_MAX_TIMERS": "20",
     }) as broker:
         yield broker
 
@@ -74,9 +74,11 @@ class Pool:
     functions: list[str]
     foreign: dict[str, str]
     """Path parameter -> the id of a peer's object shared with the fuzzing user (who may not
-    delete it)."""
+    delete it), or for a timer (never shared) one the fuzzing user may not even see."""
     task_group: str
     task: str
+    timers: list[str] = field(default_factory=list)
+    """The fuzzing user's timers (a nightly one: it stays put)."""
 
     def post(self, path: str, body: Any = None) -> Any:
         answer = self.http.post(path, json=body)
@@ -90,6 +92,7 @@ class Pool:
             "endpoint_id": ("/v1/endpoints", {"name": "fresh"}, "endpoint_id"),
             "function_id": ("/v1/functions", {"function": OPAQUE}, "function_id"),
             "token_id": ("/v1/tokens", {"name": "fresh"}, "token_id"),
+            "timer_id": ("/v1/timers", self.timer_body(), "timer_id"),
         }[name]
         answer = self.http.post(path, json=body)
         if answer.status_code == 403 and answer.json()["error"] == "quota_exceeded":
@@ -97,11 +100,17 @@ class Pool:
         assert answer.status_code == 200, f"POST {path}: {answer.status_code} {answer.text}"
         return str(answer.json()[key])
 
+    def timer_body(self) -> dict[str, Any]:
+        """A timer of this user's first endpoint and function (a nightly one: it stays put)."""
+        return {"endpoint_id": self.endpoints[0] if self.endpoints else "",
+                "function_id": self.functions[0] if self.functions else "", "args": OPAQUE,
+                "cron": "0 2 * * *"}
+
     def real(self, name: str, pick: int) -> str | None:
         """The ``pick``-th real id for a parameter or field called ``name``, if there is one."""
         found: list[str] = {
             "endpoint_id": self.endpoints, "function_id": self.functions,
-            "task_group_id": [self.task_group], "task_id": [self.task],
+            "task_group_id": [self.task_group], "task_id": [self.task], "timer_id": self.timers,
         }.get(name, [])
         return found[pick % len(found)] if found else None
 
@@ -131,7 +140,10 @@ def pool(fuzz_broker: Broker) -> Iterator[Pool]:
         made.endpoints = [endpoint["endpoint_id"], shared_endpoint]
         made.functions = [made.post("/v1/functions", {"function": OPAQUE})["function_id"],
                           shared_function, public_function]
-        made.foreign = {"endpoint_id": shared_endpoint, "function_id": shared_function}
+        peer.endpoints, peer.functions = [shared_endpoint], [shared_function]
+        made.foreign = {"endpoint_id": shared_endpoint, "function_id": shared_function,
+                        "timer_id": peer.post("/v1/timers", peer.timer_body())["timer_id"]}
+        made.timers = [made.post("/v1/timers", made.timer_body())["timer_id"]]
         submitted = made.post("/v1/tasks", {"endpoint_id": made.endpoints[0], "tasks": [
             {"function_id": made.functions[0], "args": OPAQUE}]})
         made.task_group, made.task = submitted["task_group_id"], submitted["task_ids"][0]

@@ -13,17 +13,21 @@ import pytest
 from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
 from farcall.serialize import (
     DATA_DILL,
+    DATA_JSON,
     DATA_PICKLE,
     FUNCTION_DILL,
     FUNCTION_SOURCE,
     deserialize,
     deserialize_function,
+    deserialize_json,
     pack_args,
+    pack_json_args,
     payload_strategy,
     rebuild_exception,
     serialize,
     serialize_exception,
     serialize_function,
+    serialize_json,
     unpack_args,
 )
 
@@ -157,3 +161,25 @@ def test_plain_data_uses_pickle_and_main_objects_travel_by_value(tmp_path: Path)
 def test_a_payload_from_a_newer_farcall_says_so() -> None:
     with pytest.raises(DeserializationError, match="newer farcall"):
         deserialize("99\nAAAA")
+
+
+def test_json_payloads_carry_plain_json_and_nothing_else() -> None:
+    value = {"text": "é ✓", "n": [1, 2.5, None, True], "nested": {"k": []}}
+    payload = serialize_json(value)
+    assert payload_strategy(payload) == DATA_JSON
+    assert deserialize_json(payload) == value
+    assert deserialize(payload) == value, "the general reader reads JSON payloads too"
+    args = pack_json_args([1, "a"], {"k": None})
+    assert payload_strategy(args) == DATA_JSON
+    assert unpack_args(args) == ((1, "a"), {"k": None})
+
+
+@pytest.mark.parametrize("value", [{1, 2}, float("inf"), b"bytes", object()])
+def test_a_value_that_is_not_json_is_refused(value: object) -> None:
+    with pytest.raises(SerializationError, match="as JSON"):
+        serialize_json(value)
+
+
+def test_the_json_reader_refuses_every_other_strategy() -> None:
+    with pytest.raises(DeserializationError, match="not JSON"):
+        deserialize_json(serialize([1, 2]))

@@ -3,7 +3,10 @@
 ``create_app`` assembles the pieces (docs/protocol.md describes the API):
 :mod:`.routes` (REST), :mod:`.client_stream` (a client's task group stream),
 :mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit)
-and :mod:`.errors` (every failure answered as JSON).
+and :mod:`.errors` (every failure answered as JSON); :mod:`.action_provider` (the Action
+Provider API, its own sub-application) is mounted at ``/action-provider``; :mod:`.timers`
+(timer routes) beside the others, and the :mod:`.scheduler` that fires timers runs for the
+app's lifetime.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, WebSocket
 
-from farcall.broker import client_stream, endpoint_channel
+from farcall.broker import action_provider, client_stream, endpoint_channel, timers
 from farcall.broker.asgi import BodyLimit
 from farcall.broker.errors import install_handlers
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.routes import router
+from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import Store
@@ -30,14 +34,17 @@ def create_app(
 ) -> FastAPI:
     """Build the broker app; ``store``/``queue`` override the ones the settings choose."""
     svc = Services.build(settings or Settings.from_env(), store, queue)
+    scheduler = TimerScheduler(svc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
         await svc.start()
+        scheduler.start()
         try:
             yield
         finally:
+            await scheduler.stop()
             await svc.close()
 
     app = FastAPI(
@@ -49,6 +56,7 @@ def create_app(
     app.state.services = svc
     install_handlers(app)
     app.include_router(router)
+    app.mount(action_provider.PATH, action_provider.create_action_provider(svc))
 
     @app.websocket("/v1/endpoints/{endpoint_id}/connect")
     async def endpoint_connect(ws: WebSocket, endpoint_id: str) -> None:
@@ -58,5 +66,7 @@ def create_app(
     async def task_group_stream(ws: WebSocket, task_group_id: str) -> None:
         await client_stream.serve(ws, svc, task_group_id)
 
-    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes)
+    app.include_router(timers.router)
+    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes,
+                       skip=(action_provider.PATH,))  # it limits its own bodies
     return app

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from farcall.broker.errors import InvalidRequest, PayloadTooLarge
+from farcall.broker.errors import ApiError, InvalidRequest, PayloadTooLarge
 
 
 def over_limit(data: str | bytes, limit: int) -> bool:
@@ -37,13 +38,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 
 
 class BodyLimit:
-    """Refuse bodies over the limit (413), by Content-Length and by bytes actually received."""
+    """Refuse bodies over the limit (413), by Content-Length and by bytes actually received.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``render`` turns the refusal into the answer (by default the error's own JSON); paths
+    under a prefix in ``skip`` pass untouched, for a mounted app that limits its bodies itself
+    with answers of its own form (the Action Provider API's ``{"code", "description"}``).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, render: Callable[[ApiError], Response] | None = None,
+                 skip: tuple[str, ...] = ()) -> None:
         self.app, self.limit = app, limit
+        self.render: Callable[[ApiError], Response] = render or (lambda error: error.response())
+        self.skip = tuple(prefix.rstrip("/") + "/" for prefix in skip)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.skip and (scope["path"] + "/").startswith(self.skip)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -52,7 +61,7 @@ class BodyLimit:
             try:
                 declared = int(length)
             except ValueError:
-                await InvalidRequest("Content-Length is not a number").response()(
+                await self.render(InvalidRequest("Content-Length is not a number"))(
                     scope, receive, send
                 )
                 return
@@ -91,7 +100,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     def _too_large(self) -> Response:
-        return PayloadTooLarge(
+        return self.render(PayloadTooLarge(
             f"request body is over the limit of {self.limit} bytes (FARCALL_MAX_PAYLOAD_BYTES); "
             "send fewer tasks per batch or smaller arguments"
-        ).response()
+        ))

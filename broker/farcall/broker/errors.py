@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farcall.broker import limits
@@ -33,6 +33,9 @@ MAX_DETAILS = 10
 """Most validation errors listed in a 422 answer's ``detail``."""
 BODY_UNREADABLE = "There was an error parsing the body"
 """FastAPI's own detail for a body it could not decode."""
+BODY_HINT = ("the body could not be read as JSON; send one JSON object as the route's schema in "
+             "/openapi.json describes, with Content-Type: application/json")
+"""What ``/v1`` tells a client whose body is not JSON."""
 REFUSAL_LOG_EVERY = 10.0
 """Refused connections are logged at most once per this many seconds (with a count)."""
 
@@ -42,6 +45,7 @@ CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "payload_too_large",
     422: "invalid_request",
     429: "rate_limited",
@@ -97,11 +101,17 @@ class ApiError(Exception):
         super().__init__(message)
         self.message = message
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.headers())
+    def response(self, respond: Respond | None = None) -> Response:
+        """This error as an answer, written by ``respond`` (farcall's ``ErrorBody`` by default)."""
+        return (respond or error_response)(self.status, self.code, self.message, self.headers(),
+                                           **self.extra())
 
     def headers(self) -> dict[str, str] | None:
         return None
+
+    def extra(self) -> dict[str, Any]:
+        """Fields of the answer's body besides the code and the message."""
+        return {}
 
 
 class Unauthorized(ApiError):
@@ -117,6 +127,13 @@ class Forbidden(ApiError):
 
 class ObjectNotFound(ApiError):
     status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    """The object is not in a state that allows this (an action still running, asked to be
+    released)."""
+
+    status, code = 409, "conflict"
 
 
 class QuotaExceeded(ApiError):
@@ -138,9 +155,8 @@ class TooManyRequests(ApiError):
         if code is not None:
             self.code = code
 
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.headers(),
-                              retry_after=round(self.retry_after, 3))
+    def extra(self) -> dict[str, Any]:
+        return {"retry_after": round(self.retry_after, 3)}
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": limits.retry_after(self.retry_after)}
@@ -160,9 +176,17 @@ class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
 
+class Respond(Protocol):
+    """Writes an error answer: a broker application's own form of them."""
+
+    def __call__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, **extra: Any) -> Response: ...
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
+    """An error as ``/v1`` answers it: ``ErrorBody``."""
     return JSONResponse(
         {"error": code, "message": message, **extra}, status_code=status, headers=headers
     )
@@ -189,14 +213,16 @@ def _backend_errors() -> tuple[type[Exception], ...]:
 BACKEND_ERRORS = _backend_errors()
 
 
-def install_handlers(app: FastAPI) -> None:
-    """Register the JSON error handlers on ``app``."""
+def install_handlers(app: FastAPI, respond: Respond = error_response,
+                     body_hint: str = BODY_HINT) -> None:
+    """Register the JSON error handlers on ``app``, answering in the form ``respond`` writes;
+    ``body_hint`` is what a client whose body is not JSON is told to send."""
 
-    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+    async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return exc.response()
+        return exc.response(respond)
 
-    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+    async def http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         code = CODES.get(exc.status_code, "error")
         message = clip(exc.detail, MAX_MESSAGE)
@@ -204,29 +230,23 @@ def install_handlers(app: FastAPI) -> None:
             message = ("the JSON body is nested too deeply to read; no field of the API nests "
                        "more than a few levels (resource_specification at most 16)")
         elif exc.status_code == 400 and exc.detail == BODY_UNREADABLE:
-            message = ("the body could not be read as JSON; send one JSON object as the route's "
-                       "schema in /openapi.json describes, with Content-Type: application/json")
-        return error_response(
-            exc.status_code, code, message, dict(exc.headers or {}) or None
-        )
+            message = body_hint
+        return respond(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+    async def validation_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
         message = f"invalid request: {error_summary(errors)}; see 'detail' and fix the request"
-        return error_response(
-            422, "invalid_request", message, detail=jsonable_encoder(error_details(errors))
-        )
+        return respond(422, "invalid_request", message,
+                       detail=jsonable_encoder(error_details(errors)))
 
-    async def backend_down(_: Request, exc: Exception) -> JSONResponse:
+    async def backend_down(_: Request, exc: Exception) -> Response:
         log.warning("backing service unavailable: %r", exc)
-        return error_response(
-            503, "unavailable", "the broker's store or queue is not answering; retry later"
-        )
+        return respond(503, "unavailable", "the broker's store or queue is not answering; retry later")
 
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error", exc_info=exc)
-        return error_response(500, "internal", "the broker failed unexpectedly; see its log")
+        return respond(500, "internal", "the broker failed unexpectedly; see its log")
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -18,13 +18,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Depends, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from farcall.broker import auth
+from farcall.broker import auth, cancellation
 from farcall.broker.endpoint_channel import read_queued, send_control
 from farcall.broker.errors import (
     Forbidden,
     InvalidRequest,
     ObjectNotFound,
     QuotaExceeded,
+    Unauthorized,
     clip,
 )
 from farcall.broker.health import check as check_health
@@ -60,6 +61,7 @@ from farcall.messages import (
     TokenList,
     TokenRequest,
     TokenRevoked,
+    WhoAmI,
     now,
     version_mismatch,
 )
@@ -458,13 +460,7 @@ async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response
 async def cancel_tasks(body: CancelRequest, user: User, svc: Svc) -> Response:
     """Cancel tasks: queued ones never run; running ones are stopped on their endpoint (with
     ``only_queued``, left to finish). A cancelled task's state is ``cancelled``, final."""
-    done = await svc.store.tasks.cancel(user, body.task_ids, body.only_queued, now())
-    await publish_results(svc, [(group, result) for group, _, result in done.results])
-    by_endpoint: dict[str, list[str]] = {}
-    for _, endpoint_id, result in done.results:
-        by_endpoint.setdefault(endpoint_id, []).append(result.task_id)
-    for endpoint_id, ids in by_endpoint.items():
-        await send_control(svc, endpoint_id, {"type": "cancel", "task_ids": ids})
+    done = await cancellation.cancel_tasks(svc, user, body.task_ids, body.only_queued)
     return _json(TasksCancelled(cancelled=[r.task_id for _, _, r in done.results],
                                 unchanged=done.unchanged))
 
@@ -508,3 +504,16 @@ async def tasks_status(body: TaskIds, user: User, svc: Svc) -> Response:
     records = await svc.store.tasks.get_many(list(dict.fromkeys(body.task_ids)))
     tasks = {r.task_id: task_info(r) for r in records if r is not None and r.user_id == user}
     return _json(TaskStatuses.model_construct(tasks=tasks), exclude_unset=True)
+
+
+# ---- identity
+
+
+@router.get("/whoami", responses=USER_ERRORS)
+async def whoami(user: User, svc: Svc) -> WhoAmI:
+    """You: your user name, and your ``identity_id``, by which the Action Provider API names
+    you (``creator_id``, ``manage_by``, ``monitor_by``: ``urn:globus:auth:identity:<id>``)."""
+    found = await svc.store.users.get(user)
+    if found is None:  # the user was removed while a token of theirs was still cached
+        raise Unauthorized("the token's user no longer exists; ask your broker operator")
+    return WhoAmI(username=found.name, identity_id=found.user_id)

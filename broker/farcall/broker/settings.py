@@ -43,6 +43,8 @@ class Settings:
     """Functions one user may have registered (0: no limit)."""
     max_open_tasks: int = 1_000_000
     """Tasks one user may have waiting or running (0: no limit); past it, submissions answer 429."""
+    max_timers: int = 1000
+    """Timers one user may have, in any state (0: no limit); past it, creating one answers 403."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -66,6 +68,7 @@ class Settings:
             max_endpoints=_number(env, "FARCALL_MAX_ENDPOINTS", cls.max_endpoints, int),
             max_functions=_number(env, "FARCALL_MAX_FUNCTIONS", cls.max_functions, int),
             max_open_tasks=_number(env, "FARCALL_MAX_OPEN_TASKS", cls.max_open_tasks, int),
+            max_timers=_number(env, "FARCALL_MAX_TIMERS", cls.max_timers, int),
         )
 
     @property

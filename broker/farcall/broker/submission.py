@@ -37,24 +37,35 @@ QUOTA_RETRY = 2.0
 """Seconds a client over its open-task quota is told to wait before submitting again."""
 
 
+async def authorize(
+    svc: Services, user: str, endpoint_id: str, function_ids: list[str],
+    task_group_id: str | None = None,
+) -> SubmissionContext:
+    """What submitting ``function_ids`` to ``endpoint_id`` (in ``task_group_id``) needs to know,
+    if ``user`` may: raises ``ObjectNotFound`` for an id that is not theirs (nor shared with
+    them). A timer is checked with it when created, and again at each run by ``submit_batch``."""
+    context = await _submission_context(svc, endpoint_id, function_ids, task_group_id)
+    if not context.endpoint_usable_by(user):
+        raise ObjectNotFound(
+            f"endpoint {endpoint_id} not found; list yours (and those shared with you) "
+            "with GET /v1/endpoints")
+    for function_id in function_ids:
+        f = context.functions.get(function_id)
+        if f is None or not f.usable_by(user):
+            raise ObjectNotFound(f"function {function_id} not found; register it first")
+    if task_group_id and context.group_owner != user:
+        raise ObjectNotFound(
+            f"task group {task_group_id} not found; omit task_group_id to get a new one"
+        )
+    return context
+
+
 async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> BatchSubmitted:
     """Accept ``batch`` for ``user``; raises ``ObjectNotFound`` for an id that is not theirs."""
     received = now()
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
-    context = await _submission_context(svc, batch.endpoint_id, function_ids, batch.task_group_id)
-    if not context.endpoint_usable_by(user):
-        raise ObjectNotFound(
-            f"endpoint {batch.endpoint_id} not found; list yours (and those shared with you) "
-            "with GET /v1/endpoints")
+    context = await authorize(svc, user, batch.endpoint_id, function_ids, batch.task_group_id)
     functions = context.functions
-    for function_id in function_ids:
-        f = functions.get(function_id)
-        if f is None or not f.usable_by(user):
-            raise ObjectNotFound(f"function {function_id} not found; register it first")
-    if batch.task_group_id and context.group_owner != user:
-        raise ObjectNotFound(
-            f"task group {batch.task_group_id} not found; omit task_group_id to get a new one"
-        )
 
     messages = [
         TaskMessage.model_construct(
@@ -65,6 +76,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
             submitter=batch.submitter,
             walltime=spec.walltime,
             max_retries=spec.max_retries,
+            result_format=spec.result_format,
         )
         for spec in batch.tasks
     ]

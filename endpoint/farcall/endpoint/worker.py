@@ -23,7 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from farcall.errors import DeserializationError, TaskTimeout
+from farcall.errors import DeserializationError, SerializationError, TaskTimeout
 from farcall.messages import (
     SAME_VERSIONS,
     ResultMessage,
@@ -34,7 +34,13 @@ from farcall.messages import (
     parse_task_batch,
     versions_text,
 )
-from farcall.serialize import deserialize_function, serialize, serialize_exception, unpack_args
+from farcall.serialize import (
+    deserialize_function,
+    serialize,
+    serialize_exception,
+    serialize_json,
+    unpack_args,
+)
 from farcall.version import local_versions
 
 FUNCTION_CACHE_SIZE = 256
@@ -113,9 +119,9 @@ def execute(task: TaskMessage, started: float | None = None, *,
         return failed_result(task.task_id, walltime_exceeded(task.task_id, alarm.walltime),
                              started_at=started)
     try:
-        data = serialize(value)
-    except Exception as e:  # noqa: BLE001 - an unpicklable return value fails the task clearly
-        return failed_result(task.task_id, e, started_at=started)
+        data = serialize_json(value) if task.result_format == "json" else serialize(value)
+    except Exception as e:  # noqa: BLE001 - an unserializable return value fails the task clearly
+        return failed_result(task.task_id, _unserializable(task, e), started_at=started)
     return ResultMessage(
         task_id=task.task_id,
         state=TaskState.SUCCESS,
@@ -221,6 +227,18 @@ def _load_function(task: TaskMessage) -> Callable[..., Any]:
     if len(_functions) > FUNCTION_CACHE_SIZE:
         _functions.popitem(last=False)
     return fn
+
+
+def _unserializable(task: TaskMessage, cause: Exception) -> Exception:
+    """The error of a task whose return value its ``result_format`` cannot carry."""
+    if task.result_format != "json":
+        return cause
+    err = SerializationError(
+        f"task {task.task_id} returned a value that is not JSON, and the action provider needs a "
+        f"JSON-serializable return value ({cause}); return plain data: dicts with string keys, "
+        "lists, strings, numbers, booleans, None (str() a path, .tolist() an array)")
+    err.__cause__ = cause
+    return err
 
 
 def _deserialization_error(task: TaskMessage, cause: BaseException) -> DeserializationError:

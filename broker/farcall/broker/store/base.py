@@ -16,6 +16,8 @@ concept and says so.
 | ``tasks`` | task groups, task records and their life cycle; each user's count of open tasks |
 | ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
 | ``pubsub`` | result-stream frames published to every replica's subscribers |
+| ``actions`` | actions of the Action Provider API, each one record that expires |
+| ``timers`` | timers, the times they run next, and their runs |
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState
+from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState, TimerRun
 from farcall.records import (
+    ActionRecord,
     EndpointRecord,
     FunctionRecord,
     NewTasks,
     TaskGroupRecord,
     TaskRecord,
+    TimerRecord,
     TokenRecord,
     UserRecord,
 )
@@ -359,6 +363,93 @@ class PubSub(abc.ABC):
         return None
 
 
+class ActionStore(abc.ABC):
+    """Actions of the Action Provider API, one record each, unique per creator and request id.
+
+    A record expires ``ttl`` seconds after it was last written (the action's lifetime while it
+    runs, ``release_after`` once it ended); its request id goes with it.
+    """
+
+    @abc.abstractmethod
+    async def create(self, action: ActionRecord, ttl: float) -> ActionRecord:
+        """Store ``action`` unless its creator has an action with the same ``request_id``
+        already; the action stored under that request id (``action`` itself when new)."""
+
+    @abc.abstractmethod
+    async def get(self, action_id: str) -> ActionRecord | None: ...
+
+    @abc.abstractmethod
+    async def update(self, action: ActionRecord, ttl: float) -> bool:
+        """Replace the action's record, if it still has one (not released, not expired);
+        whether it did. The action and its request id now expire after ``ttl``."""
+
+    @abc.abstractmethod
+    async def release(self, action: ActionRecord) -> bool:
+        """Forget the action and its request id; False if it was gone already."""
+
+
+class TimerStore(abc.ABC):
+    """Timers, each its creator's, and the times they run next (over every user, for the
+    scheduler). Each run is claimed once (``claim``), however many broker replicas look for
+    due timers at the same time."""
+
+    @abc.abstractmethod
+    async def create(self, timer: TimerRecord, max_timers: int = 0) -> bool:
+        """Store a new timer (due at its ``next_run`` if it is active); False, changing nothing,
+        when its user has ``max_timers`` timers already (0: no limit)."""
+
+    @abc.abstractmethod
+    async def get(self, timer_id: str) -> TimerRecord | None:
+        """The timer with its runs."""
+
+    @abc.abstractmethod
+    async def by_user(self, user_id: str) -> list[TimerRecord]:
+        """The user's timers, oldest first, without their runs."""
+
+    @abc.abstractmethod
+    async def delete(self, timer_id: str) -> bool:
+        """Forget the timer and its runs; False if there was none."""
+
+    @abc.abstractmethod
+    async def pause(self, timer_id: str) -> bool:
+        """An active timer stops running until ``resume``; whether it was active."""
+
+    @abc.abstractmethod
+    async def resume(self, timer_id: str, next_run: float | None) -> bool:
+        """A paused timer runs again from ``next_run`` (None: its schedule has ended, so it
+        is ``finished``); whether it was paused."""
+
+    @abc.abstractmethod
+    async def stop(self, timer_id: str, reason: str) -> bool:
+        """An active or paused timer is ``stopped`` for good, saying ``reason``; whether it
+        was active or paused."""
+
+    @abc.abstractmethod
+    async def due(self, at: float, limit: int) -> list[TimerRecord]:
+        """Up to ``limit`` active timers whose ``next_run`` is at or before ``at``, earliest
+        first, without their runs. One cheap call when none is due (it runs several times
+        a second on every replica)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self, timer_id: str, due_at: float, next_at: float | None, at: float,
+        stop_after_runs: int | None = None,
+    ) -> TimerRun | None:
+        """Record a run of the timer at ``at`` if it is still active and due at ``due_at``
+        (the ``next_run`` the caller read), and make ``next_at`` its next run; the run, or
+        None when another caller claimed it first (or it was paused, stopped or deleted).
+
+        Atomic: of any number of callers with the same ``due_at``, one gets the run. With
+        ``next_at`` None, or its ``stop_after_runs``-th run, the timer is ``finished``. The
+        run has no task yet: the caller submits one and ``attach``-es it.
+        """
+
+    @abc.abstractmethod
+    async def attach(self, timer_id: str, run: TimerRun) -> None:
+        """Replace the timer's run ``run.number`` (its task id or error now known), if the
+        timer still keeps it."""
+
+
 class Store:
     """Durable broker state: the narrow parts above, from one backend."""
 
@@ -367,7 +458,9 @@ class Store:
     endpoints: EndpointStore
     tasks: TaskStore
     inflight: InflightStore
+    actions: ActionStore
     pubsub: PubSub
+    timers: TimerStore
 
     async def start(self) -> None:
         """Connect (and fail fast if the backing service does not answer)."""

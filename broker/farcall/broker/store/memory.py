@@ -30,6 +30,8 @@ from farcall.broker.store.base import (
     crash_failure,
     deliver_locally,
 )
+from farcall.broker.store.memory_actions import MemoryActions
+from farcall.broker.store.memory_timers import MemoryTimers
 from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState
 from farcall.records import (
     EndpointRecord,
@@ -422,7 +424,9 @@ class MemoryStore(Store):
         self.endpoints = MemoryEndpoints(state)
         self.tasks = MemoryTasks(state)
         self.inflight = MemoryInflight(state)
+        self.actions = MemoryActions()
         self.pubsub = MemoryPubSub(state)
+        self.timers = MemoryTimers()
 
 
 def _shared(user_ids: list[str], user_id: str, shared: bool) -> list[str]:

@@ -11,10 +11,12 @@ TokenRecord); ``p tokens:all`` and ``p user:<id>:tokens`` sorted sets of token i
 ``p ep:<id>:shared`` set of user ids; ``p ep:<id>:sessions`` set;
 ``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p ep:<id>:queued`` count of queued
 tasks; ``p tg:<id>`` and ``p tg:<id>:tasks`` list; ``p task:<id>`` hash with one ``t:<state>``
-field per transition. Results are published on channel ``p results:<task group id>`` as
-``<replica id> <frame>``; a replica hands its own frames to its subscribers directly.
-State changes that must not go backwards (running after success, a second
-result) are Lua scripts (:mod:`.redis_scripts`), so they are atomic across broker replicas.
+field per transition; ``p ap:...`` actions (:mod:`.redis_actions`); ``p timer:...``,
+``p timers:due`` and ``p user:<id>:timers`` timers (:mod:`.redis_timers`). Results are published
+on channel ``p results:<task group id>`` as ``<replica id> <frame>``; a replica hands its own
+frames to its subscribers directly. State changes that must not go backwards (running after
+success, a second result) are Lua scripts (:mod:`.redis_scripts`), so they are atomic across
+broker replicas.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from farcall.broker.store.base import (
     crash_failure,
     ordered_transitions,
 )
+from farcall.broker.store.redis_actions import RedisActions
 from farcall.broker.store.redis_pubsub import RedisPubSub
+from farcall.broker.store.redis_timers import RedisTimers
 from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState, Versions
 from farcall.records import (
     EndpointRecord,
@@ -563,7 +567,9 @@ class RedisStore(Store):
         self.endpoints = RedisEndpoints(self.db)
         self.tasks = RedisTasks(self.db)
         self.inflight = RedisInflight(self.db)
+        self.actions = RedisActions(self.db.r, prefix)
         self.pubsub = RedisPubSub(self.db.r, prefix)
+        self.timers = RedisTimers(self.db.r, prefix)
 
     async def start(self) -> None:
         await self.db.r.ping()

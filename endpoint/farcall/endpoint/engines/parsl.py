@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import threading
 import time
 import uuid
@@ -134,6 +135,7 @@ class ParslEngine(Engine):
         if hasattr(provider, "script_dir"):
             provider.script_dir = str(run_dir / "submit_scripts")
             os.makedirs(provider.script_dir, exist_ok=True)
+        self._prepare_blocks(provider, run_dir)
         self.htex.start()
         self._poller = JobStatusPoller(
             strategy=self.strategy, max_idletime=self.max_idletime, strategy_period=self.strategy_period
@@ -144,6 +146,9 @@ class ParslEngine(Engine):
         self._dispatcher.start()
         log.info("%s started: %s on %s, run dir %s", self.name, self.executor_name,
                  type(provider).__name__, run_dir)
+
+    def _prepare_blocks(self, provider: Any, run_dir: Path) -> None:
+        """Last changes to the provider before the first block (none here)."""
 
     # -------------------------------------------------------------- tasks
 
@@ -330,6 +335,52 @@ class ParslEngine(Engine):
 
 
 class MPIEngine(ParslEngine):
-    """Parsl's MPIExecutor: each task gets ``num_nodes`` x ``ranks_per_node`` from its block."""
+    """Parsl's MPIExecutor: each task gets ``num_nodes`` x ``ranks_per_node`` from its block.
+
+    Parsl's MPI mode learns a block's nodes from the batch job (``$SLURM_NODELIST`` or
+    ``$PBS_NODEFILE``) and refuses to start without one. A ``LocalProvider`` block is this
+    machine, so outside a batch job the engine gives it a node file naming this host, as PBS
+    would: MPI tasks then run here with ``mpiexec``. A task asking for more nodes than a block
+    has would wait in Parsl for ever; it fails at once instead.
+    """
 
     Options: ClassVar[type[EngineOptions]] = MPIOptions
+    NODE_VARS: ClassVar[tuple[str, ...]] = ("SLURM_NODELIST", "PBS_NODEFILE")
+    LOCAL_HOST: ClassVar[str] = "localhost"
+    """The node file's one host: always resolvable, and mpiexec (hydra) starts its ranks here."""
+
+    block_nodes: int | None = None
+    local_nodefile: Path | None = None
+
+    def _prepare_blocks(self, provider: Any, run_dir: Path) -> None:
+        from parsl.providers import LocalProvider
+
+        if isinstance(provider, LocalProvider):
+            if any(os.environ.get(var) for var in self.NODE_VARS):
+                return  # the agent runs inside a batch job: its blocks use the job's nodes
+            nodefile = run_dir / "nodefile"
+            nodefile.write_text(self.LOCAL_HOST + "\n")
+            provider.worker_init = f"export PBS_NODEFILE={shlex.quote(str(nodefile))}\n{provider.worker_init}"
+            self.block_nodes = 1
+            self.local_nodefile = nodefile
+            log.info("%s: LocalProvider outside a batch job: blocks are one node, %s (%s)",
+                     self.name, self.LOCAL_HOST, nodefile)
+        else:
+            self.block_nodes = int(getattr(provider, "nodes_per_block", 0) or 0) or None
+
+    def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        wanted = (task.resource_specification or {}).get("num_nodes")
+        limit = self.block_nodes
+        try:
+            too_many = wanted is not None and limit is not None and int(wanted) > limit
+        except (TypeError, ValueError):
+            too_many = False  # not a number: Parsl's own check below says what is wrong
+        if too_many:
+            on_done(failed_result(task.task_id, ValueError(
+                f"resource_specification asks for num_nodes={wanted}, but this endpoint's blocks "
+                f"have {self.block_nodes} node(s) ("
+                + ("a LocalProvider block is this one machine" if self.local_nodefile
+                   else "its provider's nodes_per_block")
+                + "): ask for fewer nodes, or use an endpoint with bigger blocks")))
+            return
+        super().submit(task, on_done, on_start)

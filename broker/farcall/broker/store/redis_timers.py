@@ -1,0 +1,142 @@
+"""Redis ``TimerStore``: a hash per timer, one sorted set of next runs for every replica's
+scheduler, and Lua for each change a replica may race another on.
+
+Keys (``p`` is the prefix): ``p timer:<id>`` hash (the ``TimerRecord`` without its runs:
+``schedule`` and ``submitter`` as JSON, ``next_run`` and ``reason`` ``''`` when none);
+``p timer:<id>:runs`` hash run number -> ``TimerRun`` JSON (the latest ``TIMER_RUNS_KEPT``);
+``p user:<id>:timers`` sorted set of the user's timer ids by creation; ``p timers:due`` sorted
+set of active timer ids by next run. A run is claimed by a compare and set of ``next_run``
+(``redis_scripts.TIMER_CLAIM``), so of all the replicas that find a timer due, one fires it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from farcall.broker.store import redis_scripts
+from farcall.broker.store.base import TimerStore
+from farcall.messages import TIMER_RUNS_KEPT, TimerRun, TimerSchedule, Versions
+from farcall.records import TimerRecord
+
+_RUN_FIELDS = {"at", "task_id", "error"}
+"""What a run's JSON holds (its number is its key)."""
+
+
+class RedisTimers(TimerStore):
+    def __init__(self, r: Any, prefix: str) -> None:
+        self._r = r
+        self._prefix = prefix
+        self._create = r.register_script(redis_scripts.TIMER_CREATE)
+        self._claim = r.register_script(redis_scripts.TIMER_CLAIM)
+        self._set_state = r.register_script(redis_scripts.TIMER_SET_STATE)
+        self._delete = r.register_script(redis_scripts.TIMER_DELETE)
+        self._attach = r.register_script(redis_scripts.TIMER_ATTACH)
+
+    def _k(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    async def create(self, timer: TimerRecord, max_timers: int = 0) -> bool:
+        fields = {
+            "timer_id": timer.timer_id, "user_id": timer.user_id, "name": timer.name,
+            "endpoint_id": timer.endpoint_id, "function_id": timer.function_id,
+            "args": timer.args,
+            "submitter": timer.submitter.model_dump_json() if timer.submitter else "",
+            "schedule": timer.schedule.model_dump_json(), "state": timer.state,
+            "reason": timer.reason or "", "next_run": _num(timer.next_run),
+            "run_count": str(timer.run_count), "created_at": repr(timer.created_at),
+        }
+        args: list[Any] = [max_timers, timer.timer_id, repr(timer.created_at),
+                           fields["next_run"] if timer.state == "active" else ""]
+        args += [x for pair in fields.items() for x in pair]
+        keys = [self._k("user", timer.user_id, "timers"), self._k("timer", timer.timer_id),
+                self._k("timers:due")]
+        return bool(await self._create(keys=keys, args=args))
+
+    async def get(self, timer_id: str) -> TimerRecord | None:
+        async with self._r.pipeline(transaction=False) as p:
+            p.hgetall(self._k("timer", timer_id))
+            p.hgetall(self._k("timer", timer_id, "runs"))
+            rec, runs = await p.execute()
+        return _timer(rec, runs) if rec else None
+
+    async def _get_many(self, timer_ids: list[str]) -> list[TimerRecord]:
+        async with self._r.pipeline(transaction=False) as p:
+            for t in timer_ids:
+                p.hgetall(self._k("timer", t))
+            found = await p.execute()
+        return [_timer(rec) for rec in found if rec]
+
+    async def by_user(self, user_id: str) -> list[TimerRecord]:
+        return await self._get_many(await self._r.zrange(self._k("user", user_id, "timers"), 0, -1))
+
+    async def delete(self, timer_id: str) -> bool:
+        return bool(await self._delete(
+            keys=[self._k("timer", timer_id), self._k("timer", timer_id, "runs"),
+                  self._k("timers:due")],
+            args=[timer_id, self._prefix]))
+
+    async def _change(self, timer_id: str, leaving: str, state: str, next_run: float | None,
+                      reason: str = "") -> bool:
+        return bool(await self._set_state(
+            keys=[self._k("timer", timer_id), self._k("timers:due")],
+            args=[timer_id, leaving, state, _num(next_run), reason]))
+
+    async def pause(self, timer_id: str) -> bool:
+        return await self._change(timer_id, "active", "paused", None)
+
+    async def resume(self, timer_id: str, next_run: float | None) -> bool:
+        return await self._change(
+            timer_id, "paused", "active" if next_run is not None else "finished", next_run)
+
+    async def stop(self, timer_id: str, reason: str) -> bool:
+        return await self._change(timer_id, "active,paused", "stopped", None, reason)
+
+    async def due(self, at: float, limit: int) -> list[TimerRecord]:
+        ids = await self._r.zrangebyscore(self._k("timers:due"), "-inf", repr(at), start=0,
+                                          num=limit)
+        return await self._get_many(ids) if ids else []
+
+    async def claim(
+        self, timer_id: str, due_at: float, next_at: float | None, at: float,
+        stop_after_runs: int | None = None,
+    ) -> TimerRun | None:
+        number = await self._claim(
+            keys=[self._k("timer", timer_id), self._k("timer", timer_id, "runs"),
+                  self._k("timers:due")],
+            args=[timer_id, repr(due_at), _num(next_at), stop_after_runs or 0,
+                  _run_json(TimerRun(number=0, at=at)), TIMER_RUNS_KEPT])
+        return None if number is None else TimerRun(number=int(number), at=at)
+
+    async def attach(self, timer_id: str, run: TimerRun) -> None:
+        await self._attach(keys=[self._k("timer", timer_id, "runs")],
+                           args=[run.number, _run_json(run)])
+
+
+def _num(value: float | None) -> str:
+    """A time as stored (and compared by ``claim``): ``repr`` of the float, ``''`` for none."""
+    return "" if value is None else repr(float(value))
+
+
+def _run_json(run: TimerRun) -> str:
+    return run.model_dump_json(include=_RUN_FIELDS)
+
+
+def _timer(rec: dict[str, str], runs: dict[str, str] | None = None) -> TimerRecord:
+    kept = sorted((int(n), raw) for n, raw in (runs or {}).items())
+    return TimerRecord.model_construct(
+        timer_id=rec["timer_id"],
+        user_id=rec["user_id"],
+        name=rec.get("name", ""),
+        endpoint_id=rec["endpoint_id"],
+        function_id=rec["function_id"],
+        args=rec.get("args", ""),
+        submitter=Versions.model_validate_json(rec["submitter"]) if rec.get("submitter") else None,
+        schedule=TimerSchedule.model_validate_json(rec["schedule"]),
+        state=rec["state"],
+        reason=rec.get("reason") or None,
+        next_run=float(rec["next_run"]) if rec.get("next_run") else None,
+        run_count=int(rec.get("run_count", 0)),
+        runs=[TimerRun.model_validate({**json.loads(raw), "number": n}) for n, raw in kept],
+        created_at=float(rec["created_at"]),
+    )
