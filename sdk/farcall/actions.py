@@ -157,40 +157,39 @@ class ComputeInput(_Strict):
         "scheduler options for every task (num_nodes, ranks_per_node, ...)"))
 
 
-class EarlierTask(_Strict):
-    """One call in the earlier form; ``endpoint`` defaults to the body's."""
+class _EarlierCall(_Strict):
+    """What a call of the earlier form holds, in the body or in one of its ``tasks``."""
 
     endpoint: ObjectId | None = None
-    function: ObjectId
     args: Any = Field(default_factory=list, description="a list of arguments, or one argument")
     kwargs: dict[str, Any] | None = None
     payload: dict[str, Any] | None = Field(default=None, description="the keyword arguments "
                                            "(the name an earlier version used for kwargs)")
 
     @model_validator(mode="after")
-    def _one_kwargs(self) -> EarlierTask:
+    def _one_kwargs(self) -> _EarlierCall:
         if self.kwargs is not None and self.payload is not None:
             raise ValueError("give the keyword arguments as 'kwargs' or as 'payload', not both")
         return self
 
 
-class EarlierInput(_Strict):
+class EarlierTask(_EarlierCall):
+    """One call in the earlier form; ``endpoint`` defaults to the body's."""
+
+    function: ObjectId
+
+
+class EarlierInput(_EarlierCall):
     """The earlier form: one call in the body itself, and/or a list of ``tasks``, each on any
     endpoint."""
 
-    endpoint: ObjectId | None = None
     function: ObjectId | None = None
-    args: Any = Field(default_factory=list)
-    kwargs: dict[str, Any] | None = None
-    payload: dict[str, Any] | None = None
     tasks: list[EarlierTask] = Field(default_factory=list, max_length=MAX_ACTION_TASKS)
 
     @model_validator(mode="after")
     def _some_task(self) -> EarlierInput:
         if self.function is None and not self.tasks:
             raise ValueError("no task: give 'function' (with 'endpoint'), or 'tasks'")
-        if self.kwargs is not None and self.payload is not None:
-            raise ValueError("give the keyword arguments as 'kwargs' or as 'payload', not both")
         if len(self.tasks) + (self.function is not None) > MAX_ACTION_TASKS:
             raise ValueError(f"more than {MAX_ACTION_TASKS} tasks; run them as several actions")
         for i, task in enumerate(self.tasks):

@@ -21,9 +21,9 @@ import logging
 
 from farcall.backoff import Backoff
 from farcall.broker import schedule
-from farcall.broker.errors import ApiError, ObjectNotFound
+from farcall.broker.errors import ApiError
 from farcall.broker.services import Services
-from farcall.broker.submission import submit_batch
+from farcall.broker.submission import NotUsable, submit_batch
 from farcall.messages import BatchSubmission, TaskSpec, TimerRun, now
 from farcall.quietlog import QuietLog
 from farcall.records import TimerRecord
@@ -117,8 +117,9 @@ class TimerScheduler:
             tasks=[TaskSpec(function_id=timer.function_id, args=timer.args)])
         try:
             answer = await submit_batch(self.svc, timer.user_id, batch)
-        except ObjectNotFound:
-            run.error = await self._gone(timer)
+        except NotUsable as e:
+            run.error = (f"{e.what} was deleted or is no longer shared with you; the timer cannot "
+                         "run it. Create a new timer")
             await store.attach(timer.timer_id, run)
             await store.stop(timer.timer_id, run.error)
             log.info("timer %s stopped at run %d: %s", timer.timer_id, run.number, run.error)
@@ -132,18 +133,3 @@ class TimerScheduler:
             run.task_id = answer.task_ids[0]
         await store.attach(timer.timer_id, run)
         return run
-
-    async def _gone(self, timer: TimerRecord) -> str:
-        """Why the timer's creator may no longer run it: which of endpoint and function is
-        gone."""
-        context = await self.svc.store.tasks.submission_context(
-            timer.endpoint_id, [timer.function_id], None)
-        if not context.endpoint_usable_by(timer.user_id):
-            what = f"endpoint {timer.endpoint_id}"
-        else:
-            found = context.functions.get(timer.function_id)
-            what = (f"function {timer.function_id}"
-                    if found is None or not found.usable_by(timer.user_id)
-                    else f"endpoint {timer.endpoint_id} or function {timer.function_id}")
-        return (f"{what} was deleted or is no longer shared with you; the timer cannot run it. "
-                "Create a new timer")

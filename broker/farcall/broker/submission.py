@@ -37,26 +37,38 @@ QUOTA_RETRY = 2.0
 """Seconds a client over its open-task quota is told to wait before submitting again."""
 
 
+class NotUsable(ObjectNotFound):
+    """An id in a submission that is not the submitter's (nor shared with them); ``what`` names
+    it (``"endpoint <id>"``, ``"function <id>"``, ``"task group <id>"``) for callers that say it
+    their own way (a timer's stop reason)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
 async def authorize(
     svc: Services, user: str, endpoint_id: str, function_ids: list[str],
     task_group_id: str | None = None,
 ) -> SubmissionContext:
     """What submitting ``function_ids`` to ``endpoint_id`` (in ``task_group_id``) needs to know,
-    if ``user`` may: raises ``ObjectNotFound`` for an id that is not theirs (nor shared with
-    them). A timer is checked with it when created, and again at each run by ``submit_batch``."""
+    if ``user`` may: raises ``NotUsable`` (an ``ObjectNotFound``) for an id that is not theirs
+    (nor shared with them). A timer is checked with it when created, and again at each run by
+    ``submit_batch``."""
     context = await _submission_context(svc, endpoint_id, function_ids, task_group_id)
     if not context.endpoint_usable_by(user):
-        raise ObjectNotFound(
+        raise NotUsable(
             f"endpoint {endpoint_id} not found; list yours (and those shared with you) "
-            "with GET /v1/endpoints")
+            "with GET /v1/endpoints", f"endpoint {endpoint_id}")
     for function_id in function_ids:
         f = context.functions.get(function_id)
         if f is None or not f.usable_by(user):
-            raise ObjectNotFound(f"function {function_id} not found; register it first")
+            raise NotUsable(f"function {function_id} not found; register it first",
+                            f"function {function_id}")
     if task_group_id and context.group_owner != user:
-        raise ObjectNotFound(
-            f"task group {task_group_id} not found; omit task_group_id to get a new one"
-        )
+        raise NotUsable(
+            f"task group {task_group_id} not found; omit task_group_id to get a new one",
+            f"task group {task_group_id}")
     return context
 
 
