@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from bench import report
+from bench import data, report
 from bench.celery_runner import CelerySystem
 from bench.context import RunContext, make_importable_everywhere
 from bench.dask_runner import DaskSystem
@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of throughput and latency here")
     p.add_argument("--systems", default=",".join(SYSTEMS),
                    help=f"comma-separated, from {','.join(SYSTEMS)} (ProcessPoolExecutor always runs)")
+    p.add_argument("--data", action="store_true",
+                   help="instead: a numpy array of 1 MB, 10 MB, 100 MB and 1 GB to a worker and back, "
+                        "farcall against Dask (bench/data.py; --systems picks from "
+                        "farcall,farcall-files,dask)")
     p.add_argument("--keep-logs", action="store_true", help="keep the scratch directory with every log")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the benchmark does")
     return p
@@ -133,9 +137,12 @@ def clean_up(ctx: RunContext) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
-    unknown = [n for n in names if n not in SYSTEMS]
+    known = list(data.SYSTEMS) if args.data else list(SYSTEMS)
+    if args.data and args.systems == _parser().get_default("systems"):
+        names = known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}", file=sys.stderr)
+        print(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -157,15 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "systems": {},
         "processpool": {},
     }
-    say(f"farcall benchmark {'(--quick) ' if args.quick else ''}run {ctx.run_id}: "
-        f"{sizes.throughput_tasks:,} tasks per throughput run, {sizes.latency_round_trips} round trips; "
+    plan = ("arrays of 1 MB to 1 GB to a worker and back" if args.data else
+            f"{sizes.throughput_tasks:,} tasks per throughput run, {sizes.latency_round_trips} round trips")
+    say(f"farcall benchmark {'(--quick) ' if args.quick else ''}run {ctx.run_id}: {plan}; "
         f"logs in {ctx.workdir}")
     interrupted = False
     try:
-        run_system(ProcessPoolSystem, ctx, document["processpool"])
-        for name in names:
-            document["systems"][name] = {}
-            run_system(SYSTEMS[name], ctx, document["systems"][name])
+        if args.data:
+            document["data"] = {}
+            data.run(ctx, say, names, document["data"])
+        else:
+            run_system(ProcessPoolSystem, ctx, document["processpool"])
+            for name in names:
+                document["systems"][name] = {}
+                run_system(SYSTEMS[name], ctx, document["systems"][name])
     except KeyboardInterrupt:
         interrupted = True
         say("interrupted: stopping everything and writing what was measured")
@@ -175,18 +187,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["wall_time_s"] = ctx.elapsed()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _finish(args, ctx, document, interrupted)
-    failed = any("error" in found for found in [document["processpool"], *document["systems"].values()])
+    failed = any("error" in found for found in [document["processpool"], *document["systems"].values(),
+                                                *document.get("data", {}).values()])
     return 130 if interrupted else 1 if failed else 0
 
 
 def _finish(args: argparse.Namespace, ctx: RunContext, document: dict[str, Any], interrupted: bool) -> None:
     systems, processpool = document["systems"], document["processpool"]
-    report.add_overheads(systems, processpool)
-    print("\n" + report.summary_table(systems, processpool), flush=True)
-    cpu = report.cpu_table(systems)
-    if cpu:
-        print("\n" + cpu, flush=True)
-    print(flush=True)
+    if "data" in document:
+        print("\n" + data.table(document["data"]) + "\n", flush=True)
+    else:
+        report.add_overheads(systems, processpool)
+        print("\n" + report.summary_table(systems, processpool), flush=True)
+        cpu = report.cpu_table(systems)
+        if cpu:
+            print("\n" + cpu, flush=True)
+        print(flush=True)
     for name, found in {**systems, "processpool": processpool}.items():
         if found.get("batch_meaning"):
             print(f"batch size, {name}: {found['batch_meaning']}", flush=True)
@@ -200,13 +216,13 @@ def _finish(args: argparse.Namespace, ctx: RunContext, document: dict[str, Any],
     if args.json:
         report.write_json(args.json, document)
         say(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and "data" not in document:
         try:
             report.plot(args.plot, systems, processpool)
             say(f"wrote {args.plot}")
         except Exception as e:  # noqa: BLE001 - the numbers are already out
             say(f"plot failed: {e!r}")
-    failed = any("error" in f for f in [processpool, *systems.values()])
+    failed = any("error" in f for f in [processpool, *systems.values(), *document.get("data", {}).values()])
     if args.keep_logs or failed or interrupted:
         say(f"logs kept in {ctx.workdir}")
     else:

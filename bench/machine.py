@@ -13,7 +13,7 @@ import psutil
 from bench import services
 
 PACKAGES = ("farcall", "parsl", "celery", "kombu", "redis", "dask", "distributed", "pika", "psutil",
-            "uvicorn", "fastapi", "aio-pika", "dill")
+            "uvicorn", "fastapi", "aio-pika", "dill", "cloudpickle")
 
 
 def cpu_model() -> str:

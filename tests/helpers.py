@@ -26,6 +26,33 @@ class FakeClock:
         return clock
 
 
+def fragile(x: int) -> float:
+    """A task that fails for 0 (``ZeroDivisionError``): a remote failure on demand."""
+    return 1 / x
+
+
+def wait_for_file(path: str) -> str:
+    """A task that runs until ``path`` exists (30 s at most): finished when the test says."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+
+
+def serve_on_loopback(handler: type[Any]) -> tuple[Any, str]:
+    """A ``ThreadingHTTPServer`` with ``handler`` on 127.0.0.1, serving in a daemon thread, and
+    its URL; ``server.shutdown(); server.server_close()`` ends it."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}"
+
+
 class StubHTTP:
     """An HTTP server on 127.0.0.1 answering queued ``(status, json_body)`` replies in order.
 
@@ -34,8 +61,7 @@ class StubHTTP:
 
     def __init__(self, *replies: tuple[int, Any]) -> None:
         import json
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         self.replies = list(replies)
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
@@ -61,9 +87,7 @@ class StubHTTP:
 
             do_GET = do_POST = do_DELETE = _answer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_on_loopback(Handler)
 
     def close(self) -> None:
         self.server.shutdown()

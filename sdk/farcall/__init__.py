@@ -13,9 +13,10 @@ from farcall.version import __version__
 if TYPE_CHECKING:
     from farcall.client import Batch, Client
     from farcall.executor import Executor, TaskFuture
+    from farcall.progress import as_completed
     from farcall.shell import MPIFunction, ShellFunction, ShellResult
 
-__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__",
+__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__", "as_completed",
            "ShellFunction", "MPIFunction", "ShellResult"]
 
 _LAZY = {
@@ -23,6 +24,7 @@ _LAZY = {
     "Client": "farcall.client",
     "Executor": "farcall.executor",
     "TaskFuture": "farcall.executor",
+    "as_completed": "farcall.progress",
     "ShellFunction": "farcall.shell",
     "MPIFunction": "farcall.shell",
     "ShellResult": "farcall.shell",

@@ -1,4 +1,7 @@
-"""``farcall``: the SDK's command line. ``farcall demo`` shows the whole system on this machine."""
+"""``farcall``: the SDK's command line. ``farcall demo`` shows the whole system on this machine;
+``login``, ``whoami``, ``endpoints``, ``groups``, ``tasks`` and ``result`` are a user's view of a
+broker (:mod:`farcall.commands` does them; this module only parses).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,28 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from farcall.version import __version__
 
+MAX_LIMIT = 1000
+"""Most groups or tasks the broker lists at once."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "demo":
+        return _user_command(args)
+    if args.tasks < 1 or args.workers < 1:
+        parser.error("--tasks and --workers must be at least 1")
+    return demo_main(args.tasks, args.workers)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="farcall", description="farcall SDK command line")
     parser.add_argument("--version", action="version", version=f"farcall {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -20,11 +39,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--tasks", type=int, default=200, help="number of tasks in the sweep")
     demo.add_argument("--workers", type=int, default=2, help="endpoint worker processes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.tasks < 1 or args.workers < 1:
-        parser.error("--tasks and --workers must be at least 1")
-    return demo_main(args.tasks, args.workers)
+    login = sub.add_parser("login", help="check your token with a broker and save both in "
+                           "$FARCALL_HOME/config (mode 0600)")
+    login.add_argument("--broker", metavar="URL",
+                       help="the broker's URL (default: FARCALL_BROKER_URL, then the saved one)")
+    login.add_argument("--token", help="your token (default: FARCALL_TOKEN, else asked for)")
+    _listing(sub, "whoami", "your user name and identity id on the broker")
+    _listing(sub, "endpoints", "the endpoints you may use: id, name, online or offline")
+    groups = _listing(sub, "groups", "your task groups, the most recently submitted to first")
+    groups.add_argument("--limit", type=_limit, default=20, help="at most this many (default 20)")
+    tasks = _listing(sub, "tasks", "your tasks, newest first: state, function, completion time")
+    tasks.add_argument("--group", metavar="ID", help="only the tasks of this task group")
+    tasks.add_argument("--limit", type=_limit, default=20, help="at most this many (default 20)")
+    result = sub.add_parser("result", help="print a task's result (exit 1: it failed, with the "
+                            "remote traceback; exit 2: not finished)")
+    result.add_argument("task_id", metavar="TASK_ID")
+    return parser
+
+
+def _listing(sub: Any, name: str, what: str) -> argparse.ArgumentParser:
+    command: argparse.ArgumentParser = sub.add_parser(name, help=what)
+    command.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return command
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"give a whole number from 1 to {MAX_LIMIT}, not {text!r}")
+    return value
+
+
+def _user_command(args: argparse.Namespace) -> int:
+    """Run a user command; any failure is one line on stderr and exit status 1, no traceback."""
+    from farcall import commands
+
+    out = sys.stdout
+    run: dict[str, Callable[[], int]] = {
+        "login": lambda: commands.login(args.broker, args.token, out),
+        "whoami": lambda: commands.whoami(args.json, out),
+        "endpoints": lambda: commands.endpoints(args.json, out),
+        "groups": lambda: commands.groups(args.limit, args.json, out),
+        "tasks": lambda: commands.tasks(args.group, args.limit, args.json, out),
+        "result": lambda: commands.result(args.task_id, out),
+    }
+    warnings.showwarning = _warning_line
+    try:
+        return run[args.command]()
+    except KeyboardInterrupt:
+        print(f"farcall {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a command line answers with a sentence, not a traceback
+        print(f"farcall {args.command}: {describe(e, args.command)}", file=sys.stderr)
+        return 1
+
+
+def describe(error: BaseException, command: str = "") -> str:
+    """One line saying what went wrong and, where we know, what to do."""
+    from farcall.errors import AuthenticationError, BrokerError, ConfigurationError
+
+    text = str(error)
+    if isinstance(error, BrokerError) and error.status == 0:  # the broker did not answer
+        text = text.removeprefix("broker answered 0: ")
+    if isinstance(error, AuthenticationError) and command != "login":
+        text += "; run 'farcall login' with a valid token"
+    elif not isinstance(error, BrokerError | ConfigurationError | OSError):
+        text = f"{type(error).__name__}: {text}"
+    return " ".join(text.split())
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    print(f"farcall: warning: {message}", file=sys.stderr)
 
 
 def estimate_pi(samples: int, seed: int) -> float:

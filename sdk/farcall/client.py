@@ -16,19 +16,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import ValidationError
 
-from farcall import config
+from farcall import blobs, config
 from farcall.backoff import Backoff
 from farcall.errors import (
-    AuthenticationError,
     BrokerError,
-    NotFound,
-    PermissionDenied,
     RateLimited,
     TaskPending,
+    TaskTooLarge,
+    broker_error,
 )
+from farcall.errors import seconds_or_none as _seconds
 from farcall.messages import (
     MAX_RETRIES,
     MAX_WALLTIME,
@@ -38,6 +39,7 @@ from farcall.messages import (
     CancelRequest,
     EndpointRegistration,
     FunctionRegistration,
+    Limits,
     ShareRequest,
     TaskIds,
     TasksCancelled,
@@ -50,7 +52,7 @@ from farcall.messages import (
 )
 from farcall.outcome import outcome_of
 from farcall.quietlog import QuietLog
-from farcall.serialize import pack_args, serialize_function
+from farcall.serialize import INLINE_BYTES, Frames, pack, serialize_function
 from farcall.transport import Response, Transport, TransportError
 from farcall.urls import websocket_url
 from farcall.version import __version__, local_versions
@@ -95,6 +97,10 @@ class Batch:
         self.resource_specification = check_resource_specification(resource_specification)
         self.walltime, self.max_retries = check_task_options(walltime, max_retries)
         self.tasks: list[TaskSpec] = []
+        self.sizes: list[int] = []
+        """Bytes of each task's arguments, serialized (what ``Limits.max_task_bytes`` applies to)."""
+        self.blobs: dict[int, Frames] = {}
+        """Arguments too big to travel inline, by task index: uploaded by ``batch_run``."""
 
     def add(
         self,
@@ -121,10 +127,14 @@ class Batch:
                 self.walltime if walltime is None else walltime,
                 self.max_retries if max_retries is None else max_retries,
             )
+        payload, frames, size = pack_call(tuple(args or ()), dict(kwargs or {}))
+        if frames is not None:
+            self.blobs[len(self.tasks)] = frames
+        self.sizes.append(size)
         self.tasks.append(
             TaskSpec.model_construct(
                 function_id=function_id,
-                args=pack_args(tuple(args or ()), dict(kwargs or {})),
+                args=payload,
                 resource_specification=self.resource_specification,
                 walltime=own_walltime,
                 max_retries=own_retries,
@@ -220,6 +230,7 @@ class Client:
             timeout,
         )
         self._rate_warning = _rate_warning()
+        self._limits: Limits | None = None
 
     # ---------------------------------------------------------------- plumbing
 
@@ -237,13 +248,18 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, content: bytes | None = None) -> Any:
         """One REST call; the decoded JSON answer, or a :class:`BrokerError`."""
-        retry = self.retry()
         if body is not None:
             content = json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if content is not None else None
+        return _decode(self.exchange(lambda: self._http.request(method, path, content, headers)))
+
+    def exchange(self, send: Callable[[], Response]) -> Response:
+        """The answer of ``send`` (one HTTP request), made again while the broker cannot be
+        reached, answers 503 or rate limits (429), within ``retry_seconds``."""
+        retry = self.retry()
         while True:
             try:
-                answer = self._http.request(method, path, content, headers)
+                answer = send()
             except TransportError as e:
                 if retry.wait(f"{type(e).__name__}: {e}", self.broker_url):
                     continue
@@ -259,7 +275,7 @@ class Client:
                 if retry.wait_rate_limited(error, retry_after, self.broker_url):
                     continue
                 raise retry.rate_limited(error, message, retry_after, refusal)
-            return _decode(answer)
+            return answer
 
     def retry(self) -> Retry:
         """A fresh retry budget of ``retry_seconds`` for one request (or one stream submission)."""
@@ -268,6 +284,25 @@ class Client:
     def websocket_url(self, path: str) -> str:
         """``ws(s)://`` URL of a broker WebSocket route under ``/v1`` (see :mod:`farcall.urls`)."""
         return websocket_url(self.broker_url, path)
+
+    # ---------------------------------------------------------------- data plane
+
+    def limits(self) -> Limits:
+        """What the broker takes (``GET /v1/limits``): asked once per Client, then kept."""
+        if self._limits is None:
+            self._limits = Limits.model_validate(self.request("GET", "/limits"))
+        return self._limits
+
+    def upload_blob(self, frames: Frames, what: str = "the task") -> str:
+        """Store big arguments (``serialize.pack``) on the broker's data plane; the reference
+        payload to send as a task's ``args``. ``TaskTooLarge`` (naming ``what``) past
+        ``limits().max_task_bytes``, before anything is sent."""
+        check_task_size(frames.nbytes, self.limits().max_task_bytes, what)
+        return blobs.upload(self._http, frames, exchange=self.exchange)
+
+    def download_blob(self, ref: str) -> memoryview:
+        """The blob a reference payload (a big result) names; ``DataExpired`` once it expired."""
+        return blobs.download(self._http, ref, exchange=self.exchange)
 
     # ---------------------------------------------------------------- functions
 
@@ -401,6 +436,23 @@ class Client:
         """The ids of the tasks in a group, in submission order."""
         return list(self.request("GET", f"/task_groups/{task_group_id}")["task_ids"])
 
+    def list_task_groups(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Your task groups, the most recently submitted to first (at most ``limit``, up to
+        1,000): ``task_group_id``, ``created_at``, ``last_active``, ``task_count``. An earlier
+        Executor's group is how to come back to its tasks (``Executor.reload_tasks``)."""
+        query = urlencode({"limit": limit})
+        return list(self.request("GET", f"/task_groups?{query}")["task_groups"])
+
+    def list_tasks(self, task_group_id: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Your most recently submitted tasks (of one group, with ``task_group_id``), newest
+        first, at most ``limit`` (up to 1,000): ``task_id``, ``task_group_id``, ``endpoint_id``,
+        ``function_id``, ``function_name``, ``state``, ``received_at``, ``completed_at``. No
+        results: ask :meth:`get_result` for those."""
+        params: dict[str, Any] = {"limit": limit}
+        if task_group_id is not None:
+            params["task_group_id"] = task_group_id
+        return list(self.request("GET", f"/tasks?{urlencode(params)}")["tasks"])
+
     def run(
         self,
         *args: Any,
@@ -440,6 +492,7 @@ class Client:
         """
         if not batch.tasks:
             raise ValueError("the batch is empty; add tasks with batch.add(function_id, args)")
+        self._upload_arguments(batch)
         group = batch.task_group_id
         task_ids: list[str] = []
         for chunk in split_batch(batch.tasks):
@@ -455,6 +508,18 @@ class Client:
             "task_ids": task_ids,
             "tasks": by_function,
         }
+
+    def _upload_arguments(self, batch: Batch) -> None:
+        """Check every task's size against the broker's limit (``TaskTooLarge`` naming the first
+        too big, before anything is sent), then upload the big arguments as blobs. Inline
+        arguments are under any limit (the broker takes at least ``INLINE_BYTES``)."""
+        if not batch.blobs:
+            return
+        limit = self.limits().max_task_bytes
+        for index, size in enumerate(batch.sizes):
+            check_task_size(size, limit, f"task {index} of the batch")
+        for index in sorted(batch.blobs):
+            batch.tasks[index].args = self.upload_blob(batch.blobs.pop(index))
 
     def submit_tasks(
         self, endpoint_id: str, tasks: list[TaskSpec], task_group_id: str | None = None
@@ -476,7 +541,7 @@ class Client:
         record = self.get_task(task_id)
         if not TaskState(record["state"]).terminal:
             raise TaskPending(task_id, record["state"])
-        return outcome_of(record).unwrap()  # a cancelled task raises CancelledError
+        return outcome_of(record, self.download_blob).unwrap()  # cancelled: CancelledError
 
     def get_tasks(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Records of many tasks, in requests of up to 10,000; unknown or foreign ids are left out."""
@@ -521,7 +586,7 @@ class Client:
             entry: dict[str, Any] = {"pending": not TaskState(record["state"]).terminal,
                                      "status": record["state"]}
             if not entry["pending"]:
-                outcome = outcome_of(record)
+                outcome = outcome_of(record, self.download_blob)
                 entry["result" if outcome.ok else "exception"] = outcome.value
                 entry["completion_t"] = record.get("completed_at")
             out[task_id] = entry
@@ -557,10 +622,16 @@ class Client:
         if (interval is None) == (cron is None):
             raise ValueError("create_timer: give exactly one of interval= (seconds between runs) "
                              "or cron= (a 5-field cron expression such as '0 2 * * *')")
+        payload, blob, size = pack_call(tuple(args), dict(kwargs or {}))
+        if blob is not None:
+            raise ValueError(
+                f"create_timer: the arguments are {_size(size)} serialized; a timer keeps its "
+                f"arguments for as long as it runs, up to {_size(INLINE_BYTES)}: pass the path or "
+                "URL of the data instead, and read it in the function")
         try:
             body = TimerRequest(
                 endpoint_id=endpoint_id, function_id=function_id,
-                args=pack_args(tuple(args), dict(kwargs or {})), interval=interval, cron=cron,
+                args=payload, interval=interval, cron=cron,
                 start=_epoch(start, "start"), stop_after_runs=stop_after_runs,
                 stop_at=_epoch(stop_at, "stop_at"), name=name or "", submitter=SUBMITTER)
         except ValidationError as e:
@@ -632,6 +703,31 @@ def check_task_options(walltime: float | None, max_retries: int) -> tuple[float 
     return walltime, int(max_retries)
 
 
+def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Frames | None, int]:
+    """A call's arguments pickled once: ``(inline payload, None, size)`` up to
+    ``INLINE_BYTES``, else ``("", frames, size)`` to upload as a blob (``Client.upload_blob``);
+    ``size`` is what ``Limits.max_task_bytes`` applies to."""
+    frames = pack((args, kwargs))
+    size = frames.nbytes
+    if size <= INLINE_BYTES:
+        return frames.payload(), None, size
+    return "", frames, size
+
+
+def check_task_size(size: int, limit: int, what: str = "the task") -> None:
+    """``TaskTooLarge`` when a task's serialized arguments (``size`` bytes) are over the broker's
+    ``limit`` (``Limits.max_task_bytes``; 0: none said)."""
+    if limit and size > limit:
+        raise TaskTooLarge(
+            f"the arguments of {what} are {_size(size)} serialized, over the broker's limit of "
+            f"{_size(limit)} per task; pass less data (or have the task read it where it runs), "
+            "or raise FARCALL_MAX_TASK_BYTES on the broker", size, limit)
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
+
+
 def _share_request(
     method: str, username: str | None, public: bool, *, allow_public: bool
 ) -> dict[str, Any]:
@@ -698,22 +794,3 @@ def _rate_limit_of(answer: Response) -> tuple[str, str, float | None, Any]:
         return "rate_limited", answer.text[:200], None, body
     error = str(body.get("error") or "rate_limited")
     return error, str(body.get("message", "")), _seconds(body.get("retry_after")), body
-
-
-def _seconds(value: Any) -> float | None:
-    """A non-negative finite number of seconds, or None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    seconds = float(value)
-    return seconds if 0 <= seconds < float("inf") else None
-
-
-def broker_error(status: int, message: str, error: str = "", body: Any = None,
-                 retry_after: float | None = None) -> BrokerError:
-    """The SDK exception for a broker error answer (HTTP status and JSON body)."""
-    if status == 429:
-        if retry_after is None and isinstance(body, dict):
-            retry_after = _seconds(body.get("retry_after"))
-        return RateLimited(status, message, error, body, retry_after)
-    kind = {401: AuthenticationError, 403: PermissionDenied, 404: NotFound}.get(status, BrokerError)
-    return kind(status, message, error, body)

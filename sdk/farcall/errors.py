@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 
@@ -31,8 +32,13 @@ class BrokerError(FarcallError):
     def __init__(self, status: int, message: str, error: str = "", body: Any = None) -> None:
         super().__init__(f"broker answered {status}: {message}")
         self.status = status
+        self.message = message
         self.error = error
         self.body = body
+
+    def __reduce__(self) -> Any:
+        """Pickled with what it was made of (a worker sends it back as a task's exception)."""
+        return type(self), (self.status, self.message, self.error, self.body)
 
 
 class AuthenticationError(BrokerError):
@@ -66,6 +72,30 @@ class RateLimited(BrokerError):
     ) -> None:
         super().__init__(status, message, error, body)
         self.retry_after = retry_after
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.status, self.message, self.error, self.body, self.retry_after)
+
+
+class DataExpired(NotFound):
+    """A task's big argument or result (a data-plane blob) is gone from the broker: it lives as
+    long as the task's result (``FARCALL_RESULT_TTL``), then expires with it (HTTP 404)."""
+
+
+class TaskTooLarge(FarcallError, ValueError):
+    """A task's arguments are bigger than the broker takes (``Limits.max_task_bytes``).
+
+    Only that task fails; ``size`` and ``limit`` are in bytes. The message says to
+    pass less data or to raise ``FARCALL_MAX_TASK_BYTES`` on the broker.
+    """
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> Any:
+        return type(self), (str(self), self.size, self.limit)
 
 
 class TaskPending(FarcallError):
@@ -121,3 +151,22 @@ class ShellCommandError(FarcallError, ValueError):
 class MPIEnvironmentError(FarcallError, RuntimeError):
     """An ``MPIFunction`` ran where no MPI launcher prefix (``$PARSL_MPI_PREFIX``) is given:
     run it on an ``MPIEngine`` endpoint with a ``resource_specification``."""
+
+
+def broker_error(status: int, message: str, error: str = "", body: Any = None,
+                 retry_after: float | None = None) -> BrokerError:
+    """The SDK exception for a broker error answer (HTTP status and JSON body)."""
+    if status == 429:
+        if retry_after is None and isinstance(body, dict):
+            retry_after = seconds_or_none(body.get("retry_after"))
+        return RateLimited(status, message, error, body, retry_after)
+    kind = {401: AuthenticationError, 403: PermissionDenied, 404: NotFound}.get(status, BrokerError)
+    return kind(status, message, error, body)
+
+
+def seconds_or_none(value: Any) -> float | None:
+    """A non-negative finite number of seconds, or None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    seconds = float(value)
+    return seconds if 0 <= seconds < float("inf") else None

@@ -8,7 +8,10 @@ Executor) on the task group's result stream (:mod:`farcall.stream`), or by
 futures; after any reconnect, and whenever the stream has been quiet for a
 while, the outstanding tasks' states are asked for in one request, so no
 result is missed. ``TaskFuture.cancel`` drops a task not yet sent, and asks the
-broker to cancel one that is sent but has not started on a worker.
+broker to cancel one that is sent but has not started on a worker. Arguments bigger
+than ``INLINE_BYTES`` are uploaded to the broker's data plane by the submitter thread
+(a task over the broker's limit fails alone, ``TaskTooLarge``), and big results are
+downloaded by a small pool, never on the result stream's thread.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from farcall.client import SUBMITTER, Client, check_task_options, split_batch
+from farcall.client import (
+    SUBMITTER,
+    Client,
+    check_task_options,
+    pack_call,
+    split_batch,
+)
 from farcall.errors import ExecutorShutdown
 from farcall.messages import (
     BatchSubmission,
@@ -36,8 +45,8 @@ from farcall.messages import (
     check_resource_specification,
     version_mismatch,
 )
-from farcall.outcome import Outcome, cancel_future, outcome_of
-from farcall.serialize import pack_args, serialize_function
+from farcall.outcome import Outcome, cancel_future, needs_fetch, outcome_of
+from farcall.serialize import Frames, serialize_function
 from farcall.stream import TaskGroupStream
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,8 @@ T = TypeVar("T")
 
 CONNECT_WAIT = 10.0
 """How long the first batch waits for the result stream before it is sent anyway."""
+DOWNLOADS = 2
+"""Big results downloaded at once per Executor (each is held whole in memory once loaded)."""
 CANCEL_WAIT = 60.0
 """How long ``TaskFuture.cancel`` waits for a task being sent to get its id (then gives up)."""
 
@@ -131,6 +142,15 @@ class _Call:
     args: str
     function: _Function | None = None
     function_id: str | None = None
+    frames: Frames | None = None
+    """Arguments too big to travel inline: uploaded as a blob by the submitter thread."""
+
+    @classmethod
+    def packed(cls, future: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any],
+               **target: Any) -> _Call:
+        """The call with its arguments pickled once (inline, or kept for upload)."""
+        payload, frames, _ = pack_call(args, kwargs)
+        return cls(future, payload, frames=frames, **target)
 
 
 class Executor(concurrent.futures.Executor):
@@ -180,6 +200,8 @@ class Executor(concurrent.futures.Executor):
         self._functions = _Functions()
         self._shutdown = False
         self._version_checked = False
+        self._downloads: concurrent.futures.ThreadPoolExecutor | None = None
+        """Downloads big results (data-plane references) off the result stream's thread."""
         self._submitter = threading.Thread(target=self._submit_loop, name="farcall-submit", daemon=True)
         self._stream: TaskGroupStream | None = None
         self._start_lock = threading.Lock()
@@ -193,10 +215,15 @@ class Executor(concurrent.futures.Executor):
     # ------------------------------------------------------------ public API
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
-        """Queue ``fn(*args, **kwargs)`` for the endpoint; returns at once."""
+        """Queue ``fn(*args, **kwargs)`` for the endpoint; returns at once.
+
+        Arguments are pickled here, once. Bigger than ``INLINE_BYTES`` they are uploaded to
+        the broker by the submitter thread, from the objects themselves (a numpy array is
+        not copied): change such an array in place only once the future is running.
+        """
         self._check_open()
         function = self._functions.get(fn)
-        return self._enqueue(_Call(TaskFuture(self), pack_args(args, kwargs), function=function))
+        return self._enqueue(_Call.packed(TaskFuture(self), args, kwargs, function=function))
 
     def submit_to_registered_function(
         self,
@@ -206,8 +233,8 @@ class Executor(concurrent.futures.Executor):
     ) -> TaskFuture:
         """Queue a call of a function registered with ``Client.register_function``."""
         self._check_open()
-        return self._enqueue(_Call(TaskFuture(self), pack_args(tuple(args or ()), dict(kwargs or {})),
-                                   function_id=function_id))
+        return self._enqueue(_Call.packed(TaskFuture(self), tuple(args or ()), dict(kwargs or {}),
+                                          function_id=function_id))
 
     def map(
         self,
@@ -215,14 +242,23 @@ class Executor(concurrent.futures.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        progress: bool = False,
     ) -> Generator[T, None, None]:
         """As ``concurrent.futures.Executor.map``: results in order, ``TimeoutError`` past ``timeout``.
 
         When the iteration stops early (a timeout, an exception, the iterator dropped), the
-        calls not yet done are cancelled in one request, not one request each.
+        calls not yet done are cancelled in one request, not one request each. ``progress``
+        shows a bar (:mod:`farcall.progress`) counting calls as they finish, in any order,
+        and the failed ones; it is closed when the iteration ends.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         futures = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        bar = None
+        if progress:
+            from farcall.progress import Progress
+
+            bar = Progress(len(futures), desc=getattr(fn, "__name__", None))
+            bar.watch(futures)
 
         def results() -> Generator[T, None, None]:
             try:
@@ -232,9 +268,49 @@ class Executor(concurrent.futures.Executor):
                     futures.pop()
                     yield value
             finally:
+                if bar is not None:
+                    bar.close()  # before cancelling the rest: a stop is not a failure
                 self._cancel_many(futures)
 
         return results()
+
+    def reload_tasks(self) -> list[TaskFuture]:
+        """Futures for every task of this Executor's ``task_group_id``, in submission order.
+
+        For coming back later: a new process (after a kernel restart, say) recovers what an
+        earlier one submitted, finished or not. The futures resolve as fresh ones do (result,
+        remote exception, ``cancel``); those already finished resolve at once. Raises
+        :class:`~farcall.errors.NotFound` when the broker knows no such group of yours.
+        """
+        from farcall.errors import NotFound
+
+        if self.task_group_id is None:
+            raise ValueError("reload_tasks needs the task group: create the Executor with "
+                             "task_group_id=... (the earlier Executor's .task_group_id)")
+        if self._shutdown:
+            raise ExecutorShutdown("this Executor was shut down; create a new one to reload tasks")
+        try:
+            task_ids = self.client.get_task_group(self.task_group_id)
+        except NotFound as e:
+            raise NotFound(e.status, (
+                f"task group {self.task_group_id} is not known to the broker at "
+                f"{self.client.broker_url}: check the id (it must be one of yours; 'farcall groups' "
+                "lists them), or it expired with its results (FARCALL_RESULT_TTL)"),
+                e.error, e.body) from None
+        futures: list[TaskFuture] = []
+        with self._lock:
+            for task_id in task_ids:
+                future = self._outstanding.get(task_id)
+                if future is None:
+                    future = TaskFuture(self)
+                    future.task_id = task_id
+                    future.set_running_or_notify_cancel()  # sent: cancel asks the broker
+                    self._outstanding[task_id] = future
+                futures.append(future)
+        if futures:
+            self._ensure_stream()
+            self._catch_up()  # the stream polls too once connected; this settles finished ones now
+        return futures
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop taking tasks. ``wait``: return once every submitted task has its result.
@@ -256,6 +332,8 @@ class Executor(concurrent.futures.Executor):
         with self._lock:
             futures = list(self._outstanding.values())
         concurrent.futures.wait(futures)
+        if self._downloads is not None:
+            self._downloads.shutdown(wait=True)
         self._close_stream()
         if self._own_client:
             self.client.close()
@@ -327,6 +405,7 @@ class Executor(concurrent.futures.Executor):
             self._posting += 1
         sent = 0
         try:
+            live = self._within_limits(live)
             if not live:
                 return
             self._ensure_stream()
@@ -356,6 +435,35 @@ class Executor(concurrent.futures.Executor):
                 self._posting -= 1
                 if not self._posting:
                     self._early.clear()
+
+    def _within_limits(self, calls: list[_Call]) -> list[_Call]:
+        """``calls`` whose size the broker takes, with their big arguments uploaded as blobs.
+
+        A call over ``Limits.max_task_bytes``, or whose upload fails, fails its own future
+        only (``TaskTooLarge``...): the rest of the batch is sent. Inline arguments are under
+        any limit (the broker takes at least ``INLINE_BYTES``), so a batch of small calls
+        needs no look at the limits.
+        """
+        if all(c.frames is None for c in calls):
+            return calls
+        ready: list[_Call] = []
+        for call in calls:
+            if call.frames is None:
+                ready.append(call)
+                continue
+            name = call.function.name if call.function is not None else call.function_id
+            try:
+                call.args = self.client.upload_blob(call.frames, f"this call of {name}")
+                call.frames = None
+            except Exception as e:  # noqa: BLE001 - the call's own future hears of it
+                log.warning("not sending a call of %s: %s", name, e)
+                Outcome(False, e).settle(call.future)
+                continue
+            ready.append(call)
+        if len(ready) < len(calls):
+            with self._sent:
+                self._sent.notify_all()
+        return ready
 
     def _submit(self, chunk: list[TaskSpec]) -> BatchSubmitted:
         """On the result stream when it is up (no HTTP request per batch), else by POST."""
@@ -394,25 +502,29 @@ class Executor(concurrent.futures.Executor):
                     early.append((call.future, result))
             self._sent.notify_all()
         for future, result in early:
-            outcome_of(result).settle(future)
+            self._settle(future, result)
 
     # ------------------------------------------------------------ results
 
     def _ensure_stream(self) -> None:
         if self._stream is not None:
             return
-        if self.task_group_id is None:
-            self.task_group_id = self.client.create_task_group()
-        self._stream = TaskGroupStream(
-            self.client,
-            self.task_group_id,
-            on_results=self._deliver,
-            poll=self._catch_up,
-            on_refused=self._fail_outstanding,
-            done=self._finished,
-        )
-        self._stream.start()
-        if not self._stream.wait_connected(CONNECT_WAIT):
+        with self._start_lock:  # the submitter thread and reload_tasks may both come first
+            if self._stream is not None:
+                return
+            if self.task_group_id is None:
+                self.task_group_id = self.client.create_task_group()
+            stream = TaskGroupStream(
+                self.client,
+                self.task_group_id,
+                on_results=self._deliver,
+                poll=self._catch_up,
+                on_refused=self._fail_outstanding,
+                done=self._finished,
+            )
+            self._stream = stream
+            stream.start()
+        if not stream.wait_connected(CONNECT_WAIT):
             log.warning("result stream not connected after %.0f s; results will be polled meanwhile",
                         CONNECT_WAIT)
 
@@ -426,7 +538,7 @@ class Executor(concurrent.futures.Executor):
                 elif self._posting:
                     self._early[result.task_id] = result
         for future, result in ready:
-            outcome_of(result).settle(future)
+            self._settle(future, result)
         if not self._version_checked and results and results[0].worker is not None:
             self._version_checked = True
             mismatch = version_mismatch(SUBMITTER, results[0].worker)
@@ -452,7 +564,28 @@ class Executor(concurrent.futures.Executor):
                     if future is not None:
                         ready.append((future, record))
         for future, record in ready:
-            outcome_of(record).settle(future)
+            self._settle(future, record)
+
+    def _settle(self, future: TaskFuture, result: TaskResult | dict[str, Any]) -> None:
+        """Resolve ``future`` with its task's outcome. A big result (a data-plane reference) is
+        downloaded and loaded on the download pool, so the calling thread (the result stream's)
+        keeps delivering other results meanwhile."""
+        if not needs_fetch(result):
+            outcome_of(result).settle(future)
+            return
+        with self._lock:
+            if self._downloads is None:
+                self._downloads = concurrent.futures.ThreadPoolExecutor(
+                    DOWNLOADS, thread_name_prefix="farcall-download")
+            pool = self._downloads
+        try:
+            pool.submit(self._fetch, future, result)
+        except RuntimeError:  # the pool is shut down (interpreter exit): download here
+            self._fetch(future, result)
+
+    def _fetch(self, future: TaskFuture, result: TaskResult | dict[str, Any]) -> None:
+        if not future.done():
+            outcome_of(result, self.client.download_blob).settle(future)
 
     def _finished(self) -> bool:
         """Shut down, everything sent, every result in: the stream has nothing left to do."""

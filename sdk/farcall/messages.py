@@ -49,12 +49,15 @@ class Versions(_Msg):
     python: str
     dill: str
     farcall: str = ""
+    cloudpickle: str = ""
+    """Empty from a farcall that did not report it (before cloudpickle was used)."""
 
     def describe(self) -> str:
-        return f"Python {self.python}, dill {self.dill}, farcall {self.farcall or '?'}"
+        return (f"Python {self.python}, dill {self.dill}, cloudpickle {self.cloudpickle or '?'}, "
+                f"farcall {self.farcall or '?'}")
 
 
-SAME_VERSIONS = "use the same Python and dill versions on both sides"
+SAME_VERSIONS = "use the same Python, dill and cloudpickle versions on both sides"
 """The advice every version-mismatch message ends with."""
 
 
@@ -72,12 +75,14 @@ def versions_text(submitter: Versions | dict[str, Any] | None,
 
 def version_mismatch(submitter: Versions | dict[str, Any] | None,
                      worker: Versions | dict[str, Any] | None) -> str:
-    """A warning when submitter and worker run different Python (major.minor) or dill versions;
-    ``""`` when they match or either is unknown."""
+    """A warning when submitter and worker run different Python (major.minor), dill or cloudpickle
+    versions; ``""`` when they match or either is unknown."""
     sub, wrk = _versions(submitter), _versions(worker)
     if sub is None or wrk is None:
         return ""
-    if sub.python.split(".")[:2] == wrk.python.split(".")[:2] and sub.dill == wrk.dill:
+    same_cloudpickle = sub.cloudpickle == wrk.cloudpickle or not (sub.cloudpickle and wrk.cloudpickle)
+    if (sub.python.split(".")[:2] == wrk.python.split(".")[:2] and sub.dill == wrk.dill
+            and same_cloudpickle):
         return ""
     return (f"the two sides run different versions ({versions_text(sub, wrk)}): functions and "
             f"results may fail to load; {SAME_VERSIONS}")
@@ -345,6 +350,38 @@ class TaskGroupInfo(_Msg):
     task_ids: list[str] = Field(description="in submission order")
 
 
+class TaskGroupSummary(_Msg):
+    """A task group as ``GET /v1/task_groups`` lists it."""
+
+    task_group_id: str
+    created_at: float
+    last_active: float = Field(description="when a batch was last submitted to it")
+    task_count: int
+
+
+class TaskGroupList(_Msg):
+    task_groups: list[TaskGroupSummary] = Field(description="the most recently active first")
+
+
+class TaskSummary(_Msg):
+    """A task as ``GET /v1/tasks`` lists it: where and what it ran, its state and times (no
+    result: ``GET /v1/tasks/{task_id}`` has it). ``function_name`` is empty when the function
+    is gone or no longer shared with you."""
+
+    task_id: str
+    task_group_id: str
+    endpoint_id: str
+    function_id: str
+    function_name: str
+    state: TaskState
+    received_at: float | None
+    completed_at: float | None
+
+
+class TaskList(_Msg):
+    tasks: list[TaskSummary] = Field(description="the most recently submitted first")
+
+
 class Attempt(_Msg):
     """An earlier try of a task that a system failure cut short; the task ran again after it."""
 
@@ -382,6 +419,38 @@ class TaskInfo(_Msg):
 
 class TaskStatuses(_Msg):
     tasks: dict[str, TaskInfo] = Field(description="task id -> task; unknown or foreign ids left out")
+
+
+# ---- the data plane (big arguments and results; broker/farcall/broker/blobs.py)
+
+
+class Limits(_Msg):
+    """What the broker takes, so the SDK can check a task before sending it
+    (``GET /v1/limits``)."""
+
+    max_task_bytes: int = Field(description=(
+        "largest arguments or result of one task, in bytes (FARCALL_MAX_TASK_BYTES)"))
+    max_payload_bytes: int = Field(description=(
+        "largest request body other than a blob upload (FARCALL_MAX_PAYLOAD_BYTES)"))
+    inline_bytes: int = Field(description=(
+        "arguments and results up to this size travel inside the task; larger ones as blobs"))
+
+
+class BlobCreated(_Msg):
+    """A blob stored by ``POST /v1/blobs``: its id is what a reference payload names."""
+
+    blob_id: str
+    size: int
+
+
+class DataAccess(_Msg):
+    """How a worker reaches the data plane: the broker URL the agent uses, an upload grant the
+    broker gave the endpoint (it allows blob uploads and downloads, nothing else), and the
+    broker's per-task size limit. The agent sets it on every task it hands to its engine."""
+
+    url: str
+    grant: str = ""
+    max_task_bytes: int = 0
 
 
 # ---- timers
@@ -521,6 +590,9 @@ class TaskMessage(_Msg):
     """Runs again after a lost worker (``WorkerLost``), up to this many times."""
     result_format: ResultFormat = "pickle"
     """How the worker serializes the return value (``json``: for the Action Provider API)."""
+    data: DataAccess | None = None
+    """Set by the agent (never queued): where the worker fetches a blob argument and uploads a
+    result too big to travel inline."""
 
 
 _TASK_LIST: TypeAdapter[list[TaskMessage]] = TypeAdapter(list[TaskMessage])
@@ -607,6 +679,11 @@ class Welcome(_Msg):
     max_frame_bytes: int = 0
     """Largest frame the broker reads from the endpoint (0: not said). The agent keeps every
     results frame under it and fails a result too big to fit, instead of sending it."""
+    upload_grant: str = ""
+    """Lets this endpoint's workers upload result blobs and download argument blobs
+    (``X-Farcall-Grant`` header; "" from a broker without a data plane)."""
+    max_task_bytes: int = 0
+    """Largest arguments or result of one task (``FARCALL_MAX_TASK_BYTES``; 0: not said)."""
 
 
 class Credit(_Msg):

@@ -11,17 +11,20 @@ cancelled state, whether the user cancelled it or the broker says so.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING
 from typing import Any, NamedTuple
 
 from farcall.errors import DeserializationError
 from farcall.messages import SAME_VERSIONS, TaskResult, TaskState, versions_text
-from farcall.serialize import deserialize, rebuild_exception
+from farcall.serialize import deserialize, is_ref, rebuild_exception, unpack_blob
 from farcall.version import local_versions
 
 log = logging.getLogger(__name__)
+
+Fetch = Callable[[str], bytes | bytearray | memoryview]
+"""Downloads the blob a reference payload names (``Client.download_blob``)."""
 
 
 class Outcome(NamedTuple):
@@ -84,10 +87,13 @@ def cancel_future(future: Future[Any], *, running: bool = True) -> bool:
     return True
 
 
-def outcome_of(result: TaskResult | Mapping[str, Any]) -> Outcome:
+def outcome_of(result: TaskResult | Mapping[str, Any], fetch: Fetch | None = None) -> Outcome:
     """The outcome of a finished task, pushed or polled (keys ``task_id``, ``state``, ``data``, ...).
 
-    Fields this version does not use (``attempts``, ``transitions``, ...) are ignored.
+    A result too big to travel inline is a reference (``serialize.is_ref``): ``fetch`` gets
+    its blob (a download, so callers keep it off threads that must not block); an error it
+    raises (the blob expired...) is the outcome. Fields this version does not use
+    (``attempts``, ``transitions``, ...) are ignored.
     """
     if isinstance(result, TaskResult):
         task_id, state, data = result.task_id, result.state, result.data
@@ -95,6 +101,8 @@ def outcome_of(result: TaskResult | Mapping[str, Any]) -> Outcome:
     else:
         task_id, state, data = result.get("task_id", ""), result["state"], result.get("data") or ""
         error, worker = result.get("error") or "", result.get("worker")
+    if state == TaskState.SUCCESS and is_ref(data):
+        return _referenced(task_id, worker, data, fetch)
     if state == TaskState.SUCCESS:
         try:
             return Outcome(True, deserialize(data))
@@ -103,6 +111,28 @@ def outcome_of(result: TaskResult | Mapping[str, Any]) -> Outcome:
     if state == TaskState.CANCELLED:
         return Outcome(False, _cancelled(task_id, error), cancelled=True)
     return Outcome(False, rebuild_exception(data, error, task_id))
+
+
+def needs_fetch(result: TaskResult | Mapping[str, Any]) -> bool:
+    """True for a successful result that is a reference: ``outcome_of`` will download it."""
+    if isinstance(result, TaskResult):
+        return result.state == TaskState.SUCCESS and is_ref(result.data)
+    return result.get("state") == TaskState.SUCCESS and is_ref(result.get("data") or "")
+
+
+def _referenced(task_id: str, worker: Any, ref: str, fetch: Fetch | None) -> Outcome:
+    if fetch is None:
+        return Outcome(False, DeserializationError(
+            f"the result of task {task_id} is a data-plane reference and nothing was given to "
+            "download it; read it with Client.get_result or an Executor"))
+    try:
+        blob = fetch(ref)
+    except Exception as e:  # noqa: BLE001 - expired, unreachable...: the task's outcome says so
+        return Outcome(False, e)
+    try:
+        return Outcome(True, unpack_blob(blob))
+    except Exception as e:  # noqa: BLE001 - whatever unpickling raises, say which versions differ
+        return Outcome(False, _undecodable(task_id, worker, e))
 
 
 def _cancelled(task_id: str, error: str) -> CancelledError:

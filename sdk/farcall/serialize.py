@@ -3,15 +3,28 @@
 A payload is text: a strategy code, a newline, then the strategy's body. The
 broker stores and forwards payloads without reading them. Strategies:
 
-``01``  function by value with dill (``__main__``/notebook functions, closures, lambdas)
-``02``  function as source text, re-executed on the worker (fallback when dill fails)
-``10``  any object with dill (arguments, results)
+``01``  function by value with dill ``recurse=True`` (fallback when cloudpickle fails)
+``02``  function as source text, re-executed on the worker (fallback when both fail)
+``03``  function by value with cloudpickle (``__main__``/notebook functions, closures, lambdas)
+``10``  any object with dill ``recurse=True`` (fallback for what cloudpickle cannot: locks, ...)
 ``11``  plain data with the standard pickle: tried first for arguments and results, since
-        it is 10-60x faster than dill; anything defined in ``__main__`` or that pickle
-        cannot handle (lambdas, closures) goes to ``10`` instead
+        it is 30-50x faster than dill; anything defined in ``__main__`` or that pickle
+        cannot handle (lambdas, closures) goes to ``13``, then ``10``
+``13``  any object with cloudpickle (arguments, results): classes, instances and functions of
+        ``__main__`` by value with the globals their methods use; buffers out of band
 ``12``  plain JSON (UTF-8): what a flow engine can write and read, so the arguments and
         results of tasks run through the Action Provider API (``result_format="json"``)
 ``20``  a remote exception with its traceback (dill + tblib)
+``30``  a reference to a data-plane blob (JSON ``{"blob_id", "size"}``, not base64): arguments
+        or a result bigger than ``INLINE_BYTES``, held by the broker's blob store and fetched
+        on demand; the blob is ``Frames.blob_parts`` (pickle protocol 5, buffers out of band)
+
+Why cloudpickle before dill: ``python -m bench.serialization_coverage`` defines 23 notebook
+cases (docs/architecture.md, "Serialization") in one ``__main__`` and loads them in another.
+cloudpickle carried 22, dill ``recurse=True`` 19 (it fails enums of ``__main__`` and nested
+recursive functions, and keeps numpy buffers in band), dill's default 10 (methods lose the
+notebook's globals: ``NameError``), and cloudpickle pickled 2,000 notebook objects 7x faster.
+dill stays as the fallback for the one case only it carries (an object holding a lock).
 """
 
 from __future__ import annotations
@@ -21,12 +34,15 @@ import inspect
 import io
 import json
 import pickle
+import struct
 import textwrap
 import traceback
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import dill
 from tblib import Traceback
 
@@ -35,12 +51,39 @@ from farcall.version import __version__
 
 FUNCTION_DILL = "01"
 FUNCTION_SOURCE = "02"
+FUNCTION_CLOUDPICKLE = "03"
 DATA_DILL = "10"
 DATA_PICKLE = "11"
 DATA_JSON = "12"
+DATA_CLOUDPICKLE = "13"
 EXCEPTION = "20"
+BLOB_REF = "30"
 
-STRATEGIES = {"dill": FUNCTION_DILL, "source": FUNCTION_SOURCE}
+INLINE_BYTES = 256 * 1024
+"""Arguments and results up to this size travel inside the task (base64 in JSON, batched);
+larger ones go through the data plane as binary blobs. Measured on one 2-core machine, a blob
+costs as much as inline from about 150 KB up, and is 4x faster at 1 MB."""
+
+STRATEGIES = {"cloudpickle": FUNCTION_CLOUDPICKLE, "dill": FUNCTION_DILL, "source": FUNCTION_SOURCE}
+"""Function strategies by name, in the order ``"auto"`` tries them."""
+
+BufferCallback = Callable[[pickle.PickleBuffer], Any]
+
+
+def _cloudpickle(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
+    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
+
+
+def _dill(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
+    """``recurse=True``: a function carries the globals it uses, not a reference to ``__main__``
+    (dill ignores ``buffer_callback``: its buffers stay in band)."""
+    return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+
+
+_LOADS: dict[str, Callable[..., Any]] = {
+    FUNCTION_CLOUDPICKLE: pickle.loads, FUNCTION_DILL: dill.loads,
+    DATA_PICKLE: pickle.loads, DATA_CLOUDPICKLE: pickle.loads, DATA_DILL: dill.loads}
+"""The reader of each pickled strategy (a cloudpickle payload is a standard pickle)."""
 
 
 def _wrap(code: str, body: bytes) -> str:
@@ -70,23 +113,26 @@ def payload_strategy(payload: str) -> str:
 def serialize_function(fn: Callable[..., Any], strategy: str = "auto") -> str:
     """Serialize ``fn`` so a worker can run it.
 
-    ``strategy`` is ``"dill"``, ``"source"`` or ``"auto"`` (dill, falling back
-    to source text when dill cannot pickle or reload the function).
+    ``strategy`` is ``"cloudpickle"``, ``"dill"``, ``"source"`` or ``"auto"`` (each in that
+    order, moving on when one cannot pickle or reload the function).
     """
     if not callable(fn):
         raise SerializationError(f"expected a function, got {type(fn).__name__}")
     if strategy not in ("auto", *STRATEGIES):
         raise SerializationError(
-            f"unknown function strategy {strategy!r}; use 'auto', 'dill' or 'source'"
+            f"unknown function strategy {strategy!r}; use 'auto', 'cloudpickle', 'dill' or 'source'"
         )
     errors: list[str] = []
-    if strategy in ("auto", "dill"):
+    for name, code, dump in (("cloudpickle", FUNCTION_CLOUDPICKLE, _cloudpickle),
+                             ("dill", FUNCTION_DILL, _dill)):
+        if strategy not in ("auto", name):
+            continue
         try:
-            body = dill.dumps(fn, recurse=True)
-            dill.loads(body)
-            return _wrap(FUNCTION_DILL, body)
-        except Exception as e:  # noqa: BLE001 - any pickling failure moves on to source
-            errors.append(f"dill: {type(e).__name__}: {e}")
+            body = dump(fn)
+            _LOADS[code](body)
+            return _wrap(code, body)
+        except Exception as e:  # noqa: BLE001 - any pickling failure moves on to the next
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     if strategy in ("auto", "source"):
         try:
             source = textwrap.dedent(inspect.getsource(fn))
@@ -104,8 +150,8 @@ def serialize_function(fn: Callable[..., Any], strategy: str = "auto") -> str:
 
 def deserialize_function(payload: str) -> Callable[..., Any]:
     code, body = _unwrap(payload)
-    if code == FUNCTION_DILL:
-        fn = dill.loads(body)
+    if code in (FUNCTION_CLOUDPICKLE, FUNCTION_DILL):
+        fn = _LOADS[code](body)
     elif code == FUNCTION_SOURCE:
         doc = json.loads(body)
         namespace: dict[str, Any] = {"__name__": "__farcall_source__"}
@@ -122,7 +168,7 @@ def deserialize_function(payload: str) -> Callable[..., Any]:
 
 
 class _ByValueNeeded(Exception):
-    """The object refers to something only this interpreter has; dill must copy it by value."""
+    """The object refers to something only this interpreter has; it must be copied by value."""
 
 
 class _PlainPickler(pickle.Pickler):
@@ -134,27 +180,178 @@ class _PlainPickler(pickle.Pickler):
         return NotImplemented
 
 
-def _plain_pickle(obj: Any) -> bytes | None:
+def _plain_pickle(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
     buffer = io.BytesIO()
-    try:
-        _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    except Exception:  # noqa: BLE001 - anything pickle cannot do, dill may
-        return None
+    _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback).dump(obj)
     return buffer.getvalue()
 
 
+_DATA_PICKLERS: tuple[tuple[str, str, Callable[[Any, BufferCallback | None], bytes]], ...] = (
+    (DATA_PICKLE, "pickle", _plain_pickle),
+    (DATA_CLOUDPICKLE, "cloudpickle", _cloudpickle),
+    (DATA_DILL, "dill", _dill),
+)
+"""What ``dumps`` tries, in order (the order measured by bench/serialization_coverage.py)."""
+
+
+def dumps(obj: Any, buffer_callback: BufferCallback | None = None) -> tuple[str, bytes]:
+    """``(strategy code, body)`` for any picklable object: the standard pickle for plain data,
+    cloudpickle for anything else, dill for what cloudpickle cannot. With ``buffer_callback``
+    (pickle protocol 5), each contiguous buffer (numpy arrays, bytearrays) of the returned body
+    is passed to it, in order, and kept out of the body; a library that fails half way passes
+    none."""
+    errors: list[str] = []
+    for code, name, dump in _DATA_PICKLERS:
+        held: list[pickle.PickleBuffer] = []
+        try:
+            body = dump(obj, _holder(held) if buffer_callback else None)
+        except Exception as e:  # noqa: BLE001 - anything one library cannot do, the next may
+            if code != DATA_PICKLE:
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+            continue
+        if buffer_callback is not None:
+            for buffer in held:
+                buffer_callback(buffer)
+        return code, body
+    raise SerializationError(
+        f"cannot serialize {type(obj).__name__} ({'; '.join(errors)}). "
+        "Pass only picklable arguments and return only picklable results."
+    )
+
+
+def _holder(held: list[pickle.PickleBuffer]) -> BufferCallback:
+    """A buffer callback that keeps contiguous buffers out of band in ``held`` (others in band)."""
+    def hold(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            buffer.raw()
+        except BufferError:
+            return True
+        held.append(buffer)
+        return False
+
+    return hold
+
+
+def loads(code: str, body: bytes | memoryview, buffers: Sequence[Any] = ()) -> Any:
+    """The object ``dumps`` made (``buffers``: its out-of-band buffers, in order)."""
+    if code in (DATA_PICKLE, DATA_CLOUDPICKLE, DATA_DILL):
+        return _LOADS[code](body, buffers=buffers)
+    if code == DATA_JSON:
+        return _json_value(bytes(body))
+    if code in (FUNCTION_CLOUDPICKLE, FUNCTION_DILL, FUNCTION_SOURCE, EXCEPTION):
+        raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
+    raise DeserializationError(
+        f"payload strategy {code!r} is unknown to farcall {__version__}: the other side runs a "
+        "newer farcall; use the same farcall version on both sides"
+    )
+
+
 def serialize(obj: Any) -> str:
-    """Serialize any picklable object (arguments, results)."""
-    plain = _plain_pickle(obj)
-    if plain is not None:
-        return _wrap(DATA_PICKLE, plain)
+    """Serialize any picklable object (arguments, results) as an inline payload."""
+    return _wrap(*dumps(obj))
+
+
+# ------------------------------------------------------- frames (the data plane)
+
+
+@dataclass(eq=False)
+class Frames:
+    """An object pickled with its large buffers kept out of band (pickle protocol 5), so a
+    numpy array travels without being copied into the pickle: what the data plane sends."""
+
+    code: str
+    main: bytes
+    buffers: list[memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blob ``blob_parts`` makes (the size the limits apply to)."""
+        return _FRAME_HEAD.size + 8 * (len(self.buffers) + 1) + len(self.main) + sum(
+            b.nbytes for b in self.buffers)
+
+    def payload(self) -> str:
+        """The inline payload of the same object (for small ones; buffers copied in)."""
+        if not self.buffers:
+            return _wrap(self.code, self.main)
+        return _wrap(self.code, _dumps_in_band(self.code, self.main, self.buffers))
+
+    def blob_parts(self) -> list[memoryview]:
+        """The blob, as parts to send one after the other without joining them: a header
+        (magic, strategy code, buffer count, every length), the pickle, then each buffer."""
+        lengths = [len(self.main), *(b.nbytes for b in self.buffers)]
+        head = _FRAME_HEAD.pack(FRAME_MAGIC, self.code.encode("ascii"), len(self.buffers))
+        head += struct.pack(f"<{len(lengths)}Q", *lengths)
+        return [memoryview(head), memoryview(self.main), *self.buffers]
+
+
+FRAME_MAGIC = b"FCF1"
+_FRAME_HEAD = struct.Struct("<4s2sI")
+
+
+def pack(obj: Any) -> Frames:
+    """``obj`` pickled once with its large buffers out of band; ``Frames.nbytes`` says which
+    way it travels (inline payload or data-plane blob)."""
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(buffer.raw())
+        except BufferError:  # not contiguous: let pickle copy it in band
+            return True
+        return False
+
+    code, main = dumps(obj, buffer_callback=keep)
+    return Frames(code, main, buffers)
+
+
+def unpack_blob(blob: bytes | bytearray | memoryview) -> Any:
+    """The object in a blob ``Frames.blob_parts`` made. Buffers are views into ``blob``
+    (no copy): a numpy array comes back backed by it, writable when ``blob`` is."""
+    view = memoryview(blob)
+    if view.nbytes < _FRAME_HEAD.size or bytes(view[:4]) != FRAME_MAGIC:
+        raise DeserializationError("data-plane blob has no farcall frame header; it was not "
+                                   "made by farcall.serialize.Frames")
+    _, code, count = _FRAME_HEAD.unpack_from(view)
+    at = _FRAME_HEAD.size
+    lengths = struct.unpack_from(f"<{count + 1}Q", view, at)
+    at += 8 * (count + 1)
+    if at + sum(lengths) != view.nbytes:
+        raise DeserializationError(
+            f"data-plane blob is {view.nbytes} bytes but its header says {at + sum(lengths)}: "
+            "it was cut short or corrupted on the way; run the task again")
+    parts = []
+    for n in lengths:
+        parts.append(view[at:at + n])
+        at += n
+    return loads(code.decode("ascii"), parts[0], parts[1:])
+
+
+def ref_payload(blob_id: str, size: int) -> str:
+    """The payload (strategy ``30``) that stands for a blob in a task's arguments or result."""
+    return BLOB_REF + "\n" + json.dumps({"blob_id": blob_id, "size": size})
+
+
+def is_ref(payload: str) -> bool:
+    return payload.startswith(BLOB_REF + "\n")
+
+
+def parse_ref(payload: str) -> tuple[str, int]:
+    """``(blob_id, size)`` of a reference payload; ``DeserializationError`` if it is not one."""
+    code, _, body = payload.partition("\n")
     try:
-        return _wrap(DATA_DILL, dill.dumps(obj))
-    except Exception as e:  # noqa: BLE001
-        raise SerializationError(
-            f"cannot serialize {type(obj).__name__}: {type(e).__name__}: {e}. "
-            "Pass only picklable arguments and return only picklable results."
-        ) from e
+        doc = json.loads(body) if code == BLOB_REF else None
+        if isinstance(doc, dict) and isinstance(doc.get("blob_id"), str) and isinstance(
+                doc.get("size"), int):
+            return doc["blob_id"], doc["size"]
+    except ValueError:
+        pass
+    raise DeserializationError("payload is not a data-plane reference (strategy '30' with "
+                               '{"blob_id", "size"})')
+
+
+def _dumps_in_band(code: str, main: bytes, buffers: list[memoryview]) -> bytes:
+    dump = next(dump for made_by, _, dump in _DATA_PICKLERS if made_by == code)
+    return dump(loads(code, main, buffers), None)
 
 
 def serialize_json(obj: Any) -> str:
@@ -188,19 +385,7 @@ def _json_value(body: bytes) -> Any:
 
 
 def deserialize(payload: str) -> Any:
-    code, body = _unwrap(payload)
-    if code == DATA_PICKLE:
-        return pickle.loads(body)
-    if code == DATA_DILL:
-        return dill.loads(body)
-    if code == DATA_JSON:
-        return _json_value(body)
-    if code in (FUNCTION_DILL, FUNCTION_SOURCE, EXCEPTION):
-        raise DeserializationError(f"payload strategy {code!r} is not a data strategy")
-    raise DeserializationError(
-        f"payload strategy {code!r} is unknown to farcall {__version__}: the other side runs a "
-        "newer farcall; use the same farcall version on both sides"
-    )
+    return loads(*_unwrap(payload))
 
 
 def pack_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import platform
 
+import cloudpickle
 import dill
 
 __version__ = "0.1.0"
 
 
 def local_versions() -> dict[str, str]:
-    """Python, dill and farcall versions of this interpreter."""
-    return {"python": platform.python_version(), "dill": dill.__version__, "farcall": __version__}
+    """Python, dill, cloudpickle and farcall versions of this interpreter."""
+    return {"python": platform.python_version(), "dill": dill.__version__,
+            "cloudpickle": cloudpickle.__version__, "farcall": __version__}

@@ -5,6 +5,8 @@ Runs on the in-process store/queue and on the real Redis and RabbitMQ.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,6 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from farcall.broker import endpoint_channel
 from farcall.broker.embedded import EmbeddedBroker
+from farcall.broker.errors import Unavailable
 from farcall.broker.settings import Settings
 from farcall.messages import (
     CancelFrame,
@@ -309,6 +312,33 @@ def test_a_new_session_replaces_the_old_one_at_once(setup: Setup) -> None:
     _, (later,) = setup.submit(1)
     assert [t.task_id for t in new.tasks(1)] == [later]
     new.close()
+
+
+def test_a_loop_that_swallows_its_cancel_does_not_keep_a_failed_session_open(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When one loop of a session fails, the others are cancelled. On Python 3.11 a cancel that
+    lands as an ``asyncio.wait_for`` finishes (redis-py sends every command through one) is
+    swallowed and the loop runs on; the session must end all the same, not stay connected with
+    no dispatch loop (after a Redis restart, no task went out again)."""
+    session = endpoint_channel.EndpointSession
+    read_loop = session._read_loop
+
+    async def read_loop_that_swallows_a_cancel(self: endpoint_channel.EndpointSession) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        await read_loop(self)
+
+    async def dispatch_loop_that_fails(self: endpoint_channel.EndpointSession) -> None:
+        await asyncio.sleep(0.2)
+        raise Unavailable("the store is not answering")
+
+    monkeypatch.setattr(session, "_read_loop", read_loop_that_swallows_a_cancel)
+    monkeypatch.setattr(session, "_dispatch_loop", dispatch_loop_that_fails)
+    ep = setup.connect()
+    ep.hello(credit=1)
+    with pytest.raises(ConnectionClosed) as closed:
+        ep.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
 
 
 def test_cancel_drops_queued_tasks_and_stops_sent_ones(setup: Setup) -> None:

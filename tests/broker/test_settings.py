@@ -42,3 +42,14 @@ def test_environment_overrides() -> None:
 def test_a_bad_number_names_the_variable() -> None:
     with pytest.raises(ValueError, match="FARCALL_RESULT_TTL"):
         Settings.from_env({"FARCALL_RESULT_TTL": "a week"})
+
+
+def test_data_plane_settings_and_a_task_limit_below_the_inline_size_is_refused() -> None:
+    from farcall.serialize import INLINE_BYTES
+
+    s = Settings.from_env({"FARCALL_MAX_TASK_BYTES": str(8 << 20), "FARCALL_BLOB_DIR": "/srv/b"})
+    assert (s.max_task_bytes, s.blob_dir) == (8 << 20, "/srv/b")
+    assert Settings.from_env({}).max_task_bytes == 1 << 30
+    with pytest.raises(ValueError, match="FARCALL_MAX_TASK_BYTES=1000 is below"):
+        Settings.from_env({"FARCALL_MAX_TASK_BYTES": "1000"})
+    assert Settings(max_task_bytes=INLINE_BYTES).max_task_bytes == INLINE_BYTES

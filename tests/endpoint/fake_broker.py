@@ -51,6 +51,9 @@ class FakeBroker:
         self.max_size = max_size
         """Frames bigger than this close the connection with 1009 (takes effect on start_server)."""
         self.close_after_welcome = False
+        self.upload_grant = ""
+        self.max_task_bytes = 0
+        """Said in every Welcome: the data plane's grant and limit ("" / 0: no data plane)."""
         self.port = 0
         self.frames: list[tuple[int, Any]] = []
         self.sizes: list[tuple[int, str, int]] = []
@@ -133,7 +136,8 @@ class FakeBroker:
                 self.sizes.append((number, frame.type, size))
                 self._cond.notify_all()
             if isinstance(frame, Hello):
-                welcome = Welcome(endpoint_id=ENDPOINT_ID, max_frame_bytes=self.max_frame_bytes)
+                welcome = Welcome(endpoint_id=ENDPOINT_ID, max_frame_bytes=self.max_frame_bytes,
+                                  upload_grant=self.upload_grant, max_task_bytes=self.max_task_bytes)
                 await ws.send(welcome.model_dump_json())
                 if self.close_after_welcome:
                     await ws.close(1011, "broker error: queue unavailable")

@@ -13,8 +13,8 @@ import pytest
 
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines.threads import ThreadPoolEngine
-from farcall.messages import MAX_SPEC_DEPTH
-from tests.endpoint.fake_broker import FakeBroker
+from farcall.messages import MAX_SPEC_DEPTH, DataAccess, TaskMessage
+from tests.endpoint.fake_broker import ENDPOINT_ID, FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 
 CAPACITY = 2 * 50
@@ -143,3 +143,34 @@ def test_an_engine_that_cannot_cancel_does_not_end_the_session(
     gate.touch()
     broker.wait(lambda: running.task_id in broker.result_ids(), 10, "the uncancelled result")
     assert broker.connections == 1
+
+
+class TaskKeepingEngine(ThreadPoolEngine):
+    """Runs tasks as a ThreadPoolEngine does, keeping each task as the agent handed it over."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.tasks: list[TaskMessage] = []
+
+    def submit(self, task: TaskMessage, on_done: Any, on_start: Any = None) -> None:
+        self.tasks.append(task)
+        super().submit(task, on_done, on_start)
+
+
+@pytest.mark.parametrize("grant", ["g-123", ""], ids=["data-plane", "old-broker"])
+def test_every_task_carries_the_data_plane_access_of_the_welcome(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], grant: str
+) -> None:
+    broker.upload_grant, broker.max_task_bytes = grant, 8 << 20
+    engine = TaskKeepingEngine()
+    start_agent(engine=engine)
+    tasks = [make_task(double, 1), make_task(double, 2)]
+    broker.send_tasks(tasks)
+    broker.wait(lambda: broker.result_ids() >= {t.task_id for t in tasks}, 10, "results")
+    first, second = engine.tasks
+    if not grant:
+        assert first.data is None and second.data is None  # results travel inline, as before
+        return
+    assert first.data == DataAccess(url=broker.url, grant=f"{ENDPOINT_ID}:{grant}",
+                                    max_task_bytes=8 << 20)
+    assert second.data is first.data  # one object for the session, not one per task

@@ -7,17 +7,40 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from farcall import blobs
 from farcall.endpoint import worker
-from farcall.errors import DeserializationError, TaskTimeout
-from farcall.messages import ResultMessage, TaskState, Versions, join_task_batch, parse_result_batch
-from farcall.serialize import DATA_JSON, deserialize_json, pack_args, pack_json_args, payload_strategy
+from farcall.endpoint.errors import ResultTooLarge
+from farcall.errors import DataExpired, DeserializationError, TaskTimeout
+from farcall.messages import (
+    DataAccess,
+    ResultMessage,
+    TaskMessage,
+    TaskState,
+    Versions,
+    join_task_batch,
+    parse_result_batch,
+)
+from farcall.serialize import (
+    DATA_JSON,
+    deserialize_json,
+    is_ref,
+    pack,
+    pack_args,
+    pack_json_args,
+    parse_ref,
+    payload_strategy,
+    ref_payload,
+    unpack_blob,
+)
+from farcall.transport import Transport
 from farcall.version import local_versions
+from tests.dataplane import GRANT, DataPlane
 from tests.endpoint.helpers import make_task, value_of
 
 
@@ -266,3 +289,85 @@ def test_a_result_that_is_not_json_fails_the_task_saying_so(value: Any) -> None:
 def test_the_pickle_format_is_unchanged_by_default() -> None:
     result = run(make_task(lambda: {1, 2}).model_dump_json())
     assert result.state == TaskState.SUCCESS and value_of(result) == {1, 2}
+
+
+# ---------------------------------------------------------------- the data plane
+
+
+@pytest.fixture
+def plane() -> Iterator[DataPlane]:
+    p = DataPlane()
+    yield p
+    p.close()
+
+
+def _with_data(task: TaskMessage, plane: DataPlane, max_task_bytes: int = 1 << 30) -> TaskMessage:
+    task.data = DataAccess(url=plane.url, grant=GRANT, max_task_bytes=max_task_bytes)
+    return task
+
+
+def _scale(a: Any, factor: int = 1) -> Any:
+    return a * factor
+
+
+def test_big_arguments_are_fetched_and_a_big_result_uploaded_with_the_grant(plane: DataPlane) -> None:
+    import numpy as np
+
+    array = np.arange(1_000_000)  # 8 MB
+    uploader = Transport(plane.url + "/v1", {blobs.GRANT_HEADER: GRANT})
+    try:
+        ref = blobs.upload(uploader, pack(((array,), {"factor": 3})))
+    finally:
+        uploader.close()
+    task = _with_data(make_task(_scale), plane)
+    task.args = ref
+    result = run(task.model_dump_json())  # across a process boundary's JSON, as engines send it
+    assert result.state == TaskState.SUCCESS, result.error
+    assert is_ref(result.data)
+    assert plane.uploads[-1][blobs.GRANT_HEADER] == GRANT
+    np.testing.assert_array_equal(unpack_blob(plane.blobs[parse_ref(result.data)[0]]), array * 3)
+
+
+def test_a_small_result_stays_inline_with_the_data_plane(plane: DataPlane) -> None:
+    result = worker.execute(_with_data(make_task(_scale, 21, factor=2), plane))
+    assert value_of(result) == 42 and plane.blobs == {}
+
+
+def test_a_result_over_the_limit_fails_its_task_and_the_next_one_runs(plane: DataPlane) -> None:
+    def big() -> bytes:
+        return b"x" * (3 << 20)
+
+    result = worker.execute(_with_data(make_task(big), plane, max_task_bytes=2 << 20))
+    assert result.state == TaskState.FAILED
+    with pytest.raises(ResultTooLarge) as caught:
+        value_of(result)
+    message = str(caught.value)
+    assert f"{2 << 20:,} bytes" in message and "3,145," in message
+    assert "raise FARCALL_MAX_TASK_BYTES on the broker" in message and plane.blobs == {}
+    assert value_of(worker.execute(_with_data(make_task(_scale, 5), plane))) == 5
+
+
+def test_a_broker_refusing_the_upload_fails_the_task_with_result_too_large(plane: DataPlane) -> None:
+    def big() -> bytes:
+        return b"x" * (3 << 20)
+
+    plane.limit = 2 << 20  # the broker's limit went down after the endpoint's welcome
+    result = worker.execute(_with_data(make_task(big), plane))
+    with pytest.raises(ResultTooLarge, match="FARCALL_MAX_TASK_BYTES"):
+        value_of(result)
+
+
+def test_expired_arguments_fail_the_task_saying_so(plane: DataPlane) -> None:
+    task = _with_data(make_task(_scale), plane)
+    task.args = ref_payload("gone", 100)
+    result = worker.execute(task)
+    with pytest.raises(DataExpired, match="expired"):
+        value_of(result)
+
+
+def test_without_the_data_plane_a_big_result_travels_inline_as_before() -> None:
+    def big() -> bytes:
+        return b"y" * (2 << 20)
+
+    result = worker.execute(make_task(big))
+    assert not is_ref(result.data) and value_of(result) == b"y" * (2 << 20)

@@ -27,14 +27,25 @@ def own_broker(service_env: dict[str, str], log_dir: Path, tag: str, *,
     """A broker process of its own, with Redis and queue prefixes of its own (removed after):
     for tests whose settings (``FARCALL_*`` in ``settings``; ``tls``: certfile, keyfile, ca_file)
     or whose traffic (bad tokens, bursts) must not touch the session's broker."""
+    with own_replicas(service_env, log_dir, tag, 1, settings=settings, **tls) as (broker,):
+        yield broker
+
+
+@contextmanager
+def own_replicas(service_env: dict[str, str], log_dir: Path, tag: str, n: int, *,
+                 settings: dict[str, str] | None = None, **tls: Any) -> Iterator[list[Broker]]:
+    """``n`` broker processes sharing Redis and queue prefixes of their own (removed after):
+    replicas of one broker, as behind a load balancer (``own_broker`` for the rest)."""
     unique = f"{tag}-{uuid.uuid4().hex[:6]}"
     env = dict(service_env,
                FARCALL_REDIS_PREFIX=f"{service_env['FARCALL_REDIS_PREFIX']}{unique}:",
                FARCALL_QUEUE_PREFIX=f"{service_env['FARCALL_QUEUE_PREFIX']}{unique}.",
                **(settings or {}))
-    broker = Broker(env, log_dir / f"{unique}.log", name=f"{tag} broker", **tls)
+    brokers = [Broker(env, log_dir / f"{unique}-{i}.log" if n > 1 else log_dir / f"{unique}.log",
+                      name=f"{tag} broker" + (f" {i}" if n > 1 else ""), **tls) for i in range(n)]
     try:
-        yield broker.start()
+        yield [broker.start() for broker in brokers]
     finally:
-        broker.stop()
+        for broker in brokers:
+            broker.stop()
         drop_service_data(env["FARCALL_REDIS_PREFIX"], env["FARCALL_QUEUE_PREFIX"])

@@ -323,8 +323,50 @@ def _paused_by_owner_only(w: World, caller: Caller, response: httpx.Response) ->
     return None if state == expected else f"afterwards the owner's timer is {state}"
 
 
+def _groups_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    listed = {g["task_group_id"] for g in response.json()["task_groups"]}
+    if caller == "owner":
+        return None if w.group in listed else f"the owner's groups lack theirs: {listed}"
+    return f"{caller} was shown the owner's task group" if w.group in listed else None
+
+
+def _tasks_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    if caller != "owner":
+        return None  # told 404: the status says it all
+    listed = [t["task_id"] for t in response.json()["tasks"]]
+    return None if listed == [w.task] else f"the owner's group lists {listed}"
+
+
+def _upload(w: World, _: Caller) -> Request:
+    return "/v1/blobs", OPAQUE
+
+
+def _owners_blob(w: World, _: Caller) -> Request:
+    """A blob the owner uploaded: its id is the capability, so every user who holds it reads it
+    (task arguments and results name it only to those who may see the task)."""
+    return f"/v1/blobs/{_ok_created(w.call('owner', 'POST', '/v1/blobs', OPAQUE))}", None
+
+
+def _ok_created(response: httpx.Response) -> str:
+    assert response.status_code == 201, response.text[:300]
+    blob_id: str = response.json()["blob_id"]
+    return blob_id
+
+
+def _blob_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    return None if response.content == json.dumps(OPAQUE).encode() else (
+        f"{caller} read {response.content[:80]!r}")
+
+
 MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/v1/health"): Row(_fixed("/v1/health"), HEALTH),
+    # the data plane and listings
+    ("GET", "/v1/limits"): Row(_fixed("/v1/limits"), allowed()),
+    ("POST", "/v1/blobs"): Row(_upload, allowed(201, 201, 201)),
+    ("GET", "/v1/blobs/{blob_id}"): Row(_owners_blob, allowed(), _blob_check),
+    ("GET", "/v1/task_groups"): Row(_fixed("/v1/task_groups"), allowed(), _groups_check),
+    ("GET", "/v1/tasks"): Row(_fixed("/v1/tasks?task_group_id={group}"), SUBMITTER_ONLY,
+                              _tasks_check),
     # functions
     ("POST", "/v1/functions"): Row(_fixed("/v1/functions", {"function": OPAQUE}), allowed()),
     ("GET", "/v1/functions/{function_id}"): Row(_fixed("/v1/functions/{function}"), OBJECT),

@@ -202,21 +202,6 @@ def test_deleting_an_endpoint_fails_the_tasks_waiting_for_it(
                 f.result(timeout=DEADLINE)
 
 
-def test_a_result_over_the_limit_fails_alone(endpoint: Endpoint, client: Client) -> None:
-    def big() -> bytes:
-        return b"x" * (80 * 1024 * 1024)
-
-    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
-        huge = ex.submit(big)
-        with pytest.raises(Exception) as err:
-            huge.result(timeout=DEADLINE)
-        text = str(err.value)
-        assert "bytes" in text and "limit" in text, text
-        # the endpoint keeps serving
-        assert [f.result(timeout=DEADLINE) for f in [ex.submit(pow, 3, i) for i in range(5)]] == [
-            3**i for i in range(5)]
-
-
 def test_a_deep_resource_specification_is_refused_and_nothing_stalls(endpoint: Endpoint,
                                                                      client: Client) -> None:
     deep: dict[str, Any] = {}

@@ -92,14 +92,19 @@ def test_endpoint_and_executor_over_tls(
     with Client(broker_url=tls_broker.url, token=tls_token) as client:
         make_endpoint.spawn()
         endpoint_id = make_endpoint.wait_online(client)
-        assert make_endpoint.proc is not None
-        assert f"connected to {tls_broker.url}" in make_endpoint.proc.output()
+        proc = make_endpoint.proc
+        assert proc is not None
+        # online at its hello; the agent logs the connection once the welcome is in
+        wait_until(lambda: f"connected to {tls_broker.url}" in proc.output(), 30,
+                   f"the agent to log its connection\n{proc.output(4000)}")
 
         def triple(x: int) -> int:
             return 3 * x
 
         with Executor(endpoint_id=endpoint_id, client=client) as ex:
             assert ex.submit(triple, 14).result(timeout=60) == 42
+            big = b"t" * (3 << 20)  # the data plane: the worker's own https trusts the CA too
+            assert ex.submit(triple, big).result(timeout=60) == big * 3
         assert client.get_endpoint_status(endpoint_id)["status"] == "online"
 
 

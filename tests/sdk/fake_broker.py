@@ -29,6 +29,7 @@ from farcall.messages import (
     BatchSubmitted,
     EndpointSharing,
     FunctionSharing,
+    Limits,
     RequestFailedFrame,
     ShareRequest,
     SubmitFrame,
@@ -41,7 +42,7 @@ from farcall.messages import (
     TokenRequest,
     TokenRevoked,
 )
-from farcall.serialize import serialize
+from farcall.serialize import INLINE_BYTES, serialize
 from farcall.stream import TaskGroupStream
 from farcall.transport import Response
 
@@ -98,6 +99,10 @@ class FakeBroker:
         self.foreign: set[str] = set()
         self.endpoint_sharing: dict[str, list[str]] = {}
         self.function_sharing: dict[str, tuple[list[str], bool]] = {}
+        self.limits = Limits(max_task_bytes=1024**3, max_payload_bytes=10 * 1024**2,
+                             inline_bytes=INLINE_BYTES)
+        self.blobs: dict[str, bytes] = {}
+        """The data plane: blob id -> the bytes uploaded (``FakeTransport.send_parts``)."""
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------ for tests
@@ -154,9 +159,11 @@ class FakeBroker:
             return scripted
         routes: list[tuple[str, str, Callable[..., Any]]] = [
             ("POST", "/task_groups", lambda _: {"task_group_id": "group-1"}),
+            ("GET", "/limits", lambda _: _json(self.limits)),
             ("POST", "/functions", lambda _: {"function_id": f"function-{next(self._ids)}"}),
             ("POST", "/tasks", self._submit),
             ("POST", "/tasks/status", self._status),
+            ("GET", "/tasks/([^/]+)", self._task),
             ("POST", "/tasks/cancel", self._cancel),
             ("GET", "/tokens", self._list_tokens),
             ("POST", "/tokens", self._create_token),
@@ -267,6 +274,12 @@ class FakeBroker:
         with self.lock:
             return {"tasks": {t: dict(self.records[t]) for t in body["task_ids"] if t in self.records}}
 
+    def _task(self, _: None, task_id: str) -> dict[str, Any]:
+        with self.lock:
+            if task_id not in self.records:
+                raise Refusal(404, "not_found", f"no task {task_id}")
+            return dict(self.records[task_id])
+
     def _cancel(self, body: dict[str, Any]) -> dict[str, Any]:
         if self.cancel_error is not None:
             raise self.cancel_error
@@ -302,6 +315,33 @@ class FakeTransport:
                 headers: dict[str, str] | None = None) -> Response:
         status, answer = self.broker.answer(method, path, json.loads(body) if body else None)
         return Response(status, "fake", json.dumps(answer).encode())
+
+    def send_parts(self, method: str, path: str, parts: list[memoryview],
+                   headers: dict[str, str] | None = None) -> Response:
+        """A blob upload (``POST /blobs``): kept in ``FakeBroker.blobs``, over the limit 413."""
+        assert (method, path) == ("POST", "/blobs")
+        body = b"".join(parts)
+        broker = self.broker
+        with broker.lock:
+            broker.requests.append((method, path, len(body)))
+            if len(body) > broker.limits.max_task_bytes:
+                return Response(413, "fake", json.dumps({
+                    "error": "payload_too_large", "message": f"{len(body)} bytes is over the limit "
+                    f"of {broker.limits.max_task_bytes} bytes (FARCALL_MAX_TASK_BYTES)"}).encode())
+            blob_id = f"blob-{next(broker._ids)}"
+            broker.blobs[blob_id] = body
+        return Response(201, "fake", json.dumps({"blob_id": blob_id, "size": len(body)}).encode())
+
+    def read_into(self, method: str, path: str, headers: dict[str, str] | None = None,
+                  size: int | None = None) -> Response:
+        """A blob download (``GET /blobs/{id}``); 404 for one not in ``FakeBroker.blobs``."""
+        blob_id = path.removeprefix("/blobs/")
+        with self.broker.lock:
+            self.broker.requests.append((method, path, None))
+            body = self.broker.blobs.get(blob_id)
+        if body is None:
+            return Response(404, "fake", b'{"error": "not_found", "message": "no such blob"}')
+        return Response(200, "fake", memoryview(bytearray(body)))
 
     def close(self) -> None:
         pass

@@ -53,7 +53,7 @@ def test_undecodable_result_names_both_sides_versions() -> None:
         assert not ok and isinstance(error, DeserializationError)
         text = str(error)
         assert "task t " in text and "3.99.0" in text and "dill 9.9" in text
-        assert "submitter: Python 3." in text and "same Python and dill versions" in text
+        assert "submitter: Python 3." in text and "same Python, dill and cloudpickle versions" in text
         assert error.__cause__ is not None
 
 

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import threading
 import traceback
-from pathlib import Path
 
+import numpy as np
 import pytest
 
 from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
+from farcall.messages import Versions, version_mismatch, versions_text
 from farcall.serialize import (
+    DATA_CLOUDPICKLE,
     DATA_DILL,
     DATA_JSON,
     DATA_PICKLE,
+    FUNCTION_CLOUDPICKLE,
     FUNCTION_DILL,
     FUNCTION_SOURCE,
     deserialize,
     deserialize_function,
     deserialize_json,
+    pack,
     pack_args,
     pack_json_args,
     payload_strategy,
@@ -29,7 +31,9 @@ from farcall.serialize import (
     serialize_function,
     serialize_json,
     unpack_args,
+    unpack_blob,
 )
+from harness.serialization_cases import CASES, Case, Outcome, round_trip
 
 
 def test_closure_and_lambda_travel_by_value() -> None:
@@ -40,8 +44,11 @@ def test_closure_and_lambda_travel_by_value() -> None:
 
     for fn, expected in ((scale, 12), (lambda x: x + factor, 7)):
         payload = serialize_function(fn)
-        assert payload_strategy(payload) == FUNCTION_DILL
+        assert payload_strategy(payload) == FUNCTION_CLOUDPICKLE
         assert deserialize_function(payload)(4) == expected
+        dilled = serialize_function(fn, strategy="dill")
+        assert payload_strategy(dilled) == FUNCTION_DILL
+        assert deserialize_function(dilled)(4) == expected
 
 
 def test_source_strategy_reexecutes_the_definition() -> None:
@@ -53,7 +60,8 @@ def test_source_strategy_reexecutes_the_definition() -> None:
     assert deserialize_function(payload)(21) == 42
 
 
-def test_auto_falls_back_to_source_when_dill_cannot_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_falls_back_to_dill_then_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudpickle
     import dill
 
     def unpicklable(*_: object, **__: object) -> bytes:
@@ -62,9 +70,14 @@ def test_auto_falls_back_to_source_when_dill_cannot_pickle(monkeypatch: pytest.M
     def triple(x: int) -> int:
         return 3 * x
 
+    monkeypatch.setattr(cloudpickle, "dumps", unpicklable)
+    payload = serialize_function(triple)
+    assert payload_strategy(payload) == FUNCTION_DILL
     monkeypatch.setattr(dill, "dumps", unpicklable)
     payload = serialize_function(triple)
     assert payload_strategy(payload) == FUNCTION_SOURCE
+    with pytest.raises(SerializationError, match="cloudpickle: TypeError.*dill: TypeError"):
+        serialize_function(len)  # no source to fall back on either
     monkeypatch.undo()
     assert deserialize_function(payload)(5) == 15
 
@@ -127,35 +140,76 @@ def test_unpicklable_exception_becomes_task_execution_failed_with_text() -> None
     assert "holds a generator" in str(rebuilt) and "_Locked" in rebuilt.remote_traceback
 
 
-def test_plain_data_uses_pickle_and_main_objects_travel_by_value(tmp_path: Path) -> None:
-
-
+def test_plain_data_uses_pickle_then_cloudpickle_then_dill() -> None:
     assert payload_strategy(serialize({"a": [1, 2.5, "x"], "b": (None, True)})) == DATA_PICKLE
     assert deserialize(serialize({"a": [1, 2.5]})) == {"a": [1, 2.5]}
-    assert payload_strategy(serialize([lambda x: x])) == DATA_DILL  # pickle cannot: dill can
-    # An instance of a class defined in a script's __main__ must load in another interpreter
-    # that never saw the class (a worker), so it cannot go by reference.
-    made = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent("""
-            from dataclasses import dataclass
-            from farcall.serialize import serialize
-            @dataclass
-            class Point:
-                x: int
-                y: int
-                def norm1(self):
-                    return abs(self.x) + abs(self.y)
-            print(serialize(Point(3, -4)))
-        """)], capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    payload = made.replace("\\n", "\n")
-    assert payload_strategy(payload) == DATA_DILL
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import sys; from farcall.serialize import deserialize; "
-         "p = deserialize(sys.stdin.read()); print(p.norm1())"],
-        input=payload, capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    assert loaded == "7"
+    by_value = serialize([lambda x: x + 1])  # pickle cannot: cloudpickle can
+    assert payload_strategy(by_value) == DATA_CLOUDPICKLE
+    assert deserialize(by_value)[0](1) == 2
+    guarded = serialize(_Guarded())  # cloudpickle cannot pickle a lock: dill can
+    assert payload_strategy(guarded) == DATA_DILL
+    assert deserialize(guarded).lock.acquire(blocking=False)
+
+
+class _Guarded:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+def test_buffers_stay_out_of_band_only_from_the_library_that_succeeded() -> None:
+    array = np.arange(1000, dtype=np.float64)
+    # The standard pickle meets the array first, then fails on the lambda; cloudpickle then
+    # pickles everything: the buffers are the array's once, not twice.
+    frames = pack((array, lambda: 1))
+    assert frames.code == DATA_CLOUDPICKLE and len(frames.buffers) == 1
+    assert frames.buffers[0].nbytes == array.nbytes and len(frames.main) < 1000
+    back, fn = unpack_blob(b"".join(frames.blob_parts()))
+    assert np.array_equal(back, array) and fn() == 1
+    assert deserialize(frames.payload())[0].sum() == array.sum()
+    dilled = pack((array, _Guarded()))  # dill keeps buffers in band: it ignores buffer_callback
+    assert dilled.code == DATA_DILL and dilled.buffers == []
+    assert np.array_equal(unpack_blob(b"".join(dilled.blob_parts()))[0], array)
+
+
+# Every notebook case of harness/serialization_cases.py, made in a script's __main__ and loaded
+# in a process without its definitions (a worker): as data (``dumps``) and, for functions, as
+# the task's function (``serialize_function``). Two subprocesses per kind serve every case.
+
+
+@pytest.fixture(scope="module")
+def data_round_trips() -> dict[str, Outcome]:
+    return round_trip("farcall")
+
+
+@pytest.fixture(scope="module")
+def function_round_trips() -> dict[str, Outcome]:
+    return round_trip("farcall function")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_notebook_object_loads_where_its_definitions_are_missing(
+        case: Case, data_round_trips: dict[str, Outcome],
+        function_round_trips: dict[str, Outcome]) -> None:
+    outcome = data_round_trips[case.name]
+    assert outcome.status == "pass", f"{case.title}: {outcome.status} {outcome.error}"
+    plain = case.name in ("plain_data", "numpy_array")
+    expected = DATA_PICKLE if plain else DATA_DILL if case.name == "holds_lock" else DATA_CLOUDPICKLE
+    assert outcome.code == expected
+    if case.call is not None:
+        fn = function_round_trips[case.name]
+        assert (fn.status, fn.code) == ("pass", FUNCTION_CLOUDPICKLE), fn.error
+
+
+def test_a_cloudpickle_version_mismatch_is_named() -> None:
+    mine = Versions(python="3.11.7", dill="0.4.1", cloudpickle="3.1.1", farcall="0.1.0")
+    assert version_mismatch(mine, mine.model_copy()) == ""
+    other = mine.model_copy(update={"cloudpickle": "3.0.0"})
+    warning = version_mismatch(mine, other)
+    assert "cloudpickle 3.1.1" in warning and "cloudpickle 3.0.0" in warning
+    assert "same Python, dill and cloudpickle versions" in warning
+    older = Versions(python="3.11.7", dill="0.4.1")  # a farcall that did not report cloudpickle
+    assert version_mismatch(mine, older) == ""
+    assert "worker: Python 3.11.7, dill 0.4.1, cloudpickle ?" in versions_text(mine, older)
 
 
 def test_a_payload_from_a_newer_farcall_says_so() -> None:

@@ -8,13 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dill
+import cloudpickle
 import pytest
 
 import farcall.shell
 from farcall import MPIFunction, ShellFunction, ShellResult
 from farcall.errors import MPIEnvironmentError, ShellCommandError
-from farcall.serialize import FUNCTION_DILL, deserialize_function, payload_strategy, serialize_function
+from farcall.serialize import (
+    FUNCTION_CLOUDPICKLE,
+    deserialize_function,
+    payload_strategy,
+    serialize_function,
+)
 from harness.procs import wait_until
 
 
@@ -210,9 +215,9 @@ def test_mpi_function_without_a_prefix_says_what_it_needs(monkeypatch: pytest.Mo
 def test_pickled_by_reference_and_run_after_a_round_trip() -> None:
     fn = MPIFunction("echo {word}", walltime=10, snippet_lines=5, name="echoer")
     payload = serialize_function(fn)
-    assert payload_strategy(payload) == FUNCTION_DILL
-    raw = dill.dumps(fn, recurse=True)
-    assert b"farcall.shell" in raw and b"MPIFunction" in raw and b"co_code" not in raw
+    assert payload_strategy(payload) == FUNCTION_CLOUDPICKLE
+    raw = cloudpickle.dumps(fn)
+    assert b"farcall.shell" in raw and b"MPIFunction" in raw and b"cloudpickle" not in raw
     back = deserialize_function(payload)
     assert type(back) is MPIFunction and back.__name__ == "echoer"
     assert (back.cmd, back.walltime, back.snippet_lines) == ("echo {word}", 10.0, 5)

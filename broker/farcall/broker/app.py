@@ -5,8 +5,8 @@
 :mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit)
 and :mod:`.errors` (every failure answered as JSON); :mod:`.action_provider` (the Action
 Provider API, its own sub-application) is mounted at ``/action-provider``; :mod:`.timers`
-(timer routes) beside the others, and the :mod:`.scheduler` that fires timers runs for the
-app's lifetime.
+(timer routes) and :mod:`.blobs` (the data plane) beside the others, and the
+:mod:`.scheduler` that fires timers runs for the app's lifetime.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, WebSocket
 
-from farcall.broker import action_provider, client_stream, endpoint_channel, timers
+from farcall.broker import action_provider, blobs, client_stream, endpoint_channel, timers
 from farcall.broker.asgi import BodyLimit
 from farcall.broker.errors import install_handlers
 from farcall.broker.queue.base import TaskQueue
@@ -67,6 +67,7 @@ def create_app(
         await client_stream.serve(ws, svc, task_group_id)
 
     app.include_router(timers.router)
+    app.include_router(blobs.router)
     app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes,
-                       skip=(action_provider.PATH,))  # it limits its own bodies
+                       skip=(action_provider.PATH, blobs.PATH))  # they limit their own bodies
     return app

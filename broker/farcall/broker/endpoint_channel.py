@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farcall.backoff import Backoff
-from farcall.broker import auth
+from farcall.broker import auth, grants
 from farcall.broker.asgi import over_limit
 from farcall.broker.errors import (
     BACKEND_ERRORS,
@@ -48,6 +48,7 @@ from farcall.broker.queue.base import Consumer, Delivery
 from farcall.broker.services import Services
 from farcall.broker.store.base import Subscription
 from farcall.broker.submission import publish_results
+from farcall.errors import DeserializationError
 from farcall.messages import (
     PROTOCOL_VERSION,
     CancelFrame,
@@ -69,6 +70,7 @@ from farcall.messages import (
     parse_task_batch,
     tasks_frame_json,
 )
+from farcall.serialize import is_ref, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,8 @@ PARK_AFTER = 10.0
 TOUCH_EVERY = 1.0
 RETIRE_WAIT = 5.0
 """How long a new session waits for the one it replaces (on this replica) to finish closing."""
+STOP_AGAIN = 0.2
+"""How often a session's loops are cancelled again while one runs on after a cancel."""
 REPLACED = 4000
 """Close code for a session that a newer session of the same endpoint replaced."""
 DELETED = 4004
@@ -173,9 +177,10 @@ class EndpointSession:
             await self.store.endpoints.set_heartbeat(self.endpoint_id, hello.heartbeat, now())
             await self.queue.declare(self.endpoint_id)  # RabbitMQ may have lost it
             await self._reconcile(set(hello.held_task_ids), set(hello.crashed_task_ids))
-            await self.send(Welcome(endpoint_id=self.endpoint_id,
-                                    max_frame_bytes=self.svc.settings.max_frame_bytes
-                                    ).model_dump_json())
+            await self.send(Welcome(
+                endpoint_id=self.endpoint_id, max_frame_bytes=self.svc.settings.max_frame_bytes,
+                upload_grant=await grants.upload_grant(self.svc, self.endpoint_id),
+                max_task_bytes=self.svc.settings.max_task_bytes).model_dump_json())
             await self._add_credit(hello.credit)
             await self._run_loops()
         except WebSocketDisconnect:
@@ -262,17 +267,15 @@ class EndpointSession:
         self._ended.set()
 
     async def _run_loops(self) -> None:
+        if self.retired:  # replaced before the loops began
+            return
         tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._dispatch_loop()),
                  asyncio.create_task(self._control_loop())]
         self._loops = tasks
-        if self.retired:  # replaced before the loops began
-            return
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
         for t in done:
             if not t.cancelled():
                 t.result()
@@ -380,10 +383,29 @@ class EndpointSession:
 
     async def _store_results(self, results: list[ResultMessage]) -> None:
         """Store results (first one per task wins) and push the new ones to their streams."""
+        await self._renew_blobs(results)
         await self._publish(await self.store.tasks.complete(self.endpoint_id, results, now()))
         ids = [r.task_id for r in results]
         self.held.difference_update(ids)
         self._remember_done(ids)
+
+    async def _renew_blobs(self, results: list[ResultMessage]) -> None:
+        """Make the blobs of results that are blob references live as long as the results."""
+        blob_ids = []
+        for r in results:
+            if is_ref(r.data):
+                try:
+                    blob_ids.append(parse_ref(r.data)[0])
+                except DeserializationError:
+                    log.warning("endpoint %s: task %s has a malformed blob reference",
+                                self.endpoint_id, r.task_id)
+        if not blob_ids:
+            return
+        try:
+            await self.svc.blobs.touch(blob_ids, self.svc.settings.result_ttl)
+        except Exception as e:  # noqa: BLE001 - they live result_ttl from upload anyway
+            log.warning("endpoint %s: could not renew %d result blobs: %r",
+                        self.endpoint_id, len(blob_ids), e)
 
     async def _add_credit(self, n: int) -> None:
         if n > 0:
@@ -593,6 +615,30 @@ class EndpointSession:
             await self._store_results(results)
         gone = {t for t, _, _ in orphans}
         return [t for t in batch if t[0] not in gone]
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again any that runs on.
+
+    One cancel is not always enough: on Python 3.11, ``asyncio.wait_for`` (redis-py sends every
+    command through one) swallows a cancel that arrives as its inner future finishes, and the
+    loop goes on. A read loop that did so kept a session open with its dispatch loop gone (a
+    Redis restart ended it): the endpoint stayed connected and no task went out again.
+    """
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for t in pending:
+            t.cancel()
+        try:
+            await asyncio.wait(pending, timeout=STOP_AGAIN)
+        except asyncio.CancelledError:  # the caller is cancelled: the tasks are, once more
+            for t in pending:
+                t.cancel()
+            raise
+        pending = [t for t in pending if not t.done()]
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: the caller re-raises the one that ended the session
 
 
 def read_queued(body: bytes) -> tuple[list[TaskMessage], dict[str, str]]:

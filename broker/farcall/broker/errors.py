@@ -46,6 +46,7 @@ CODES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    411: "length_required",
     413: "payload_too_large",
     422: "invalid_request",
     429: "rate_limited",
@@ -168,6 +169,12 @@ class InvalidRequest(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
+
+
+class LengthRequired(ApiError):
+    """A blob upload without ``Content-Length``: its size must be known before it is stored."""
+
+    status, code = 411, "length_required"
 
 
 class Unavailable(ApiError):

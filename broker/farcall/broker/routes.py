@@ -15,10 +15,10 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Request, Response, Security
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from farcall.broker import auth, cancellation
+from farcall.broker import auth, cancellation, listing
 from farcall.broker.endpoint_channel import read_queued, send_control
 from farcall.broker.errors import (
     Forbidden,
@@ -52,8 +52,10 @@ from farcall.messages import (
     ShareRequest,
     TaskGroupCreated,
     TaskGroupInfo,
+    TaskGroupList,
     TaskIds,
     TaskInfo,
+    TaskList,
     TasksCancelled,
     TaskStatuses,
     TokenCreated,
@@ -445,7 +447,27 @@ async def get_task_group(task_group_id: str, user: User, svc: Svc) -> TaskGroupI
                          task_ids=await svc.store.tasks.group_tasks(task_group_id))
 
 
+@router.get("/task_groups", responses=USER_ERRORS)
+async def list_task_groups(
+    user: User, svc: Svc, limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT)] = 20
+) -> TaskGroupList:
+    """Your task groups, the most recently submitted to first (the latest 1,000 are listed;
+    an older one is still readable by its id until it expires)."""
+    return await listing.task_groups(svc, user, limit)
+
+
 # ---- tasks
+
+
+@router.get("/tasks", responses=OBJECT_ERRORS)
+async def list_tasks(
+    user: User, svc: Svc,
+    task_group_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=listing.MAX_LIMIT)] = 20,
+) -> TaskList:
+    """Your most recently submitted tasks (of one group with ``task_group_id``), newest first:
+    state and times, not results (``GET /v1/tasks/{task_id}`` has those)."""
+    return await listing.tasks(svc, user, limit, task_group_id)
 
 
 @router.post("/tasks", response_model=BatchSubmitted,

@@ -1,4 +1,5 @@
-"""What a broker process holds: its settings, its store and its queue, chosen from the settings."""
+"""What a broker process holds: its settings, its store, its queue and its blob store, chosen
+from the settings."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from farcall.broker.errors import Forbidden, TooManyRequests, Unauthorized
 from farcall.broker.limits import RateLimiter
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.settings import Settings
-from farcall.broker.store.base import Principal, Store, Subscription
+from farcall.broker.store.base import BlobStore, Principal, Store, Subscription
 from farcall.records import FunctionRecord
 
 if TYPE_CHECKING:
@@ -58,6 +59,21 @@ def make_queue(settings: Settings) -> TaskQueue:
     return MemoryQueue(settings.queue_prefix)
 
 
+def make_blobs(settings: Settings) -> BlobStore:
+    """Files in ``blob_dir`` when it is set, else Redis when ``redis_url`` is, else memory."""
+    if settings.blob_dir:
+        from farcall.broker.store.file_blobs import FileBlobs
+
+        return FileBlobs(settings.blob_dir)
+    if settings.redis_url:
+        from farcall.broker.store.redis_blobs import RedisBlobs
+
+        return RedisBlobs(settings.redis_url, settings.redis_prefix)
+    from farcall.broker.store.memory_blobs import MemoryBlobs
+
+    return MemoryBlobs()
+
+
 def _owner_cache() -> TTLCache[str, str]:
     return TTLCache[str, str](OWNER_CACHE_SECONDS)
 
@@ -69,6 +85,8 @@ class Services:
     settings: Settings
     store: Store
     queue: TaskQueue
+    blobs: BlobStore
+    """Data-plane blobs (big arguments and results)."""
     principals: TTLCache[str, Principal] = field(
         default_factory=lambda: TTLCache[str, Principal](TOKEN_CACHE_SECONDS)
     )
@@ -198,11 +216,12 @@ class Services:
     def build(
         cls, settings: Settings, store: Store | None = None, queue: TaskQueue | None = None
     ) -> Services:
-        return cls(settings, store or make_store(settings), queue or make_queue(settings))
+        return cls(settings, store or make_store(settings), queue or make_queue(settings),
+                   make_blobs(settings))
 
     async def start(self) -> None:
         """Connect; a service that is down is retried on demand (requests answer 503 meanwhile)."""
-        for part in (self.store, self.queue):
+        for part in (self.store, self.queue, self.blobs):
             try:
                 await part.start()
             except Exception as e:  # noqa: BLE001 - the broker must come up to answer 503 and health
@@ -221,7 +240,7 @@ class Services:
             self._revocations.cancel()
             with contextlib.suppress(BaseException):
                 await self._revocations
-        for part in (self.queue, self.store):
+        for part in (self.queue, self.store, self.blobs):
             try:
                 await part.close()
             except Exception as e:  # noqa: BLE001 - best effort at shutdown

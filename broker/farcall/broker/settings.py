@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from farcall.serialize import INLINE_BYTES
+
 MB = 1024 * 1024
 
 
@@ -45,6 +47,18 @@ class Settings:
     """Tasks one user may have waiting or running (0: no limit); past it, submissions answer 429."""
     max_timers: int = 1000
     """Timers one user may have, in any state (0: no limit); past it, creating one answers 403."""
+    max_task_bytes: int = 1024 * MB
+    """Largest arguments or result of one task (they travel as data-plane blobs past
+    ``inline_bytes``)."""
+    blob_dir: str | None = None
+    """Keep blobs as files in this directory (shared by every replica, e.g. an NFS or volume
+    mount) instead of in Redis (or in memory, embedded)."""
+
+    def __post_init__(self) -> None:
+        if self.max_task_bytes < INLINE_BYTES:
+            raise ValueError(
+                f"FARCALL_MAX_TASK_BYTES={self.max_task_bytes} is below {INLINE_BYTES}, the size up "
+                "to which arguments travel inside the task; set it to at least that")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +83,8 @@ class Settings:
             max_functions=_number(env, "FARCALL_MAX_FUNCTIONS", cls.max_functions, int),
             max_open_tasks=_number(env, "FARCALL_MAX_OPEN_TASKS", cls.max_open_tasks, int),
             max_timers=_number(env, "FARCALL_MAX_TIMERS", cls.max_timers, int),
+            max_task_bytes=_number(env, "FARCALL_MAX_TASK_BYTES", cls.max_task_bytes, int),
+            blob_dir=env.get("FARCALL_BLOB_DIR") or None,
         )
 
     @property

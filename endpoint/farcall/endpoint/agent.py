@@ -16,6 +16,9 @@ What a caller may rely on (see docs/protocol.md, "Endpoint channel"):
   the engine: it fails at once with ``FunctionNotAllowed``.
 - ``on_status`` (if given) gets a status snapshot (connection, last heartbeat)
   on every connect, disconnect and heartbeat, for ``farcall-endpoint status``.
+- Every task it hands to the engine carries the data plane's ``DataAccess`` (the broker
+  URL, the endpoint's upload grant as ``X-Farcall-Grant`` sends it, the per-task limit),
+  so workers fetch big arguments and upload big results themselves.
 - Nothing wedges it: every frame it sends stays under the broker's
   ``Welcome.max_frame_bytes`` (a result too big for any frame fails its task with
   ``ResultTooLarge``), a task the agent cannot read fails alone, and sessions
@@ -55,6 +58,7 @@ from farcall.messages import (
     MAX_SPEC_DEPTH,
     CancelFrame,
     Credit,
+    DataAccess,
     ErrorFrame,
     Heartbeat,
     HeartbeatFrame,
@@ -199,6 +203,8 @@ class Agent:
         self._largest_sent = 0
         self._journal: CrashJournal | None = None
         self._crashed: list[str] = []
+        self._data: DataAccess | None = None
+        """How workers reach the data plane (from the last Welcome); set on every task."""
 
         # Filled by engine threads, drained on the loop.
         self._done_q: collections.deque[tuple[str, bytes]] = collections.deque()
@@ -381,6 +387,9 @@ class Agent:
             self._crashed = []  # the broker has them: reported once
             if self._journal is not None:
                 self._journal.forget_crashed()
+        self._data = DataAccess(
+            url=self.broker_url, grant=f"{self.endpoint_id}:{frame.upload_grant}",
+            max_task_bytes=frame.max_task_bytes) if frame.upload_grant else None
         limit = frame.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES
         self._frame_limit = limit if self._frame_cap is None else min(limit, self._frame_cap)
         self._largest_sent = 0
@@ -500,6 +509,7 @@ class Agent:
             known.popitem(last=False)
         skipped = False
         submit = self.engine.submit
+        data = self._data
         for task in tasks:
             task_id = task.task_id
             if self._stopping or self._holds(task_id):
@@ -518,6 +528,7 @@ class Agent:
                     skipped = True
                     continue
                 task.function = cached
+            task.data = data
             self._running.add(task_id)
             submit(task, self._on_done, self._on_start)
         if skipped:

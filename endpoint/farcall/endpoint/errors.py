@@ -30,8 +30,9 @@ class EndpointRejected(EndpointError):
 
 
 class ResultTooLarge(EndpointError, ValueError):
-    """A task's result is bigger than any frame the broker reads; the task fails with this
-    instead of wedging the endpoint's connection."""
+    """A task's result is bigger than the broker takes (``FARCALL_MAX_TASK_BYTES``), or than
+    any frame it reads; the task fails with this (its message names the size and the limit),
+    the worker and the endpoint carry on."""
 
 
 class WorkerLost(EndpointError):

@@ -4,6 +4,10 @@ This is the hot path. It imports only the SDK's serialization and message
 modules, keeps deserialized functions in a small per-process LRU keyed by
 ``function_id``, and never raises: every failure becomes a failed result.
 
+Arguments and results bigger than ``INLINE_BYTES`` travel through the broker's data
+plane (``dataplane.py``): fetched before the function runs, uploaded after; a result
+over the broker's per-task limit fails its task with ``ResultTooLarge``, nothing more.
+
 A task's ``walltime`` is enforced here too, in worker processes only (``run_batch``
 in a main thread): ``TaskTimeout`` is raised inside the function when it is due, so
 the traceback shows where the task was and the worker is free for the next task.
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from farcall.endpoint import dataplane
 from farcall.errors import DeserializationError, SerializationError, TaskTimeout
 from farcall.messages import (
     SAME_VERSIONS,
@@ -36,10 +41,11 @@ from farcall.messages import (
 )
 from farcall.serialize import (
     deserialize_function,
-    serialize,
+    is_ref,
     serialize_exception,
     serialize_json,
     unpack_args,
+    unpack_blob,
 )
 from farcall.version import local_versions
 
@@ -93,8 +99,12 @@ def execute(task: TaskMessage, started: float | None = None, *,
     if started is None:
         started = time.time()
     try:
+        blob = dataplane.fetch_arguments(task) if is_ref(task.args) else None
+    except Exception as e:  # noqa: BLE001 - expired, unreachable...: the task fails saying so
+        return failed_result(task.task_id, e, started_at=started)
+    try:
         fn = _load_function(task)
-        args, kwargs = unpack_args(task.args)
+        args, kwargs = unpack_args(task.args) if blob is None else unpack_blob(blob)
     except Exception as e:  # noqa: BLE001 - any loading failure is reported, with versions
         return failed_result(task.task_id, _deserialization_error(task, e), started_at=started)
     alarm = None
@@ -119,8 +129,9 @@ def execute(task: TaskMessage, started: float | None = None, *,
         return failed_result(task.task_id, walltime_exceeded(task.task_id, alarm.walltime),
                              started_at=started)
     try:
-        data = serialize_json(value) if task.result_format == "json" else serialize(value)
-    except Exception as e:  # noqa: BLE001 - an unserializable return value fails the task clearly
+        data = (serialize_json(value) if task.result_format == "json"
+                else dataplane.result_payload(task, value))
+    except Exception as e:  # noqa: BLE001 - an unserializable or too big value fails the task
         return failed_result(task.task_id, _unserializable(task, e), started_at=started)
     return ResultMessage(
         task_id=task.task_id,

@@ -13,18 +13,23 @@ concept and says so.
 | ``users`` | users (unique names) and the tokens that identify users and endpoints |
 | ``functions`` | registered functions and whom they are shared with |
 | ``endpoints`` | endpoints, whom they are shared with, their sessions, heartbeats and queued-task counts |
-| ``tasks`` | task groups, task records and their life cycle; each user's count of open tasks |
+| ``tasks`` | task groups (and each user's recent ones), task records, their life cycle; open-task counts |
 | ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
 | ``pubsub`` | result-stream frames published to every replica's subscribers |
 | ``actions`` | actions of the Action Provider API, each one record that expires |
 | ``timers`` | timers, the times they run next, and their runs |
+
+Data-plane blobs have a store of their own, ``BlobStore`` (:mod:`.memory_blobs`,
+:mod:`.redis_blobs`, :mod:`.file_blobs`), chosen apart from the records' backend.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -102,6 +107,21 @@ class Reconciled:
     """``(task group id, TaskResult)`` of tasks failed for having crashed the agent too often."""
     dropped: int
     """Finished or unknown tasks removed from the in-flight set."""
+
+
+@dataclass(frozen=True)
+class GroupActivity:
+    """A task group as the user's index of recent groups gives it."""
+
+    task_group_id: str
+    created_at: float
+    last_active: float
+    """When a batch was last submitted to it (``created_at`` before the first)."""
+    task_count: int
+
+
+MAX_USER_GROUPS = 1000
+"""Task groups each user's index of recent groups keeps (``TaskStore.recent_groups``)."""
 
 
 @dataclass(frozen=True)
@@ -240,8 +260,22 @@ class TaskStore(abc.ABC):
     async def group_owner(self, task_group_id: str) -> str | None: ...
 
     @abc.abstractmethod
-    async def group_tasks(self, task_group_id: str) -> list[str]:
-        """The group's task ids in submission order."""
+    async def group_tasks(self, task_group_id: str, last: int | None = None) -> list[str]:
+        """The group's task ids in submission order (with ``last``, only the last so many)."""
+
+    @abc.abstractmethod
+    async def recent_groups(self, user_id: str, limit: int, offset: int = 0) -> list[GroupActivity]:
+        """The user's task groups, the most recently submitted to first, from ``offset``.
+
+        Every batch (and ``create_group``) keeps a per-user index up to date; it holds the
+        latest ``MAX_USER_GROUPS`` groups and drops those idle for longer than the results'
+        lifetime (their records expired). An older group is still readable by its id.
+        """
+
+    @abc.abstractmethod
+    async def summaries(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        """As ``get_many``, for listings: only ids, ``state``, the ``received`` transition and
+        ``completed_at`` are read; ``data``, ``error``, versions and attempts stay empty."""
 
     @abc.abstractmethod
     async def submission_context(
@@ -450,17 +484,29 @@ class TimerStore(abc.ABC):
         timer still keeps it."""
 
 
-class Store:
-    """Durable broker state: the narrow parts above, from one backend."""
+BLOB_CHUNK = 4 * 1024 * 1024
+"""Bytes the data plane moves as one piece: big enough for throughput, small enough that a
+transfer through a replica holds only a few in memory."""
+BLOB_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+"""What a blob id looks like (``secrets.token_urlsafe``); anything else names no blob, and is
+never made into a key or a path."""
 
-    users: UserStore
-    functions: FunctionStore
-    endpoints: EndpointStore
-    tasks: TaskStore
-    inflight: InflightStore
-    actions: ActionStore
-    pubsub: PubSub
-    timers: TimerStore
+
+class BlobMissing(Exception):  # noqa: N818 - a condition, like KeyError
+    """A blob expired (or was removed) while it was being read."""
+
+
+@dataclass
+class Blob:
+    """An open blob: its size, and its bytes chunk by chunk (iterate once)."""
+
+    size: int
+    chunks: AsyncIterator[bytes]
+
+
+class Backend:
+    """What the broker does with the service behind a store at start, for ``/v1/health`` and at
+    shutdown (nothing, for an in-process one)."""
 
     async def start(self) -> None:
         """Connect (and fail fast if the backing service does not answer)."""
@@ -473,6 +519,75 @@ class Store:
     async def close(self) -> None:
         """Release connections."""
         return None
+
+
+class BlobStore(Backend, abc.ABC):
+    """Data-plane blobs: opaque bytes written once in chunks and read back in chunks by any
+    replica, each expiring ``ttl`` seconds after it was written or last touched.
+
+    Apart from ``Store``: blobs may live elsewhere than records (a directory every replica
+    mounts). A blob is never held whole in a replica's memory on the way in or out.
+    """
+
+    @abc.abstractmethod
+    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float) -> int:
+        """Store ``chunks`` as blob ``blob_id``; its size. Nobody sees the blob before every
+        chunk is stored; if ``chunks`` raises, that propagates and nothing is stored."""
+
+    @abc.abstractmethod
+    async def open(self, blob_id: str) -> Blob | None:
+        """The blob, or None if it is unknown or expired; its chunks raise ``BlobMissing``
+        if it expires while being read."""
+
+    @abc.abstractmethod
+    async def touch(self, blob_ids: list[str], ttl: float) -> None:
+        """Make each blob that exists expire ``ttl`` seconds from now (others are ignored)."""
+
+    @abc.abstractmethod
+    async def secret(self) -> bytes:
+        """A random secret shared by every replica on the same backing service (the first to
+        ask makes it); what the data plane's grants are signed with."""
+
+
+async def write_behind(
+    chunks: AsyncIterable[bytes], put: Callable[[int, bytes], Awaitable[None]]
+) -> tuple[int, int]:
+    """Hand each non-empty chunk to ``put(index, chunk)`` while the next one arrives, one
+    ``put`` at a time (a writer holds about two chunks); ``(chunk count, size)``. Any
+    exception (from ``chunks`` or ``put``) stops the running ``put`` and propagates."""
+    pending: asyncio.Future[None] | None = None
+    count = size = 0
+    try:
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(put(count, chunk))
+            count += 1
+            size += len(chunk)
+        if pending is not None:
+            await pending
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+        if pending is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await pending  # its own failure is retrieved, not left to the loop's log
+    return count, size
+
+
+class Store(Backend):
+    """Durable broker state: the narrow parts above, from one backend."""
+
+    users: UserStore
+    functions: FunctionStore
+    endpoints: EndpointStore
+    tasks: TaskStore
+    inflight: InflightStore
+    actions: ActionStore
+    pubsub: PubSub
+    timers: TimerStore
 
 
 class LocalSubscription(Subscription):

@@ -13,9 +13,11 @@ from farcall.broker.store.base import (
     CANCELLED_ERROR,
     CRASH_ATTEMPT,
     LOST_ATTEMPT,
+    MAX_USER_GROUPS,
     Cancelled,
     EndpointStore,
     FunctionStore,
+    GroupActivity,
     InflightStore,
     LocalSubscription,
     OverQuota,
@@ -68,6 +70,8 @@ class _State:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     open_tasks: dict[str, int] = field(default_factory=dict)
     """user id -> tasks not terminal yet"""
+    user_groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    """user id -> task group id -> when last submitted to (the index of recent groups)"""
     subscribers: dict[str, set[LocalSubscription]] = field(default_factory=dict)
 
     def closed(self, task: TaskRecord) -> None:
@@ -80,6 +84,14 @@ class _State:
         task.transitions[state.value] = at
         self.closed(task)
         return TaskResult.ended_by_broker(task.task_id, state, error, at)
+
+    def group_active(self, user_id: str, task_group_id: str, at: float) -> None:
+        """Mark the group submitted to at ``at`` in the user's index, which keeps the latest
+        ``MAX_USER_GROUPS``."""
+        index = self.user_groups.setdefault(user_id, {})
+        index[task_group_id] = max(at, index.get(task_group_id, at))
+        while len(index) > MAX_USER_GROUPS:
+            del index[min(index, key=index.__getitem__)]
 
     def live_task(self, task_id: str, endpoint_id: str) -> TaskRecord | None:
         """The task if it exists, runs on ``endpoint_id`` and is not terminal yet."""
@@ -246,13 +258,33 @@ class MemoryTasks(TaskStore):
     async def create_group(self, group: TaskGroupRecord) -> None:
         self._s.groups[group.task_group_id] = group.model_copy()
         self._s.group_tasks.setdefault(group.task_group_id, [])
+        self._s.group_active(group.user_id, group.task_group_id, group.created_at)
 
     async def group_owner(self, task_group_id: str) -> str | None:
         group = self._s.groups.get(task_group_id)
         return group.user_id if group else None
 
-    async def group_tasks(self, task_group_id: str) -> list[str]:
-        return list(self._s.group_tasks.get(task_group_id, []))
+    async def group_tasks(self, task_group_id: str, last: int | None = None) -> list[str]:
+        ids = self._s.group_tasks.get(task_group_id, [])
+        return list(ids if last is None else ids[-last:] if last > 0 else [])
+
+    async def recent_groups(self, user_id: str, limit: int, offset: int = 0) -> list[GroupActivity]:
+        index = self._s.user_groups.get(user_id, {})
+        newest = sorted(index, key=lambda g: (index[g], g), reverse=True)[offset : offset + limit]
+        return [GroupActivity(g, self._s.groups[g].created_at, index[g],
+                              len(self._s.group_tasks.get(g, ())))
+                for g in newest if g in self._s.groups]
+
+    async def summaries(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        tasks = self._s.tasks
+        return [None if (t := tasks.get(i)) is None else TaskRecord.model_construct(
+                    task_id=t.task_id, user_id=t.user_id, task_group_id=t.task_group_id,
+                    endpoint_id=t.endpoint_id, function_id=t.function_id, state=t.state,
+                    transitions={k: v for k, v in t.transitions.items()
+                                 if k == TaskState.RECEIVED.value},
+                    data="", error="", completed_at=t.completed_at, submitter=None, worker=None,
+                    attempts=[])
+                for i in task_ids]
 
     async def submission_context(
         self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
@@ -287,6 +319,7 @@ class MemoryTasks(TaskStore):
         for record in batch.records():
             s.tasks[record.task_id] = record
         s.group_tasks.setdefault(batch.task_group_id, []).extend(batch.task_ids)
+        s.group_active(batch.user_id, batch.task_group_id, batch.received_at)
         return direct
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:

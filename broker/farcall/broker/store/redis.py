@@ -6,7 +6,8 @@ written before tokens had ids still resolves, with no token id); ``p token:<id>`
 TokenRecord); ``p tokens:all`` and ``p user:<id>:tokens`` sorted sets of token ids by creation;
 ``p users:names`` hash name -> user id (what keeps names unique); ``p user:<id>``;
 ``p user:<id>:endpoints`` set (owned); ``p user:<id>:shared_endpoints`` set (shared with them);
-``p user:<id>:functions`` set; ``p user:<id>:open`` count of open tasks; ``p fn:<id>`` (field
+``p user:<id>:functions`` set; ``p user:<id>:open`` count of open tasks; ``p user:<id>:groups``
+sorted set of task group ids by last submission (the index of recent groups); ``p fn:<id>`` (field
 ``public`` when public) and ``p fn:<id>:shared`` set of user ids; ``p ep:<id>``;
 ``p ep:<id>:shared`` set of user ids; ``p ep:<id>:sessions`` set;
 ``p ep:<id>:inflight`` hash task id -> TaskMessage JSON; ``p ep:<id>:queued`` count of queued
@@ -22,6 +23,7 @@ broker replicas.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -34,9 +36,11 @@ from farcall.broker.store.base import (
     CANCELLED_ERROR,
     CRASH_ATTEMPT,
     LOST_ATTEMPT,
+    MAX_USER_GROUPS,
     Cancelled,
     EndpointStore,
     FunctionStore,
+    GroupActivity,
     InflightStore,
     OverQuota,
     Principal,
@@ -72,6 +76,9 @@ COMMAND_TIMEOUT = 10.0
 """Seconds a command may wait for Redis's answer (the largest batch script takes milliseconds)."""
 
 _ATTEMPTS: TypeAdapter[list[Attempt]] = TypeAdapter(list[Attempt])
+_SUMMARY_FIELDS = ["task_id", "user_id", "task_group_id", "endpoint_id", "function_id", "state",
+                   f"t:{TaskState.RECEIVED.value}", "completed_at"]
+"""What ``summaries`` reads of a task hash (never its data)."""
 
 
 class _Redis:
@@ -358,16 +365,47 @@ class RedisTasks(TaskStore):
     async def create_group(self, group: TaskGroupRecord) -> None:
         db = self._db
         key = db.k("tg", group.task_group_id)
+        index = db.k("user", group.user_id, "groups")
         async with db.r.pipeline(transaction=False) as p:
             p.hset(key, mapping={"user_id": group.user_id, "created_at": repr(group.created_at)})
             p.expire(key, db.result_ttl)
+            p.zadd(index, {group.task_group_id: group.created_at})
+            p.zremrangebyscore(index, "-inf", f"({group.created_at - db.result_ttl!r}")
+            p.zremrangebyrank(index, 0, -(MAX_USER_GROUPS + 1))
+            p.expire(index, db.result_ttl)
             await p.execute()
 
     async def group_owner(self, task_group_id: str) -> str | None:
         return await self._db.r.hget(self._db.k("tg", task_group_id), "user_id")
 
-    async def group_tasks(self, task_group_id: str) -> list[str]:
-        return await self._db.r.lrange(self._db.k("tg", task_group_id, "tasks"), 0, -1)
+    async def group_tasks(self, task_group_id: str, last: int | None = None) -> list[str]:
+        if last is not None and last <= 0:
+            return []
+        start = 0 if last is None else -last
+        return await self._db.r.lrange(self._db.k("tg", task_group_id, "tasks"), start, -1)
+
+    async def recent_groups(self, user_id: str, limit: int, offset: int = 0) -> list[GroupActivity]:
+        db = self._db
+        live_since = time.time() - db.result_ttl  # older entries name groups that expired
+        found = await db.r.zrevrangebyscore(db.k("user", user_id, "groups"), "+inf",
+                                            repr(live_since), start=offset, num=limit,
+                                            withscores=True)
+        async with db.r.pipeline(transaction=False) as p:
+            for group_id, _ in found:
+                p.hget(db.k("tg", group_id), "created_at")
+                p.llen(db.k("tg", group_id, "tasks"))
+            raw = await p.execute()
+        return [GroupActivity(group_id, float(created), float(active), int(count))
+                for (group_id, active), created, count in zip(found, raw[::2], raw[1::2],
+                                                             strict=True) if created]
+
+    async def summaries(self, task_ids: list[str]) -> list[TaskRecord | None]:
+        async with self._db.r.pipeline(transaction=False) as p:
+            for t in task_ids:
+                p.hmget(self._db.k("task", t), _SUMMARY_FIELDS)
+            raw = await p.execute()
+        return [_task({k: v for k, v in zip(_SUMMARY_FIELDS, values, strict=True) if v is not None})
+                if values[0] else None for values in raw]
 
     async def submission_context(
         self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
@@ -400,6 +438,7 @@ class RedisTasks(TaskStore):
             db.k("ep", endpoint, "inflight"),
             db.k("ep", endpoint, "live"),
             db.k("user", batch.user_id, "open"),
+            db.k("user", batch.user_id, "groups"),
         ]
         keys += [db.k("task", t) for t in batch.task_ids]
         shared = [
@@ -418,6 +457,8 @@ class RedisTasks(TaskStore):
             session_id,
             max_open,
             len(inflight),
+            group,
+            MAX_USER_GROUPS,
         ]
         for pair in inflight.items():
             args += pair

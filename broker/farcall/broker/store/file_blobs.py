@@ -1,0 +1,173 @@
+"""File ``BlobStore``: one file per blob in a directory every broker replica mounts
+(``FARCALL_BLOB_DIR``: a volume, NFS).
+
+A blob is written to a hidden temporary file in the directory and renamed into place once
+complete, so a reader on any replica sees a whole blob or none. Its expiry is the file's
+modification time (set before the rename, moved by ``touch``), so it travels with the file
+in one atomic step; reads refuse an expired file, and a write removes expired files (and
+temporary ones a crashed writer left) at most once a minute. The grant secret is the file
+``.secret``, made once by whichever replica asks first (a hard link never overwrites).
+Blocking file calls run in threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
+from typing import BinaryIO
+
+from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Blob, BlobStore, write_behind
+
+log = logging.getLogger(__name__)
+
+TEMP = ".tmp-"
+"""Names of files still being written start with this (blob ids never start with a dot)."""
+SECRET = ".secret"
+SECRET_BYTES = 32
+SWEEP_EVERY = 60.0
+"""Seconds between looks for expired files, on each replica."""
+STALE_TEMP = 3600.0
+"""A temporary file untouched this long belongs to a writer that died."""
+
+
+class FileBlobs(BlobStore):
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+        self._secret: bytes | None = None
+        self._swept = 0.0
+
+    def _path(self, blob_id: str) -> Path:
+        if not BLOB_ID.fullmatch(blob_id):
+            raise ValueError(f"{blob_id[:80]!r} is not a blob id")
+        return self.dir / blob_id
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+
+    async def ping(self) -> None:
+        if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
+            raise OSError(f"the blob directory {self.dir} is missing or not writable")
+
+    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float) -> int:
+        path = self._path(blob_id)
+        temp = self.dir / f"{TEMP}{blob_id}.{secrets.token_hex(4)}"
+        file = await asyncio.to_thread(_create, temp)
+        try:
+            async def put(_: int, chunk: bytes) -> None:
+                await asyncio.to_thread(file.write, chunk)
+
+            try:
+                _, size = await write_behind(chunks, put)
+            finally:
+                await asyncio.to_thread(file.close)
+            await asyncio.to_thread(_publish, temp, path, time.time() + ttl)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        now = time.time()
+        if now - self._swept > SWEEP_EVERY:
+            self._swept = now
+            await asyncio.to_thread(self._sweep, now)
+        return size
+
+    async def open(self, blob_id: str) -> Blob | None:
+        if not BLOB_ID.fullmatch(blob_id):
+            return None
+        file = await asyncio.to_thread(_open_live, self._path(blob_id))
+        if file is None:
+            return None
+        return Blob(os.fstat(file.fileno()).st_size, _read(file))
+
+    async def touch(self, blob_ids: list[str], ttl: float) -> None:
+        paths = [self._path(b) for b in blob_ids if BLOB_ID.fullmatch(b)]
+        if paths:
+            await asyncio.to_thread(_touch, paths, time.time() + ttl)
+
+    async def secret(self) -> bytes:
+        if self._secret is None:
+            self._secret = await asyncio.to_thread(self._make_secret)
+        return self._secret
+
+    def _make_secret(self) -> bytes:
+        path = self.dir / SECRET
+        if not path.exists():
+            temp = self.dir / f"{TEMP}secret.{secrets.token_hex(4)}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(SECRET_BYTES))
+            try:
+                os.link(temp, path)  # atomic, whole, and never replaces another replica's
+            except FileExistsError:
+                pass
+            finally:
+                temp.unlink()
+        found = path.read_bytes()
+        if len(found) != SECRET_BYTES:
+            raise RuntimeError(f"{path} is not a farcall blob secret ({len(found)} bytes, not "
+                               f"{SECRET_BYTES}); remove it and restart the brokers")
+        return found
+
+    def _sweep(self, now: float) -> None:
+        """Remove expired blobs and abandoned temporary files (another replica may be doing
+        the same: a file already gone is fine)."""
+        removed = 0
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(TEMP):
+                    before = now - STALE_TEMP
+                elif entry.name.startswith("."):
+                    continue
+                else:
+                    before = now
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.stat().st_mtime <= before:
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            log.info("removed %d expired blob files from %s", removed, self.dir)
+
+
+def _create(path: Path) -> BinaryIO:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def _publish(temp: Path, path: Path, expires: float) -> None:
+    os.utime(temp, (expires, expires))
+    os.replace(temp, path)
+
+
+def _open_live(path: Path) -> BinaryIO | None:
+    """The blob's file, open, if it exists and has not expired (the open file stays readable
+    if a sweep removes it meanwhile)."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - the reader closes it
+    except FileNotFoundError:
+        return None
+    if os.fstat(file.fileno()).st_mtime <= time.time():
+        file.close()
+        return None
+    return file
+
+
+def _touch(paths: list[Path], expires: float) -> None:
+    now = time.time()
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime > now:  # an expired blob is not brought back
+                os.utime(path, (expires, expires))
+
+
+async def _read(file: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await asyncio.to_thread(file.read, BLOB_CHUNK):
+            yield chunk
+    finally:
+        file.close()

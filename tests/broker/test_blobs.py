@@ -1,0 +1,226 @@
+"""The data plane's routes on an embedded broker over real HTTP: limits, upload, download, the
+endpoint's grant, size and length errors, and blob lifetime renewed with results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from farcall import serialize
+from farcall.broker import grants
+from farcall.broker.embedded import EmbeddedBroker
+from farcall.broker.settings import Settings
+from farcall.broker.store.memory_blobs import MemoryBlobs
+from farcall.messages import ResultMessage, ResultsAck, ResultsFrame, TaskState, now
+from harness.procs import wait_until
+from tests.broker.helpers import FakeEndpoint, on_loop
+
+MiB = 1024 * 1024
+PAYLOAD_LIMIT = 64 * 1024
+TASK_LIMIT = 16 * MiB
+RESULT_TTL = 3600
+
+
+@dataclass
+class Env:
+    broker: EmbeddedBroker
+    http: httpx.Client
+    """Alice's client."""
+    token: str
+
+    @property
+    def blobs(self) -> MemoryBlobs:
+        found = self.broker.app.state.services.blobs
+        assert isinstance(found, MemoryBlobs)
+        return found
+
+    def upload(self, data: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.http.post("/v1/blobs", content=data, headers=headers)
+
+    def endpoint(self) -> tuple[str, str]:
+        ep = self.http.post("/v1/endpoints", json={"name": "ep"}).json()
+        return ep["endpoint_id"], ep["credential"]
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    settings = Settings(max_payload_bytes=PAYLOAD_LIMIT, max_task_bytes=TASK_LIMIT,
+                        result_ttl=RESULT_TTL, auth_failure_rate=0)
+    with EmbeddedBroker(settings) as broker:
+        token = broker.create_user("alice")
+        with httpx.Client(base_url=broker.url, headers={"Authorization": f"Bearer {token}"},
+                          timeout=30) as http:
+            yield Env(broker, http, token)
+
+
+def _raw(url: str, head: str, body: bytes = b"", *, cut: bool = False) -> tuple[int, Any]:
+    """Send a hand-made request (headers no client library would send); the status and JSON
+    body of the answer. With ``cut``, stop sending after ``body`` and close the writing side."""
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as s:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+        if cut:
+            s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            more = s.recv(65536)
+            if not more:
+                break
+            answer += more
+    if not answer:
+        return 0, None
+    status_line, _, rest = answer.partition(b"\r\n")
+    body_text = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(body_text) if body_text else None
+
+
+def test_limits_say_what_the_broker_takes(env: Env) -> None:
+    r = env.http.get("/v1/limits")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"max_task_bytes": TASK_LIMIT, "max_payload_bytes": PAYLOAD_LIMIT,
+                        "inline_bytes": serialize.INLINE_BYTES}
+    assert httpx.get(f"{env.broker.url}/v1/limits").status_code == 401
+
+
+def test_a_blob_over_the_body_limit_goes_up_and_comes_back_byte_for_byte(env: Env) -> None:
+    data = os.urandom(10 * MiB + 3)  # far over max_payload_bytes: the body limit skips blobs
+    r = env.upload(data)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["size"] == len(data) and len(created["blob_id"]) == 32
+    got = env.http.get(f"/v1/blobs/{created['blob_id']}")
+    assert got.status_code == 200 and got.headers["content-type"] == "application/octet-stream"
+    assert int(got.headers["content-length"]) == len(data) and got.content == data
+    assert env.upload(b"").json()["size"] == 0
+    too_big_json = env.http.post("/v1/functions", json={"function": "x" * PAYLOAD_LIMIT})
+    assert too_big_json.status_code == 413, "the body limit still holds elsewhere"
+
+
+def test_upload_errors_say_what_to_fix(env: Env) -> None:
+    def chunked() -> Iterator[bytes]:
+        yield b"no length"
+
+    r = env.http.post("/v1/blobs", content=chunked())
+    assert r.status_code == 411 and r.json()["error"] == "length_required", r.text
+    assert "Content-Length" in r.json()["message"]
+
+    size = TASK_LIMIT + 1
+    status, body = _raw(env.broker.url, "\r\n".join([
+        "POST /v1/blobs HTTP/1.1", "Host: broker", f"Authorization: Bearer {env.token}",
+        f"Content-Length: {size}", "Connection: close"]))
+    assert status == 413 and body["error"] == "payload_too_large", body
+    assert str(size) in body["message"] and str(TASK_LIMIT) in body["message"]
+    assert "FARCALL_MAX_TASK_BYTES" in body["message"]
+
+    for path in ("/v1/blobs/" + "A" * 32, "/v1/blobs/not..an..id"):
+        r = env.http.get(path)
+        assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+        assert "expired" in r.json()["message"]
+
+
+def test_a_body_cut_short_stores_nothing(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    outcomes: list[object] = []
+    write = env.blobs.write
+
+    async def watched(*args: Any) -> int:
+        try:
+            size = await write(*args)
+        except BaseException as e:
+            outcomes.append(e)
+            raise
+        outcomes.append(size)
+        return size
+
+    monkeypatch.setattr(env.blobs, "write", watched)
+    status, body = _raw(env.broker.url, "\r\n".join([
+        "POST /v1/blobs HTTP/1.1", "Host: broker", f"Authorization: Bearer {env.token}",
+        "Content-Length: 5000000"]), os.urandom(300_000), cut=True)
+    assert status in (0, 400), body  # the client half-closed: the broker may not answer
+    wait_until(lambda: outcomes, 10, "the upload to end")
+    assert isinstance(outcomes[0], Exception), f"a cut body was stored: {outcomes}"
+    assert len(env.blobs) == 0
+    assert env.upload(b"whole").status_code == 201 and len(env.blobs) == 1
+
+
+def test_blobs_need_a_user_token_or_a_grant(env: Env) -> None:
+    blob_id = env.upload(b"secret data").json()["blob_id"]
+    for headers in ({}, {"Authorization": "Bearer fcu_nope"}):
+        with httpx.Client(base_url=env.broker.url, headers=headers) as anon:
+            for r in (anon.post("/v1/blobs", content=b"x"), anon.get(f"/v1/blobs/{blob_id}")):
+                assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+    endpoint_id, credential = env.endpoint()
+    with httpx.Client(base_url=env.broker.url,
+                      headers={"Authorization": f"Bearer {credential}"}) as as_endpoint:
+        r = as_endpoint.get(f"/v1/blobs/{blob_id}")
+        assert r.status_code == 403, "an endpoint credential is not for blobs: its grant is"
+
+
+def test_an_endpoints_grant_uploads_and_downloads_and_a_forged_one_is_refused(env: Env) -> None:
+    endpoint_id, credential = env.endpoint()
+    ep = FakeEndpoint(env.broker.url, endpoint_id, credential)
+    try:
+        welcome = ep.hello(credit=1)
+    finally:
+        ep.close()
+    assert welcome.upload_grant and welcome.max_task_bytes == TASK_LIMIT
+    grant = {grants.HEADER: f"{endpoint_id}:{welcome.upload_grant}"}
+    with httpx.Client(base_url=env.broker.url, headers=grant) as worker:
+        result = os.urandom(2 * MiB)
+        r = worker.post("/v1/blobs", content=result)
+        assert r.status_code == 201, r.text
+        assert worker.get(f"/v1/blobs/{r.json()['blob_id']}").content == result
+        users_blob = env.upload(b"an argument").json()["blob_id"]
+        assert worker.get(f"/v1/blobs/{users_blob}").content == b"an argument"
+        assert worker.get("/v1/limits").status_code == 401, "a grant is for blobs only"
+
+    other_id, _ = env.endpoint()
+    secret = on_loop(env.broker, env.blobs.secret())
+    forged = [
+        f"{other_id}:{welcome.upload_grant}",  # another endpoint's id with this grant
+        f"{endpoint_id}:{welcome.upload_grant[:-2]}AA",
+        f"{endpoint_id}:{grants.sign(b'x' * 32, endpoint_id)}",  # signed with another secret
+        welcome.upload_grant,  # no endpoint id
+        f"{endpoint_id}:",
+    ]
+    for value in forged:
+        r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers={grants.HEADER: value})
+        assert r.status_code == 401 and grants.HEADER in r.json()["message"], (value, r.text)
+
+    env.http.delete(f"/v1/endpoints/{other_id}").raise_for_status()
+    deleted = {grants.HEADER: f"{other_id}:{grants.sign(secret, other_id)}"}
+    r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=deleted)
+    assert r.status_code == 401 and "deleted" in r.json()["message"], r.text
+
+
+def test_a_result_that_is_a_blob_reference_renews_the_blobs_lifetime(env: Env) -> None:
+    endpoint_id, credential = env.endpoint()
+    function_id = env.http.post("/v1/functions", json={"function": "FN"}).json()["function_id"]
+    submitted = env.http.post("/v1/tasks", json={"endpoint_id": endpoint_id, "tasks": [
+        {"function_id": function_id, "args": "A"}]}).json()
+    (task_id,) = submitted["task_ids"]
+    ep = FakeEndpoint(env.broker.url, endpoint_id, credential)
+    try:
+        welcome = ep.hello(credit=1)
+        ep.tasks(1)
+        grant = {grants.HEADER: f"{endpoint_id}:{welcome.upload_grant}"}
+        blob = httpx.post(f"{env.broker.url}/v1/blobs", content=b"r" * 1000,
+                          headers=grant).json()
+        on_loop(env.broker, env.blobs.touch([blob["blob_id"]], 5))  # about to expire
+        ref = serialize.ref_payload(blob["blob_id"], blob["size"])
+        ep.send(ResultsFrame(results=[ResultMessage(task_id=task_id, state=TaskState.SUCCESS,
+                                                    data=ref, started_at=now())]))
+        assert isinstance(ep.recv(), ResultsAck)
+    finally:
+        ep.close()
+    left = env.blobs._blobs[blob["blob_id"]].expires - time.monotonic()
+    assert RESULT_TTL - 60 < left <= RESULT_TTL, "the blob must live as long as the result"
+    wait_until(lambda: env.http.get(f"/v1/tasks/{task_id}").json()["data"] == ref, 10, "result")
