@@ -11,7 +11,6 @@ arrays. The SDK uses it with a user's token, a worker with its endpoint's grant
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import quote
 
 from farcall.errors import (
@@ -23,7 +22,7 @@ from farcall.errors import (
     broker_error,
 )
 from farcall.messages import BlobCreated
-from farcall.serialize import Frames, parse_ref, ref_payload, unpack_blob
+from farcall.serialize import Frames, parse_ref, ref_payload
 from farcall.transport import Response, Transport, TransportError
 
 GRANT_HEADER = "X-Farcall-Grant"
@@ -69,12 +68,6 @@ def download(http: Transport, ref: str, headers: dict[str, str] | None = None,
             f"blob {blob_id} came as {len(body)} bytes, but its reference says {size}: it was cut "
             "short or replaced on the way; run the task again")
     return body if isinstance(body, memoryview) else memoryview(bytearray(body))
-
-
-def load(http: Transport, ref: str, headers: dict[str, str] | None = None,
-         exchange: Exchange = once) -> Any:
-    """The object behind a reference payload (its arrays are views into the downloaded blob)."""
-    return unpack_blob(download(http, ref, headers, exchange))
 
 
 def error_of(answer: Response, what: str, size: int = 0) -> FarcallError:

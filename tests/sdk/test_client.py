@@ -97,9 +97,9 @@ def test_large_batches_are_split_into_requests_of_one_group(client: Client, stac
 
     function_id = client.register_function(size)
     batch = client.create_batch()
-    n, size = 40, 240_000  # each under INLINE_BYTES, so inline: 40 x 320 KB of base64
+    n, nbytes = 40, 240_000  # each under INLINE_BYTES, so inline: 40 x 320 KB of base64
     for i in range(n):
-        batch.add(function_id, args=(bytes(size + i),))
+        batch.add(function_id, args=(bytes(nbytes + i),))
     posts = []
     submit = client.submit_tasks
 
@@ -112,7 +112,7 @@ def test_large_batches_are_split_into_requests_of_one_group(client: Client, stac
     assert len(posts) >= 3 and sum(posts) == n
     assert client.get_task_group(submitted["task_group_id"]) == submitted["task_ids"]
     results = wait_batch(client, submitted["task_ids"], 60)
-    assert [results[t]["result"] for t in submitted["task_ids"]] == [size + i for i in range(n)]
+    assert [results[t]["result"] for t in submitted["task_ids"]] == [nbytes + i for i in range(n)]
 
 
 def test_split_batch_bounds_count_and_bytes() -> None:
