@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from farcall.broker import limits
-from farcall.broker.limits import RateLimiter, retry_after
+from farcall.broker.errors import TooManyRequests
+from farcall.broker.limits import RateLimiter, retry_after, retry_seconds
 from tests.helpers import FakeClock
 
 
@@ -52,3 +53,12 @@ def test_least_recently_used_keys_are_forgotten_first(clock: FakeClock) -> None:
 
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert [retry_after(s) for s in (0.01, 1.0, 1.2, 59.9)] == ["1", "1", "2", "60"]
+
+
+def test_a_reported_wait_is_never_zero() -> None:
+    # a bucket a hair short of a token asks for microseconds; rounded to 0.0 the client
+    # would be told to send again at once (this made the SDK's rate-limit test flaky)
+    assert [retry_seconds(s) for s in (0.0, 4e-5, 0.001, 0.0012, 1.5)] == [
+        0.001, 0.001, 0.001, 0.002, 1.5]
+    error = TooManyRequests("slow down", 4e-5)
+    assert error.extra() == {"retry_after": 0.001} and error.headers() == {"Retry-After": "1"}

@@ -151,13 +151,13 @@ class TooManyRequests(ApiError):
 
     def __init__(self, message: str, retry_after: float, code: str | None = None) -> None:
         super().__init__(message)
-        self.retry_after = max(0.0, retry_after)
-        """Seconds to wait before sending the request again."""
+        self.retry_after = limits.retry_seconds(retry_after)
+        """Seconds to wait before sending the request again (whole milliseconds, rounded up)."""
         if code is not None:
             self.code = code
 
     def extra(self) -> dict[str, Any]:
-        return {"retry_after": round(self.retry_after, 3)}
+        return {"retry_after": self.retry_after}
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": limits.retry_after(self.retry_after)}

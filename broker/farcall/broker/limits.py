@@ -48,6 +48,12 @@ class RateLimiter:
         return 0.0
 
 
+def retry_seconds(seconds: float) -> float:
+    """A wait to report: rounded up to the millisecond, at least one (a wait of 40 µs rounded
+    to 0.0 would tell the client to try again at once, and be refused again)."""
+    return max(1, math.ceil(round(seconds * 1000, 6))) / 1000
+
+
 def retry_after(seconds: float) -> str:
     """A ``Retry-After`` header value: whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds)))
