@@ -1,10 +1,12 @@
-"""``/v1/health`` (farcall.broker.health): 200 while Redis and RabbitMQ answer, 503 naming the one
-that does not."""
+"""``/v1/health`` (farcall.broker.health): 200 while Redis, RabbitMQ and the blob store answer, 503
+naming the one that does not."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,8 +21,12 @@ from harness.services import AMQP_URL, REDIS_URL
 pytestmark = pytest.mark.anyio
 
 
-def _settings(prefix: str, redis_url: str = REDIS_URL, amqp_url: str = AMQP_URL) -> Settings:
-    return Settings(redis_url=redis_url, amqp_url=amqp_url,
+ALL_OK = {"store": "ok", "queue": "ok", "blobs": "ok"}
+
+
+def _settings(prefix: str, redis_url: str = REDIS_URL, amqp_url: str = AMQP_URL,
+              blob_dir: str = "") -> Settings:
+    return Settings(redis_url=redis_url, amqp_url=amqp_url, blob_dir=blob_dir,
                     redis_prefix=f"{prefix}:", queue_prefix=f"{prefix}.")
 
 
@@ -54,7 +60,19 @@ async def test_ok_when_both_answer(services: None, real_prefix: str) -> None:
     async for svc in _services(_settings(real_prefix)):
         status, body = await health.check(svc)
         assert status == 200, body
-        assert body.status == "ok" and body.services == {"store": "ok", "queue": "ok"}
+        assert body.status == "ok" and body.services == ALL_OK
+
+
+async def test_a_blob_directory_gone_is_named(services: None, real_prefix: str, tmp_path: Path) -> None:
+    blobs = tmp_path / "blobs"
+    async for svc in _services(_settings(real_prefix, blob_dir=str(blobs))):
+        status, body = await health.check(svc)
+        assert status == 200 and body.services == ALL_OK, body
+        shutil.rmtree(blobs)  # an unmounted share: uploads would fail
+        status, body = await health.check(svc)
+        assert status == 503 and body.status == "unavailable"
+        assert body.services["store"] == body.services["queue"] == "ok"
+        assert body.services["blobs"].startswith("not answering: ") and str(blobs) in body.services["blobs"]
 
 
 @pytest.mark.parametrize("down", ["store", "queue"])
@@ -64,8 +82,7 @@ async def test_names_the_service_that_is_down(services: None, real_prefix: str, 
     async for svc in _services(settings):
         status, body = await health.check(svc)
         assert status == 503 and body.status == "unavailable"
-        up = {"store", "queue"} - {down}
-        assert body.services[up.pop()] == "ok"
+        assert body.services["queue" if down == "store" else "store"] == "ok"
         assert body.services[down].startswith("not answering: "), body.services
 
 
@@ -83,7 +100,7 @@ def test_route_answers_200_with_real_services(services: None, real_prefix: str) 
         r = client.get("/v1/health")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "ok"
-    assert r.json()["services"] == {"store": "ok", "queue": "ok"}
+    assert r.json()["services"] == ALL_OK
 
 
 def test_route_answers_503_when_redis_and_rabbitmq_are_closed(real_prefix: str) -> None:
@@ -93,5 +110,5 @@ def test_route_answers_503_when_redis_and_rabbitmq_are_closed(real_prefix: str) 
     assert r.status_code == 503, r.text
     body = r.json()
     assert body["status"] == "unavailable"
-    assert set(body["services"]) == {"store", "queue"}
+    assert set(body["services"]) == {"store", "queue", "blobs"}  # blobs in Redis too: all three down
     assert all(v.startswith("not answering: ") for v in body["services"].values()), body

@@ -1,7 +1,7 @@
-"""``GET /v1/health``: whether this replica's store and queue answer now.
+"""``GET /v1/health``: whether this replica's store, queue and blob store answer now.
 
-A load balancer takes a replica out while either is down; the body says which
-one and why, so an operator need not dig through logs. Both are asked at once,
+A load balancer takes a replica out while any is down; the body says which
+one and why, so an operator need not dig through logs. All are asked at once,
 each within ``PING_TIMEOUT``, so the answer never hangs on a silent service.
 """
 
@@ -35,9 +35,10 @@ async def _probe(ping: Callable[[], Awaitable[None]], timeout: float) -> str:
 
 async def check(svc: Services, timeout: float = PING_TIMEOUT) -> tuple[int, Health]:
     """The HTTP status (200 or 503) and body for ``/v1/health``."""
-    names = ("store", "queue")
+    names = ("store", "queue", "blobs")
     answers = await asyncio.gather(
-        _probe(svc.store.ping, timeout), _probe(svc.queue.ping, timeout)
+        _probe(svc.store.ping, timeout), _probe(svc.queue.ping, timeout),
+        _probe(svc.blobs.ping, timeout),  # a blob directory unmounted or not writable
     )
     services = dict(zip(names, answers, strict=True))
     if all(answer == "ok" for answer in answers):
