@@ -483,7 +483,7 @@ class Imposter:
     def _sit(self, timeout: float) -> None:
         from websockets.sync.client import connect
 
-        from farcall.messages import Hello
+        from farcall.protocol.channel import Hello
 
         try:
             with connect(self.url, additional_headers={"Authorization": f"Bearer {self.credential}"},

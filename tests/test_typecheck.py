@@ -18,7 +18,7 @@ from harness import REPO
 HEADER = """\
 from farcall.broker.store.base import Store
 from farcall.endpoint.engines.base import Engine
-from farcall.messages import ResultMessage, TaskMessage
+from farcall.protocol.channel import ResultMessage, TaskMessage
 
 
 def on_done(result: ResultMessage) -> None: ...

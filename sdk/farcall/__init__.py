@@ -1,7 +1,7 @@
 """farcall: run Python functions on remote endpoints through a broker.
 
 ``Client`` and ``Executor`` are imported on first use, so a worker process that
-only needs ``farcall.serialize`` and ``farcall.messages`` stays quick to start.
+only needs ``farcall.serialize`` and ``farcall.protocol`` stays quick to start.
 """
 
 from __future__ import annotations

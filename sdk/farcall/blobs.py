@@ -21,7 +21,7 @@ from farcall.errors import (
     TaskTooLarge,
     broker_error,
 )
-from farcall.messages import BlobCreated
+from farcall.protocol.rest import BlobCreated
 from farcall.serialize import Frames, parse_ref, ref_payload
 from farcall.transport import Response, Transport, TransportError
 

@@ -30,10 +30,16 @@ from farcall.errors import (
     broker_error,
 )
 from farcall.errors import seconds_or_none as _seconds
-from farcall.messages import (
+from farcall.outcome import outcome_of
+from farcall.protocol.common import (
     MAX_RETRIES,
     MAX_WALLTIME,
     USERNAME_PATTERN,
+    TaskState,
+    Versions,
+    check_resource_specification,
+)
+from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
     CancelRequest,
@@ -44,13 +50,9 @@ from farcall.messages import (
     TaskIds,
     TasksCancelled,
     TaskSpec,
-    TaskState,
-    TimerRequest,
     TokenRequest,
-    Versions,
-    check_resource_specification,
 )
-from farcall.outcome import outcome_of
+from farcall.protocol.timers import TimerRequest
 from farcall.quietlog import QuietLog
 from farcall.serialize import INLINE_BYTES, Frames, pack, serialize_function
 from farcall.transport import Response, Transport, TransportError

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from farcall import config
 from farcall.client import Client
 from farcall.errors import AuthenticationError, ConfigurationError
-from farcall.messages import TaskState
+from farcall.protocol.common import TaskState
 
 RETRY_SECONDS = 5.0
 """How long a command keeps trying a broker that does not answer (a notebook waits longer)."""

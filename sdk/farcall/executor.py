@@ -36,16 +36,10 @@ from farcall.client import (
     split_batch,
 )
 from farcall.errors import ExecutorShutdown
-from farcall.messages import (
-    BatchSubmission,
-    BatchSubmitted,
-    TaskResult,
-    TaskSpec,
-    TaskState,
-    check_resource_specification,
-    version_mismatch,
-)
 from farcall.outcome import Outcome, cancel_future, needs_fetch, outcome_of
+from farcall.protocol.common import TaskState, check_resource_specification, version_mismatch
+from farcall.protocol.rest import BatchSubmission, BatchSubmitted, TaskSpec
+from farcall.protocol.stream import TaskResult
 from farcall.serialize import Frames, serialize_function
 from farcall.stream import TaskGroupStream
 

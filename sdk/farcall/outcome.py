@@ -1,7 +1,7 @@
 """``Outcome``: what a finished task came to, decoded here and nowhere else.
 
 A result reaches the SDK two ways, pushed on the result stream
-(:class:`~farcall.messages.TaskResult`) or polled as a REST task record (a
+(:class:`~farcall.protocol.stream.TaskResult`) or polled as a REST task record (a
 dict); both decode through :func:`outcome_of`, so a return value, a remote
 exception, a cancelled task and a result that cannot be loaded here read the
 same either way. :func:`cancel_future` is the one way a future is put in the
@@ -17,7 +17,8 @@ from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, NamedTuple
 
 from farcall.errors import DeserializationError
-from farcall.messages import SAME_VERSIONS, TaskResult, TaskState, versions_text
+from farcall.protocol.common import SAME_VERSIONS, TaskState, versions_text
+from farcall.protocol.stream import TaskResult
 from farcall.serialize import deserialize, is_ref, rebuild_exception, unpack_blob
 from farcall.version import local_versions
 

@@ -25,9 +25,8 @@ from farcall import tls
 from farcall.backoff import Backoff
 from farcall.client import Client, broker_error
 from farcall.errors import FarcallError
-from farcall.messages import (
-    BatchSubmission,
-    BatchSubmitted,
+from farcall.protocol.rest import BatchSubmission, BatchSubmitted
+from farcall.protocol.stream import (
     RequestFailedFrame,
     ResultStreamFrame,
     SubmitFrame,

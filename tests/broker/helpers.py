@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from farcall.broker.queue.base import TaskQueue
-from farcall.messages import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
+from farcall.protocol.channel import Hello, TaskMessage, TasksFrame, Welcome, parse_broker_frame
 from farcall.urls import websocket_url
 from harness.services import drop_rabbitmq_queues
 

@@ -16,14 +16,15 @@ from typing import Any, Literal
 import pytest
 from fastapi.testclient import TestClient
 
-from farcall.actions import identity_urn
 from farcall.broker import action_runner, auth
+from farcall.broker.actions import identity_urn
 from farcall.broker.app import create_app
 from farcall.broker.queue.memory import MemoryQueue
+from farcall.broker.records import ActionRecord
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory import MemoryStore
-from farcall.messages import ResultMessage, TaskState, now
-from farcall.records import ActionRecord
+from farcall.protocol.channel import ResultMessage
+from farcall.protocol.common import TaskState, now
 from farcall.serialize import serialize, serialize_json, unpack_args
 from harness.procs import wait_until
 from tests.ap_judge import Judge
@@ -87,7 +88,7 @@ class Env:
             self.store.tasks.complete, rec.endpoint_id, [result], now())
 
     def queued_args(self, endpoint_id: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        from farcall.messages import parse_task_batch
+        from farcall.protocol.channel import parse_task_batch
 
         bodies = self.client.portal.call(self.queue.drain, endpoint_id)  # type: ignore[union-attr]
         tasks = [t for body in bodies for t in parse_task_batch(body)]

@@ -17,7 +17,7 @@ from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory import MemoryStore
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import parse_task_batch
+from farcall.protocol.channel import parse_task_batch
 
 LIMIT = 64 * 1024
 
@@ -341,7 +341,8 @@ def test_tasks_that_could_not_be_queued_are_failed() -> None:
 def test_task_record_warns_when_worker_versions_differ(
     env: Env, worker: dict[str, str], warned: bool
 ) -> None:
-    from farcall.messages import ResultMessage, TaskState, Versions, now
+    from farcall.protocol.channel import ResultMessage
+    from farcall.protocol.common import TaskState, Versions, now
 
     eid = env.endpoint(env.alice)["endpoint_id"]
     submitter = {"python": "3.11.7", "dill": "0.4.1"}

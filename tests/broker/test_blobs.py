@@ -20,7 +20,8 @@ from farcall.broker import grants
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory_blobs import MemoryBlobs
-from farcall.messages import ResultMessage, ResultsAck, ResultsFrame, TaskState, now
+from farcall.protocol.channel import ResultMessage, ResultsAck, ResultsFrame
+from farcall.protocol.common import TaskState, now
 from harness.procs import wait_until
 from tests.broker.helpers import FakeEndpoint, on_loop
 

@@ -17,8 +17,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from farcall.broker import endpoint_channel
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.errors import Unavailable
+from farcall.broker.records import NewTasks
 from farcall.broker.settings import Settings
-from farcall.messages import (
+from farcall.protocol.channel import (
     CancelFrame,
     Credit,
     ErrorFrame,
@@ -28,10 +29,8 @@ from farcall.messages import (
     ResultsAck,
     ResultsFrame,
     RunningFrame,
-    TaskState,
-    now,
 )
-from farcall.records import NewTasks
+from farcall.protocol.common import TaskState, now
 from harness.procs import wait_until
 from tests.broker.helpers import FakeEndpoint, on_loop
 
@@ -263,7 +262,7 @@ def test_a_directly_sent_task_lost_with_its_session_comes_back(setup: Setup) -> 
 
 def test_tasks_left_waiting_go_out_when_credit_returns(setup: Setup) -> None:
     """Two direct sends racing for the same credit leave tasks waiting; returned credit frees them."""
-    from farcall.messages import TaskMessage
+    from farcall.protocol.channel import TaskMessage
 
     ep = setup.connect()
     ep.hello(credit=1)

@@ -24,14 +24,9 @@ from farcall.broker.errors import TooManyRequests, clip, error_details, error_su
 from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.settings import MB, Settings
 from farcall.broker.store.memory import MemoryStore
-from farcall.messages import (
-    ErrorBody,
-    Hello,
-    RequestFailedFrame,
-    Welcome,
-    parse_broker_frame,
-    parse_stream_frame,
-)
+from farcall.protocol.channel import Hello, Welcome, parse_broker_frame
+from farcall.protocol.rest import ErrorBody
+from farcall.protocol.stream import RequestFailedFrame, parse_stream_frame
 from farcall.quietlog import QuietLog
 
 LIMIT = 64 * 1024

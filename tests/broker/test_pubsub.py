@@ -122,7 +122,7 @@ async def test_frames_cross_replicas_and_arrive_once(replicas: tuple[RedisPubSub
 async def test_last_subscriber_leaving_unsubscribes(replicas: tuple[RedisPubSub, RedisPubSub, Any]) -> None:
     a, b, r = replicas
     group = uuid.uuid4().hex
-    channel = a._channel(group)
+    channel = a._redis_channel(group)
     first, second = await a.subscribe(group), await a.subscribe(group)
     assert await _sub_count(r, a, "1"), "two local subscribers share one Redis subscription"
     await first.close()
@@ -153,7 +153,7 @@ async def test_churn_keeps_a_staying_subscriber_fed(replicas: tuple[RedisPubSub,
         await b.publish(group, "heard")
         assert await _next(stays) == "heard"
         await stays.close()
-    await _eventually(lambda: _numsub(r, a._channel(group), 0), "the channel to be unsubscribed")
+    await _eventually(lambda: _numsub(r, a._redis_channel(group), 0), "the channel to be unsubscribed")
 
 
 async def _numsub(r: Any, channel: str, n: int) -> bool:

@@ -13,7 +13,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
-from farcall.messages import ResultMessage, ResultsAck, ResultsFrame, ResultStreamFrame, TaskState
+from farcall.protocol.channel import ResultMessage, ResultsAck, ResultsFrame
+from farcall.protocol.common import TaskState
+from farcall.protocol.stream import ResultStreamFrame
 from harness.services import AMQP_URL, REDIS_URL, drop_redis_prefix
 from tests.broker.helpers import FakeEndpoint
 
@@ -119,14 +121,8 @@ def test_batches_submitted_on_the_stream_are_answered_in_kind(broker_settings: S
 
 
 def _submissions_on_the_stream(broker: EmbeddedBroker) -> None:
-    from farcall.messages import (
-        BatchSubmission,
-        RequestFailedFrame,
-        SubmitFrame,
-        SubmittedFrame,
-        TaskSpec,
-        parse_stream_frame,
-    )
+    from farcall.protocol.rest import BatchSubmission, TaskSpec
+    from farcall.protocol.stream import RequestFailedFrame, SubmitFrame, SubmittedFrame, parse_stream_frame
 
     token, http = user(broker, "alice")
     bob_token, bob = user(broker, "bob")

@@ -8,19 +8,12 @@ from typing import Literal
 
 import pytest
 
+from farcall.broker.records import EndpointRecord, FunctionRecord, NewTasks, TaskRecord
 from farcall.broker.store.base import OverQuota, Store, Subscription
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import (
-    Attempt,
-    Heartbeat,
-    ResultMessage,
-    ResultStreamFrame,
-    TaskResult,
-    TaskState,
-    Versions,
-    now,
-)
-from farcall.records import EndpointRecord, FunctionRecord, NewTasks, TaskRecord
+from farcall.protocol.channel import Heartbeat, ResultMessage
+from farcall.protocol.common import Attempt, TaskState, Versions, now
+from farcall.protocol.stream import ResultStreamFrame, TaskResult
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio

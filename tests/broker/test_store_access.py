@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from farcall.broker.records import EndpointRecord, FunctionRecord, TokenRecord, UserRecord
 from farcall.broker.store.base import Principal, Store
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import now
-from farcall.records import EndpointRecord, FunctionRecord, TokenRecord, UserRecord
+from farcall.protocol.common import now
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio

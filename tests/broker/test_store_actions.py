@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
+from farcall.broker.records import ActionRecord
 from farcall.broker.store.base import Store
-from farcall.messages import now
-from farcall.records import ActionRecord
+from farcall.protocol.common import now
 
 pytestmark = pytest.mark.anyio
 

@@ -8,10 +8,11 @@ import pytest
 
 import farcall.broker.store.memory
 import farcall.broker.store.redis
+from farcall.broker.records import NewTasks, TaskGroupRecord
 from farcall.broker.store.base import Store
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import ResultMessage, TaskState, now
-from farcall.records import NewTasks, TaskGroupRecord
+from farcall.protocol.channel import ResultMessage
+from farcall.protocol.common import TaskState, now
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio

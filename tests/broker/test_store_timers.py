@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from farcall.broker.records import TimerRecord
 from farcall.broker.store.base import Store
 from farcall.broker.store.redis import RedisStore
-from farcall.messages import TIMER_RUNS_KEPT, TimerRun, TimerSchedule, now
-from farcall.records import TimerRecord
+from farcall.protocol.common import now
+from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun, TimerSchedule
 from harness.services import REDIS_URL, drop_redis_prefix
 
 pytestmark = pytest.mark.anyio

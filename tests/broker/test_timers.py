@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 from farcall.broker import auth, schedule
 from farcall.broker.app import create_app
 from farcall.broker.queue.memory import MemoryQueue
+from farcall.broker.records import EndpointRecord, FunctionRecord, TimerRecord
 from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory import MemoryStore
-from farcall.messages import TimerSchedule, now
-from farcall.records import EndpointRecord, FunctionRecord, TimerRecord
+from farcall.protocol.common import now
+from farcall.protocol.timers import TimerSchedule
 from harness.procs import wait_until
 
 DAY = 86400.0

@@ -22,7 +22,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from farcall.messages import (
+from farcall.protocol.channel import (
     CancelFrame,
     Credit,
     HeartbeatFrame,

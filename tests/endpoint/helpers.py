@@ -11,7 +11,8 @@ from farcall.endpoint.agent import Agent
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines import build_engine
 from farcall.endpoint.engines.base import Engine
-from farcall.messages import ResultMessage, TaskMessage, Versions
+from farcall.protocol.channel import ResultMessage, TaskMessage
+from farcall.protocol.common import Versions
 from farcall.serialize import deserialize, pack_args, rebuild_exception, serialize_function
 from farcall.version import local_versions
 from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID

@@ -10,7 +10,7 @@ import pytest
 from farcall.endpoint.agent import ProtocolError
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.errors import EndpointError, EndpointRejected
-from farcall.messages import Credit, Hello, ResultsFrame
+from farcall.protocol.channel import Credit, Hello, ResultsFrame
 from harness.procs import wait_until
 from tests.endpoint.fake_broker import FakeBroker
 from tests.endpoint.helpers import make_task, value_of

@@ -9,7 +9,7 @@ import pytest
 
 from farcall.endpoint import agent as agent_module
 from farcall.endpoint.embedded import BackgroundAgent
-from farcall.messages import HeartbeatFrame
+from farcall.protocol.channel import HeartbeatFrame
 from tests.endpoint.fake_broker import FakeBroker
 
 

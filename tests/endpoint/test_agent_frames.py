@@ -9,7 +9,7 @@ import pytest
 from farcall.endpoint.agent import DEFAULT_MAX_FRAME_BYTES, ResultTooLarge, _results_frame
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.worker import failed_result
-from farcall.messages import ResultsFrame, TaskMessage, parse_endpoint_frame
+from farcall.protocol.channel import ResultsFrame, TaskMessage, parse_endpoint_frame
 from tests.endpoint.fake_broker import FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 

@@ -13,7 +13,8 @@ import pytest
 
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines.threads import ThreadPoolEngine
-from farcall.messages import MAX_SPEC_DEPTH, DataAccess, TaskMessage
+from farcall.protocol.channel import DataAccess, TaskMessage
+from farcall.protocol.common import MAX_SPEC_DEPTH
 from tests.endpoint.fake_broker import ENDPOINT_ID, FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 

@@ -18,7 +18,7 @@ from farcall.endpoint.engines import Engine, build_engine
 from farcall.endpoint.engines.processes import ProcessPoolEngine
 from farcall.endpoint.errors import WorkerLost
 from farcall.errors import TaskTimeout
-from farcall.messages import TaskMessage
+from farcall.protocol.channel import TaskMessage
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
 

@@ -15,7 +15,8 @@ from farcall.endpoint.engines.base import OnDone, OnStart, TaskEntry
 from farcall.endpoint.engines.processes import ProcessPoolEngine
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
 from farcall.errors import TaskTimeout
-from farcall.messages import ResultMessage, TaskMessage, TaskState
+from farcall.protocol.channel import ResultMessage, TaskMessage
+from farcall.protocol.common import TaskState
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
 

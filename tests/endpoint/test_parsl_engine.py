@@ -20,7 +20,7 @@ import pytest
 from farcall.endpoint.engines import build_engine, validate_engine
 from farcall.endpoint.engines.parsl import ParslEngine
 from farcall.endpoint.errors import EndpointConfigError, WorkerLost
-from farcall.messages import ResultMessage
+from farcall.protocol.channel import ResultMessage
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
 

@@ -17,15 +17,14 @@ from farcall import blobs
 from farcall.endpoint import worker
 from farcall.endpoint.errors import ResultTooLarge
 from farcall.errors import DataExpired, DeserializationError, TaskTimeout
-from farcall.messages import (
+from farcall.protocol.channel import (
     DataAccess,
     ResultMessage,
     TaskMessage,
-    TaskState,
-    Versions,
     join_task_batch,
     parse_result_batch,
 )
+from farcall.protocol.common import TaskState, Versions
 from farcall.serialize import (
     DATA_JSON,
     deserialize_json,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from farcall import Client
-from farcall.actions import identity_urn
+from farcall.broker.actions import identity_urn
 from harness import REPO
 from harness.procs import wait_until
 from tests.ap_judge import Judge

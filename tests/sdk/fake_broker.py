@@ -24,24 +24,21 @@ from pydantic import BaseModel, ValidationError
 
 from farcall import Client
 from farcall.errors import FarcallError
-from farcall.messages import (
+from farcall.protocol.common import TaskState
+from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
     EndpointSharing,
     FunctionSharing,
     Limits,
-    RequestFailedFrame,
     ShareRequest,
-    SubmitFrame,
-    SubmittedFrame,
-    TaskResult,
-    TaskState,
     TokenCreated,
     TokenInfo,
     TokenList,
     TokenRequest,
     TokenRevoked,
 )
+from farcall.protocol.stream import RequestFailedFrame, SubmitFrame, SubmittedFrame, TaskResult
 from farcall.serialize import INLINE_BYTES, serialize
 from farcall.stream import TaskGroupStream
 from farcall.transport import Response

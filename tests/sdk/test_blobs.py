@@ -18,8 +18,9 @@ import pytest
 
 from farcall import Client, Executor, blobs
 from farcall.errors import DataExpired, DeserializationError, TaskTooLarge
-from farcall.messages import TaskResult, TaskState
 from farcall.outcome import outcome_of
+from farcall.protocol.common import TaskState
+from farcall.protocol.stream import TaskResult
 from farcall.serialize import INLINE_BYTES, pack, parse_ref, ref_payload, unpack_blob
 from farcall.transport import Transport
 from tests.dataplane import GRANT, TOKEN, DataPlane

@@ -12,7 +12,7 @@ import pytest
 from farcall import Client, Executor
 from farcall.client import split_batch
 from farcall.errors import AuthenticationError, BrokerError, NotFound, TaskPending
-from farcall.messages import TaskSpec
+from farcall.protocol.rest import TaskSpec
 from harness.procs import wait_until
 from tests.helpers import StubHTTP
 from tests.sdk.helpers import Stack, wait_batch

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from farcall.errors import DeserializationError, FarcallError, TaskTimeout
-from farcall.messages import ResultStreamFrame, TaskResult, TaskState, Versions, parse_stream_frame
 from farcall.outcome import Outcome, cancel_future, outcome_of
+from farcall.protocol.common import TaskState, Versions
+from farcall.protocol.stream import ResultStreamFrame, TaskResult, parse_stream_frame
 from farcall.serialize import serialize, serialize_exception
 from harness.procs import wait_until
 

@@ -19,7 +19,7 @@ from farcall.broker.settings import Settings
 from farcall.client import SUBMITTER, broker_error
 from farcall.endpoint.embedded import EmbeddedEndpoint
 from farcall.errors import NotFound, RateLimited
-from farcall.messages import BatchSubmission, TaskSpec
+from farcall.protocol.rest import BatchSubmission, TaskSpec
 from farcall.serialize import pack_args
 from harness.procs import wait_until
 from tests.sdk.fake_broker import FakeBroker, FakeStream

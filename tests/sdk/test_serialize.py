@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
-from farcall.messages import Versions, version_mismatch, versions_text
+from farcall.protocol.common import Versions, version_mismatch, versions_text
 from farcall.serialize import (
     DATA_CLOUDPICKLE,
     DATA_DILL,

@@ -9,8 +9,9 @@ import pytest
 from farcall import Client
 from farcall.client import SUBMITTER
 from farcall.errors import FarcallError, NotFound
-from farcall.messages import BatchSubmission, TaskResult, TaskSpec
 from farcall.outcome import outcome_of
+from farcall.protocol.rest import BatchSubmission, TaskSpec
+from farcall.protocol.stream import TaskResult
 from farcall.serialize import pack_args
 from farcall.stream import TaskGroupStream
 from tests.sdk.helpers import Stack

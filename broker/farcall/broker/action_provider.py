@@ -20,7 +20,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from farcall.actions import (
+from farcall.broker import action_runner
+from farcall.broker.actions import (
     INPUT_SCHEMA,
     ActionError,
     ActionLog,
@@ -29,7 +30,6 @@ from farcall.actions import (
     ActionStatus,
     iso_duration,
 )
-from farcall.broker import action_runner
 from farcall.broker.asgi import BodyLimit
 from farcall.broker.errors import MAX_MESSAGE, ApiError, clip, error_summary, install_handlers
 from farcall.broker.routes import Svc, User

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from farcall.actions import (
+from farcall.broker.actions import (
     TERMINAL,
     ActionInput,
     ActionLog,
@@ -37,11 +37,12 @@ from farcall.actions import (
 )
 from farcall.broker.cancellation import cancel_tasks
 from farcall.broker.errors import Conflict, Forbidden, InvalidRequest, ObjectNotFound, clip
+from farcall.broker.records import ActionRecord, TaskRecord
 from farcall.broker.services import Services
 from farcall.broker.submission import submit_batch
 from farcall.errors import DeserializationError, SerializationError
-from farcall.messages import BatchSubmission, TaskSpec, TaskState, now
-from farcall.records import ActionRecord, TaskRecord
+from farcall.protocol.common import TaskState, now
+from farcall.protocol.rest import BatchSubmission, TaskSpec
 from farcall.serialize import deserialize_json, pack_json_args
 
 RELEASE_AFTER = 30 * 86400.0

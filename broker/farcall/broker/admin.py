@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from farcall.broker import auth
+from farcall.broker.records import UserRecord
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import Store
-from farcall.records import UserRecord
 
 
 class CommandFailed(Exception):

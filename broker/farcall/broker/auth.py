@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import uuid
 
+from farcall.broker.records import TokenRecord, UserRecord
 from farcall.broker.store.base import Principal, Store, UserStore
-from farcall.messages import USERNAME_PATTERN, now
-from farcall.records import TokenRecord, UserRecord
+from farcall.protocol.common import USERNAME_PATTERN, now
+from farcall.protocol.control import TokenRevocation
 
 USER_PREFIX = "fcu_"
 ENDPOINT_PREFIX = "fce_"
-REVOKED_GROUP = "tokens:revoked"
-"""The pub/sub group on which a revocation reaches every broker replica (JSON: token_id, token_hash)."""
 
 
 def new_token(prefix: str) -> str:
@@ -97,6 +95,6 @@ async def revoke_token(store: Store, token_id: str, user_id: str | None = None) 
     refused at once and open streams that authenticated with it close. The revoked record, or None."""
     record = await store.users.revoke_token(token_id, user_id)
     if record is not None:
-        await store.pubsub.publish(REVOKED_GROUP, json.dumps(
-            {"token_id": record.token_id, "token_hash": record.token_hash}))
+        await store.pubsub.publish_revocation(
+            TokenRevocation(token_id=record.token_id, token_hash=record.token_hash))
     return record

@@ -32,7 +32,7 @@ from farcall.broker.errors import (
 from farcall.broker.routes import OBJECT_ERRORS, USER_ERRORS, Svc, User
 from farcall.broker.services import Services
 from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Principal
-from farcall.messages import BlobCreated, ErrorBody, Limits
+from farcall.protocol.rest import BlobCreated, ErrorBody, Limits
 
 PATH = "/v1/blobs"
 

@@ -12,7 +12,8 @@ from farcall.broker.endpoint_channel import send_control
 from farcall.broker.services import Services
 from farcall.broker.store.base import Cancelled
 from farcall.broker.submission import publish_results
-from farcall.messages import now
+from farcall.protocol.common import now
+from farcall.protocol.control import CancelTasks
 
 
 async def cancel_tasks(svc: Services, user: str, task_ids: list[str],
@@ -25,5 +26,5 @@ async def cancel_tasks(svc: Services, user: str, task_ids: list[str],
     for _, endpoint_id, result in done.results:
         by_endpoint.setdefault(endpoint_id, []).append(result.task_id)
     for endpoint_id, ids in by_endpoint.items():
-        await send_control(svc, endpoint_id, {"type": "cancel", "task_ids": ids})
+        await send_control(svc, endpoint_id, CancelTasks(task_ids=ids))
     return done

@@ -35,7 +35,7 @@ from farcall.broker.errors import (
 from farcall.broker.services import Services
 from farcall.broker.store.base import Principal, Subscription
 from farcall.broker.submission import submit_batch
-from farcall.messages import RequestFailedFrame, SubmitFrame, SubmittedFrame
+from farcall.protocol.stream import RequestFailedFrame, SubmitFrame, SubmittedFrame
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ async def serve(ws: WebSocket, svc: Services, task_group_id: str) -> None:
     except ApiError as refused:
         await deny_websocket(ws, refused)
         return
-    subscription = await svc.store.pubsub.subscribe(task_group_id)
+    subscription = await svc.store.pubsub.subscribe_results(task_group_id)
     lock = asyncio.Lock()
 
     async def revoked() -> None:

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import uuid
-from typing import Any
 
 from fastapi import WebSocket
 from pydantic import ValidationError
@@ -49,8 +48,7 @@ from farcall.broker.services import Services
 from farcall.broker.store.base import Subscription
 from farcall.broker.submission import publish_results
 from farcall.errors import DeserializationError
-from farcall.messages import (
-    PROTOCOL_VERSION,
+from farcall.protocol.channel import (
     CancelFrame,
     Credit,
     ErrorFrame,
@@ -61,15 +59,21 @@ from farcall.messages import (
     ResultsFrame,
     RunningFrame,
     TaskMessage,
-    TaskResult,
-    TaskState,
     Welcome,
     join_task_batch,
-    now,
     parse_endpoint_frame,
     parse_task_batch,
     tasks_frame_json,
 )
+from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
+from farcall.protocol.control import (
+    CancelTasks,
+    ControlMessage,
+    EndpointRemoved,
+    SessionReplaced,
+    parse_control,
+)
+from farcall.protocol.stream import TaskResult
 from farcall.serialize import is_ref, parse_ref
 
 log = logging.getLogger(__name__)
@@ -97,15 +101,9 @@ DELETED = 4004
 """Close code for a session whose endpoint was deleted."""
 
 
-def control_group(endpoint_id: str) -> str:
-    """The pub/sub group that carries an endpoint's control messages to its session's replica."""
-    return f"endpoint:{endpoint_id}"
-
-
-async def send_control(svc: Services, endpoint_id: str, message: dict[str, Any]) -> None:
-    """Tell the endpoint's live session, on whichever replica: ``{"type": "cancel", "task_ids":
-    [...]}``, ``{"type": "deleted"}`` or ``{"type": "replaced", "session_id": ...}``."""
-    await svc.store.pubsub.publish(control_group(endpoint_id), json.dumps(message))
+async def send_control(svc: Services, endpoint_id: str, message: ControlMessage) -> None:
+    """Tell the endpoint's live session, on whichever replica (``farcall.protocol.control``)."""
+    await svc.store.pubsub.publish_control(endpoint_id, message)
 
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
@@ -158,7 +156,7 @@ class EndpointSession:
             self._ended.set()
             return
         try:
-            self._control = await self.store.pubsub.subscribe(control_group(self.endpoint_id))
+            self._control = await self.store.pubsub.subscribe_control(self.endpoint_id)
             previous = await self.store.endpoints.connect_session(
                 self.endpoint_id, self.session_id, hello.heartbeat_period, now())
         except BaseException as e:
@@ -211,8 +209,7 @@ class EndpointSession:
         if old is not None and old.session_id == previous:
             await old.replaced()
         else:  # on another replica, or already gone
-            await send_control(self.svc, self.endpoint_id,
-                               {"type": "replaced", "session_id": self.session_id})
+            await send_control(self.svc, self.endpoint_id, SessionReplaced(session_id=self.session_id))
 
     async def replaced(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
         """End this session from outside (another took its place); returns once it has ended."""
@@ -457,7 +454,7 @@ class EndpointSession:
         while not self.retired:
             if self._control is None:
                 try:
-                    self._control = await self.store.pubsub.subscribe(control_group(self.endpoint_id))
+                    self._control = await self.store.pubsub.subscribe_control(self.endpoint_id)
                 except _DOWN as e:
                     log.debug("endpoint %s: control channel unavailable: %r", self.endpoint_id, e)
                     await asyncio.sleep(backoff.next_delay())
@@ -465,17 +462,17 @@ class EndpointSession:
             async for raw in self._control:
                 backoff.reset()
                 try:
-                    message = json.loads(raw)
-                    kind = message["type"]
-                except (ValueError, KeyError, TypeError):
+                    message = parse_control(raw)
+                except ValidationError:
                     log.warning("endpoint %s: unreadable control message %.200r", self.endpoint_id, raw)
                     continue
-                if kind == "cancel":
-                    await self.cancel(list(message.get("task_ids", [])))
-                elif kind == "replaced" and message.get("session_id") != self.session_id:
-                    self.end()
-                    return
-                elif kind == "deleted":
+                if isinstance(message, CancelTasks):
+                    await self.cancel(message.task_ids)
+                elif isinstance(message, SessionReplaced):
+                    if message.session_id != self.session_id:
+                        self.end()
+                        return
+                elif isinstance(message, EndpointRemoved):
                     self.end(DELETED, "ended: the endpoint was deleted")
                     return
             # The subscription ended (pub/sub reconnecting); a missed message is caught by the

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from farcall.broker.services import Services
-from farcall.messages import Health
+from farcall.protocol.rest import Health
 from farcall.version import __version__
 
 log = logging.getLogger(__name__)

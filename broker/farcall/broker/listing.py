@@ -8,10 +8,11 @@ of store round trips whatever the tasks returned.
 from __future__ import annotations
 
 from farcall.broker.errors import ObjectNotFound, clip
+from farcall.broker.records import TaskRecord
 from farcall.broker.services import Services
 from farcall.broker.store.base import MAX_USER_GROUPS, TaskStore
-from farcall.messages import TaskGroupList, TaskGroupSummary, TaskList, TaskState, TaskSummary
-from farcall.records import TaskRecord
+from farcall.protocol.common import TaskState
+from farcall.protocol.rest import TaskGroupList, TaskGroupSummary, TaskList, TaskSummary
 
 MAX_LIMIT = 1000
 """Most groups or tasks one listing returns."""

@@ -29,9 +29,12 @@ from farcall.broker.errors import (
     clip,
 )
 from farcall.broker.health import check as check_health
+from farcall.broker.records import EndpointRecord, FunctionRecord, TaskGroupRecord, TaskRecord
 from farcall.broker.services import Services
 from farcall.broker.submission import publish_results, submit_batch
-from farcall.messages import (
+from farcall.protocol.common import now, version_mismatch
+from farcall.protocol.control import EndpointRemoved
+from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
     CancelRequest,
@@ -64,10 +67,7 @@ from farcall.messages import (
     TokenRequest,
     TokenRevoked,
     WhoAmI,
-    now,
-    version_mismatch,
 )
-from farcall.records import EndpointRecord, FunctionRecord, TaskGroupRecord, TaskRecord
 
 _bearer = HTTPBearer(auto_error=False, description="a user token (fcu_...)")
 
@@ -336,7 +336,7 @@ async def delete_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointDel
     waiting += list(await svc.store.inflight.get(endpoint_id))
     await svc.store.endpoints.delete(endpoint_id)
     svc.endpoint_access.pop(endpoint_id)
-    await send_control(svc, endpoint_id, {"type": "deleted"})
+    await send_control(svc, endpoint_id, EndpointRemoved())
     waiting += _task_ids(await svc.queue.drain(endpoint_id))  # queued while we deleted
     error = (f"endpoint {endpoint_id} was deleted before this task finished; submit it to "
              "another endpoint")

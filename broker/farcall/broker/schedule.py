@@ -16,7 +16,7 @@ import math
 
 from croniter import croniter
 
-from farcall.messages import MAX_TIMESTAMP, TimerSchedule
+from farcall.protocol.timers import MAX_TIMESTAMP, TimerSchedule
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,13 @@ import logging
 from farcall.backoff import Backoff
 from farcall.broker import schedule
 from farcall.broker.errors import ApiError
+from farcall.broker.records import TimerRecord
 from farcall.broker.services import Services
 from farcall.broker.submission import NotUsable, submit_batch
-from farcall.messages import BatchSubmission, TaskSpec, TimerRun, now
+from farcall.protocol.common import now
+from farcall.protocol.rest import BatchSubmission, TaskSpec
+from farcall.protocol.timers import TimerRun
 from farcall.quietlog import QuietLog
-from farcall.records import TimerRecord
 
 log = logging.getLogger(__name__)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ValidationError
 
 from farcall.backoff import Backoff
 from farcall.broker import auth
@@ -17,9 +18,10 @@ from farcall.broker.cache import TTLCache
 from farcall.broker.errors import Forbidden, TooManyRequests, Unauthorized
 from farcall.broker.limits import RateLimiter
 from farcall.broker.queue.base import TaskQueue
+from farcall.broker.records import FunctionRecord
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import BlobStore, Principal, Store, Subscription
-from farcall.records import FunctionRecord
+from farcall.protocol.control import TokenRevocation
 
 if TYPE_CHECKING:
     from farcall.broker.endpoint_channel import EndpointSession
@@ -176,7 +178,7 @@ class Services:
 
     async def _subscribe_revocations(self) -> Subscription | None:
         try:
-            return await self.store.pubsub.subscribe(auth.REVOKED_GROUP)
+            return await self.store.pubsub.subscribe_revocations()
         except Exception as e:  # noqa: BLE001 - the store may be down; the follower tries again
             log.info("cannot follow token revocations yet: %r", e)
             return None
@@ -200,15 +202,14 @@ class Services:
 
     def _revoked(self, frame: str) -> None:
         try:
-            revoked = json.loads(frame)
-            token_id, digest = str(revoked["token_id"]), str(revoked["token_hash"])
-        except (ValueError, KeyError, TypeError):
+            revoked = TokenRevocation.model_validate_json(frame)
+        except ValidationError:
             log.warning("ignoring a malformed revocation message")
             return
-        self.principals.pop(digest)
-        closers = self.token_streams.pop(token_id, set())
+        self.principals.pop(revoked.token_hash)
+        closers = self.token_streams.pop(revoked.token_id, set())
         if closers:
-            log.info("token %s revoked: closing %d result streams", token_id, len(closers))
+            log.info("token %s revoked: closing %d result streams", revoked.token_id, len(closers))
         for close in closers:
             asyncio.get_running_loop().create_task(close())
 

@@ -18,18 +18,13 @@ import logging
 import uuid
 
 from farcall.broker.errors import ObjectNotFound, TooManyRequests
+from farcall.broker.records import NewTasks
 from farcall.broker.services import Services
 from farcall.broker.store.base import OverQuota, SubmissionContext
-from farcall.messages import (
-    BatchSubmission,
-    BatchSubmitted,
-    ResultStreamFrame,
-    TaskMessage,
-    TaskResult,
-    dump_task_batch,
-    now,
-)
-from farcall.records import NewTasks
+from farcall.protocol.channel import TaskMessage, dump_task_batch
+from farcall.protocol.common import now
+from farcall.protocol.rest import BatchSubmission, BatchSubmitted
+from farcall.protocol.stream import ResultStreamFrame, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +141,7 @@ async def publish_results(svc: Services, done: list[tuple[str, TaskResult]]) -> 
     for group, result in done:
         by_group.setdefault(group, []).append(result)
     for group, results in by_group.items():
-        await svc.store.pubsub.publish(group, ResultStreamFrame(results=results).model_dump_json())
+        await svc.store.pubsub.publish_results(group, ResultStreamFrame(results=results))
 
 
 async def _submission_context(

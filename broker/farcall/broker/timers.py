@@ -16,20 +16,20 @@ from fastapi import APIRouter, Response
 
 from farcall.broker import schedule
 from farcall.broker.errors import Conflict, InvalidRequest, ObjectNotFound, QuotaExceeded, clip
+from farcall.broker.records import TimerRecord
 from farcall.broker.routes import OBJECT_ERRORS, USER_ERRORS, Svc, User
 from farcall.broker.services import Services
 from farcall.broker.submission import authorize
-from farcall.messages import (
-    ErrorBody,
+from farcall.protocol.common import now
+from farcall.protocol.rest import ErrorBody
+from farcall.protocol.timers import (
     TimerCreated,
     TimerDeleted,
     TimerInfo,
     TimerList,
     TimerRequest,
     TimerSchedule,
-    now,
 )
-from farcall.records import TimerRecord
 
 router = APIRouter(prefix="/v1/timers")
 

@@ -53,9 +53,7 @@ from farcall.endpoint.errors import EndpointRejected, ResultTooLarge
 from farcall.endpoint.journal import CrashJournal
 from farcall.endpoint.worker import WORKER_VERSIONS, failed_result
 from farcall.errors import FunctionNotAllowed
-from farcall.messages import (
-    MAX_SPEC_BYTES,
-    MAX_SPEC_DEPTH,
+from farcall.protocol.channel import (
     CancelFrame,
     Credit,
     DataAccess,
@@ -71,6 +69,7 @@ from farcall.messages import (
     Welcome,
     parse_broker_frame,
 )
+from farcall.protocol.common import MAX_SPEC_BYTES, MAX_SPEC_DEPTH
 from farcall.urls import websocket_url
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A worker's side of the data plane: big arguments fetched, big results uploaded.
 
-The agent gives every task a :class:`~farcall.messages.DataAccess` (the broker's URL,
+The agent gives every task a :class:`~farcall.protocol.channel.DataAccess` (the broker's URL,
 the endpoint's upload grant, the per-task limit); a worker uses it here, through one
 keep-alive :class:`~farcall.transport.Transport` per broker URL and process (TLS as
 the agent has it: ``FARCALL_CA_BUNDLE``). Without a ``DataAccess`` (a broker without
@@ -15,7 +15,7 @@ from typing import Any
 from farcall import blobs
 from farcall.endpoint.errors import ResultTooLarge
 from farcall.errors import TaskTooLarge
-from farcall.messages import DataAccess, TaskMessage
+from farcall.protocol.channel import DataAccess, TaskMessage
 from farcall.serialize import INLINE_BYTES, Frames, pack, serialize
 from farcall.transport import Transport
 from farcall.version import __version__

@@ -29,16 +29,8 @@ from typing import Any
 
 from farcall.endpoint import dataplane
 from farcall.errors import DeserializationError, SerializationError, TaskTimeout
-from farcall.messages import (
-    SAME_VERSIONS,
-    ResultMessage,
-    TaskMessage,
-    TaskState,
-    Versions,
-    dump_result_batch,
-    parse_task_batch,
-    versions_text,
-)
+from farcall.protocol.channel import ResultMessage, TaskMessage, dump_result_batch, parse_task_batch
+from farcall.protocol.common import SAME_VERSIONS, TaskState, Versions, versions_text
 from farcall.serialize import (
     deserialize_function,
     is_ref,

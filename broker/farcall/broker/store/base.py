@@ -2,7 +2,7 @@
 
 The HTTP routes and the endpoint channel only see these interfaces, so they do
 not know whether Redis or process memory sits behind them. Records are the
-typed models of :mod:`farcall.records`. Every method that touches many tasks
+typed models of :mod:`farcall.broker.records`. Every method that touches many tasks
 takes them as one batch, so a backend can serve it in one round trip; where one
 operation spans two interfaces' data (a submitted batch sent straight to its
 endpoint is also in flight), it belongs to the interface that owns the main
@@ -15,7 +15,7 @@ concept and says so.
 | ``endpoints`` | endpoints, whom they are shared with, their sessions, heartbeats and queued-task counts |
 | ``tasks`` | task groups (and each user's recent ones), task records, their life cycle; open-task counts |
 | ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
-| ``pubsub`` | result-stream frames published to every replica's subscribers |
+| ``pubsub`` | frames to every replica: task groups' results, endpoints' control messages, token revocations |
 | ``actions`` | actions of the Action Provider API, each one record that expires |
 | ``timers`` | timers, the times they run next, and their runs |
 
@@ -33,8 +33,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from farcall.messages import Heartbeat, ResultMessage, TaskResult, TaskState, TimerRun
-from farcall.records import (
+from farcall.broker.records import (
     ActionRecord,
     EndpointRecord,
     FunctionRecord,
@@ -45,6 +44,11 @@ from farcall.records import (
     TokenRecord,
     UserRecord,
 )
+from farcall.protocol.channel import Heartbeat, ResultMessage
+from farcall.protocol.common import TaskState
+from farcall.protocol.control import ControlMessage, TokenRevocation
+from farcall.protocol.stream import ResultStreamFrame, TaskResult
+from farcall.protocol.timers import TimerRun
 
 _LIFECYCLE = {s.value: i for i, s in enumerate(TaskState)}
 
@@ -375,7 +379,7 @@ class InflightStore(abc.ABC):
 
 
 class Subscription(abc.ABC):
-    """Result-stream frames (JSON text) published for one task group, from any broker replica."""
+    """Frames (JSON text) published on one channel, from any broker replica, in order."""
 
     @abc.abstractmethod
     def __aiter__(self) -> AsyncIterator[str]: ...
@@ -384,13 +388,54 @@ class Subscription(abc.ABC):
     async def close(self) -> None: ...
 
 
+def results_channel(task_group_id: str) -> str:
+    return f"results:{task_group_id}"
+
+
+def control_channel(endpoint_id: str) -> str:
+    return f"endpoint:{endpoint_id}"
+
+
+REVOCATIONS_CHANNEL = "tokens:revoked"
+
+
 class PubSub(abc.ABC):
-    @abc.abstractmethod
-    async def publish(self, task_group_id: str, frame: str) -> None: ...
+    """Frames to subscribers on every broker replica. Three kinds of channel, each with its own
+    methods: a task group's results (``ResultStreamFrame`` JSON, forwarded to the group's result
+    streams as it is), an endpoint's control messages (:mod:`farcall.protocol.control`, for the
+    replica holding its session), and token revocations (for every replica's token cache).
+
+    Backends only move text on named channels (``publish``/``subscribe``); frames published
+    while a subscriber's connection is down are lost, so readers catch up another way.
+    """
 
     @abc.abstractmethod
-    async def subscribe(self, task_group_id: str) -> Subscription:
-        """Start receiving frames for a group; frames published after this returns are delivered."""
+    async def publish(self, channel: str, frame: str) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> Subscription:
+        """Start receiving a channel's frames; those published after this returns are delivered."""
+
+    async def publish_results(self, task_group_id: str, frame: ResultStreamFrame) -> None:
+        await self.publish(results_channel(task_group_id), frame.model_dump_json())
+
+    async def subscribe_results(self, task_group_id: str) -> Subscription:
+        """The group's ``ResultStreamFrame`` s, as JSON text."""
+        return await self.subscribe(results_channel(task_group_id))
+
+    async def publish_control(self, endpoint_id: str, message: ControlMessage) -> None:
+        await self.publish(control_channel(endpoint_id), message.model_dump_json())
+
+    async def subscribe_control(self, endpoint_id: str) -> Subscription:
+        """The endpoint's control messages, as JSON text (``protocol.control.parse_control``)."""
+        return await self.subscribe(control_channel(endpoint_id))
+
+    async def publish_revocation(self, revocation: TokenRevocation) -> None:
+        await self.publish(REVOCATIONS_CHANNEL, revocation.model_dump_json())
+
+    async def subscribe_revocations(self) -> Subscription:
+        """Every ``TokenRevocation``, as JSON text."""
+        return await self.subscribe(REVOCATIONS_CHANNEL)
 
     async def close(self) -> None:
         """Release what subscriptions hold (at shutdown)."""
@@ -593,10 +638,10 @@ class Store(Backend):
 class LocalSubscription(Subscription):
     """Frames handed over in this process (``put``); the iteration ends at ``put(None)``."""
 
-    def __init__(self, fanout: dict[str, set[LocalSubscription]], group: str) -> None:
-        self._fanout, self._group = fanout, group
+    def __init__(self, fanout: dict[str, set[LocalSubscription]], channel: str) -> None:
+        self._fanout, self._channel = fanout, channel
         self._queue: asyncio.Queue[str | None] = asyncio.Queue()
-        fanout.setdefault(group, set()).add(self)
+        fanout.setdefault(channel, set()).add(self)
 
     def put(self, frame: str | None) -> None:
         self._queue.put_nowait(frame)
@@ -606,14 +651,14 @@ class LocalSubscription(Subscription):
             yield frame
 
     async def close(self) -> None:
-        subs = self._fanout.get(self._group)
+        subs = self._fanout.get(self._channel)
         if subs is not None:
             subs.discard(self)
             if not subs:
-                del self._fanout[self._group]
+                del self._fanout[self._channel]
         self._queue.put_nowait(None)
 
 
-def deliver_locally(fanout: dict[str, set[LocalSubscription]], group: str, frame: str) -> None:
-    for sub in list(fanout.get(group, ())):
+def deliver_locally(fanout: dict[str, set[LocalSubscription]], channel: str, frame: str) -> None:
+    for sub in list(fanout.get(channel, ())):
         sub.put(frame)

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from farcall.broker.records import (
+    EndpointRecord,
+    FunctionRecord,
+    NewTasks,
+    TaskGroupRecord,
+    TaskRecord,
+    TokenRecord,
+    UserRecord,
+)
 from farcall.broker.store.base import (
     CANCELLED_ERROR,
     CRASH_ATTEMPT,
@@ -34,16 +43,9 @@ from farcall.broker.store.base import (
 )
 from farcall.broker.store.memory_actions import MemoryActions
 from farcall.broker.store.memory_timers import MemoryTimers
-from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState
-from farcall.records import (
-    EndpointRecord,
-    FunctionRecord,
-    NewTasks,
-    TaskGroupRecord,
-    TaskRecord,
-    TokenRecord,
-    UserRecord,
-)
+from farcall.protocol.channel import Heartbeat, ResultMessage
+from farcall.protocol.common import Attempt, TaskState
+from farcall.protocol.stream import TaskResult
 
 
 @dataclass
@@ -442,11 +444,11 @@ class MemoryPubSub(PubSub):
     def __init__(self, state: _State) -> None:
         self._s = state
 
-    async def publish(self, task_group_id: str, frame: str) -> None:
-        deliver_locally(self._s.subscribers, task_group_id, frame)
+    async def publish(self, channel: str, frame: str) -> None:
+        deliver_locally(self._s.subscribers, channel, frame)
 
-    async def subscribe(self, task_group_id: str) -> Subscription:
-        return LocalSubscription(self._s.subscribers, task_group_id)
+    async def subscribe(self, channel: str) -> Subscription:
+        return LocalSubscription(self._s.subscribers, channel)
 
 
 class MemoryStore(Store):

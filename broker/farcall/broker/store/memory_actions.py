@@ -3,9 +3,9 @@ checked on each read since nothing sweeps process memory."""
 
 from __future__ import annotations
 
+from farcall.broker.records import ActionRecord
 from farcall.broker.store.base import ActionStore
-from farcall.messages import now
-from farcall.records import ActionRecord
+from farcall.protocol.common import now
 
 
 class MemoryActions(ActionStore):

@@ -3,9 +3,9 @@ method runs on the one event loop without awaiting, so each is atomic as a Lua s
 
 from __future__ import annotations
 
+from farcall.broker.records import TimerRecord
 from farcall.broker.store.base import TimerStore
-from farcall.messages import TIMER_RUNS_KEPT, TimerRun
-from farcall.records import TimerRecord
+from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun
 
 
 class MemoryTimers(TimerStore):

@@ -31,6 +31,15 @@ from pydantic import TypeAdapter
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from farcall.broker.records import (
+    EndpointRecord,
+    FunctionRecord,
+    NewTasks,
+    TaskGroupRecord,
+    TaskRecord,
+    TokenRecord,
+    UserRecord,
+)
 from farcall.broker.store import redis_scripts
 from farcall.broker.store.base import (
     CANCELLED_ERROR,
@@ -55,16 +64,9 @@ from farcall.broker.store.base import (
 from farcall.broker.store.redis_actions import RedisActions
 from farcall.broker.store.redis_pubsub import RedisPubSub
 from farcall.broker.store.redis_timers import RedisTimers
-from farcall.messages import Attempt, Heartbeat, ResultMessage, TaskResult, TaskState, Versions
-from farcall.records import (
-    EndpointRecord,
-    FunctionRecord,
-    NewTasks,
-    TaskGroupRecord,
-    TaskRecord,
-    TokenRecord,
-    UserRecord,
-)
+from farcall.protocol.channel import Heartbeat, ResultMessage
+from farcall.protocol.common import Attempt, TaskState, Versions
+from farcall.protocol.stream import TaskResult
 
 log = logging.getLogger(__name__)
 

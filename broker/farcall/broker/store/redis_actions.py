@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from farcall.broker.records import ActionRecord
 from farcall.broker.store.base import ActionStore
-from farcall.records import ActionRecord
 
 CREATE = """
 local existing = redis.call('GET', KEYS[1])

@@ -1,10 +1,10 @@
-"""Result-stream frames across broker replicas, through Redis pub/sub (channel ``p results:<group>``).
+"""Pub/sub channels across broker replicas, through Redis pub/sub (``<prefix>pubsub:<channel>``).
 
 A frame is published as ``<replica id> <frame>``; a replica hands its own frames
 to its subscribers directly and skips them when they come back from Redis.
 
 A process reads pub/sub on ONE Redis connection of its own (never one from the
-command pool, so open result streams cannot starve REST calls): a group's channel
+command pool, so open result streams cannot starve REST calls): a channel
 is subscribed when its first local subscriber arrives and unsubscribed when the
 last one leaves, and one reader task fans frames out in memory. When that
 connection dies (a Redis restart), every local subscription ends, because frames
@@ -81,15 +81,15 @@ class _Link:
 
 
 class _Subscription(LocalSubscription):
-    """A local subscriber; leaving as a group's last one unsubscribes the group's channel."""
+    """A local subscriber; leaving as a channel's last one unsubscribes the channel in Redis."""
 
-    def __init__(self, owner: RedisPubSub, group: str) -> None:
-        super().__init__(owner._subscribers, group)
+    def __init__(self, owner: RedisPubSub, channel: str) -> None:
+        super().__init__(owner._subscribers, channel)
         self._owner = owner
 
     async def close(self) -> None:
         await super().close()
-        await self._owner._release(self._group)
+        await self._owner._release(self._channel)
 
 
 class RedisPubSub(PubSub):
@@ -102,19 +102,19 @@ class RedisPubSub(PubSub):
         self._link: _Link | None = None
         self._lock = asyncio.Lock()
 
-    def _channel(self, task_group_id: str) -> str:
-        return f"{self._prefix}results:{task_group_id}"
+    def _redis_channel(self, channel: str) -> str:
+        return f"{self._prefix}pubsub:{channel}"
 
-    async def publish(self, task_group_id: str, frame: str) -> None:
+    async def publish(self, channel: str, frame: str) -> None:
         """Subscribers on this replica get the frame at once; the others through Redis."""
-        deliver_locally(self._subscribers, task_group_id, frame)
-        await self._r.publish(self._channel(task_group_id), f"{self.replica} {frame}")
+        deliver_locally(self._subscribers, channel, frame)
+        await self._r.publish(self._redis_channel(channel), f"{self.replica} {frame}")
 
-    async def subscribe(self, task_group_id: str) -> Subscription:
+    async def subscribe(self, channel: str) -> Subscription:
         link = await self._connected()
-        sub = _Subscription(self, task_group_id)
+        sub = _Subscription(self, channel)
         try:
-            confirmation = await self._subscribed(link, self._channel(task_group_id))
+            confirmation = await self._subscribed(link, self._redis_channel(channel))
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await asyncio.shield(confirmation)
         except BaseException as e:
@@ -188,9 +188,9 @@ class RedisPubSub(PubSub):
         return link
 
     async def _read(self, link: _Link) -> None:
-        """Hand every frame to this replica's subscribers of its group, until the connection ends."""
+        """Hand every frame to this replica's subscribers of its channel, until the connection ends."""
         lost: BaseException | None = None
-        skip = len(self._prefix) + len("results:")
+        skip = len(self._prefix) + len("pubsub:")
         try:
             while True:
                 response = await link.pubsub.parse_response(block=True)
@@ -215,30 +215,30 @@ class RedisPubSub(PubSub):
         if self._link is link:
             self._link = None
         link.fail_waiters(lost or ConnectionError("the pub/sub connection was closed"))
-        groups = list(self._subscribers.values())
+        channels = list(self._subscribers.values())
         self._subscribers.clear()
         ended = 0
-        for subs in groups:
+        for subs in channels:
             for sub in subs:
                 sub.put(None)
                 ended += 1
         if lost is not None:
-            log.warning("Redis pub/sub connection lost (%r); ended %d result subscriptions "
-                        "(clients catch up by polling); reconnecting on the next subscribe",
+            log.warning("Redis pub/sub connection lost (%r); ended %d subscriptions "
+                        "(result streams catch up by polling); reconnecting on the next subscribe",
                         lost, ended)
         await link.close()
 
-    async def _release(self, task_group_id: str) -> None:
-        """Unsubscribe the group's channel once its last local subscriber has left."""
-        link, channel = self._link, self._channel(task_group_id)
+    async def _release(self, channel: str) -> None:
+        """Unsubscribe the channel in Redis once its last local subscriber has left."""
+        link, redis_channel = self._link, self._redis_channel(channel)
         if link is None:
             return
         async with link.writing:
-            if task_group_id in self._subscribers or link.dead:
+            if channel in self._subscribers or link.dead:
                 return
-            if link.subscribed.pop(channel, None) is None:
+            if link.subscribed.pop(redis_channel, None) is None:
                 return
             try:
-                await link.pubsub.unsubscribe(channel)
+                await link.pubsub.unsubscribe(redis_channel)
             except Exception as e:  # noqa: BLE001 - the reader sees a dead connection and ends it
-                log.debug("unsubscribing %s: %r", channel, e)
+                log.debug("unsubscribing %s: %r", redis_channel, e)

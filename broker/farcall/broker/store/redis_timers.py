@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from farcall.broker.records import TimerRecord
 from farcall.broker.store import redis_scripts
 from farcall.broker.store.base import TimerStore
-from farcall.messages import TIMER_RUNS_KEPT, TimerRun, TimerSchedule, Versions
-from farcall.records import TimerRecord
+from farcall.protocol.common import Versions
+from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun, TimerSchedule
 
 _RUN_FIELDS = {"at", "task_id", "error"}
 """What a run's JSON holds (its number is its key)."""

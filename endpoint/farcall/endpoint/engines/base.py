@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from farcall.endpoint.errors import WorkerLost
 from farcall.endpoint.worker import failed_result, walltime_exceeded
-from farcall.messages import Attempt, ResultMessage, TaskMessage, parse_result_batch
+from farcall.protocol.channel import ResultMessage, TaskMessage, parse_result_batch
+from farcall.protocol.common import Attempt
 
 log = logging.getLogger(__name__)
 

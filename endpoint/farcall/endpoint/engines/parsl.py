@@ -54,7 +54,7 @@ from farcall.endpoint.engines.parsl_config import (
 )
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.worker import EXIT_GRACE, failed_result
-from farcall.messages import ResultMessage, TaskMessage, join_task_batch
+from farcall.protocol.channel import ResultMessage, TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 

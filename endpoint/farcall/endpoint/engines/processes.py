@@ -48,7 +48,7 @@ from farcall.endpoint.engines.base import (
     TaskDurations,
     TaskEntry,
 )
-from farcall.messages import TaskMessage, join_task_batch
+from farcall.protocol.channel import TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from farcall.endpoint.engines.base import (
     TaskEntry,
 )
 from farcall.endpoint.worker import execute, failed_result
-from farcall.messages import TaskMessage
+from farcall.protocol.channel import TaskMessage
 
 _DROPPED = object()
 """``TaskEntry.worker`` of a queued task that was cancelled: counted out of the queue once."""

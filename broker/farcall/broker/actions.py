@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from farcall.messages import ObjectId, SpecField
+from farcall.protocol.common import ObjectId, SpecField
 
 IDENTITY_URN = "urn:globus:auth:identity:"
 """Prefix of a user's principal URN; the rest is the user's ``identity_id``."""

@@ -1,7 +1,7 @@
 """What the broker stores, as one pydantic model each: users, functions, endpoints, task groups, tasks.
 
 The store backends (memory, Redis) read and write these; the HTTP routes turn
-them into the REST answers of :mod:`farcall.messages`. Every record names its
+them into the REST answers of :mod:`farcall.protocol.rest`. Every record names its
 owner (``user_id``); only the broker sees that field.
 
 Hot paths build records with ``model_construct`` from values the broker made
@@ -16,16 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from farcall.actions import identity_urn
-from farcall.messages import (
-    Attempt,
-    Heartbeat,
-    TaskState,
-    TimerRun,
-    TimerSchedule,
-    TimerState,
-    Versions,
-)
+from farcall.broker.actions import identity_urn
+from farcall.protocol.channel import Heartbeat
+from farcall.protocol.common import Attempt, TaskState, Versions
+from farcall.protocol.timers import TimerRun, TimerSchedule, TimerState
 
 MISSED_BEATS = 3
 """Heartbeats an endpoint may miss before the broker calls it offline."""
@@ -119,7 +113,7 @@ class TaskGroupRecord(_Record):
 class TaskRecord(_Record):
     """One task: where it runs, its state with the time of each transition, and its outcome.
 
-    ``data`` and ``error`` are set once the task is terminal (see ``farcall.messages.ResultMessage``).
+    ``data`` and ``error`` are set once the task is terminal (see ``farcall.protocol.channel.ResultMessage``).
     """
 
     task_id: str
@@ -172,7 +166,7 @@ class NewTasks:
 
 
 class ActionRecord(_Record):
-    """An action of the Action Provider API (``farcall.actions``): who started it and who else
+    """An action of the Action Provider API (``farcall.broker.actions``): who started it and who else
     may see or manage it, its tasks, and once it ended its final status, kept until it is
     released (the task records may expire before that).
 

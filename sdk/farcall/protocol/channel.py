@@ -1,0 +1,252 @@
+"""The endpoint channel: the WebSocket between the broker and an endpoint's agent, and the task
+batches queued for an endpoint in RabbitMQ (the same ``TaskMessage`` JSON).
+
+Endpoint -> broker: ``Hello`` (first), ``Credit``, ``RunningFrame``, ``ResultsFrame``,
+``HeartbeatFrame``. Broker -> endpoint: ``Welcome`` (first), ``TasksFrame``, ``ResultsAck``,
+``CancelFrame``, ``ErrorFrame``. Payload fields (``function``, ``args``, ``data``) are opaque
+strings made by :mod:`farcall.serialize`: the broker never looks inside them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from farcall.protocol.common import (
+    PROTOCOL_VERSION,
+    Attempt,
+    Message,
+    ResultFormat,
+    SpecField,
+    TaskState,
+    Versions,
+    as_bytes,
+)
+
+
+class DataAccess(Message):
+    """How a worker reaches the data plane: the broker URL the agent uses, an upload grant the
+    broker gave the endpoint (it allows blob uploads and downloads, nothing else), and the
+    broker's per-task size limit. The agent sets it on every task it hands to its engine."""
+
+    url: str
+    grant: str = ""
+    max_task_bytes: int = 0
+
+
+class TaskMessage(Message):
+    """A task as the endpoint receives it (also the body queued in RabbitMQ).
+
+    ``function`` is empty when the function travels once per session in a
+    ``TasksFrame``'s ``functions`` instead of with every task. A function body
+    is therefore kept in these places, each for one reason (and nowhere else):
+
+    - the SDK's ``Executor``: each function it was given, serialized and registered
+      once (keyed by the function object), so a sweep serializes it once;
+    - the broker's ``Services.functions``: function records by id for a few seconds,
+      for the owner check of every submission and the body a session sends;
+    - the broker's channel session: only the ids whose body it sent this session;
+    - the agent: bodies by id (bounded LRU), since a task arrives without its body
+      once the session has sent it;
+    - each worker: deserialized functions by id (bounded LRU), so a function is
+      loaded once per worker, not once per task.
+    """
+
+    task_id: str
+    function_id: str
+    function: str = ""
+    args: str
+    resource_specification: SpecField = None
+    submitter: Versions | None = None
+    walltime: float | None = None
+    """Seconds it may run on a worker (the engine enforces it; ``TaskTimeout`` past it)."""
+    max_retries: int = 0
+    """Runs again after a lost worker (``WorkerLost``), up to this many times."""
+    result_format: ResultFormat = "pickle"
+    """How the worker serializes the return value (``json``: for the Action Provider API)."""
+    data: DataAccess | None = None
+    """Set by the agent (never queued): where the worker fetches a blob argument and uploads a
+    result too big to travel inline."""
+
+
+_TASK_LIST: TypeAdapter[list[TaskMessage]] = TypeAdapter(list[TaskMessage])
+
+
+def dump_task_batch(tasks: list[TaskMessage]) -> bytes:
+    """One queued message: a JSON array of tasks (the broker queues a submitted batch whole)."""
+    return _TASK_LIST.dump_json(tasks)
+
+
+def join_task_batch(task_jsons: list[str]) -> bytes:
+    """A queued message from tasks already in ``TaskMessage`` JSON (same format as ``dump_task_batch``)."""
+    return ("[" + ",".join(task_jsons) + "]").encode()
+
+
+def parse_task_batch(raw: str | bytes) -> list[TaskMessage]:
+    """The tasks of a queued message: a JSON array of tasks, or one task object (protocol v1)."""
+    body = as_bytes(raw).lstrip()
+    if body.startswith(b"{"):
+        return [TaskMessage.model_validate_json(body)]
+    return _TASK_LIST.validate_json(body)
+
+
+class ResultMessage(Message):
+    """The outcome of one task, produced by a worker and sent by the endpoint.
+
+    ``data`` is the serialized return value on success, or the serialized
+    remote exception on failure; ``error`` is a plain-text summary with the
+    remote traceback, readable without deserializing anything.
+    """
+
+    task_id: str
+    state: Literal[TaskState.SUCCESS, TaskState.FAILED]
+    data: str = ""
+    error: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: Versions | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Earlier runs on this endpoint that a lost worker cut short (each retried)."""
+
+
+_RESULT_LIST: TypeAdapter[list[ResultMessage]] = TypeAdapter(list[ResultMessage])
+
+
+def dump_result_batch(results: list[ResultMessage]) -> str:
+    """Results of a chunk of tasks run together, as one JSON array."""
+    return _RESULT_LIST.dump_json(results).decode()
+
+
+def parse_result_batch(raw: str | bytes) -> list[ResultMessage]:
+    return _RESULT_LIST.validate_json(raw)
+
+
+class Heartbeat(Message):
+    workers: int = 0
+    idle_workers: int = 0
+    pending_tasks: int = 0
+    running_tasks: int = 0
+    engine: str = ""
+    versions: Versions | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Hello(Message):
+    """First frame from the endpoint: what it still holds, and how much it can take."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    held_task_ids: list[str] = Field(default_factory=list)
+    crashed_task_ids: list[str] = Field(default_factory=list)
+    """Tasks a previous agent process had started when it died (from its journal): the
+    broker counts such crashes per task and fails a task after ``max_endpoint_losses``."""
+    credit: int = 0
+    heartbeat: Heartbeat = Field(default_factory=Heartbeat)
+    heartbeat_period: float | None = Field(default=None, gt=0)
+    """Seconds between heartbeats; the broker calls the endpoint offline after a few missed."""
+
+
+class Welcome(Message):
+    type: Literal["welcome"] = "welcome"
+    protocol: int = PROTOCOL_VERSION
+    endpoint_id: str
+    max_frame_bytes: int = 0
+    """Largest frame the broker reads from the endpoint (0: not said). The agent keeps every
+    results frame under it and fails a result too big to fit, instead of sending it."""
+    upload_grant: str = ""
+    """Lets this endpoint's workers upload result blobs and download argument blobs
+    (``X-Farcall-Grant`` header; "" from a broker without a data plane)."""
+    max_task_bytes: int = 0
+    """Largest arguments or result of one task (``FARCALL_MAX_TASK_BYTES``; 0: not said)."""
+
+
+class Credit(Message):
+    """The endpoint can take ``n`` more tasks than it asked for so far."""
+
+    type: Literal["credit"] = "credit"
+    n: int = Field(ge=0)
+
+
+class TasksFrame(Message):
+    """Tasks for the endpoint; ``functions`` holds the bodies (by function id) of functions
+    this session has not sent before."""
+
+    type: Literal["tasks"] = "tasks"
+    tasks: list[TaskMessage]
+    functions: dict[str, str] = Field(default_factory=dict)
+
+
+def tasks_frame_json(task_jsons: list[str], functions: dict[str, str] | None = None) -> str:
+    """``TasksFrame`` JSON from tasks already serialized, without parsing them again."""
+    bodies = json.dumps(functions or {})
+    return '{"type":"tasks","functions":' + bodies + ',"tasks":[' + ",".join(task_jsons) + "]}"
+
+
+class RunningFrame(Message):
+    """Tasks that a worker started, with the time each started."""
+
+    type: Literal["running"] = "running"
+    started: dict[str, float]
+
+
+class ResultsFrame(Message):
+    type: Literal["results"] = "results"
+    results: list[ResultMessage]
+    credit: int = Field(default=0, ge=0)
+
+
+class ResultsAck(Message):
+    """The broker stored these results; the endpoint may forget them."""
+
+    type: Literal["results_ack"] = "results_ack"
+    task_ids: list[str]
+
+
+class CancelFrame(Message):
+    """Broker -> endpoint: these tasks were cancelled; drop them if queued, stop them if running."""
+
+    type: Literal["cancel"] = "cancel"
+    task_ids: list[str]
+
+
+class HeartbeatFrame(Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    heartbeat: Heartbeat
+
+
+class ErrorFrame(Message):
+    type: Literal["error"] = "error"
+    message: str
+
+
+EndpointFrame = Annotated[
+    Hello | Credit | RunningFrame | ResultsFrame | HeartbeatFrame,
+    Field(discriminator="type"),
+]
+BrokerFrame = Annotated[
+    Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame,
+    Field(discriminator="type"),
+]
+
+
+class _EndpointFrameBox(Message):
+    frame: EndpointFrame
+
+
+class _BrokerFrameBox(Message):
+    frame: BrokerFrame
+
+
+def parse_endpoint_frame(raw: str | bytes) -> Hello | Credit | RunningFrame | ResultsFrame | HeartbeatFrame:
+    """Parse a frame sent by an endpoint (raises ``pydantic.ValidationError``)."""
+    return _EndpointFrameBox.model_validate_json(b'{"frame":' + as_bytes(raw) + b"}").frame
+
+
+def parse_broker_frame(
+    raw: str | bytes,
+) -> Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame:
+    """Parse a frame sent by the broker to an endpoint."""
+    return _BrokerFrameBox.model_validate_json(b'{"frame":' + as_bytes(raw) + b"}").frame
+

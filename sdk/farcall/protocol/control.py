@@ -1,0 +1,57 @@
+"""Control messages between broker replicas, on pub/sub: they reach an endpoint's live channel
+session on whichever replica holds it, and every replica's token cache.
+
+An endpoint's control channel carries ``CancelTasks`` (stop these tasks), ``SessionReplaced``
+(a newer session of the endpoint took over) and ``EndpointRemoved`` (the endpoint was deleted);
+the revocations channel carries ``TokenRevocation``. Only the broker sends and reads them, but they
+cross process boundaries like every other frame, so they are typed and pinned here too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from farcall.protocol.common import Message, as_bytes
+
+
+class CancelTasks(Message):
+    """These tasks were cancelled: the session drops the ones still waiting and tells its
+    endpoint to stop the others (a ``CancelFrame``)."""
+
+    type: Literal["cancel"] = "cancel"
+    task_ids: list[str]
+
+
+class SessionReplaced(Message):
+    """Session ``session_id`` is the endpoint's live one now: any other session of it ends."""
+
+    type: Literal["replaced"] = "replaced"
+    session_id: str
+
+
+class EndpointRemoved(Message):
+    """The endpoint was deleted: its session ends (close code 4004)."""
+
+    type: Literal["deleted"] = "deleted"
+
+
+ControlMessage = Annotated[CancelTasks | SessionReplaced | EndpointRemoved, Field(discriminator="type")]
+
+
+class _ControlBox(Message):
+    message: ControlMessage
+
+
+def parse_control(raw: str | bytes) -> CancelTasks | SessionReplaced | EndpointRemoved:
+    """Parse an endpoint control message (raises ``pydantic.ValidationError``)."""
+    return _ControlBox.model_validate_json(b'{"message":' + as_bytes(raw) + b"}").message
+
+
+class TokenRevocation(Message):
+    """A user token was revoked: every replica drops it from its cache (``token_hash``) and closes
+    the result streams opened with it (``token_id``)."""
+
+    token_id: str
+    token_hash: str
