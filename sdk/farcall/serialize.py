@@ -14,7 +14,7 @@ broker stores and forwards payloads without reading them. Strategies:
         ``__main__`` by value with the globals their methods use; buffers out of band
 ``12``  plain JSON (UTF-8): what a flow engine can write and read, so the arguments and
         results of tasks run through the Action Provider API (``result_format="json"``)
-``20``  a remote exception with its traceback (dill + tblib)
+``20``  a remote exception with its traceback (dill; the traceback as ``tracebacks`` data)
 ``30``  a reference to a data-plane blob (JSON ``{"blob_id", "size"}``, not base64): arguments
         or a result bigger than ``INLINE_BYTES``, held by the broker's blob store and fetched
         on demand; the blob is ``Frames.blob_parts`` (pickle protocol 5, buffers out of band)
@@ -25,28 +25,29 @@ cloudpickle carried 22, dill ``recurse=True`` 19 (it fails enums of ``__main__``
 recursive functions, and keeps numpy buffers in band), dill's default 10 (methods lose the
 notebook's globals: ``NameError``), and cloudpickle pickled 2,000 notebook objects 7x faster.
 dill stays as the fallback for the one case only it carries (an object holding a lock).
+
+Every function strategy keeps the function's file name and line numbers (``sourcelines``), so a
+remote traceback shows the user's source lines where it is formatted.
 """
 
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import json
 import pickle
 import struct
-import textwrap
 import traceback
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
 import dill
-from tblib import Traceback
 
 from farcall.errors import DeserializationError, SerializationError
+from farcall.sourcelines import cloudpickle_dumps, compile_source, source_of
+from farcall.tracebacks import rebuild_traceback, traceback_doc
 from farcall.version import __version__
 
 FUNCTION_DILL = "01"
@@ -71,7 +72,7 @@ BufferCallback = Callable[[pickle.PickleBuffer], Any]
 
 
 def _cloudpickle(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
-    return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
+    return cloudpickle_dumps(obj, buffer_callback)
 
 
 def _dill(obj: Any, buffer_callback: BufferCallback | None = None) -> bytes:
@@ -135,9 +136,7 @@ def serialize_function(fn: Callable[..., Any], strategy: str = "auto") -> str:
             errors.append(f"{name}: {type(e).__name__}: {e}")
     if strategy in ("auto", "source"):
         try:
-            source = textwrap.dedent(inspect.getsource(fn))
-            doc = {"name": fn.__name__, "source": source}
-            return _wrap(FUNCTION_SOURCE, json.dumps(doc).encode())
+            return _wrap(FUNCTION_SOURCE, json.dumps(source_of(fn)).encode())
         except (OSError, TypeError) as e:
             errors.append(f"source: {type(e).__name__}: {e}")
     raise SerializationError(
@@ -155,7 +154,7 @@ def deserialize_function(payload: str) -> Callable[..., Any]:
     elif code == FUNCTION_SOURCE:
         doc = json.loads(body)
         namespace: dict[str, Any] = {"__name__": "__farcall_source__"}
-        exec(compile(doc["source"], f"<farcall source of {doc['name']}>", "exec"), namespace)
+        exec(compile_source(doc), namespace)
         fn = namespace[doc["name"]]
     else:
         raise DeserializationError(f"payload strategy {code!r} is not a function strategy")
@@ -414,7 +413,7 @@ def serialize_exception(exc: BaseException) -> tuple[str, str]:
     exception itself cannot be pickled.
     """
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ else None
+    tb = traceback_doc(exc.__traceback__)
     try:
         data = _wrap(EXCEPTION, dill.dumps((exc, tb)))
         dill.loads(dill.dumps(exc))
@@ -434,7 +433,7 @@ def rebuild_exception(data: str, text: str, task_id: str = "") -> BaseException:
                 exc, tb = dill.loads(body)
                 if isinstance(exc, BaseException):
                     if tb is not None:
-                        exc = exc.with_traceback(Traceback.from_dict(tb).as_traceback())
+                        exc = exc.with_traceback(rebuild_traceback(tb))
                     elif text:
                         exc.add_note(f"Remote traceback (task {task_id}):\n{text}".rstrip())
                     return exc

@@ -2,8 +2,9 @@
 writes them; what a cell wants checked it prints as a JSON report line.
 
 ``Notebook().cell(...)`` adds cells; ``.report(tag, expression)`` adds a cell printing the value
-of ``expression`` under ``tag``; ``.run(kernel)`` executes every cell in a fresh kernel and
-returns a :class:`Ran` (``{tag: value}`` and the progress bars the kernel drew).
+of ``expression`` under ``tag``; ``.failing(tag, source)`` adds a cell that must raise;
+``.run(kernel)`` executes every cell in a fresh kernel and returns a :class:`Ran` (``{tag: value}``,
+the error each failing cell showed, and the progress bars the kernel drew).
 ``install_kernel`` writes a kernel spec for this interpreter whose environment carries the
 broker's URL, a token and an endpoint id (``FARCALL_TEST_ENDPOINT``).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,19 +68,36 @@ class Bar:
     text: str
 
 
+@dataclass(frozen=True)
+class Error:
+    """The error output of a cell: what IPython showed the user, colours removed."""
+
+    ename: str
+    evalue: str
+    traceback: str
+
+
 @dataclass
 class Ran:
     reports: dict[str, Any]
     bars: list[Bar]
+    errors: dict[str, Error] = field(default_factory=dict)
 
 
 @dataclass
 class Notebook:
     cells: list[str] = field(default_factory=list)
+    failing_cells: dict[int, str] = field(default_factory=dict)
+    """Tags of the cells that must raise, by position."""
 
     def cell(self, source: str) -> Notebook:
         self.cells.append(source.strip("\n"))
         return self
+
+    def failing(self, tag: str, source: str) -> Notebook:
+        """A cell that must raise; its error output is ``Ran.errors[tag]`` and the run goes on."""
+        self.failing_cells[len(self.cells)] = tag
+        return self.cell(source)
 
     def report(self, tag: str, expression: str) -> Notebook:
         """A cell printing ``expression``'s value (JSON) under ``tag`` for the test to read."""
@@ -87,13 +106,17 @@ class Notebook:
 
     def run(self, kernel: Kernel, timeout: float = 90) -> Ran:
         """Execute every cell in order in a fresh kernel (each cell at most ``timeout`` s). A
-        cell that raises fails the run with its traceback."""
+        cell that raises fails the run with its traceback, unless added with ``failing``."""
         nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in self.cells])
+        for index in self.failing_cells:
+            nb.cells[index].metadata["tags"] = ["raises-exception"]  # nbclient goes on after it
         client = NotebookClient(nb, kernel_name=kernel.name, timeout=int(timeout),
                                 resources={"metadata": {"path": str(kernel.cwd)}})
         with _environ(JUPYTER_PATH=str(kernel.jupyter_path)):
             client.execute()
-        return Ran(reports(nb), progress_bars(nb))
+        return Ran(reports(nb), progress_bars(nb), {
+            tag: error for index, tag in self.failing_cells.items()
+            if (error := error_of(nb.cells[index])) is not None})
 
 
 def reports(nb: Any) -> dict[str, Any]:
@@ -108,6 +131,18 @@ def reports(nb: Any) -> dict[str, Any]:
                     doc = json.loads(line[len(REPORT) + 1:])
                     found[doc["tag"]] = doc["value"]
     return found
+
+
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_of(cell: Any) -> Error | None:
+    """The error output of a run cell (``None`` if it raised nothing)."""
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "error":
+            text = "\n".join(output.get("traceback", []))
+            return Error(output["ename"], output["evalue"], _COLOUR.sub("", text))
+    return None
 
 
 def progress_bars(nb: Any) -> list[Bar]:
@@ -201,6 +236,18 @@ def add_progress(nb: Notebook, tag: str = "progress") -> None:
             "finished = sum(1 for _ in farcall.as_completed(watched, timeout=60, progress=True))")
     nb.cell("mapped = list(ex.map(abs, range(-5, 0), timeout=60, progress=True))")
     nb.report(tag, "{'finished': finished, 'mapped': mapped}")
+
+
+def add_remote_traceback(nb: Notebook, tag: str = "traceback") -> None:
+    """A cell defines ``boom`` (it raises ``ValueError`` on its second line), the next submits it
+    and catches the error: reports ``traceback.format_exception`` of it and ``boom``'s file
+    name; a last cell lets the same error propagate (``Ran.errors[tag]``: IPython's traceback)."""
+    nb.cell('def boom(tag):\n    raise ValueError(f"boom-{tag}")')
+    nb.cell("import traceback\n\n"
+            "try:\n    ex.submit(boom, 'caught').result(timeout=60)\n"
+            "except ValueError as e:\n    caught = ''.join(traceback.format_exception(e))")
+    nb.report(tag, "{'formatted': caught, 'file': boom.__code__.co_filename}")
+    nb.failing(tag, "ex.submit(boom, 'raised').result(timeout=60)")
 
 
 def add_submit_and_leave(nb: Notebook, seconds: int = 3, tag: str = "left") -> None:

@@ -7,6 +7,7 @@ travels is exactly what a notebook sends. Values come back as report lines the t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -22,6 +23,7 @@ from tests.integration.notebooks import (
     add_big_array,
     add_progress,
     add_reload,
+    add_remote_traceback,
     add_serialization_cases,
     add_size_error,
     add_submit_and_leave,
@@ -47,13 +49,15 @@ def kernel(broker: Broker, token: str, make_module_endpoint: Callable[..., Endpo
 
 @pytest.fixture(scope="module")
 def session(kernel: Kernel) -> Ran:
-    """One notebook run: every serialization case, a big array, a size error, progress bars."""
+    """One notebook run: every serialization case, a big array, a size error, progress bars, a
+    remote failure."""
     nb = Notebook()
     start(nb, CASES)
     add_serialization_cases(nb, CASES)
     add_big_array(nb, megabytes=50)
     add_size_error(nb)
     add_progress(nb)
+    add_remote_traceback(nb)
     nb.cell("ex.shutdown()")
     return nb.run(kernel)
 
@@ -84,6 +88,28 @@ def test_progress_bars_show_done_and_failed_counts(session: Ran) -> None:
     completed, mapped = session.bars[-2:]
     assert (completed.value, completed.total) == (8, 8) and "failed=1" in completed.text
     assert (mapped.value, mapped.total) == (5, 5) and "failed=0" in mapped.text
+
+
+def test_a_remote_failure_formats_with_the_cells_line(session: Ran) -> None:
+    """``traceback.format_exception`` in the kernel names the cell's file (IPython's
+    ``ipykernel_*`` name, which its line cache knows) and shows the failing line."""
+    report = session.reports["traceback"]
+    cell_file = report["file"]
+    assert "ipykernel_" in cell_file
+    assert (f'  File "{cell_file}", line 2, in boom\n'
+            '    raise ValueError(f"boom-{tag}")\n'
+            "ValueError: boom-caught\n") in report["formatted"], report["formatted"]
+
+
+def test_ipython_shows_the_failing_line_of_the_remote_frame(session: Ran) -> None:
+    """The error a cell shows when the remote failure propagates: IPython marks the failing
+    line of the cell that defined ``boom``, counting from the cell's first line."""
+    error = session.errors["traceback"]
+    assert (error.ename, error.evalue) == ("ValueError", "boom-raised")
+    assert re.search(r"Cell In\[\d+\], line 2, in boom\(.*\)\n"
+                     r"\s+1 def boom\(tag\):\n"
+                     r"-+> 2     raise ValueError\(f\"boom-\{tag\}\"\)\n", error.traceback), \
+        error.traceback
 
 
 def test_a_second_kernel_reloads_the_task_group_of_the_first(kernel: Kernel) -> None:

@@ -61,8 +61,9 @@ def test_source_strategy_reexecutes_the_definition() -> None:
 
 
 def test_auto_falls_back_to_dill_then_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cloudpickle
     import dill
+
+    import farcall.serialize
 
     def unpicklable(*_: object, **__: object) -> bytes:
         raise TypeError("cannot pickle this")
@@ -70,7 +71,7 @@ def test_auto_falls_back_to_dill_then_source(monkeypatch: pytest.MonkeyPatch) ->
     def triple(x: int) -> int:
         return 3 * x
 
-    monkeypatch.setattr(cloudpickle, "dumps", unpicklable)
+    monkeypatch.setattr(farcall.serialize, "cloudpickle_dumps", unpicklable)
     payload = serialize_function(triple)
     assert payload_strategy(payload) == FUNCTION_DILL
     monkeypatch.setattr(dill, "dumps", unpicklable)
