@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from types import ModuleType
 from typing import Any
 
@@ -42,15 +43,18 @@ def wait_for_file(path: str) -> str:
     return path
 
 
-def serve_on_loopback(handler: type[Any]) -> tuple[Any, str]:
-    """A ``ThreadingHTTPServer`` with ``handler`` on 127.0.0.1, serving in a daemon thread, and
-    its URL; ``server.shutdown(); server.server_close()`` ends it."""
+def serve_on_loopback(handler: type[Any], tls: ssl.SSLContext | None = None) -> tuple[Any, str]:
+    """A ``ThreadingHTTPServer`` with ``handler`` on 127.0.0.1 (over TLS with a ``tls`` server
+    context), serving in a daemon thread, and its URL; ``server.shutdown(); server.server_close()``
+    ends it."""
     import threading
     from http.server import ThreadingHTTPServer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_port}"
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
 
 
 class StubHTTP:
@@ -59,7 +63,7 @@ class StubHTTP:
     Records every request as ``(method, path, headers, body)``; answers 500 when no reply is queued.
     """
 
-    def __init__(self, *replies: tuple[int, Any]) -> None:
+    def __init__(self, *replies: tuple[int, Any], tls: ssl.SSLContext | None = None) -> None:
         import json
         from http.server import BaseHTTPRequestHandler
 
@@ -87,7 +91,7 @@ class StubHTTP:
 
             do_GET = do_POST = do_DELETE = _answer
 
-        self.server, self.url = serve_on_loopback(Handler)
+        self.server, self.url = serve_on_loopback(Handler, tls)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -4,7 +4,9 @@ Why not httpx or requests: on loopback a request through them spends about
 0.4 ms in Python before it reaches the wire, more than the broker spends on a
 task, and the Executor's round trip is made of such requests. This keeps a pool
 of ``http.client`` connections and nothing else. ``HTTPS_PROXY`` /
-``HTTP_PROXY`` / ``NO_PROXY`` are honoured as urllib does. Certificates are
+``HTTP_PROXY`` / ``NO_PROXY`` are honoured as urllib does, for ``http://`` proxy
+URLs (credentials in them are sent as ``Proxy-Authorization``); an ``https://``
+proxy URL is refused (see ``_proxy_for``). Certificates are
 verified as :mod:`farcall.tls` says; an untrusted one raises
 :class:`~farcall.errors.CertificateError`, which is not a :class:`TransportError`
 (retrying cannot help). Big bodies (data-plane blobs) are sent as parts without
@@ -13,6 +15,7 @@ being joined (``send_parts``) and read into one preallocated buffer (``read_into
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import mmap
@@ -22,9 +25,10 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from farcall import tls
+from farcall.errors import ConfigurationError
 
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
@@ -74,14 +78,14 @@ class Transport:
         self._lock = threading.Lock()
 
     def _connect(self) -> http.client.HTTPConnection:
-        if self._proxy is not None:
-            host, port = self._proxy
-            if self.https:
+        proxy = self._proxy
+        if proxy is not None:
+            if self.https:  # a CONNECT tunnel, TLS to the broker inside it
                 conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    host, port, timeout=self.timeout, context=self._ssl)
-                conn.set_tunnel(self.host, self.port)
+                    proxy.host, proxy.port, timeout=self.timeout, context=self._ssl)
+                conn.set_tunnel(self.host, self.port, headers=proxy.headers)
                 return conn
-            return http.client.HTTPConnection(host, port, timeout=self.timeout)
+            return http.client.HTTPConnection(proxy.host, proxy.port, timeout=self.timeout)
         if self.https:
             return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
                                                context=self._ssl)
@@ -112,9 +116,10 @@ class Transport:
     def _exchange(self, method: str, path: str, body: bytes | list[memoryview] | None,
                   headers: dict[str, str] | None, read: _Reader) -> Response:
         target = self.prefix + path
-        if self._proxy is not None and not self.https:
-            target = self._origin + target
         all_headers = {**self.headers, **(headers or {})}
+        if self._proxy is not None and not self.https:  # the proxy forwards each request
+            target = self._origin + target
+            all_headers.update(self._proxy.headers)
         for attempt in (0, 1):
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
@@ -206,7 +211,23 @@ class _IntoBuffer(_Reader):
         return view
 
 
-def _proxy_for(url: str) -> tuple[str, int] | None:
+@dataclass(frozen=True)
+class _Proxy:
+    host: str
+    port: int
+    headers: dict[str, str]
+    """``Proxy-Authorization`` when the proxy URL holds credentials: sent on the ``CONNECT`` for
+    an ``https://`` broker, on every request for an ``http://`` one."""
+
+
+def _proxy_for(url: str) -> _Proxy | None:
+    """The proxy that ``HTTPS_PROXY`` / ``HTTP_PROXY`` name for ``url``, unless ``NO_PROXY``
+    exempts its host.
+
+    An ``https://`` proxy URL (TLS to the proxy itself) is refused rather than spoken to in
+    plain text: for an ``https://`` broker it would need TLS inside TLS, which ``http.client``
+    does not do. An ``http://`` proxy still carries the broker's TLS end to end (``CONNECT``).
+    """
     parts = urlsplit(url)
     if urllib.request.proxy_bypass(parts.hostname or ""):
         return None
@@ -214,4 +235,16 @@ def _proxy_for(url: str) -> tuple[str, int] | None:
     if not proxy:
         return None
     p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    return (p.hostname or "", p.port or 8080)
+    shown = f"{p.scheme}://{p.hostname}" + (f":{p.port}" if p.port else "")  # no credentials
+    variable = f"{parts.scheme.upper()}_PROXY"
+    if p.scheme != "http" or not p.hostname:
+        raise ConfigurationError(
+            f"{variable} is {shown}: farcall reaches {parts.scheme}:// brokers only through an "
+            f"http:// proxy URL (the broker's own TLS still runs end to end through it); set "
+            f"{variable}=http://{p.hostname or 'PROXY'}:{p.port or 'PORT'}, or exempt the broker's "
+            f"host with NO_PROXY")
+    headers = {}
+    if p.username is not None:
+        secret = f"{unquote(p.username)}:{unquote(p.password or '')}"
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(secret.encode()).decode()
+    return _Proxy(p.hostname, p.port or 80, headers)  # as urllib and websockets default it

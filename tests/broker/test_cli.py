@@ -86,6 +86,14 @@ def test_serve_needs_both_certificate_and_key(tmp_path: Path) -> None:
     assert r.returncode == 2 and "--ssl-keyfile" in r.stderr
 
 
+def test_a_bad_setting_stops_serve_with_one_line_naming_the_variable() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "farcall.broker", "serve", "--port", str(free_port())],
+        env=_env(FARCALL_RATE_LIMIT="abc"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr == "farcall-broker: FARCALL_RATE_LIMIT='abc' is not a number; unset it or give one\n"
+
+
 def test_serve_embedded_prints_a_demo_token(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "broker.log"

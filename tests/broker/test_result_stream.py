@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from collections.abc import Iterator
 
@@ -104,7 +103,7 @@ def test_results_reach_a_client_on_another_replica(real_prefix: str) -> None:
     )
 
     try:
-        with EmbeddedBroker(settings) as a, EmbeddedBroker(dataclasses.replace(settings)) as b:
+        with EmbeddedBroker(settings) as a, EmbeddedBroker(settings.model_copy()) as b:
             token, http = user(a, "alice")
             eid, credential, (group, *ids) = submit(http, 2)
             with stream(a.url, group, token) as ws:
@@ -116,7 +115,7 @@ def test_results_reach_a_client_on_another_replica(real_prefix: str) -> None:
 
 
 def test_batches_submitted_on_the_stream_are_answered_in_kind(broker_settings: Settings) -> None:
-    with EmbeddedBroker(dataclasses.replace(broker_settings, max_payload_bytes=65536)) as broker:
+    with EmbeddedBroker(broker_settings.model_copy(update={"max_payload_bytes": 65536})) as broker:
         _submissions_on_the_stream(broker)
 
 

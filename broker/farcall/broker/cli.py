@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
 
-from farcall.broker.settings import Settings
+from farcall.broker.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +67,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        print(f"farcall-broker: {e}", file=sys.stderr)
+        return 2
     if args.redis_url:
-        settings = dataclasses.replace(settings, redis_url=args.redis_url)
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
     if args.command == "serve":
         if args.amqp_url:
-            settings = dataclasses.replace(settings, amqp_url=args.amqp_url)
+            settings = settings.model_copy(update={"amqp_url": args.amqp_url})
         if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
             print("farcall-broker serve: give both --ssl-certfile and --ssl-keyfile, or neither",
                   file=sys.stderr)

@@ -10,26 +10,27 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+
+import cachetools
 
 
 class RateLimiter:
     """Up to ``burst`` events at once per key, refilled at ``rate`` per second.
 
-    ``rate`` 0 means no limit. Keys idle long enough to be full again are
-    forgotten first when more than ``max_keys`` are held.
+    ``rate`` 0 means no limit. Past ``max_keys`` keys the least recently used is
+    forgotten, and starts again with a full bucket (as an idle key would have).
     """
 
     def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
         self.rate, self.burst, self.max_keys = rate, max(1, burst), max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        """key -> (tokens left, when last refilled), least recently used first"""
+        self._buckets: cachetools.LRUCache[str, tuple[float, float]] = cachetools.LRUCache(max_keys)
+        """key -> (tokens left, when last refilled)"""
 
     def _level(self, key: str, at: float) -> float:
-        found = self._buckets.get(key)
-        if found is None:
+        try:
+            tokens, since = self._buckets[key]
+        except KeyError:
             return float(self.burst)
-        tokens, since = found
         return min(float(self.burst), tokens + (at - since) * self.rate)
 
     def take(self, key: str, cost: float = 1.0) -> float:
@@ -42,9 +43,6 @@ class RateLimiter:
         if tokens < cost:
             return (cost - tokens) / self.rate
         self._buckets[key] = (tokens - cost, at)
-        self._buckets.move_to_end(key)
-        while len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
         return 0.0
 
 

@@ -8,84 +8,97 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from farcall.serialize import INLINE_BYTES
 
 MB = 1024 * 1024
+ENV_PREFIX = "FARCALL_"
+
+__all__ = ["ENV_PREFIX", "MB", "Settings", "SettingsError"]
 
 
-@dataclass
-class Settings:
-    """Everything the broker reads from its environment; safe to build by hand in tests."""
+class Settings(BaseSettings):
+    """Everything the broker reads from its environment.
+
+    ``Settings(...)`` takes only what it is given (tests build it by hand while
+    ``FARCALL_*`` may be set; a bad value is pydantic's ``ValidationError``);
+    :meth:`from_env` reads the environment, and a bad value there raises
+    :class:`SettingsError` (a ``ValueError``) with one line per variable, named.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True,
+                                      allow_inf_nan=False, extra="forbid")
 
     redis_url: str | None = None
     amqp_url: str | None = None
     redis_prefix: str = "farcall:"
     queue_prefix: str = "farcall."
-    max_payload_bytes: int = 10 * MB
-    result_ttl: int = 7 * 24 * 3600
-    endpoint_timeout: float = 30.0
+    max_payload_bytes: int = Field(default=10 * MB, ge=1)
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=1)
+    endpoint_timeout: float = Field(default=30.0, gt=0)
     """Offline after this silence, for an endpoint that did not say its heartbeat period."""
-    max_endpoint_losses: int = 3
+    max_endpoint_losses: int = Field(default=3, ge=1)
     """A task running at this many deaths of its endpoint's agent fails instead of going again."""
-    rate_limit: float = 500.0
+    rate_limit: float = Field(default=500.0, ge=0)
     """Requests per second one token may make, on average (REST calls and batches submitted on
     a result stream); 0 for no limit. Each broker replica counts on its own."""
-    rate_burst: int = 2000
+    rate_burst: int = Field(default=2000, ge=0)
     """Requests one token may make at once before ``rate_limit`` applies."""
-    auth_failure_rate: float = 1.0
+    auth_failure_rate: float = Field(default=1.0, ge=0)
     """Failed authentications per second one client address may make, on average (0: no limit)."""
-    auth_failure_burst: int = 30
+    auth_failure_burst: int = Field(default=30, ge=0)
     """Failed authentications one address may make at once before it is answered 429."""
-    max_endpoints: int = 100
+    max_endpoints: int = Field(default=100, ge=0)
     """Endpoints one user may own (0: no limit)."""
-    max_functions: int = 50_000
+    max_functions: int = Field(default=50_000, ge=0)
     """Functions one user may have registered (0: no limit)."""
-    max_open_tasks: int = 1_000_000
+    max_open_tasks: int = Field(default=1_000_000, ge=0)
     """Tasks one user may have waiting or running (0: no limit); past it, submissions answer 429."""
-    max_timers: int = 1000
+    max_timers: int = Field(default=1000, ge=0)
     """Timers one user may have, in any state (0: no limit); past it, creating one answers 403."""
-    max_task_bytes: int = 1024 * MB
+    max_task_bytes: int = Field(default=1024 * MB, ge=INLINE_BYTES)
     """Largest arguments or result of one task (they travel as data-plane blobs past
-    ``inline_bytes``)."""
+    ``inline_bytes``); at least ``INLINE_BYTES``, the size up to which they travel inside it."""
     blob_dir: str | None = None
     """Keep blobs as files in this directory (shared by every replica, e.g. an NFS or volume
     mount) instead of in Redis (or in memory, embedded)."""
 
-    def __post_init__(self) -> None:
-        if self.max_task_bytes < INLINE_BYTES:
-            raise ValueError(
-                f"FARCALL_MAX_TASK_BYTES={self.max_task_bytes} is below {INLINE_BYTES}, the size up "
-                "to which arguments travel inside the task; set it to at least that")
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values passed in: the environment is read by :meth:`from_env`, on purpose."""
+        return (init_settings,)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if environ is None else environ
-        return cls(
-            redis_url=env.get("FARCALL_REDIS_URL") or None,
-            amqp_url=env.get("FARCALL_AMQP_URL") or None,
-            redis_prefix=env.get("FARCALL_REDIS_PREFIX", cls.redis_prefix),
-            queue_prefix=env.get("FARCALL_QUEUE_PREFIX", cls.queue_prefix),
-            max_payload_bytes=_number(env, "FARCALL_MAX_PAYLOAD_BYTES", cls.max_payload_bytes, int),
-            result_ttl=_number(env, "FARCALL_RESULT_TTL", cls.result_ttl, int),
-            endpoint_timeout=_number(env, "FARCALL_ENDPOINT_TIMEOUT", cls.endpoint_timeout, float),
-            max_endpoint_losses=_number(env, "FARCALL_MAX_ENDPOINT_LOSSES",
-                                        cls.max_endpoint_losses, int),
-            rate_limit=_number(env, "FARCALL_RATE_LIMIT", cls.rate_limit, float),
-            rate_burst=_number(env, "FARCALL_RATE_BURST", cls.rate_burst, int),
-            auth_failure_rate=_number(env, "FARCALL_AUTH_FAILURE_RATE", cls.auth_failure_rate,
-                                      float),
-            auth_failure_burst=_number(env, "FARCALL_AUTH_FAILURE_BURST", cls.auth_failure_burst,
-                                       int),
-            max_endpoints=_number(env, "FARCALL_MAX_ENDPOINTS", cls.max_endpoints, int),
-            max_functions=_number(env, "FARCALL_MAX_FUNCTIONS", cls.max_functions, int),
-            max_open_tasks=_number(env, "FARCALL_MAX_OPEN_TASKS", cls.max_open_tasks, int),
-            max_timers=_number(env, "FARCALL_MAX_TIMERS", cls.max_timers, int),
-            max_task_bytes=_number(env, "FARCALL_MAX_TASK_BYTES", cls.max_task_bytes, int),
-            blob_dir=env.get("FARCALL_BLOB_DIR") or None,
-        )
+        """The settings that ``environ`` (the process's environment by default) gives; an empty
+        variable counts as unset."""
+        values = _Environment(cls, os.environ if environ is None else environ)()
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise SettingsError(_explain(e)) from None
+
+    @field_validator("redis_url", "amqp_url", "blob_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @property
     def max_frame_bytes(self) -> int:
@@ -98,15 +111,46 @@ class Settings:
         return self.redis_url is None and self.amqp_url is None
 
 
-def _number(
-    env: Mapping[str, str], name: str, default: float, kind: type[int] | type[float]
-) -> Any:
-    raw = env.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ValueError(
-            f"{name}={raw!r} is not a number; unset it or give a {kind.__name__}"
-        ) from None
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' reading of ``FARCALL_*`` variables, from a given mapping rather than
+    always ``os.environ`` (so a test or a caller can say which environment it means)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        """Names folded to lower case as pydantic-settings does (``case_sensitive`` is off), empty
+        values left out (``env_ignore_empty``)."""
+        return {name.lower(): value for name, value in self._environ.items()
+                if value != "" or not self.env_ignore_empty}
+
+
+_NOT_A_NUMBER = {"int_parsing": "a whole number", "int_from_float": "a whole number",
+                 "float_parsing": "a number", "finite_number": "a finite number"}
+
+
+def _explain(error: ValidationError) -> str:
+    """One line per bad setting, named as its environment variable, with what to give instead."""
+    return "\n".join(_line(e) for e in error.errors(include_url=False))
+
+
+def _line(e: Mapping[str, Any]) -> str:
+    field = str(e["loc"][0]) if e["loc"] else ""
+    name = f"{ENV_PREFIX}{field.upper()}"
+    value, ctx = e.get("input"), e.get("ctx") or {}
+    kind = e["type"]
+    if kind in _NOT_A_NUMBER:
+        return f"{name}={value!r} is not {_NOT_A_NUMBER[kind]}; unset it or give one"
+    if kind == "greater_than_equal":
+        why = (", the size up to which arguments travel inside the task"
+               if field == "max_task_bytes" else "")
+        return f"{name}={value} is below {_number(ctx['ge'])}{why}; set it to at least that"
+    if kind == "greater_than":
+        return f"{name}={value} must be more than {_number(ctx['gt'])}"
+    return f"{name}={value!r}: {e['msg']}"
+
+
+def _number(limit: float) -> float:
+    """``0`` rather than ``0.0`` in a message about an integer-valued limit."""
+    return int(limit) if float(limit).is_integer() else limit
