@@ -1,4 +1,5 @@
-"""Fixtures for the broker's unit tests: stores and queues on memory and on the real services.
+"""Fixtures for the broker's unit tests: queues and whole brokers on memory and on the real services
+(the store's are in ``store/conftest.py``).
 
 The real Redis and RabbitMQ are started when they do not answer (the ``services``
 fixture), and a test fails, never skips, when they cannot be. Every test uses
@@ -15,10 +16,7 @@ import pytest
 from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.queue.rabbitmq import RabbitQueue
 from farcall.broker.settings import Settings
-from farcall.broker.store.base import Store
-from farcall.broker.store.memory import MemoryStore
-from farcall.broker.store.redis import RedisStore
-from harness.services import AMQP_URL, REDIS_URL, drop_redis_prefix, drop_service_data
+from harness.services import AMQP_URL, REDIS_URL, drop_service_data
 from tests.broker.helpers import Queues, drop_queues
 
 
@@ -30,21 +28,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def real_prefix() -> str:
     return f"farcall-test-{uuid.uuid4().hex}"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, real_prefix: str) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    request.getfixturevalue("services")
-    s = RedisStore(REDIS_URL, prefix=f"{real_prefix}:", result_ttl=3600)
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.close()
-        drop_redis_prefix(f"{real_prefix}:")
 
 
 @pytest.fixture(params=["memory", "rabbitmq"])

@@ -19,7 +19,7 @@ from farcall import serialize
 from farcall.broker import grants
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
-from farcall.broker.store.memory_blobs import MemoryBlobs
+from farcall.broker.store.memory.blobs import MemoryBlobs
 from farcall.protocol.channel import ResultMessage, ResultsAck, ResultsFrame
 from farcall.protocol.common import TaskState, now
 from harness.procs import wait_until

@@ -17,7 +17,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from farcall.broker import endpoint_channel
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.errors import Unavailable
-from farcall.broker.records import NewTasks
 from farcall.broker.settings import Settings
 from farcall.protocol.channel import (
     CancelFrame,
@@ -33,6 +32,7 @@ from farcall.protocol.channel import (
 from farcall.protocol.common import TaskState, now
 from harness.procs import wait_until
 from tests.broker.helpers import FakeEndpoint, on_loop
+from tests.broker.records import new_tasks
 
 
 @dataclass
@@ -51,14 +51,10 @@ class Setup:
 
     def submit_records(self, n: int) -> tuple[str, list[str]]:
         """Task records made in the store directly (nothing queued or sent), as a submission would."""
-        import uuid
-
         store = self.broker.app.state.services.store
         owner = on_loop(self.broker, store.endpoints.get(self.endpoint_id)).user_id
-        group, ids = str(uuid.uuid4()), [str(uuid.uuid4()) for _ in range(n)]
-        batch = NewTasks(user_id=owner, task_group_id=group, endpoint_id=self.endpoint_id,
-                         task_ids=ids, function_ids=[self.function_id] * n,
-                         received_at=now(), waiting_at=now(), new_group=True)
+        batch = new_tasks(n, endpoint=self.endpoint_id, user=owner, function_id=self.function_id)
+        group, ids = batch.task_group_id, batch.task_ids
         on_loop(self.broker, store.endpoints.connect_session(self.endpoint_id, "old", None, now()))
         went = on_loop(self.broker, store.tasks.create(batch, inflight={t: "{}" for t in ids},
                                                        session_id="old"))

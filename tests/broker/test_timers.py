@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from farcall.broker import auth, schedule
 from farcall.broker.app import create_app
 from farcall.broker.queue.memory import MemoryQueue
-from farcall.broker.records import EndpointRecord, FunctionRecord, TimerRecord
+from farcall.broker.records import TimerRecord
 from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
@@ -24,6 +24,7 @@ from farcall.broker.store.memory import MemoryStore
 from farcall.protocol.common import now
 from farcall.protocol.timers import TimerSchedule
 from harness.procs import wait_until
+from tests.broker.records import endpoint_record, function_record
 
 DAY = 86400.0
 T0 = 1_800_000_000.0
@@ -108,10 +109,8 @@ class Stage:
 async def stage() -> AsyncIterator[Stage]:
     svc = Services.build(Settings(), MemoryStore(), MemoryQueue())
     user, endpoint_id, function_id = "u1", str(uuid.uuid4()), str(uuid.uuid4())
-    await svc.store.endpoints.put(
-        EndpointRecord(endpoint_id=endpoint_id, user_id=user, name="ep", created_at=T0), "h")
-    await svc.store.functions.put(
-        FunctionRecord(function_id=function_id, user_id=user, function="FN", created_at=T0))
+    await svc.store.endpoints.put(endpoint_record(endpoint_id, user, created_at=T0), "h")
+    await svc.store.functions.put(function_record(function_id, user, created_at=T0))
     await svc.queue.declare(endpoint_id)
     yield Stage(svc, TimerScheduler(svc), user, endpoint_id, function_id)
 
@@ -163,8 +162,7 @@ async def test_a_timer_whose_function_or_endpoint_is_gone_stops_saying_which(
         await store.endpoints.delete(stage.endpoint_id)
         stage.svc.endpoint_access.pop(stage.endpoint_id)
     else:  # the endpoint's owner stops sharing it with the timer's creator
-        await store.endpoints.put(EndpointRecord(endpoint_id=stage.endpoint_id, user_id="owner",
-                                                 name="ep", created_at=T0), "h")
+        await store.endpoints.put(endpoint_record(stage.endpoint_id, "owner", created_at=T0), "h")
         stage.svc.endpoint_access.pop(stage.endpoint_id)
     assert await stage.scheduler.tick(T0 + 10) == 1
     found = await stage.get(timer)

@@ -64,14 +64,14 @@ def make_queue(settings: Settings) -> TaskQueue:
 def make_blobs(settings: Settings) -> BlobStore:
     """Files in ``blob_dir`` when it is set, else Redis when ``redis_url`` is, else memory."""
     if settings.blob_dir:
-        from farcall.broker.store.file_blobs import FileBlobs
+        from farcall.broker.store.files import FileBlobs
 
         return FileBlobs(settings.blob_dir)
     if settings.redis_url:
-        from farcall.broker.store.redis_blobs import RedisBlobs
+        from farcall.broker.store.redis.blobs import RedisBlobs
 
         return RedisBlobs(settings.redis_url, settings.redis_prefix)
-    from farcall.broker.store.memory_blobs import MemoryBlobs
+    from farcall.broker.store.memory.blobs import MemoryBlobs
 
     return MemoryBlobs()
 

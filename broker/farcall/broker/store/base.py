@@ -19,8 +19,8 @@ concept and says so.
 | ``actions`` | actions of the Action Provider API, each one record that expires |
 | ``timers`` | timers, the times they run next, and their runs |
 
-Data-plane blobs have a store of their own, ``BlobStore`` (:mod:`.memory_blobs`,
-:mod:`.redis_blobs`, :mod:`.file_blobs`), chosen apart from the records' backend.
+Data-plane blobs have a store of their own, ``BlobStore`` (:mod:`.memory.blobs`,
+:mod:`.redis.blobs`, :mod:`.files`), chosen apart from the records' backend.
 """
 
 from __future__ import annotations

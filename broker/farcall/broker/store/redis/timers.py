@@ -6,7 +6,7 @@ Keys (``p`` is the prefix): ``p timer:<id>`` hash (the ``TimerRecord`` without i
 ``p timer:<id>:runs`` hash run number -> ``TimerRun`` JSON (the latest ``TIMER_RUNS_KEPT``);
 ``p user:<id>:timers`` sorted set of the user's timer ids by creation; ``p timers:due`` sorted
 set of active timer ids by next run. A run is claimed by a compare and set of ``next_run``
-(``redis_scripts.TIMER_CLAIM``), so of all the replicas that find a timer due, one fires it.
+(``TIMER_CLAIM``), so of all the replicas that find a timer due, one fires it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 from typing import Any
 
 from farcall.broker.records import TimerRecord
-from farcall.broker.store import redis_scripts
 from farcall.broker.store.base import TimerStore
 from farcall.protocol.common import Versions
 from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun, TimerSchedule
@@ -23,16 +22,85 @@ from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun, TimerSchedule
 _RUN_FIELDS = {"at", "task_id", "error"}
 """What a run's JSON holds (its number is its key)."""
 
+# KEYS[1] the user's timers (sorted set by creation), KEYS[2] the timer's hash, KEYS[3] the due
+# set. ARGV[1] the user's limit of timers (0: none), ARGV[2] timer id, ARGV[3] its created_at,
+# ARGV[4] its next_run ('' for none), ARGV[5..] the hash's field, value pairs. Returns 0,
+# changing nothing, when the user has the limit already.
+TIMER_CREATE = """
+local limit = tonumber(ARGV[1])
+if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2]) end
+return 1
+"""
+
+# KEYS[1] the timer's hash, KEYS[2] its runs, KEYS[3] the due set. ARGV[1] timer id, ARGV[2] the
+# next_run the caller saw (as stored), ARGV[3] the next run after this one ('' for none),
+# ARGV[4] stop_after_runs (0: none), ARGV[5] the run's JSON, ARGV[6] runs kept. The compare and
+# set that makes a run fire once across replicas: the run's number, or nil when the timer is no
+# longer active and due at ARGV[2] (another replica claimed it, or it was paused or deleted).
+TIMER_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'active'
+    or redis.call('HGET', KEYS[1], 'next_run') ~= ARGV[2] then
+  return false
+end
+local n = redis.call('HINCRBY', KEYS[1], 'run_count', 1)
+local limit = tonumber(ARGV[4])
+if ARGV[3] == '' or (limit > 0 and n >= limit) then
+  redis.call('HSET', KEYS[1], 'state', 'finished', 'next_run', '')
+  redis.call('ZREM', KEYS[3], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'next_run', ARGV[3])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+end
+redis.call('HSET', KEYS[2], n, ARGV[5])
+redis.call('HDEL', KEYS[2], n - tonumber(ARGV[6]))
+return n
+"""
+
+# KEYS[1] the timer's hash, KEYS[2] the due set. ARGV[1] timer id, ARGV[2] the states it may
+# leave (comma-separated), ARGV[3] its new state, ARGV[4] its next_run ('' for none), ARGV[5] a
+# reason ('' for none). Pause, resume and stop: 1 if the timer was in one of those states.
+TIMER_SET_STATE = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st or not string.find(',' .. ARGV[2] .. ',', ',' .. st .. ',', 1, true) then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'next_run', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[5]) end
+if ARGV[4] == '' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+end
+return 1
+"""
+
+# KEYS[1] the timer's hash, KEYS[2] its runs, KEYS[3] the due set. ARGV[1] timer id, ARGV[2] the
+# key prefix (for its user's set of timers). 1 if there was such a timer.
+TIMER_DELETE = """
+local uid = redis.call('HGET', KEYS[1], 'user_id')
+if not uid then return 0 end
+redis.call('ZREM', ARGV[2] .. 'user:' .. uid .. ':timers', ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# KEYS[1] the timer's runs. ARGV[1] run number, ARGV[2] the run's JSON: replaces a run still kept.
+TIMER_ATTACH = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+"""
+
 
 class RedisTimers(TimerStore):
     def __init__(self, r: Any, prefix: str) -> None:
         self._r = r
         self._prefix = prefix
-        self._create = r.register_script(redis_scripts.TIMER_CREATE)
-        self._claim = r.register_script(redis_scripts.TIMER_CLAIM)
-        self._set_state = r.register_script(redis_scripts.TIMER_SET_STATE)
-        self._delete = r.register_script(redis_scripts.TIMER_DELETE)
-        self._attach = r.register_script(redis_scripts.TIMER_ATTACH)
+        self._create = r.register_script(TIMER_CREATE)
+        self._claim = r.register_script(TIMER_CLAIM)
+        self._set_state = r.register_script(TIMER_SET_STATE)
+        self._delete = r.register_script(TIMER_DELETE)
+        self._attach = r.register_script(TIMER_ATTACH)
 
     def _k(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)

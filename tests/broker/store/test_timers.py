@@ -1,9 +1,8 @@
-"""The ``TimerStore`` contract, run against the in-process store and the real Redis."""
+"""``TimerStore``: timers, their next runs and runs, on the in-process store and the real Redis."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import pytest
@@ -11,22 +10,15 @@ import pytest
 from farcall.broker.records import TimerRecord
 from farcall.broker.store.base import Store
 from farcall.broker.store.redis import RedisStore
-from farcall.protocol.common import now
-from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun, TimerSchedule
+from farcall.protocol.timers import TIMER_RUNS_KEPT, TimerRun
 from harness.services import REDIS_URL, drop_redis_prefix
+from tests.broker.records import timer_record
 
 pytestmark = pytest.mark.anyio
 
 
-def _timer(user: str = "u1", next_run: float | None = 100.0, **fields: object) -> TimerRecord:
-    return TimerRecord.model_validate({
-        "timer_id": str(uuid.uuid4()), "user_id": user, "name": "nightly", "endpoint_id": "ep1",
-        "function_id": "f1", "args": "ARGS", "schedule": TimerSchedule(interval=10.0),
-        "next_run": next_run, "created_at": now(), **fields})
-
-
 async def _made(store: Store, **fields: Any) -> TimerRecord:
-    timer = _timer(**fields)
+    timer = timer_record(**fields)
     assert await store.timers.create(timer)
     return timer
 
@@ -49,11 +41,11 @@ async def test_create_get_list_delete(store: Store) -> None:
 
 async def test_a_user_has_at_most_max_timers(store: Store) -> None:
     for _ in range(3):
-        assert await store.timers.create(_timer(), max_timers=3)
-    assert not await store.timers.create(_timer(), max_timers=3)
+        assert await store.timers.create(timer_record(), max_timers=3)
+    assert not await store.timers.create(timer_record(), max_timers=3)
     assert len(await store.timers.by_user("u1")) == 3, "a refused timer must not be stored"
-    assert await store.timers.create(_timer(user="u2"), max_timers=3), "the limit is per user"
-    assert await store.timers.create(_timer(), max_timers=0), "0 is no limit"
+    assert await store.timers.create(timer_record(user="u2"), max_timers=3), "the limit is per user"
+    assert await store.timers.create(timer_record(), max_timers=0), "0 is no limit"
 
 
 async def test_due_finds_active_timers_whose_time_came_earliest_first(store: Store) -> None:
@@ -89,7 +81,7 @@ async def test_a_run_is_claimed_once_by_concurrent_callers(store: Store) -> None
 async def test_replicas_on_one_redis_claim_each_run_once(real_prefix: str, services: None) -> None:
     replicas = [RedisStore(REDIS_URL, prefix=f"{real_prefix}:") for _ in range(3)]
     try:
-        timer = _timer(next_run=100.0)
+        timer = timer_record(next_run=100.0)
         assert await replicas[0].timers.create(timer)
         for due_at in (100.0, 110.0, 120.0):
             claims = await asyncio.gather(*(

@@ -1,5 +1,6 @@
-"""RedisPubSub on the real Redis: one pub/sub connection per process however many result streams
-are open, frames across replicas, and subscriptions ending when Redis restarts."""
+"""``PubSub``: frames fanned out on the in-process store and the real Redis; and RedisPubSub on the
+real Redis: one pub/sub connection per process however many result streams are open, frames
+across replicas, and subscriptions ending when Redis restarts."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from farcall.broker.store.base import Subscription
-from farcall.broker.store.redis_pubsub import RedisPubSub
+from farcall.broker.store.base import Store, Subscription
+from farcall.broker.store.redis import RedisStore
+from farcall.broker.store.redis.pubsub import RedisPubSub
+from farcall.protocol.common import TaskState
+from farcall.protocol.stream import ResultStreamFrame, TaskResult
 from harness.private_services import PrivateRedis
 from harness.services import REDIS_URL
 
@@ -216,3 +220,51 @@ async def test_subscribe_while_redis_is_down_is_unavailable(services: None) -> N
             await pubsub.subscribe("g")
     assert pubsub._subscribers == {}, "the failed subscription left nothing behind"
     await r.aclose()
+
+
+async def test_result_fanout(store: Store) -> None:
+    sub_a = await store.pubsub.subscribe("g1")
+    sub_b = await store.pubsub.subscribe("g1")
+    other = await store.pubsub.subscribe("g2")
+    frame = ResultStreamFrame(
+        results=[TaskResult(task_id="t", state=TaskState.SUCCESS)]
+    ).model_dump_json()
+    await store.pubsub.publish("g1", frame)
+
+    async def first(sub: Subscription) -> str:
+        async for f in sub:
+            return f
+        return ""
+
+    assert await asyncio.wait_for(first(sub_a), 5) == frame
+    assert await asyncio.wait_for(first(sub_b), 5) == frame
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(first(other), 0.2)
+    for s in (sub_a, sub_b, other):
+        await s.close()
+
+
+@pytest.mark.usefixtures("services")
+async def test_each_frame_reaches_a_subscriber_once_from_any_replica(real_prefix: str) -> None:
+    """Frames of this replica are handed over directly and not again through Redis."""
+    here = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
+    there = RedisStore(REDIS_URL, prefix=f"{real_prefix}:")
+    sub = await here.pubsub.subscribe("g")
+    try:
+        await here.pubsub.publish("g", "one")
+        await here.pubsub.publish("g", "two")
+        await there.pubsub.publish("g", "last")  # through Redis, after any echo of the two above
+
+        async def until_last() -> list[str]:
+            got = []
+            async for frame in sub:
+                got.append(frame)
+                if frame == "last":
+                    return got
+            return got
+
+        assert await asyncio.wait_for(until_last(), 5) == ["one", "two", "last"]
+    finally:
+        await sub.close()
+        await here.close()
+        await there.close()

@@ -1,4 +1,4 @@
-"""The ``BlobStore`` contract, run against memory, the real Redis and a real directory."""
+"""The ``BlobStore`` contract, run against memory, the real Redis and a real directory (``files``)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from farcall.broker.store import file_blobs
+from farcall.broker.store import files
 from farcall.broker.store.base import BlobStore
-from farcall.broker.store.file_blobs import FileBlobs
-from farcall.broker.store.memory_blobs import MemoryBlobs
-from farcall.broker.store.redis_blobs import RedisBlobs
+from farcall.broker.store.files import FileBlobs
+from farcall.broker.store.memory.blobs import MemoryBlobs
+from farcall.broker.store.redis.blobs import RedisBlobs
 from harness.services import REDIS_URL, drop_redis_prefix, redis_keys
 
 pytestmark = pytest.mark.anyio
@@ -64,10 +64,10 @@ async def backend(request: pytest.FixtureRequest, real_prefix: str,
     else:
         directory = tmp_path / "blobs"
 
-        def files() -> int:
-            return sum(1 for name in os.listdir(directory) if name != file_blobs.SECRET)
+        def stored_files() -> int:
+            return sum(1 for name in os.listdir(directory) if name != files.SECRET)
 
-        yield Backend("files", await start(FileBlobs(directory)), files,
+        yield Backend("files", await start(FileBlobs(directory)), stored_files,
                       lambda: start(FileBlobs(directory)))
     for store in opened:
         await store.close()
@@ -206,10 +206,10 @@ async def test_files_expire_by_modification_time_and_a_write_sweeps(tmp_path: Pa
     os.utime(tmp_path / old, (past, past))
     assert await blobs.open(old) is None, "an expired file is not served before the sweep"
     stale_temp.write_bytes(b"left by a writer that died")
-    long_ago = time.time() - file_blobs.STALE_TEMP - 1
+    long_ago = time.time() - files.STALE_TEMP - 1
     os.utime(stale_temp, (long_ago, long_ago))
     fresh_temp.write_bytes(b"still being written")
     await FileBlobs(tmp_path).write(_id(), _chunks(b"new"), 60)  # a replica's first write sweeps
     assert not (tmp_path / old).exists() and not stale_temp.exists()
-    assert fresh_temp.exists() and (tmp_path / file_blobs.SECRET).exists()
+    assert fresh_temp.exists() and (tmp_path / files.SECRET).exists()
     assert await blobs.open("../etc/passwd") is None and await blobs.open("short") is None

@@ -1,25 +1,16 @@
-"""The ``ActionStore`` contract, run against the in-process store and the real Redis."""
+"""``ActionStore``: actions of the Action Provider API, on the in-process store and the real Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import pytest
 
-from farcall.broker.records import ActionRecord
 from farcall.broker.store.base import Store
-from farcall.protocol.common import now
+from tests.broker.records import action_record
 
 pytestmark = pytest.mark.anyio
-
-
-def _action(user: str = "u1", request_id: str = "r1", **fields: object) -> ActionRecord:
-    return ActionRecord.model_validate({
-        "action_id": str(uuid.uuid4()), "user_id": user, "request_id": request_id,
-        "request_digest": "d1", "created_at": now(), "release_after": 60.0, "task_count": 2,
-        **fields})
 
 
 async def _gone(store: Store, action_id: str, timeout: float = 5.0) -> None:
@@ -30,20 +21,20 @@ async def _gone(store: Store, action_id: str, timeout: float = 5.0) -> None:
 
 
 async def test_a_request_id_makes_one_action_per_user(store: Store) -> None:
-    first = _action(monitor_by=["urn:x"])
+    first = action_record(monitor_by=["urn:x"])
     assert await store.actions.create(first, 60) == first
-    again = await store.actions.create(_action(request_digest="d2"), 60)
+    again = await store.actions.create(action_record(request_digest="d2"), 60)
     assert again == first, "the same user and request id must give back the first action"
-    other_user = _action(user="u2")
+    other_user = action_record(user="u2")
     assert await store.actions.create(other_user, 60) == other_user
-    other_request = _action(request_id="r2")
+    other_request = action_record(request_id="r2")
     assert await store.actions.create(other_request, 60) == other_request
     assert await store.actions.get(first.action_id) == first
     assert await store.actions.get("unknown") is None
 
 
 async def test_update_replaces_the_record_while_it_exists(store: Store) -> None:
-    action = await store.actions.create(_action(), 60)
+    action = await store.actions.create(action_record(), 60)
     action.task_ids, action.task_group_id = ["t1", "t2"], "g1"
     action.status, action.details = "SUCCEEDED", {"results": [{"output": None}]}
     assert await store.actions.update(action, 60)
@@ -55,16 +46,16 @@ async def test_update_replaces_the_record_while_it_exists(store: Store) -> None:
 
 
 async def test_a_released_request_id_starts_a_new_action(store: Store) -> None:
-    first = await store.actions.create(_action(), 60)
+    first = await store.actions.create(action_record(), 60)
     await store.actions.release(first)
-    second = _action()
+    second = action_record()
     assert await store.actions.create(second, 60) == second
 
 
 async def test_records_expire_with_their_request_id(store: Store) -> None:
-    short = await store.actions.create(_action(), 0.3)
+    short = await store.actions.create(action_record(), 0.3)
     await _gone(store, short.action_id)
-    fresh = _action()
+    fresh = action_record()
     assert await store.actions.create(fresh, 60) == fresh, "the expired request id is free again"
     fresh.status = "FAILED"
     assert await store.actions.update(fresh, 0.3), "update sets the new lifetime"
@@ -73,5 +64,5 @@ async def test_records_expire_with_their_request_id(store: Store) -> None:
 
 
 async def test_concurrent_creates_with_one_request_id_make_one_action(store: Store) -> None:
-    made = await asyncio.gather(*(store.actions.create(_action(), 60) for _ in range(20)))
+    made = await asyncio.gather(*(store.actions.create(action_record(), 60) for _ in range(20)))
     assert len({a.action_id for a in made}) == 1
