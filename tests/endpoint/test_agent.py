@@ -1,21 +1,40 @@
-"""The agent against a fake broker: credit, batching, acks, reconnects, redelivery, stop."""
+"""The agent against a fake broker: the connection (hello, credit, batching, acks,
+reconnects and their backoff, redelivery, stop), cancelling, and the crash journal's
+ids in the Hello.
+
+Frames and result sizes are ``test_outbox.py``'s; reading tasks frames is ``test_intake.py``'s.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import concurrent.futures
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Collection
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from farcall.endpoint.agent import ProtocolError
+from farcall.endpoint import agent as agent_module
+from farcall.endpoint import daemon
 from farcall.endpoint.embedded import BackgroundAgent
-from farcall.endpoint.errors import EndpointError, EndpointRejected
-from farcall.protocol.channel import Credit, Hello, ResultsFrame
+from farcall.endpoint.engines.threads import ThreadPoolEngine
+from farcall.endpoint.errors import EndpointError, EndpointRejected, ProtocolError
+from farcall.endpoint.journal import read_crashed
+from farcall.protocol.channel import Credit, HeartbeatFrame, Hello, ResultsFrame
 from harness.procs import wait_until
-from tests.endpoint.fake_broker import FakeBroker
+from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
 from tests.endpoint.helpers import make_task, value_of
 
 CAPACITY = 2 * 50
+REPO = Path(__file__).resolve().parents[2]
+
+
+def double(x: int) -> int:
+    return 2 * x
 
 
 def hold(marker: str, gate: str) -> str:
@@ -209,3 +228,189 @@ def test_function_bodies_come_once_and_are_reused(
     assert value_of(results[first.task_id]) == 4.0 and value_of(results[second.task_id]) == 1.5
     with pytest.raises(ProtocolError, match="without the body of function never-sent"):
         value_of(results[unknown.task_id])
+
+
+# ------------------------------------------------------------------ reconnect backoff
+
+
+def test_sessions_dropped_right_after_their_welcome_are_retried_further_apart(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    broker.close_after_welcome = True
+    start_agent(connect=False, max_backoff=60)
+    broker.wait(lambda: broker.connections >= 6, 30, "six sessions")
+    at = broker.connected_at
+    # Five waits between six sessions. Growing from 0.1 s (each delay at least half its
+    # nominal 0.1 * 2**n) they add up to at least 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s; reset at
+    # every welcome, as before, the six sessions came within 5 * 0.1 s plus connect time.
+    assert at[5] - at[0] >= 1.5, f"sessions at {[round(t - at[0], 2) for t in at]}"
+    assert all(b > a for a, b in zip(at, at[1:], strict=False))
+
+
+def test_a_session_that_lasted_resets_the_backoff(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(agent_module, "HEALTHY_SESSION", 0.1)
+    runner = start_agent(max_backoff=60)
+    for n in range(1, 5):
+        # a heartbeat comes heartbeat_period (0.2 s) into a session: it has lasted long enough
+        broker.wait(partial(broker.of, HeartbeatFrame, n), 10, f"a heartbeat on session {n}")
+        broker.drop()
+        broker.wait(partial(broker.hello, n + 1), 10, f"session {n + 1}")
+    # one delay since the last healthy session, not four growing ones
+    assert runner.agent._backoff.attempt == 1
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def wait_for(gate: str) -> str:
+    """Task body: wait for ``gate`` to exist (bounded)."""
+    import os
+    import time
+
+    deadline = time.time() + 60
+    while not os.path.exists(gate) and time.time() < deadline:
+        time.sleep(0.005)
+    return "done"
+
+
+class RecordingEngine(ThreadPoolEngine):
+    """A thread pool whose ``cancel`` records its calls (or raises, like an engine without it)."""
+
+    def __init__(self, can_cancel: bool = True) -> None:
+        super().__init__(max_workers=2, prefetch=50)
+        self.can_cancel = can_cancel
+        self.cancelled: list[tuple[list[str], BaseException]] = []
+        self.called = threading.Event()
+
+    def cancel(self, task_ids: Collection[str], reason: BaseException) -> None:
+        self.cancelled.append((list(task_ids), reason))
+        self.called.set()
+        if not self.can_cancel:
+            raise NotImplementedError(f"{self.name} cannot cancel tasks")
+
+
+def test_cancel_stops_only_what_the_engine_still_runs(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], tmp_path: Path
+) -> None:
+    broker.auto_ack = False
+    engine = RecordingEngine()
+    start_agent(engine=engine)
+    gate = tmp_path / "gate"
+    running, finished = make_task(wait_for, str(gate)), make_task(double, 4)
+    broker.send_tasks([running, finished])
+    broker.wait(lambda: running.task_id in broker.started_ids()
+                and finished.task_id in broker.result_ids(), 10, "one running, one finished")
+    broker.cancel([running.task_id, finished.task_id, "never-heard-of"])
+    assert engine.called.wait(10), "engine.cancel was not called"
+    ((ids, reason),) = engine.cancelled
+    assert ids == [running.task_id]  # a finished task's result stands; unknown ids are ignored
+    assert isinstance(reason, concurrent.futures.CancelledError)
+    assert "cancelled at the user's request" in str(reason)
+    gate.touch()
+    broker.wait(lambda: running.task_id in broker.result_ids(), 10, "the held task's result")
+    broker.ack([running.task_id, finished.task_id])
+
+
+def test_an_engine_that_cannot_cancel_does_not_end_the_session(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], tmp_path: Path
+) -> None:
+    engine = RecordingEngine(can_cancel=False)
+    start_agent(engine=engine)
+    gate = tmp_path / "gate"
+    running = make_task(wait_for, str(gate))
+    broker.send_tasks([running])
+    broker.wait(lambda: running.task_id in broker.started_ids(), 10, "task running")
+    broker.cancel([running.task_id])
+    assert engine.called.wait(10), "engine.cancel was not called"
+    later = make_task(double, 5)
+    broker.send_tasks([later])
+    broker.wait(lambda: later.task_id in broker.result_ids(), 10, "a later task's result")
+    gate.touch()
+    broker.wait(lambda: running.task_id in broker.result_ids(), 10, "the uncancelled result")
+    assert broker.connections == 1
+
+
+# ------------------------------------------------------------------ the crash journal
+
+
+def exit_now(code: int) -> None:
+    """Task body: end the whole process at once, as a crashing extension would."""
+    import os
+
+    os._exit(code)
+
+
+def test_the_first_hello_carries_the_crashed_ids_once(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], tmp_path: Path
+) -> None:
+    path = tmp_path / daemon.JOURNAL_FILE
+    path.write_bytes(b"+crashed-1\n+done\n-done\n+crashed-2\n")
+    runner = start_agent(journal_path=path)
+    hello = broker.wait(lambda: broker.hello(1), 10, "hello")
+    assert hello.crashed_task_ids == ["crashed-1", "crashed-2"]
+    assert read_crashed(path) == []
+    task = make_task(double, 4)
+    broker.send_tasks([task])
+    broker.wait(lambda: task.task_id in broker.result_ids(), 10, "a result")
+    lines = path.read_bytes().rstrip(b"\0").splitlines()  # the file's unused tail is zeros
+    assert lines == [b"+" + task.task_id.encode(), b"-" + task.task_id.encode()]
+    broker.drop()
+    hello = broker.wait(lambda: broker.hello(2), 10, "hello on connection 2")
+    assert hello.crashed_task_ids == []
+    runner.stop(timeout=30)
+    assert path.read_bytes() == b""
+
+
+def test_without_a_journal_the_hello_says_no_crashes(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], tmp_path: Path
+) -> None:
+    start_agent()
+    hello = broker.wait(lambda: broker.hello(1), 10, "hello")
+    assert hello.crashed_task_ids == []
+    assert list(tmp_path.iterdir()) == []
+
+
+AGENT = """
+import sys
+from pathlib import Path
+from farcall.endpoint import daemon
+from farcall.endpoint.agent import Agent
+from farcall.endpoint.engines import build_engine
+
+url, endpoint_id, credential, directory = sys.argv[1:5]
+engine = build_engine({"type": "ThreadPoolEngine", "max_workers": 2})
+agent = Agent(url, endpoint_id, credential, engine, heartbeat_period=0.2, max_backoff=0.3)
+daemon.run_agent(agent, Path(directory))
+"""
+
+
+def test_a_task_that_kills_the_agent_is_reported_by_the_next_agent(
+    broker: FakeBroker, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", AGENT, broker.url, ENDPOINT_ID, CREDENTIAL, str(tmp_path)]
+    first = subprocess.Popen(command, env=env, cwd=REPO)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        broker.wait(lambda: broker.hello(1), 20, "the first agent's hello")
+        killer = make_task(exit_now, 7)
+        broker.send_tasks([killer])
+        assert first.wait(20) == 7
+        second = subprocess.Popen(command, env=env, cwd=REPO)
+        hello = broker.wait(lambda: broker.hello(2), 20, "the second agent's hello")
+        assert hello.crashed_task_ids == [killer.task_id]
+        task = make_task(double, 5)
+        broker.send_tasks([task])
+        broker.wait(lambda: task.task_id in broker.result_ids(), 20, "the second agent serves")
+        assert value_of(broker.results()[-1]) == 10
+        second.terminate()  # SIGTERM: a graceful stop
+        assert second.wait(30) == 0
+        assert read_crashed(tmp_path / daemon.JOURNAL_FILE) == []
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

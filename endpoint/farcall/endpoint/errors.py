@@ -29,6 +29,11 @@ class EndpointRejected(EndpointError):
     """The broker refused the endpoint credential (deleted endpoint or revoked credential)."""
 
 
+class ProtocolError(EndpointError):
+    """The broker sent something the protocol does not allow: the agent reconnects, or fails
+    the one task concerned (a task whose function body never came)."""
+
+
 class ResultTooLarge(EndpointError, ValueError):
     """A task's result is bigger than the broker takes (``FARCALL_MAX_TASK_BYTES``), or than
     any frame it reads; the task fails with this (its message names the size and the limit),

@@ -11,7 +11,7 @@ over the broker's per-task limit fails its task with ``ResultTooLarge``, nothing
 A task's ``walltime`` is enforced here too, in worker processes only (``run_batch``
 in a main thread): ``TaskTimeout`` is raised inside the function when it is due, so
 the traceback shows where the task was and the worker is free for the next task.
-The engine's own deadline (``engines/base.py``) stays the guarantee.
+The engine's own deadline (``engines/watchdog.py``) stays the guarantee.
 """
 
 from __future__ import annotations
@@ -22,24 +22,24 @@ import os
 import signal
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from cachetools import LRUCache
+
 from farcall.endpoint import dataplane
+from farcall.endpoint.outcomes import WORKER_VERSIONS, failed_result, walltime_exceeded
 from farcall.errors import DeserializationError, SerializationError, TaskTimeout
 from farcall.protocol.channel import ResultMessage, TaskMessage, dump_result_batch, parse_task_batch
-from farcall.protocol.common import SAME_VERSIONS, TaskState, Versions, versions_text
+from farcall.protocol.common import SAME_VERSIONS, TaskState, versions_text
 from farcall.serialize import (
     deserialize_function,
     is_ref,
-    serialize_exception,
     serialize_json,
     unpack_args,
     unpack_blob,
 )
-from farcall.version import local_versions
 
 FUNCTION_CACHE_SIZE = 256
 EXIT_GRACE = 10.0
@@ -50,8 +50,10 @@ EXIT_PAST_WALLTIME = 124
 
 log = logging.getLogger(__name__)
 
-WORKER_VERSIONS = Versions(**local_versions())
-_functions: OrderedDict[str, Callable[..., Any]] = OrderedDict()
+_functions: LRUCache[str, Callable[..., Any]] = LRUCache(FUNCTION_CACHE_SIZE)
+"""Deserialized functions by ``function_id``: a chunk of tasks of one function loads it once."""
+_functions_lock = threading.Lock()
+"""The cache is not thread-safe, and a thread pool's workers share it."""
 
 
 def run_batch(payload: bytes | str, exit_past_walltime: bool = False) -> str:
@@ -135,33 +137,6 @@ def execute(task: TaskMessage, started: float | None = None, *,
     )
 
 
-def failed_result(
-    task_id: str,
-    exc: BaseException,
-    started_at: float | None = None,
-    finished_at: float | None = None,
-) -> ResultMessage:
-    """A failed ``ResultMessage`` carrying ``exc`` (rebuildable by the caller) and its text."""
-    data, text = serialize_exception(exc)
-    return ResultMessage(
-        task_id=task_id,
-        state=TaskState.FAILED,
-        data=data,
-        error=text,
-        started_at=started_at,
-        finished_at=finished_at if finished_at is not None else time.time(),
-        worker=WORKER_VERSIONS,
-    )
-
-
-def walltime_exceeded(task_id: str, walltime: float) -> TaskTimeout:
-    """The error of a task stopped at its walltime, the same from the worker and the engine."""
-    return TaskTimeout(
-        f"task {task_id} ran past its walltime of {walltime:g} s and was stopped; "
-        "raise walltime= or make the task shorter"
-    )
-
-
 class _Alarm:
     """In a ``with`` block: ``TaskTimeout`` raised in the main thread by SIGALRM when the
     task's time is up. A one-shot timer, so it rings at most once. A timer already set in
@@ -221,14 +196,15 @@ def _exit_past_walltime(task_id: str, walltime: float) -> None:
 
 
 def _load_function(task: TaskMessage) -> Callable[..., Any]:
-    fn = _functions.get(task.function_id)
-    if fn is not None:
-        _functions.move_to_end(task.function_id)
-        return fn
-    fn = deserialize_function(task.function)
-    _functions[task.function_id] = fn
-    if len(_functions) > FUNCTION_CACHE_SIZE:
-        _functions.popitem(last=False)
+    key = task.function_id
+    try:
+        with _functions_lock:
+            return _functions[key]
+    except KeyError:
+        pass
+    fn = deserialize_function(task.function)  # unlocked: it may take a while
+    with _functions_lock:
+        _functions[key] = fn
     return fn
 
 

@@ -35,16 +35,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar
 
-from farcall.endpoint.engines.base import (
-    CHUNK_SECONDS,
-    Engine,
-    EngineOptions,
-    EngineStatus,
-    OnDone,
-    OnStart,
-    TaskDurations,
-    TaskEntry,
-)
+from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
 from farcall.endpoint.engines.parsl_config import (
     MPIOptions,
     ParslOptions,
@@ -52,8 +43,10 @@ from farcall.endpoint.engines.parsl_config import (
     executor_class,
     interchange_cmd,
 )
+from farcall.endpoint.engines.policy import CHUNK_SECONDS, PolicyEngine, TaskDurations, TaskEntry
 from farcall.endpoint.errors import EndpointConfigError
-from farcall.endpoint.worker import EXIT_GRACE, failed_result
+from farcall.endpoint.outcomes import failed_result
+from farcall.endpoint.worker import EXIT_GRACE
 from farcall.protocol.channel import ResultMessage, TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
@@ -63,7 +56,7 @@ TASK_EXECUTOR = {"f": "farcall.endpoint.worker.run_batch", "k": {"exit_past_wall
 can stop a task in a Parsl worker from outside, so the worker enforces walltimes itself."""
 
 
-class ParslEngine(Engine):
+class ParslEngine(PolicyEngine):
     """HTEX on a Parsl provider, scaled by Parsl's own strategy."""
 
     Options: ClassVar[type[EngineOptions]] = ParslOptions

@@ -4,7 +4,7 @@ Why not ``concurrent.futures.ProcessPoolExecutor``: when one of its workers dies
 it cannot say which, marks the whole pool broken and kills every sibling, so one
 crashing task would fail every task in flight. Here each worker has its own
 pipe, so a death costs only the chunk that worker was running, and the engine
-base's policy for a lost chunk applies: its tasks run again, each alone, and
+policy for a lost chunk applies: its tasks run again, each alone, and
 only the one that dies again fails, with ``WorkerLost``.
 
 Tasks travel to workers in chunks, one JSON array per message (``worker.run_batch``
@@ -38,16 +38,8 @@ from typing import Any
 from pydantic import Field
 
 from farcall.endpoint.engines import process_worker
-from farcall.endpoint.engines.base import (
-    WALLTIME_GRACE,
-    Engine,
-    EngineOptions,
-    EngineStatus,
-    OnDone,
-    OnStart,
-    TaskDurations,
-    TaskEntry,
-)
+from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.policy import WALLTIME_GRACE, PolicyEngine, TaskDurations, TaskEntry
 from farcall.protocol.channel import TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
@@ -104,7 +96,7 @@ class _Worker:
             self.pidfd = None
 
 
-class ProcessPoolEngine(Engine):
+class ProcessPoolEngine(PolicyEngine):
     """``max_workers`` processes, each fed chunks of tasks over its own pipe."""
 
     Options = ProcessPoolOptions
@@ -191,7 +183,7 @@ class ProcessPoolEngine(Engine):
             self._wake_w.send_bytes(b"!")
         except OSError:
             pass
-        self._stop_watching()
+        self._watchdog.stop()
         if self._thread is not None:
             self._thread.join(5)
         for w in self._workers:

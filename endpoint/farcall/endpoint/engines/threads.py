@@ -19,15 +19,10 @@ import time
 
 from pydantic import Field
 
-from farcall.endpoint.engines.base import (
-    Engine,
-    EngineOptions,
-    EngineStatus,
-    OnDone,
-    OnStart,
-    TaskEntry,
-)
-from farcall.endpoint.worker import execute, failed_result
+from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.policy import PolicyEngine, TaskEntry
+from farcall.endpoint.outcomes import failed_result
+from farcall.endpoint.worker import execute
 from farcall.protocol.channel import TaskMessage
 
 _DROPPED = object()
@@ -49,7 +44,7 @@ class _Slot:
         self.abandoned = False
 
 
-class ThreadPoolEngine(Engine):
+class ThreadPoolEngine(PolicyEngine):
     """``max_workers`` daemon threads pulling from one queue."""
 
     Options = ThreadPoolOptions
@@ -179,4 +174,4 @@ class ThreadPoolEngine(Engine):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             slot.thread.join(left if wait else 0)
         self._closed = True
-        self._stop_watching()
+        self._watchdog.stop()

@@ -1,4 +1,5 @@
-"""The engine base's policy on ParslEngine (LocalProvider): cancel, walltime, retries.
+"""The engines' one failure policy (``engines/policy.py``) on ParslEngine (LocalProvider):
+cancel, walltime, retries.
 
 One engine (one block, one worker) serves the module: Parsl is slow to start. Parsl
 cannot stop a task it was handed, so a cancelled running task is answered at once
@@ -20,7 +21,7 @@ from farcall.endpoint.errors import WorkerLost
 from farcall.errors import TaskTimeout
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
-from tests.endpoint.test_engine_policy import Cancelled, timed
+from tests.endpoint.test_policy import Cancelled, timed
 
 FAST = {"strategy_period": 0.2, "heartbeat_period": 1, "heartbeat_threshold": 5}
 
