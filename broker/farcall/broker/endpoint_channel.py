@@ -27,7 +27,7 @@ import contextlib
 import logging
 import uuid
 
-from cachetools import FIFOCache
+from cachetools import LRUCache
 from fastapi import WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -115,8 +115,9 @@ class EndpointSession:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
-        # finished through this session, the most recent RECENT_DONE (the values are unused)
-        self.done_ids: FIFOCache[str, None] = FIFOCache(RECENT_DONE)
+        # finished through this session, the most recent RECENT_DONE (the values are unused; a
+        # lookup does not renew an id, so the oldest finished goes first)
+        self.done_ids: LRUCache[str, None] = LRUCache(RECENT_DONE)
         # (task id, function id, TaskMessage JSON) taken by this session, waiting for credit
         self.waiting: collections.deque[tuple[str, str, str]] = collections.deque()
         self.sent_functions: set[str] = set()  # function bodies the endpoint got in this session
