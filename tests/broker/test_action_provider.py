@@ -14,20 +14,18 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pytest
-from fastapi.testclient import TestClient
 
-from farcall.broker import action_runner, auth
+from farcall.broker import action_runner
 from farcall.broker.actions import identity_urn
-from farcall.broker.app import create_app
-from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.records import ActionRecord
 from farcall.broker.settings import Settings
-from farcall.broker.store.memory import MemoryStore
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import TaskState, now
 from farcall.serialize import serialize, serialize_json, unpack_args
 from harness.procs import wait_until
 from tests.ap_judge import Judge
+from tests.broker.conftest import MakeApi
+from tests.broker.helpers import Api
 
 AP = "/action-provider"
 LIMIT = 64 * 1024
@@ -41,26 +39,11 @@ def judge() -> Iterator[Judge]:
 
 
 @dataclass
-class Env:
-    client: TestClient
-    store: MemoryStore
-    queue: MemoryQueue
+class Env(Api):
     judge: Judge
 
-    def user(self, name: str) -> tuple[str, dict[str, str]]:
-        user_id, token = self.client.portal.call(  # type: ignore[union-attr]
-            auth.create_user, self.store.users, f"{name}-{uuid.uuid4().hex[:6]}")
-        return user_id, {"Authorization": f"Bearer {token}"}
-
-    def function(self, headers: dict[str, str]) -> str:
-        r = self.client.post("/v1/functions", json={"function": "FN"}, headers=headers)
-        assert r.status_code == 200, r.text
-        return str(r.json()["function_id"])
-
-    def endpoint(self, headers: dict[str, str]) -> str:
-        r = self.client.post("/v1/endpoints", json={"name": "ep"}, headers=headers)
-        assert r.status_code == 200, r.text
-        return str(r.json()["endpoint_id"])
+    def endpoint_id(self, headers: dict[str, str]) -> str:
+        return self.endpoint(headers)["endpoint_id"]
 
     def run(self, headers: dict[str, str], body: dict[str, Any], expect: int = 202,
             path: str = "/run", **request: Any) -> dict[str, Any]:
@@ -77,32 +60,28 @@ class Env:
     def finish(self, task_id: str, value: Any = None, error: str = "",
                data: str | None = None) -> None:
         """Complete a task as its endpoint would: ``value`` as JSON, or fail it with ``error``."""
-        (rec,) = self.client.portal.call(self.store.tasks.get_many, [task_id])  # type: ignore[union-attr]
+        (rec,) = self.call(self.store.tasks.get_many, [task_id])
         assert rec is not None
         state: Literal[TaskState.SUCCESS, TaskState.FAILED] = (
             TaskState.FAILED if error else TaskState.SUCCESS)
         result = ResultMessage(task_id=task_id, state=state, error=error,
                                data=data if data is not None else
                                "" if error else serialize_json(value))
-        self.client.portal.call(  # type: ignore[union-attr]
-            self.store.tasks.complete, rec.endpoint_id, [result], now())
+        self.call(self.store.tasks.complete, rec.endpoint_id, [result], now())
 
     def queued_args(self, endpoint_id: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
         from farcall.protocol.channel import parse_task_batch
 
-        bodies = self.client.portal.call(self.queue.drain, endpoint_id)  # type: ignore[union-attr]
+        bodies = self.call(self.queue.drain, endpoint_id)
         tasks = [t for body in bodies for t in parse_task_batch(body)]
         assert all(t.result_format == "json" for t in tasks)
         return [unpack_args(t.args) for t in tasks]
 
 
 @pytest.fixture
-def env(judge: Judge) -> Iterator[Env]:
-    store, queue = MemoryStore(), MemoryQueue()
-    app = create_app(Settings(max_payload_bytes=LIMIT, auth_failure_rate=0), store=store,
-                     queue=queue)
-    with TestClient(app) as client:
-        yield Env(client, store, queue, judge)
+def env(make_api: MakeApi, judge: Judge) -> Env:
+    api = make_api(Settings(max_payload_bytes=LIMIT, auth_failure_rate=0))
+    return Env(api.client, api.services, judge)
 
 
 def _task_ids(status: dict[str, Any]) -> list[str]:
@@ -127,8 +106,8 @@ def test_introspection_is_public_and_judged(env: Env) -> None:
 
 
 def test_run_poll_release_in_both_route_styles(env: Env) -> None:
-    alice_id, alice = env.user("alice")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    alice_id, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     for style in ("old", "new"):
         started = env.run(alice, {"endpoint_id": ep, "tasks": [
             {"function_id": fid, "args": [1, "two"], "kwargs": {"three": 3.0}},
@@ -163,8 +142,8 @@ def test_run_poll_release_in_both_route_styles(env: Env) -> None:
 
 
 def test_a_failed_task_fails_the_action_with_its_error(env: Env) -> None:
-    _, alice = env.user("alice")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     started = env.run(alice, {"endpoint_id": ep, "tasks": [{"function_id": fid}] * 3})
     ok, bad, pickled = _task_ids(started)
     env.finish(ok, 1)
@@ -181,8 +160,8 @@ def test_a_failed_task_fails_the_action_with_its_error(env: Env) -> None:
 
 
 def test_the_earlier_form_runs_each_task_on_its_endpoint_in_order(env: Env) -> None:
-    _, alice = env.user("alice")
-    fid, ep1, ep2 = env.function(alice), env.endpoint(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    fid, ep1, ep2 = env.function(alice), env.endpoint_id(alice), env.endpoint_id(alice)
     started = env.run(alice, {
         "endpoint": ep1, "function": fid, "args": "one", "kwargs": {"k": 1},
         "tasks": [{"endpoint": ep2, "function": fid, "args": [2], "payload": {"p": 2}},
@@ -199,9 +178,9 @@ def test_the_earlier_form_runs_each_task_on_its_endpoint_in_order(env: Env) -> N
 
 
 def test_a_request_id_is_idempotent_per_user(env: Env) -> None:
-    _, alice = env.user("alice")
-    _, bob = env.user("bob")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    _, bob = env.new_user("bob")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     request = {"request_id": "nightly-42", "body": {"endpoint_id": ep, "tasks": [
         {"function_id": fid}]}}
     first = env.client.post(AP + "/run", json=request, headers=alice)
@@ -217,11 +196,11 @@ def test_a_request_id_is_idempotent_per_user(env: Env) -> None:
 
 
 def test_who_may_see_and_manage_an_action(env: Env) -> None:
-    _, alice = env.user("alice")
-    monitor_id, monitor = env.user("monitor")
-    manager_id, manager = env.user("manager")
-    _, stranger = env.user("stranger")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    monitor_id, monitor = env.new_user("monitor")
+    manager_id, manager = env.new_user("manager")
+    _, stranger = env.new_user("stranger")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     started = env.run(alice, {"endpoint_id": ep, "tasks": [{"function_id": fid}]},
                       monitor_by=[identity_urn(monitor_id)], manage_by=[identity_urn(manager_id)])
     action = started["action_id"]
@@ -248,8 +227,8 @@ def test_who_may_see_and_manage_an_action(env: Env) -> None:
 
 
 def test_cancel_after_the_end_changes_nothing(env: Env) -> None:
-    _, alice = env.user("alice")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     started = env.run(alice, {"endpoint_id": ep, "tasks": [{"function_id": fid}]})
     env.finish(_task_ids(started)[0], "fine")
     r = env.client.post(f"{AP}/actions/{started['action_id']}/cancel", headers=alice)
@@ -257,8 +236,8 @@ def test_cancel_after_the_end_changes_nothing(env: Env) -> None:
 
 
 def test_release_after_is_honoured(env: Env) -> None:
-    _, alice = env.user("alice")
-    fid, ep = env.function(alice), env.endpoint(alice)
+    _, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
     started = env.run(alice, {"endpoint_id": ep, "tasks": [{"function_id": fid}]},
                       release_after="PT1S")
     assert started["release_after"] == "PT1S"
@@ -274,11 +253,11 @@ def test_release_after_is_honoured(env: Env) -> None:
 
 
 def test_tasks_never_submitted_fail_the_action(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    alice_id, alice = env.user("alice")
+    alice_id, alice = env.new_user("alice")
     record = ActionRecord(action_id=str(uuid.uuid4()), user_id=alice_id, request_id="r",
                           request_digest="d", created_at=now() - 1, release_after=60,
                           task_count=2)
-    env.client.portal.call(env.store.actions.create, record, 60)  # type: ignore[union-attr]
+    env.call(env.store.actions.create, record, 60)
     assert env.status(alice, record.action_id)["status"] == "ACTIVE"
     monkeypatch.setattr(action_runner, "SUBMIT_GRACE", 0.5)
     done = env.status(alice, record.action_id)
@@ -306,7 +285,7 @@ def test_tasks_never_submitted_fail_the_action(env: Env, monkeypatch: pytest.Mon
 def test_bad_input_is_refused_in_the_specifications_form(
     env: Env, request_doc: dict[str, Any], code: int, says: str
 ) -> None:
-    _, alice = env.user("alice")
+    _, alice = env.new_user("alice")
     r = env.client.post(AP + "/run", content=json.dumps(request_doc),  # NaN and all
                         headers={**alice, "Content-Type": "application/json"})
     assert r.status_code == code, r.text
@@ -317,7 +296,7 @@ def test_bad_input_is_refused_in_the_specifications_form(
 
 
 def test_auth_limits_and_errors_under_the_provider(env: Env) -> None:
-    _, alice = env.user("alice")
+    _, alice = env.new_user("alice")
     r = env.client.post(AP + "/run", json={"request_id": "r", "body": {}})
     assert r.status_code == 401 and r.json()["code"] == "UnauthorizedRequest"
     ep = env.client.post("/v1/endpoints", json={"name": "e"}, headers=alice).json()
@@ -333,23 +312,12 @@ def test_auth_limits_and_errors_under_the_provider(env: Env) -> None:
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 
 
-def test_the_rate_limit_applies_under_the_provider(judge: Judge) -> None:
-    store = MemoryStore()
-    app = create_app(Settings(rate_limit=0.001, rate_burst=2, auth_failure_rate=0), store=store,
-                     queue=MemoryQueue())
-    with TestClient(app) as client:
-        _, token = client.portal.call(auth.create_user, store.users, "alice")  # type: ignore[union-attr]
-        headers = {"Authorization": f"Bearer {token}"}
-        answers = [client.get(f"{AP}/actions/x", headers=headers) for _ in range(3)]
+def test_the_rate_limit_applies_under_the_provider(make_api: MakeApi) -> None:
+    api = make_api(Settings(rate_limit=0.001, rate_burst=2, auth_failure_rate=0))
+    headers = api.user("alice")
+    answers = [api.client.get(f"{AP}/actions/x", headers=headers) for _ in range(3)]
     assert [a.status_code for a in answers] == [404, 404, 429]
     assert answers[2].json()["code"] == "TooManyRequests" and answers[2].headers["Retry-After"]
-
-
-def test_whoami(env: Env) -> None:
-    alice_id, alice = env.user("alice")
-    me = env.client.get("/v1/whoami", headers=alice).json()
-    assert me["identity_id"] == alice_id and me["username"].startswith("alice-")
-    assert env.client.get("/v1/whoami").status_code == 401
 
 
 def test_the_sub_application_stays_out_of_the_v1_document(env: Env) -> None:

@@ -266,8 +266,7 @@ def test_tasks_left_waiting_go_out_when_credit_returns(setup: Setup) -> None:
     assert [t.task_id for t in ep.tasks(1)] == [first]
     ep.send(Credit(n=1))  # the dispatch loop now waits on the (empty) queue
     wait_until(lambda: on_loop(setup.broker, _credit_of(setup)) == 1, 10, "credit 1")
-    services = setup.broker.app.state.services
-    session = services.sessions[setup.endpoint_id]
+    session = _session(setup)
     _, ids = setup.submit_records(2)
     bodies = [(t, setup.function_id,
                TaskMessage(task_id=t, function_id=setup.function_id, args="A").model_dump_json())
@@ -280,8 +279,15 @@ def test_tasks_left_waiting_go_out_when_credit_returns(setup: Setup) -> None:
     ep.close()
 
 
+def _session(setup: Setup) -> endpoint_channel.EndpointSession:
+    """The endpoint's live session on the broker."""
+    session = setup.broker.app.state.services.sessions.get(setup.endpoint_id)
+    assert isinstance(session, endpoint_channel.EndpointSession), session
+    return session
+
+
 async def _credit_of(setup: Setup) -> int:
-    return int(setup.broker.app.state.services.sessions[setup.endpoint_id].credit)
+    return _session(setup).credit
 
 
 def test_welcome_says_the_largest_frame_the_broker_reads(setup: Setup) -> None:

@@ -11,23 +11,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from farcall.broker import auth, client_stream, endpoint_channel, errors
-from farcall.broker.app import create_app
+from farcall.broker import client_stream, endpoint_channel, errors
 from farcall.broker.asgi import over_limit
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.errors import TooManyRequests, clip, error_details, error_summary
-from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.settings import MB, Settings
-from farcall.broker.store.memory import MemoryStore
 from farcall.protocol.channel import Hello, Welcome, parse_broker_frame
 from farcall.protocol.rest import ErrorBody
 from farcall.protocol.stream import RequestFailedFrame, parse_stream_frame
 from farcall.quietlog import QuietLog
+from tests.broker.conftest import MakeApi
+from tests.broker.helpers import Api
 
 LIMIT = 64 * 1024
 SMALL = 4096
@@ -43,10 +41,9 @@ class SmallFrames(Settings):
 
 
 @dataclass
-class Env:
-    client: TestClient
-    store: MemoryStore
+class Env(Api):
     headers: dict[str, str]
+    """Alice's."""
 
     def group(self) -> str:
         r = self.client.post("/v1/task_groups", headers=self.headers)
@@ -54,25 +51,20 @@ class Env:
         return str(r.json()["task_group_id"])
 
 
-@contextlib.contextmanager
-def make_env(settings: Settings) -> Iterator[Env]:
-    store = MemoryStore()
-    with TestClient(create_app(settings, store=store, queue=MemoryQueue())) as client:
-        _, token = client.portal.call(auth.create_user, store.users, "alice")  # type: ignore[union-attr]
-        yield Env(client, store, {"Authorization": f"Bearer {token}"})
+def make_env(make_api: MakeApi, settings: Settings) -> Env:
+    api = make_api(settings)
+    return Env(api.client, api.services, api.user("alice"))
 
 
 @pytest.fixture
-def env() -> Iterator[Env]:
-    with make_env(SmallFrames(max_payload_bytes=LIMIT)) as e:
-        yield e
+def env(make_api: MakeApi) -> Env:
+    return make_env(make_api, SmallFrames(max_payload_bytes=LIMIT))
 
 
 @pytest.fixture
-def big_env() -> Iterator[Env]:
+def big_env(make_api: MakeApi) -> Env:
     """The default payload limit (10 MB), for requests of several megabytes."""
-    with make_env(Settings()) as e:
-        yield e
+    return make_env(make_api, Settings())
 
 
 def failed(raw: str) -> RequestFailedFrame:
@@ -275,20 +267,20 @@ def test_too_many_requests_says_when_to_come_back() -> None:
     assert (errors.QuotaExceeded.status, errors.QuotaExceeded.code) == (403, "quota_exceeded")
 
 
-def test_submissions_on_the_stream_are_rate_limited() -> None:
-    with make_env(Settings(max_payload_bytes=LIMIT, rate_limit=0.01, rate_burst=5)) as e:
-        group = e.group()
-        with e.client.websocket_connect(
-            f"/v1/task_groups/{group}/results", headers=e.headers
-        ) as ws:
-            answers = []
-            for i in range(10):
-                ws.send_text(json.dumps({"type": "submit", "request_id": i, "batch": {}}))
-                answers.append(failed(ws.receive_text()))
-        limited = [a for a in answers if a.status == 429]
-        assert limited, answers
-        assert limited[0].error == "rate_limited" and (limited[0].retry_after or 0) > 0
-        assert [a.request_id for a in answers] == list(range(10))
+def test_submissions_on_the_stream_are_rate_limited(make_api: MakeApi) -> None:
+    e = make_env(make_api, Settings(max_payload_bytes=LIMIT, rate_limit=0.01, rate_burst=5))
+    group = e.group()
+    with e.client.websocket_connect(
+        f"/v1/task_groups/{group}/results", headers=e.headers
+    ) as ws:
+        answers = []
+        for i in range(10):
+            ws.send_text(json.dumps({"type": "submit", "request_id": i, "batch": {}}))
+            answers.append(failed(ws.receive_text()))
+    limited = [a for a in answers if a.status == 429]
+    assert limited, answers
+    assert limited[0].error == "rate_limited" and (limited[0].retry_after or 0) > 0
+    assert [a.request_id for a in answers] == list(range(10))
 
 
 # ------------------------------------------------------------------ quiet refusals

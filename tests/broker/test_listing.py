@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
-from farcall.broker import auth
-from farcall.broker.app import create_app
-from farcall.broker.queue.memory import MemoryQueue
-from farcall.broker.settings import Settings
-from farcall.broker.store.memory import MemoryStore
+from tests.broker.conftest import MakeApi
+from tests.broker.helpers import Api
 
 Headers = dict[str, str]
 
 
-class Api:
-    def __init__(self, client: TestClient, store: MemoryStore) -> None:
-        self.client, self.store = client, store
-
-    def user(self, name: str) -> Headers:
-        _, token = self.client.portal.call(auth.create_user, self.store.users, name)  # type: ignore[union-attr]
-        return {"Authorization": f"Bearer {token}"}
-
+class Listing(Api):
     def post(self, path: str, body: Any, who: Headers) -> Any:
         r = self.client.post(path, json=body, headers=who)
         assert r.status_code == 200, r.text
@@ -43,14 +31,12 @@ class Api:
 
 
 @pytest.fixture
-def api() -> Iterator[Api]:
-    store = MemoryStore()
-    app = create_app(Settings(auth_failure_rate=0), store=store, queue=MemoryQueue())
-    with TestClient(app) as client:
-        yield Api(client, store)
+def api(make_api: MakeApi) -> Listing:
+    app = make_api()
+    return Listing(app.client, app.services)
 
 
-def test_tasks_newest_first_across_groups(api: Api) -> None:
+def test_tasks_newest_first_across_groups(api: Listing) -> None:
     alice, bob = api.user("alice"), api.user("bob")
     fid = api.post("/v1/functions", {"function": "F", "function_name": "simulate"}, alice)[
         "function_id"]
@@ -85,7 +71,7 @@ def test_tasks_newest_first_across_groups(api: Api) -> None:
         assert refused["error"] == "not_found" and "GET /v1/task_groups" in refused["message"]
 
 
-def test_function_names_only_of_functions_still_usable(api: Api) -> None:
+def test_function_names_only_of_functions_still_usable(api: Listing) -> None:
     alice, bob = api.user("alice"), api.user("bob")
     fid = api.post("/v1/functions", {"function": "F", "function_name": "secret"}, alice)[
         "function_id"]
@@ -99,7 +85,7 @@ def test_function_names_only_of_functions_still_usable(api: Api) -> None:
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "task_group_id="])
-def test_bad_listing_queries_say_what_to_fix(api: Api, query: str) -> None:
+def test_bad_listing_queries_say_what_to_fix(api: Listing, query: str) -> None:
     alice = api.user("alice")
     r = api.client.get(f"/v1/tasks?{query}", headers=alice)
     assert r.status_code == 422 and r.json()["error"] == "invalid_request", r.text

@@ -31,8 +31,8 @@ from farcall.broker.actions import (
     iso_duration,
 )
 from farcall.broker.asgi import BodyLimit
+from farcall.broker.deps import Svc, User
 from farcall.broker.errors import MAX_MESSAGE, ApiError, clip, error_summary, install_handlers
-from farcall.broker.routes import Svc, User
 from farcall.broker.services import Services
 from farcall.version import __version__
 

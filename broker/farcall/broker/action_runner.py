@@ -35,7 +35,7 @@ from farcall.broker.actions import (
     iso_time,
     read_input,
 )
-from farcall.broker.cancellation import cancel_tasks
+from farcall.broker.endpoint_control import cancel_tasks
 from farcall.broker.errors import Conflict, Forbidden, InvalidRequest, ObjectNotFound, clip
 from farcall.broker.records import ActionRecord, TaskRecord
 from farcall.broker.services import Services

@@ -1,11 +1,11 @@
 """The broker's ASGI app: its routes, its two WebSockets and its error handlers, on one port.
 
 ``create_app`` assembles the pieces (docs/protocol.md describes the API):
-:mod:`.routes` (REST), :mod:`.client_stream` (a client's task group stream),
+:mod:`.routes` (every REST route, one module per resource, timers and the data plane's
+blobs among them), :mod:`.client_stream` (a client's task group stream),
 :mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit)
 and :mod:`.errors` (every failure answered as JSON); :mod:`.action_provider` (the Action
-Provider API, its own sub-application) is mounted at ``/action-provider``; :mod:`.timers`
-(timer routes) and :mod:`.blobs` (the data plane) beside the others, and the
+Provider API, its own sub-application) is mounted at ``/action-provider``, and the
 :mod:`.scheduler` that fires timers runs for the app's lifetime.
 """
 
@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, WebSocket
 
-from farcall.broker import action_provider, blobs, client_stream, endpoint_channel, timers
+from farcall.broker import action_provider, client_stream, endpoint_channel
 from farcall.broker.asgi import BodyLimit
 from farcall.broker.errors import install_handlers
 from farcall.broker.queue.base import TaskQueue
-from farcall.broker.routes import router
+from farcall.broker.routes import blobs, router
 from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
@@ -66,8 +66,6 @@ def create_app(
     async def task_group_stream(ws: WebSocket, task_group_id: str) -> None:
         await client_stream.serve(ws, svc, task_group_id)
 
-    app.include_router(timers.router)
-    app.include_router(blobs.router)
     app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes,
                        skip=(action_provider.PATH, blobs.PATH))  # they limit their own bodies
     return app

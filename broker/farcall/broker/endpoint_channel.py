@@ -15,7 +15,8 @@ connection that dropped silently costs the seconds until the agent reconnects,
 not the tasks the old session would have sent into a dead socket.
 
 The control channel (pub/sub group ``endpoint:<id>``) also carries cancels to
-whichever replica holds the session, and the endpoint's deletion.
+whichever replica holds the session, and the endpoint's deletion; ``endpoint_control``
+sends them, and ``results`` stores and publishes what the endpoint sends back.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import uuid
 
+from cachetools import LRUCache
 from fastapi import WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farcall.backoff import Backoff
-from farcall.broker import auth, grants
+from farcall.broker import auth, endpoint_control, grants
 from farcall.broker.asgi import over_limit
 from farcall.broker.errors import (
     BACKEND_ERRORS,
@@ -44,10 +45,10 @@ from farcall.broker.errors import (
     error_summary,
 )
 from farcall.broker.queue.base import Consumer, Delivery
+from farcall.broker.queued import read_queued
+from farcall.broker.results import publish_results, store_results
 from farcall.broker.services import Services
 from farcall.broker.store.base import Subscription
-from farcall.broker.submission import publish_results
-from farcall.errors import DeserializationError
 from farcall.protocol.channel import (
     CancelFrame,
     Credit,
@@ -58,23 +59,13 @@ from farcall.protocol.channel import (
     ResultsAck,
     ResultsFrame,
     RunningFrame,
-    TaskMessage,
     Welcome,
     join_task_batch,
     parse_endpoint_frame,
-    parse_task_batch,
     tasks_frame_json,
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
-from farcall.protocol.control import (
-    CancelTasks,
-    ControlMessage,
-    EndpointRemoved,
-    SessionReplaced,
-    parse_control,
-)
-from farcall.protocol.stream import TaskResult
-from farcall.serialize import is_ref, parse_ref
+from farcall.protocol.control import CancelTasks, EndpointRemoved, SessionReplaced, parse_control
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +92,6 @@ DELETED = 4004
 """Close code for a session whose endpoint was deleted."""
 
 
-async def send_control(svc: Services, endpoint_id: str, message: ControlMessage) -> None:
-    """Tell the endpoint's live session, on whichever replica (``farcall.protocol.control``)."""
-    await svc.store.pubsub.publish_control(endpoint_id, message)
-
-
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
     """Authenticate the endpoint credential, then run the session until either side closes."""
     address = ws.client.host if ws.client else ""
@@ -129,8 +115,9 @@ class EndpointSession:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
-        self.done_ids: set[str] = set()  # finished through this session, most recent RECENT_DONE
-        self.done_order: collections.deque[str] = collections.deque()
+        # finished through this session, the most recent RECENT_DONE (the values are unused; a
+        # lookup does not renew an id, so the oldest finished goes first)
+        self.done_ids: LRUCache[str, None] = LRUCache(RECENT_DONE)
         # (task id, function id, TaskMessage JSON) taken by this session, waiting for credit
         self.waiting: collections.deque[tuple[str, str, str]] = collections.deque()
         self.sent_functions: set[str] = set()  # function bodies the endpoint got in this session
@@ -202,14 +189,7 @@ class EndpointSession:
 
     async def _retire(self, previous: str | None) -> None:
         """Make this the session new tasks go to, and end ``previous`` (same endpoint, older)."""
-        old = self.svc.sessions.get(self.endpoint_id)
-        self.svc.sessions[self.endpoint_id] = self
-        if not previous or previous == self.session_id:
-            return
-        if old is not None and old.session_id == previous:
-            await old.replaced()
-        else:  # on another replica, or already gone
-            await send_control(self.svc, self.endpoint_id, SessionReplaced(session_id=self.session_id))
+        await endpoint_control.replace_session(self.svc, self.endpoint_id, self, previous)
 
     async def replaced(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
         """End this session from outside (another took its place); returns once it has ended."""
@@ -250,8 +230,7 @@ class EndpointSession:
 
     async def _cleanup(self) -> None:
         self.retired = True
-        if self.svc.sessions.get(self.endpoint_id) is self:
-            del self.svc.sessions[self.endpoint_id]
+        self.svc.sessions.remove(self.endpoint_id, self)
         for closing in (self.consumer, self._control):
             if closing is not None:
                 with contextlib.suppress(Exception):
@@ -306,7 +285,7 @@ class EndpointSession:
             await self.queue.publish(self.endpoint_id, [join_task_batch(list(found.again.values()))])
             await self.store.endpoints.count_queued(self.endpoint_id, len(again))
             await self.store.inflight.remove(self.endpoint_id, again)
-        await self._publish(found.failed)
+        await publish_results(self.svc, found.failed)
         if again or found.failed or found.dropped:
             log.info(
                 "endpoint %s: reconciled lost in-flight tasks: %d queued again, %d failed after "
@@ -314,9 +293,6 @@ class EndpointSession:
                 self.endpoint_id, len(again), len(found.failed),
                 self.svc.settings.max_endpoint_losses, found.dropped,
             )
-
-    async def _publish(self, done: list[tuple[str, TaskResult]]) -> None:
-        await publish_results(self.svc, done)
 
     # ------------------------------------------------------------ endpoint -> broker
 
@@ -380,29 +356,10 @@ class EndpointSession:
 
     async def _store_results(self, results: list[ResultMessage]) -> None:
         """Store results (first one per task wins) and push the new ones to their streams."""
-        await self._renew_blobs(results)
-        await self._publish(await self.store.tasks.complete(self.endpoint_id, results, now()))
+        await store_results(self.svc, self.endpoint_id, results)
         ids = [r.task_id for r in results]
         self.held.difference_update(ids)
         self._remember_done(ids)
-
-    async def _renew_blobs(self, results: list[ResultMessage]) -> None:
-        """Make the blobs of results that are blob references live as long as the results."""
-        blob_ids = []
-        for r in results:
-            if is_ref(r.data):
-                try:
-                    blob_ids.append(parse_ref(r.data)[0])
-                except DeserializationError:
-                    log.warning("endpoint %s: task %s has a malformed blob reference",
-                                self.endpoint_id, r.task_id)
-        if not blob_ids:
-            return
-        try:
-            await self.svc.blobs.touch(blob_ids, self.svc.settings.result_ttl)
-        except Exception as e:  # noqa: BLE001 - they live result_ttl from upload anyway
-            log.warning("endpoint %s: could not renew %d result blobs: %r",
-                        self.endpoint_id, len(blob_ids), e)
 
     async def _add_credit(self, n: int) -> None:
         if n > 0:
@@ -502,10 +459,9 @@ class EndpointSession:
             )
 
     def _remember_done(self, task_ids: list[str]) -> None:
-        self.done_ids.update(task_ids)
-        self.done_order.extend(task_ids)
-        while len(self.done_order) > RECENT_DONE:
-            self.done_ids.discard(self.done_order.popleft())
+        done = self.done_ids
+        for task_id in task_ids:
+            done[task_id] = None
 
     async def _take(self, deliveries: list[Delivery]) -> bool:
         """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send.
@@ -537,7 +493,7 @@ class EndpointSession:
         await self.consumer.ack(deliveries)
         if unreadable:
             for task_id, error in unreadable.items():
-                await self._publish(await self.store.tasks.fail([task_id], error, now()))
+                await publish_results(self.svc, await self.store.tasks.fail([task_id], error, now()))
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
                       self.endpoint_id, taken - len(accepted))
@@ -636,33 +592,3 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
     for t in tasks:
         if not t.cancelled():
             t.exception()  # retrieved: the caller re-raises the one that ended the session
-
-
-def read_queued(body: bytes) -> tuple[list[TaskMessage], dict[str, str]]:
-    """The tasks of a queued message, and ``task id -> error`` for any that cannot be read
-    (the session's reader, and endpoint deletion's, which fails every task it finds).
-
-    The fast path parses the whole batch; if that fails, each element is read alone so
-    one bad task fails alone instead of taking its batch with it.
-    """
-    try:
-        return parse_task_batch(body), {}
-    except ValidationError:
-        pass
-    try:
-        items = json.loads(body)
-    except (ValueError, RecursionError) as e:
-        log.error("dropping a queued message that is not JSON (%d bytes): %.200s", len(body), e)
-        return [], {}
-    good: list[TaskMessage] = []
-    bad: dict[str, str] = {}
-    for item in items if isinstance(items, list) else [items]:
-        try:
-            good.append(TaskMessage.model_validate(item))
-        except (ValidationError, RecursionError) as e:
-            task_id = item.get("task_id") if isinstance(item, dict) else None
-            if isinstance(task_id, str):
-                bad[task_id] = f"the broker could not read this task ({str(e)[:300]}); submit it again"
-            else:
-                log.error("dropping a queued element that is not a task: %.200r", item)
-    return good, bad

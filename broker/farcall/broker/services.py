@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -19,12 +19,10 @@ from farcall.broker.errors import Forbidden, TooManyRequests, Unauthorized
 from farcall.broker.limits import RateLimiter
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.records import FunctionRecord
+from farcall.broker.sessions import Sessions
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import BlobStore, Principal, Store, Subscription
 from farcall.protocol.control import TokenRevocation
-
-if TYPE_CHECKING:
-    from farcall.broker.endpoint_channel import EndpointSession
 
 TOKEN_CACHE_SECONDS = 1.0
 """A revoked token stops working on every replica within this time even if the revocation's
@@ -103,7 +101,7 @@ class Services:
     )
     """Function id -> its record with the body: every submission checks the owner, and a
     channel session sends each body to its endpoint once."""
-    sessions: dict[str, EndpointSession] = field(default_factory=dict)
+    sessions: Sessions = field(default_factory=Sessions)
     """Endpoint id -> its channel session on this replica, for sending new tasks directly."""
     token_streams: dict[str, set[Closer]] = field(default_factory=dict)
     """User token id -> how to close each result stream opened with it (on revocation)."""

@@ -4,12 +4,13 @@ A batch is recorded in one store round trip and queued whole, as one confirmed
 message in the endpoint's queue. Tasks name their function by id; the body
 travels to the endpoint once per session (see ``endpoint_channel``).
 
-When the endpoint's channel session is on this replica with credit to spare,
-the batch skips the queue: its tasks are recorded in flight with their records
-(the same store round trip) and sent to the session at once. That is as safe
-as the queue: a task in flight whose result never came is queued again when the
-endpoint next says hello (the session's reconcile), and a task record exists
-only as long as the store keeps it either way.
+When the endpoint's channel session is on this replica with credit to spare
+(``Services.sessions``, seen as a ``sessions.LiveSession``), the batch skips the
+queue: its tasks are recorded in flight with their records (the same store round
+trip) and sent to the session at once. That is as safe as the queue: a task in
+flight whose result never came is queued again when the endpoint next says hello
+(the session's reconcile), and a task record exists only as long as the store
+keeps it either way.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import uuid
 
 from farcall.broker.errors import ObjectNotFound, TooManyRequests
 from farcall.broker.records import NewTasks
+from farcall.broker.results import publish_results
 from farcall.broker.services import Services
 from farcall.broker.store.base import OverQuota, SubmissionContext
 from farcall.protocol.channel import TaskMessage, dump_task_batch
 from farcall.protocol.common import now
 from farcall.protocol.rest import BatchSubmission, BatchSubmitted
-from farcall.protocol.stream import ResultStreamFrame, TaskResult
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +134,6 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
         await publish_results(svc, failed)
         raise
     return answer
-
-
-async def publish_results(svc: Services, done: list[tuple[str, TaskResult]]) -> None:
-    """Push tasks the broker itself finished (failed, cancelled) to their result streams."""
-    by_group: dict[str, list[TaskResult]] = {}
-    for group, result in done:
-        by_group.setdefault(group, []).append(result)
-    for group, results in by_group.items():
-        await svc.store.pubsub.publish_results(group, ResultStreamFrame(results=results))
 
 
 async def _submission_context(

@@ -291,7 +291,7 @@ class TaskStatuses(Message):
     tasks: dict[str, TaskInfo] = Field(description="task id -> task; unknown or foreign ids left out")
 
 
-# ---- the data plane (big arguments and results; broker/farcall/broker/blobs.py)
+# ---- the data plane (big arguments and results; broker/farcall/broker/routes/blobs.py)
 
 
 class Limits(Message):

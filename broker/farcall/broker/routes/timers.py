@@ -15,9 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from farcall.broker import schedule
+from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User, json_response
 from farcall.broker.errors import Conflict, InvalidRequest, ObjectNotFound, QuotaExceeded, clip
 from farcall.broker.records import TimerRecord
-from farcall.broker.routes import OBJECT_ERRORS, USER_ERRORS, Svc, User
 from farcall.broker.services import Services
 from farcall.broker.submission import authorize
 from farcall.protocol.common import now
@@ -49,11 +49,6 @@ def _info(timer: TimerRecord, *, runs: bool = False) -> TimerInfo:
     if runs:
         fields["runs"] = timer.runs
     return TimerInfo.model_construct(**fields)
-
-
-def _json(info: TimerInfo | TimerList) -> Response:
-    """Without ``runs`` unless they were asked for (``exclude_unset``)."""
-    return Response(info.model_dump_json(exclude_unset=True), media_type="application/json")
 
 
 async def _timer(svc: Services, user: str, timer_id: str) -> TimerRecord:
@@ -101,13 +96,15 @@ async def create_timer(body: TimerRequest, user: User, svc: Svc) -> TimerCreated
 async def list_timers(user: User, svc: Svc) -> Response:
     """Your timers, oldest first, without their runs."""
     timers = await svc.store.timers.by_user(user)
-    return _json(TimerList.model_construct(timers=[_info(t) for t in timers]))
+    return json_response(TimerList.model_construct(timers=[_info(t) for t in timers]),
+                         exclude_unset=True)
 
 
 @router.get("/{timer_id}", response_model=TimerInfo, responses=OBJECT_ERRORS)
 async def get_timer(timer_id: str, user: User, svc: Svc) -> Response:
     """The timer with its latest runs: when each fired and the task it submitted."""
-    return _json(_info(await _timer(svc, user, timer_id), runs=True))
+    timer = await _timer(svc, user, timer_id)
+    return json_response(_info(timer, runs=True), exclude_unset=True)
 
 
 @router.post("/{timer_id}/pause", response_model=TimerInfo, responses=STATE_ERRORS)
@@ -136,7 +133,7 @@ async def _changed(svc: Services, user: str, timer_id: str, verb: str) -> Respon
         why = f": {timer.reason}" if timer.reason else ""
         raise Conflict(f"timer {timer_id} is {timer.state}{why}; it cannot be {verb}, create a "
                        "new timer")
-    return _json(_info(timer))
+    return json_response(_info(timer), exclude_unset=True)
 
 
 @router.delete("/{timer_id}", responses=OBJECT_ERRORS)

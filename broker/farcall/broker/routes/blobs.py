@@ -4,7 +4,7 @@ Big arguments and results travel as binary blobs on the broker's one port, strea
 in ``BLOB_CHUNK`` pieces between the client and the ``BlobStore``, never whole in memory. The
 body limit middleware leaves ``/v1/blobs`` alone: an upload is held to ``max_task_bytes`` here,
 by its ``Content-Length``. Callers are users (bearer token) or an endpoint's workers
-(:mod:`.grants`); a blob id is unguessable, so knowing it is what allows reading it.
+(``farcall.broker.grants``); a blob id is unguessable, so knowing it is what allows reading it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, Security
 from fastapi.responses import StreamingResponse
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials
 from starlette.requests import ClientDisconnect
 
 from farcall import serialize
 from farcall.broker import grants
+from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User, bearer, services_of
 from farcall.broker.errors import (
     BACKEND_ERRORS,
     InvalidRequest,
@@ -29,8 +30,6 @@ from farcall.broker.errors import (
     Unavailable,
     clip,
 )
-from farcall.broker.routes import OBJECT_ERRORS, USER_ERRORS, Svc, User
-from farcall.broker.services import Services
 from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Principal
 from farcall.protocol.rest import BlobCreated, ErrorBody, Limits
 
@@ -38,7 +37,6 @@ PATH = "/v1/blobs"
 
 router = APIRouter(prefix="/v1")
 
-_bearer = HTTPBearer(auto_error=False, description="a user token (fcu_...)")
 _grant = APIKeyHeader(name=grants.HEADER, auto_error=False, description=(
     "an endpoint's upload grant, '<endpoint id>:<grant>' (for its workers)"))
 
@@ -61,12 +59,12 @@ DOWNLOAD_ANSWERS: dict[int | str, dict[str, Any]] = {
 
 async def _caller(
     request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     grant: Annotated[str | None, Security(_grant)],
 ) -> str:
     """Who sends the request: a user's id, or ``endpoint:<id>`` for a grant (401/403/429
     otherwise). Either way the request counts against a rate limit."""
-    svc: Services = request.app.state.services
+    svc = services_of(request)
     address = request.client.host if request.client else ""
     if grant is not None and creds is None:
         endpoint_id = await grants.check(svc, grant, address)

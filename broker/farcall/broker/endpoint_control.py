@@ -1,0 +1,72 @@
+"""Where an endpoint is told to cancel, to give way to a newer session, or that it was deleted.
+
+Each is a typed message (``farcall.protocol.control``) on the endpoint's pub/sub control
+channel, so it reaches the live channel session on whichever replica holds it. Cancelling
+and deleting change the store first (the tasks are final before any endpoint hears of it),
+and publish the results the broker decided. Token revocation, the other control message,
+is ``auth.revoke_token``.
+"""
+
+from __future__ import annotations
+
+from farcall.broker.queued import queued_task_ids
+from farcall.broker.results import publish_results
+from farcall.broker.services import Services
+from farcall.broker.sessions import LiveSession
+from farcall.broker.store.base import Cancelled
+from farcall.protocol.common import now
+from farcall.protocol.control import CancelTasks, ControlMessage, EndpointRemoved, SessionReplaced
+
+
+async def send_control(svc: Services, endpoint_id: str, message: ControlMessage) -> None:
+    """Tell the endpoint's live session, on whichever replica."""
+    await svc.store.pubsub.publish_control(endpoint_id, message)
+
+
+async def cancel_tasks(svc: Services, user: str, task_ids: list[str],
+                       only_queued: bool = False) -> Cancelled:
+    """Cancel ``user``'s tasks among ``task_ids`` that are not final (with ``only_queued``: not
+    running either); what was cancelled and why the others were not.
+
+    The one way the broker cancels (``POST /v1/tasks/cancel``, an action's cancel): a cancelled
+    task is final at once, its result stream hears of it, and each endpoint holding some of
+    them is told to drop or stop them.
+    """
+    done = await svc.store.tasks.cancel(user, task_ids, only_queued, now())
+    await publish_results(svc, [(group, result) for group, _, result in done.results])
+    by_endpoint: dict[str, list[str]] = {}
+    for _, endpoint_id, result in done.results:
+        by_endpoint.setdefault(endpoint_id, []).append(result.task_id)
+    for endpoint_id, ids in by_endpoint.items():
+        await send_control(svc, endpoint_id, CancelTasks(task_ids=ids))
+    return done
+
+
+async def replace_session(
+    svc: Services, endpoint_id: str, session: LiveSession, previous: str | None
+) -> None:
+    """Make ``session`` the one this replica sends the endpoint's new tasks to, and end
+    ``previous`` (the session the store had as live before ``session`` connected): here at
+    once, else through the control channel, on whichever replica holds it."""
+    old = svc.sessions.take_over(endpoint_id, session)
+    if not previous or previous == session.session_id:
+        return
+    if old is not None and old.session_id == previous:
+        await old.replaced()
+    else:  # on another replica, or already gone
+        await send_control(svc, endpoint_id, SessionReplaced(session_id=session.session_id))
+
+
+async def delete_endpoint(svc: Services, endpoint_id: str) -> None:
+    """Delete the endpoint: its credential stops working, its session ends, every task still
+    waiting for it (queued or in flight) fails saying why, and its queue goes."""
+    waiting = queued_task_ids(await svc.queue.drain(endpoint_id))  # 503 here changes nothing yet
+    waiting += list(await svc.store.inflight.get(endpoint_id))
+    await svc.store.endpoints.delete(endpoint_id)
+    svc.endpoint_access.pop(endpoint_id)
+    await send_control(svc, endpoint_id, EndpointRemoved())
+    waiting += queued_task_ids(await svc.queue.drain(endpoint_id))  # queued while we deleted
+    error = (f"endpoint {endpoint_id} was deleted before this task finished; submit it to "
+             "another endpoint")
+    await publish_results(svc, await svc.store.tasks.fail(waiting, error, now()))
+    await svc.queue.delete(endpoint_id)

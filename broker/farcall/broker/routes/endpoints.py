@@ -1,0 +1,108 @@
+"""``/v1/endpoints``: registering endpoints, reading them and their status, deleting them
+(sharing them: ``sharing``; their WebSocket channel: ``endpoint_channel``)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter
+
+from farcall.broker import auth, endpoint_control
+from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User
+from farcall.broker.errors import Forbidden, ObjectNotFound, QuotaExceeded, clip
+from farcall.broker.records import EndpointRecord
+from farcall.broker.services import Services
+from farcall.protocol.common import now
+from farcall.protocol.rest import (
+    EndpointDeleted,
+    EndpointInfo,
+    EndpointList,
+    EndpointRegistered,
+    EndpointRegistration,
+    EndpointStatus,
+)
+
+router = APIRouter(prefix="/v1")
+
+
+async def find_endpoint(svc: Services, user: str, endpoint_id: str, *, owner: bool) -> EndpointRecord:
+    """The endpoint if ``user`` may use it (404 otherwise); with ``owner``, 403 unless theirs."""
+    ep = await svc.store.endpoints.get(endpoint_id)
+    if ep is None or not ep.usable_by(user):
+        raise ObjectNotFound(
+            f"endpoint {clip(endpoint_id)} not found; list yours with GET /v1/endpoints")
+    if owner and ep.user_id != user:
+        raise Forbidden(f"endpoint {endpoint_id} is shared with you; only its owner may "
+                        "change, share or delete it")
+    return ep
+
+
+def _status(svc: Services, ep: EndpointRecord) -> Literal["online", "offline"]:
+    return "online" if ep.online(svc.settings.endpoint_timeout, now()) else "offline"
+
+
+def _endpoint_info(svc: Services, ep: EndpointRecord, user: str) -> EndpointInfo:
+    return EndpointInfo(endpoint_id=ep.endpoint_id, name=ep.name, description=ep.description,
+                        status=_status(svc, ep), created_at=ep.created_at,
+                        last_heartbeat=ep.last_heartbeat,
+                        role="owner" if ep.user_id == user else "shared")
+
+
+@router.post("/endpoints", responses=USER_ERRORS)
+async def register_endpoint(body: EndpointRegistration, user: User, svc: Svc) -> EndpointRegistered:
+    limit = svc.settings.max_endpoints
+    if limit and sum(ep.user_id == user for ep in await svc.store.endpoints.list(user)) >= limit:
+        raise QuotaExceeded(
+            f"you own {limit} endpoints, the most this broker allows (FARCALL_MAX_ENDPOINTS); "
+            "delete one you no longer use (farcall-endpoint delete, or Client.delete_endpoint)")
+    endpoint_id = str(uuid.uuid4())
+    credential = auth.new_token(auth.ENDPOINT_PREFIX)
+    await svc.queue.declare(endpoint_id)
+    await svc.store.endpoints.put(
+        EndpointRecord(endpoint_id=endpoint_id, user_id=user, name=body.name,
+                       description=body.description, created_at=now()),
+        auth.token_hash(credential),
+    )
+    return EndpointRegistered(endpoint_id=endpoint_id, name=body.name, credential=credential)
+
+
+@router.get("/endpoints", responses=USER_ERRORS)
+async def list_endpoints(user: User, svc: Svc) -> EndpointList:
+    """Your endpoints and those shared with you (``role``)."""
+    return EndpointList(
+        endpoints=[_endpoint_info(svc, ep, user) for ep in await svc.store.endpoints.list(user)])
+
+
+@router.get("/endpoints/{endpoint_id}", responses=OBJECT_ERRORS)
+async def get_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointInfo:
+    return _endpoint_info(svc, await find_endpoint(svc, user, endpoint_id, owner=False), user)
+
+
+@router.get("/endpoints/{endpoint_id}/status", responses=OBJECT_ERRORS)
+async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> EndpointStatus:
+    ep = await find_endpoint(svc, user, endpoint_id, owner=False)
+    hb = ep.heartbeat
+    return EndpointStatus(
+        endpoint_id=endpoint_id,
+        name=ep.name,
+        status=_status(svc, ep),
+        last_heartbeat=ep.last_heartbeat,
+        workers=hb.workers,
+        idle_workers=hb.idle_workers,
+        pending_tasks=hb.pending_tasks,
+        running_tasks=hb.running_tasks,
+        queued_tasks=ep.queued_tasks,
+        engine=hb.engine,
+        details=hb.details,
+        versions=hb.versions,
+    )
+
+
+@router.delete("/endpoints/{endpoint_id}", responses=OBJECT_ERRORS)
+async def delete_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointDeleted:
+    """Delete the endpoint: its credential stops working, its session ends, and every task
+    still waiting for it (queued or in flight) fails with an error that says why."""
+    await find_endpoint(svc, user, endpoint_id, owner=True)
+    await endpoint_control.delete_endpoint(svc, endpoint_id)
+    return EndpointDeleted(endpoint_id=endpoint_id, deleted=True)
