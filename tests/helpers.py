@@ -46,14 +46,15 @@ def wait_for_file(path: str) -> str:
 def serve_on_loopback(handler: type[Any], tls: ssl.SSLContext | None = None) -> tuple[Any, str]:
     """A ``ThreadingHTTPServer`` with ``handler`` on 127.0.0.1 (over TLS with a ``tls`` server
     context), serving in a daemon thread, and its URL; ``server.shutdown(); server.server_close()``
-    ends it."""
+    ends it (within 0.05 s: ``shutdown`` waits out ``serve_forever``'s poll, half a second by
+    default, in every test that stops one)."""
     import threading
     from http.server import ThreadingHTTPServer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}"
 
 

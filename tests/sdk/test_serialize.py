@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from farcall.errors import DeserializationError, SerializationError, TaskExecutionFailed
-from farcall.protocol.common import Versions, version_mismatch, versions_text
 from farcall.serialize import (
     DATA_CLOUDPICKLE,
     DATA_DILL,
@@ -199,18 +198,6 @@ def test_a_notebook_object_loads_where_its_definitions_are_missing(
     if case.call is not None:
         fn = function_round_trips[case.name]
         assert (fn.status, fn.code) == ("pass", FUNCTION_CLOUDPICKLE), fn.error
-
-
-def test_a_cloudpickle_version_mismatch_is_named() -> None:
-    mine = Versions(python="3.11.7", dill="0.4.1", cloudpickle="3.1.1", farcall="0.1.0")
-    assert version_mismatch(mine, mine.model_copy()) == ""
-    other = mine.model_copy(update={"cloudpickle": "3.0.0"})
-    warning = version_mismatch(mine, other)
-    assert "cloudpickle 3.1.1" in warning and "cloudpickle 3.0.0" in warning
-    assert "same Python, dill and cloudpickle versions" in warning
-    older = Versions(python="3.11.7", dill="0.4.1")  # a farcall that did not report cloudpickle
-    assert version_mismatch(mine, older) == ""
-    assert "worker: Python 3.11.7, dill 0.4.1, cloudpickle ?" in versions_text(mine, older)
 
 
 def test_a_payload_from_a_newer_farcall_says_so() -> None:
