@@ -60,7 +60,7 @@ class Slow:
 SLOW = (
     Slow("tests/endpoint/*parsl*", "a Parsl engine starts an interchange and worker processes, "
          "seconds each", fixtures=("make_engine", "engine")),
-    Slow("tests/endpoint/*engine*", "a ProcessPoolEngine starts and kills worker processes",
+    Slow("tests/*", "a ProcessPoolEngine starts and kills worker processes",
          fixtures=("engine",), param="ProcessPoolEngine"),
     Slow("tests/endpoint/*", "a ProcessPoolEngine starts and kills worker processes", fixtures=("pool",)),
     Slow("tests/endpoint/*", "runs farcall-endpoint commands as processes (the CLI's environment)",

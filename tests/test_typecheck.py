@@ -16,8 +16,10 @@ from pathlib import Path
 from harness import REPO
 
 HEADER = """\
+from farcall.broker.sessions import LiveSession
 from farcall.broker.store.base import Store
 from farcall.endpoint.engines.base import Engine
+from farcall.endpoint.outbox import Outbox
 from farcall.protocol.channel import ResultMessage, TaskMessage
 
 
@@ -32,6 +34,14 @@ async def broker_side(store: Store) -> None:
 
 def agent_side(engine: Engine, task: TaskMessage) -> None:
     engine.submit(task, on_done)
+
+
+async def submission_side(session: LiveSession) -> None:
+    await session.send_direct([("t1", "f1", "{}")], {"f1": "body"})
+
+
+def outbox_side(outbox: Outbox) -> None:
+    outbox.acked(["t1"])
 """
 
 WRONG = HEADER + """
@@ -42,6 +52,14 @@ async def broker_side(store: Store) -> None:
 
 def agent_side(engine: Engine, task: TaskMessage) -> None:
     engine.submit(task)
+
+
+async def submission_side(session: LiveSession) -> None:
+    await session.send_direct([("t1", "f1", "{}")])
+
+
+def outbox_side(outbox: Outbox) -> None:
+    outbox.acked("t1", "t2")
 """
 
 
@@ -66,6 +84,9 @@ def test_wrong_calls_across_the_seams_fail(tmp_path: Path) -> None:
     assert 'Missing positional argument "on_done" in call to "submit" of "Engine"' in done.stdout, (
         done.stdout
     )
+    assert 'Missing positional argument "functions" in call to "send_direct" of "LiveSession"' in (
+        done.stdout), done.stdout
+    assert 'Too many arguments for "acked" of "Outbox"' in done.stdout, done.stdout
 
 
 def test_only_named_third_party_modules_may_go_unchecked() -> None:

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import uuid
 
-from cachetools import LRUCache
 from fastapi import WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -66,6 +65,7 @@ from farcall.protocol.channel import (
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
 from farcall.protocol.control import CancelTasks, EndpointRemoved, SessionReplaced, parse_control
+from farcall.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,8 @@ class EndpointSession:
         self.credit = 0
         self.credit_changed = asyncio.Event()
         self.held: set[str] = set()  # taken by this session (waiting or sent), no result yet
-        # finished through this session, the most recent RECENT_DONE (the values are unused; a
-        # lookup does not renew an id, so the oldest finished goes first)
-        self.done_ids: LRUCache[str, None] = LRUCache(RECENT_DONE)
+        self.done_ids = RecentIds(RECENT_DONE)
+        """Tasks finished through this session, the most recent ``RECENT_DONE``."""
         # (task id, function id, TaskMessage JSON) taken by this session, waiting for credit
         self.waiting: collections.deque[tuple[str, str, str]] = collections.deque()
         self.sent_functions: set[str] = set()  # function bodies the endpoint got in this session
@@ -459,9 +458,7 @@ class EndpointSession:
             )
 
     def _remember_done(self, task_ids: list[str]) -> None:
-        done = self.done_ids
-        for task_id in task_ids:
-            done[task_id] = None
+        self.done_ids.add(task_ids)
 
     async def _take(self, deliveries: list[Delivery]) -> bool:
         """Record the tasks of ``deliveries`` in flight, ack them, and line them up to send.

@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from cachetools import FIFOCache
 from pydantic import TypeAdapter
 
 from farcall.endpoint.errors import ResultTooLarge
 from farcall.endpoint.outcomes import failed_result
 from farcall.protocol.channel import Credit, ResultMessage, RunningFrame
+from farcall.recent import RecentIds
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Outbox:
         """Results not acknowledged yet, by task id, as ``ResultMessage`` JSON (encoded once)."""
         self._queue: list[str] = []
         """Ids of results to send on this session, in order."""
-        self._recent: FIFOCache[str, None] = FIFOCache(RECENT_IDS)
+        self._recent = RecentIds(RECENT_IDS)
         self._frame_limit = DEFAULT_MAX_FRAME_BYTES
         """Largest frame to send on this session (read by engine threads too)."""
         self._frame_cap: int | None = None
@@ -123,10 +123,8 @@ class Outbox:
 
     def acked(self, task_ids: Iterable[str]) -> None:
         """The broker has these results: drop them, and remember their ids a while."""
-        unacked, recent = self._unacked, self._recent
-        for task_id in task_ids:
-            if unacked.pop(task_id, None) is not None:
-                recent[task_id] = None
+        unacked = self._unacked
+        self._recent.add([t for t in task_ids if unacked.pop(t, None) is not None])
 
     # ------------------------------------------------------------- sessions
 
