@@ -157,7 +157,7 @@ class EndpointSession:
             f", replaces session {previous}" if previous else "",
         )
         try:
-            await self._retire(previous)
+            await endpoint_control.replace_session(self.svc, self.endpoint_id, self, previous)
             await self.store.endpoints.set_heartbeat(self.endpoint_id, hello.heartbeat, now())
             await self.queue.declare(self.endpoint_id)  # RabbitMQ may have lost it
             await self._reconcile(set(hello.held_task_ids), set(hello.crashed_task_ids))
@@ -185,10 +185,6 @@ class EndpointSession:
                 await self._control.close()
         await self._close(1011, "broker's store is not answering; reconnect later")
         self._ended.set()
-
-    async def _retire(self, previous: str | None) -> None:
-        """Make this the session new tasks go to, and end ``previous`` (same endpoint, older)."""
-        await endpoint_control.replace_session(self.svc, self.endpoint_id, self, previous)
 
     async def replaced(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
         """End this session from outside (another took its place); returns once it has ended."""
