@@ -13,6 +13,7 @@ import numbers
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -524,12 +525,17 @@ class Client:
             batch.tasks[index].args = self.upload_blob(batch.blobs.pop(index))
 
     def submit_tasks(
-        self, endpoint_id: str, tasks: list[TaskSpec], task_group_id: str | None = None
+        self, endpoint_id: str, tasks: list[TaskSpec], task_group_id: str | None = None,
+        request_id: str | None = None,
     ) -> BatchSubmitted:
-        """One ``POST /v1/tasks``; callers keep it under the body limit (see :func:`split_batch`)."""
+        """One ``POST /v1/tasks``; callers keep it under the body limit (see :func:`split_batch`).
+
+        The submission goes under ``request_id`` (a new one if None): sent again after its
+        answer was lost (a retry), the broker answers with the same tasks and creates none.
+        """
         body = BatchSubmission.model_construct(
-            endpoint_id=endpoint_id, tasks=tasks, task_group_id=task_group_id, submitter=SUBMITTER
-        )
+            endpoint_id=endpoint_id, tasks=tasks, task_group_id=task_group_id, submitter=SUBMITTER,
+            request_id=request_id or new_request_id())
         answer = self.request("POST", "/tasks", content=body.model_dump_json().encode())
         return BatchSubmitted.model_validate(answer)
 
@@ -671,6 +677,12 @@ class Client:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def new_request_id() -> str:
+    """A submission's name, unique per user: what makes a retried submission create its tasks
+    once (``BatchSubmission.request_id``)."""
+    return uuid.uuid4().hex
 
 
 def _epoch(when: datetime | float | None, what: str) -> float | None:

@@ -32,6 +32,7 @@ from farcall.client import (
     SUBMITTER,
     Client,
     check_task_options,
+    new_request_id,
     pack_call,
     split_batch,
 )
@@ -462,15 +463,16 @@ class Executor(concurrent.futures.Executor):
     def _submit(self, chunk: list[TaskSpec]) -> BatchSubmitted:
         """On the result stream when it is up (no HTTP request per batch), else by POST."""
         assert self.endpoint_id is not None
+        request_id = new_request_id()  # the same on the stream and by HTTP: taken once
         stream = self._stream
         if stream is not None:
             answer = stream.submit(BatchSubmission.model_construct(
                 endpoint_id=self.endpoint_id, tasks=chunk, task_group_id=self.task_group_id,
-                submitter=SUBMITTER,
+                submitter=SUBMITTER, request_id=request_id,
             ))
             if answer is not None:
                 return answer
-        return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id)
+        return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id, request_id)
 
     def _function_id(self, call: _Call) -> str:
         if call.function_id is not None:

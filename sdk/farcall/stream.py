@@ -104,8 +104,9 @@ class TaskGroupStream:
 
         That is when the stream is down, drops before the answer comes, or the
         broker answers 503 (HTTP retries while its store or queue is down). A
-        batch whose answer was lost may have been taken: sending it again by
-        HTTP can run its tasks twice, never lose them (at-least-once). A 429
+        batch whose answer was lost may have been taken: sent again by HTTP
+        under its ``request_id``, the broker answers with the tasks it created
+        and creates none. A 429
         (rate limited, or the open-task quota reached) is waited out and the
         batch sent again, within the client's ``retry_seconds``, then raises
         :class:`~farcall.errors.RateLimited`. Any other refusal raises its

@@ -17,10 +17,13 @@ import pytest
 
 from farcall.broker import action_runner
 from farcall.broker.actions import identity_urn
+from farcall.broker.errors import Conflict
 from farcall.broker.records import ActionRecord
+from farcall.broker.submission import submit_batch
 from farcall.broker.settings import Settings
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import TaskState, now
+from farcall.protocol.rest import BatchSubmission, TaskSpec
 from farcall.serialize import serialize, serialize_json, unpack_args
 from harness.procs import wait_until
 from tests.ap_judge import Judge
@@ -262,6 +265,92 @@ def test_tasks_never_submitted_fail_the_action(env: Env, monkeypatch: pytest.Mon
     monkeypatch.setattr(action_runner, "SUBMIT_GRACE", 0.5)
     done = env.status(alice, record.action_id)
     assert done["status"] == "FAILED" and done["details"]["code"] == "NotSubmitted"
+
+
+class BrokerDied(Exception):  # noqa: N818 - stands for a kill -9 in the unit tests
+    """Raised where the broker would have died: nothing after it runs."""
+
+
+def _die_before_recording(env: Env, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The next action update recording submitted tasks dies first; the ids of the actions
+    that died so."""
+    real = env.store.actions.update
+    died: list[str] = []
+
+    async def update(action: ActionRecord, ttl: float) -> bool:
+        if not died and action.task_ids:
+            died.append(action.action_id)
+            raise BrokerDied
+        return await real(action, ttl)
+
+    monkeypatch.setattr(env.store.actions, "update", update)
+    return died
+
+
+def test_an_action_whose_broker_died_after_submitting_shows_what_ran(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
+    _die_before_recording(env, monkeypatch)
+    doc = env.judge.request({"request_id": "once", "body": {"endpoint_id": ep, "tasks": [
+        {"function_id": fid, "args": [2]}]}})
+    with pytest.raises(BrokerDied):
+        env.client.post(AP + "/run", json=doc, headers=alice)
+    assert env.queued_args(ep) == [((2,), {})], "the task was submitted before the broker died"
+    again = env.client.post(AP + "/run", json=doc, headers=alice)
+    assert again.status_code == 200, "the same request id names the same action"
+    (task_id,) = _task_ids(env.judge.status(again.json()))
+    assert task_id, "the resent request found the task the first one submitted"
+    assert env.queued_args(ep) == [], "and created no other"
+    env.finish(task_id, 4)
+    done = env.status(alice, again.json()["action_id"])
+    assert done["status"] == "SUCCEEDED" and done["details"]["result"] == [4]
+
+
+def test_status_finds_the_tasks_of_an_action_whose_broker_died(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, alice = env.new_user("alice")
+    fid, ep = env.function(alice), env.endpoint_id(alice)
+    died = _die_before_recording(env, monkeypatch)
+    doc = env.judge.request({"request_id": "r", "body": {"endpoint_id": ep, "tasks": [
+        {"function_id": fid, "args": [1]}]}})
+    with pytest.raises(BrokerDied):
+        env.client.post(AP + "/run", json=doc, headers=alice)
+    (action_id,) = died
+    monkeypatch.setattr(action_runner, "SUBMIT_GRACE", 0.0)  # overdue: still the truth
+    (task_id,) = _task_ids(env.status(alice, action_id))
+    env.finish(task_id, "ran")
+    assert env.status(alice, action_id)["details"]["result"] == ["ran"]
+
+
+def test_an_action_never_submitted_is_given_up_and_stays_so(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overdue with a batch never submitted: that batch is given up (a broker that stalled
+    cannot submit it later), its calls fail, the tasks submitted are cancelled."""
+    alice_id, alice = env.new_user("alice")
+    fid, ep1, ep2 = env.function(alice), env.endpoint_id(alice), env.endpoint_id(alice)
+    record = ActionRecord(action_id=str(uuid.uuid4()), user_id=alice_id, request_id="r",
+                          request_digest="d", created_at=now() - 1, release_after=60,
+                          task_count=3, batches=2, call_batch=[0, 1, 0])
+    env.call(env.store.actions.create, record, 60)
+    first = env.call(submit_batch, env.services, alice_id, BatchSubmission(
+        endpoint_id=ep1, request_id=f"action:{record.action_id}:0",
+        tasks=[TaskSpec(function_id=fid, args="A", result_format="json")] * 2))
+    assert env.status(alice, record.action_id)["status"] == "ACTIVE", "not overdue yet"
+    monkeypatch.setattr(action_runner, "SUBMIT_GRACE", 0.5)
+    done = env.status(alice, record.action_id)
+    assert done["status"] == "FAILED" and done["details"]["code"] == "NotSubmitted"
+    results = done["details"]["results"]
+    assert [e["task_id"] for e in results] == [first.task_ids[0], None, first.task_ids[1]]
+    assert [e["status"] for e in results] == ["cancelled", "failed", "cancelled"]
+    assert "never submitted" in results[1]["exception"]
+    with pytest.raises(Conflict, match="new request_id"):
+        env.call(submit_batch, env.services, alice_id, BatchSubmission(
+            endpoint_id=ep2, request_id=f"action:{record.action_id}:1",
+            tasks=[TaskSpec(function_id=fid, args="A")]))
 
 
 @pytest.mark.parametrize(("request_doc", "code", "says"), [

@@ -1,13 +1,15 @@
 """Taking a batch in (farcall.broker.submission) on a memory store and queue, with a fake live
 session (``sessions.LiveSession``): straight to a session with room, through the queue
-otherwise, tasks failed and published when the queue refuses them, the checks and the quota."""
+otherwise (kept among the unqueued batches until the queue confirms them), tasks failed and
+published when their queue is gone, a request sent again, the checks and the quota."""
 
 from __future__ import annotations
 
 import pytest
 
 from farcall.broker import submission
-from farcall.broker.errors import TooManyRequests, Unavailable
+from farcall.broker.errors import Conflict, TooManyRequests, Unavailable
+from farcall.broker.queue.base import QueueMissing
 from farcall.broker.services import Services
 from farcall.broker.submission import NotUsable, submit_batch
 from farcall.protocol.channel import TaskMessage, parse_task_batch
@@ -71,29 +73,76 @@ async def test_a_direct_send_that_fails_leaves_the_tasks_in_flight(svc: Services
     assert await queued_ids(svc, eid) == []
 
 
-async def test_a_batch_the_queue_refuses_is_failed_and_published(
+async def test_a_batch_the_queue_cannot_take_now_waits_for_the_sweep(
     svc: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """RabbitMQ down: the batch is accepted, recorded and kept among the unqueued ones."""
     eid, fid = await endpoint_and_function(svc, ALICE)
-    group = (await submit_batch(svc, ALICE, batch(eid, fid, 1))).task_group_id
-    await svc.queue.drain(eid)
 
     async def refuse(endpoint_id: str, bodies: list[bytes]) -> None:
         raise Unavailable("RabbitMQ is not answering")
 
     monkeypatch.setattr(svc.queue, "publish", refuse)
+    answer = await submit_batch(svc, ALICE, batch(eid, fid, 2))
+    records = await svc.store.tasks.get_many(answer.task_ids)
+    assert all(r is not None and r.state == TaskState.WAITING for r in records)
+    (kept,) = await svc.store.unqueued.claim(now() + 1, now() + 1, 10)
+    assert [t.task_id for t in parse_task_batch(kept.body)] == answer.task_ids
+    assert kept.endpoint_id == eid
+
+
+async def test_a_queued_batch_leaves_the_unqueued_ones(svc: Services) -> None:
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    answer = await submit_batch(svc, ALICE, batch(eid, fid, 2))
+    assert await queued_ids(svc, eid) == answer.task_ids
+    assert await svc.store.unqueued.claim(now() + 100, now() + 100, 10) == []
+
+
+async def test_a_batch_for_a_deleted_queue_is_failed_and_published(svc: Services) -> None:
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    group = (await submit_batch(svc, ALICE, batch(eid, fid, 1))).task_group_id
+    await svc.queue.delete(eid)
     stream = await svc.store.pubsub.subscribe_results(group)
-    with pytest.raises(Unavailable):
+    with pytest.raises(QueueMissing):
         await submit_batch(svc, ALICE, batch(eid, fid, 2, group))
     task_ids = (await svc.store.tasks.group_tasks(group))[1:]
     frame = ResultStreamFrame.model_validate_json(await next_frame(stream))
     await stream.close()
     assert [r.task_id for r in frame.results] == task_ids
     assert all(r.state == TaskState.FAILED and "submit it again" in r.error for r in frame.results)
-    assert all(rec is not None and rec.state == TaskState.FAILED
-               for rec in await svc.store.tasks.get_many(task_ids))
     ep = await svc.store.endpoints.get(eid)
     assert ep is not None and ep.queued_tasks == 1, "only the first batch counts as queued"
+    assert await svc.store.unqueued.claim(now() + 100, now() + 100, 10) == []
+
+
+async def test_a_request_sent_again_gets_the_same_tasks_once(svc: Services) -> None:
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    wanted = batch(eid, fid, 3).model_copy(update={"request_id": "campaign-7:batch-1"})
+    first = await submit_batch(svc, ALICE, wanted)
+    again = await submit_batch(svc, ALICE, wanted)
+    assert again == first
+    assert await queued_ids(svc, eid) == first.task_ids, "queued once"
+    assert await svc.store.tasks.open_tasks(ALICE) == 3
+
+
+@pytest.mark.parametrize("change", ["another endpoint", "more tasks"])
+async def test_a_request_id_used_for_another_submission_is_refused(
+    svc: Services, change: str
+) -> None:
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    other_eid, _ = await endpoint_and_function(svc, ALICE)
+    await submit_batch(svc, ALICE, batch(eid, fid, 2).model_copy(update={"request_id": "r1"}))
+    different = batch(other_eid, fid, 2) if change == "another endpoint" else batch(eid, fid, 3)
+    with pytest.raises(Conflict, match="use a new request_id"):
+        await submit_batch(svc, ALICE, different.model_copy(update={"request_id": "r1"}))
+
+
+async def test_an_abandoned_request_is_refused(svc: Services) -> None:
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    await svc.store.tasks.submitted(ALICE, "r1", abandon=True)
+    with pytest.raises(Conflict, match="new request_id"):
+        await submit_batch(svc, ALICE, batch(eid, fid, 1).model_copy(update={"request_id": "r1"}))
+    assert await queued_ids(svc, eid) == []
 
 
 async def test_ids_that_are_not_the_submitters_are_named(svc: Services) -> None:

@@ -150,6 +150,24 @@ def test_requests_are_retried_through_a_503() -> None:
         broker.close()
 
 
+def test_a_submission_sent_again_after_a_503_keeps_its_request_id() -> None:
+    """The broker may have created the tasks before its answer was lost: the retry names the
+    same request, so the broker answers with those tasks instead of creating more."""
+    answer = {"task_group_id": "g1", "task_ids": ["t1"]}
+    broker = StubHTTP((503, {"error": "unavailable", "message": "later"}), (200, answer),
+                      (200, answer))
+    try:
+        c = Client(broker_url=broker.url, token="fcu_t", retry_seconds=10)
+        spec = TaskSpec(function_id="f1", args="A")
+        assert c.submit_tasks("e1", [spec]).task_ids == ["t1"]
+        c.submit_tasks("e1", [spec])
+        first, again, next_one = (json.loads(b)["request_id"] for _, _, _, b in broker.requests)
+        assert first == again and len(first) >= 16
+        assert next_one != first, "a new submission is a new request"
+    finally:
+        broker.close()
+
+
 def test_unreachable_broker_is_a_clear_error() -> None:
     from harness.procs import free_port
 

@@ -34,9 +34,10 @@ class CountingClient(Client):
         self.registered += 1
         return super().register_function_payload(*args, **kwargs)
 
-    def submit_tasks(self, endpoint_id: str, tasks: Any, task_group_id: str | None = None) -> Any:
+    def submit_tasks(self, endpoint_id: str, tasks: Any, task_group_id: str | None = None,
+                     request_id: str | None = None) -> Any:
         self.http_posts += 1
-        return super().submit_tasks(endpoint_id, tasks, task_group_id)
+        return super().submit_tasks(endpoint_id, tasks, task_group_id, request_id)
 
 
 class CountingExecutor(Executor):

@@ -222,9 +222,10 @@ def test_an_executor_waits_for_its_open_task_quota_on_the_stream(
             by_http: list[int] = []
             submit_tasks = client.submit_tasks
 
-            def counting(endpoint_id: str, tasks: Any, task_group_id: str | None = None) -> Any:
+            def counting(endpoint_id: str, tasks: Any, task_group_id: str | None = None,
+                         request_id: str | None = None) -> Any:
                 by_http.append(len(tasks))
-                return submit_tasks(endpoint_id, tasks, task_group_id)
+                return submit_tasks(endpoint_id, tasks, task_group_id, request_id)
 
             client.submit_tasks = counting  # type: ignore[method-assign]
             with Executor(endpoint_id=endpoint.endpoint_id, client=client, batch_size=1) as ex:

@@ -48,16 +48,17 @@ from farcall.serialize import deserialize_json, pack_json_args
 RELEASE_AFTER = 30 * 86400.0
 """Seconds an ended action's status is kept when the request does not say (and at most)."""
 SUBMIT_GRACE = 60.0
-"""An action whose tasks are still not submitted this long after it started never will be
-(the broker that took it stopped midway): it fails, saying so."""
+"""An action whose tasks are still not all submitted this long after it started never will be
+(the broker that took it stopped midway, and its request was not sent again): the batches not
+submitted are given up and their calls fail, saying so."""
 LOG_LIMIT = 1000
 """Most log entries one answer carries (the default, and the most a caller may ask for)."""
 NOT_JSON = ("the task's result is not JSON: the endpoint runs a farcall older than the broker, "
             "which ignores result_format 'json'; upgrade the endpoint")
 EXPIRED = ("the task's record expired (FARCALL_RESULT_TTL) before the action ended; run the "
            "action again")
-NEVER_SUBMITTED = ("the broker stopped while submitting this action's tasks, so none ran; run it "
-                   "again with a new request_id")
+NEVER_SUBMITTED = ("the broker stopped while submitting this action's tasks and never submitted "
+                   "this one, so it did not run; run the action again with a new request_id")
 Outcome = Literal["ACTIVE", "SUCCEEDED", "FAILED"]
 _LOG_CODES = {
     TaskState.RECEIVED: "TaskReceived", TaskState.WAITING: "TaskQueued",
@@ -71,7 +72,8 @@ _LOG_CODES = {
 
 async def run(svc: Services, user: str, request: ActionRequest) -> tuple[ActionStatus, bool]:
     """Start the action ``request`` asks for; its status and whether it is new (False: the
-    action this user started before with the same ``request_id``)."""
+    action this user started before with the same ``request_id``, whose submission this
+    completes if the broker that took it stopped midway)."""
     try:
         wanted = read_input(request.body)
     except ValidationError as e:
@@ -79,61 +81,99 @@ async def run(svc: Services, user: str, request: ActionRequest) -> tuple[ActionS
     release_after = RELEASE_AFTER
     if request.release_after is not None:
         release_after = min(duration_seconds(request.release_after), RELEASE_AFTER)
+    batches = _batches(wanted)
+    call_batch = [0] * len(wanted.calls)
+    for k, (_, indexes) in enumerate(batches):
+        for i in indexes:
+            call_batch[i] = k
     record = ActionRecord(
         action_id=str(uuid.uuid4()), user_id=user, request_id=request.request_id,
         request_digest=request.digest(), label=request.label,
         monitor_by=list(dict.fromkeys(request.monitor_by)),
         manage_by=list(dict.fromkeys(request.manage_by)),
-        created_at=now(), release_after=release_after, task_count=len(wanted.calls))
-    lifetime = _lifetime(svc)
-    stored = await svc.store.actions.create(record, lifetime)
+        created_at=now(), release_after=release_after, task_count=len(wanted.calls),
+        batches=len(batches), call_batch=call_batch if len(batches) > 1 else [])
+    stored = await svc.store.actions.create(record, _lifetime(svc))
     if stored.action_id != record.action_id:
         if stored.request_digest != record.request_digest:
             raise Conflict(
                 f"request_id {clip(request.request_id)!r} started action {stored.action_id} with "
                 "another request; send that request again, or use a new request_id")
+        if stored.status == "ACTIVE" and not stored.task_ids and stored.batches == len(batches):
+            await _submit_all(svc, stored, wanted, batches)  # its broker stopped midway
         return await _status(svc, stored), False
-    try:
-        record.task_group_id, record.task_ids = await _submit(svc, user, wanted)
-    except BaseException:
-        await svc.store.actions.release(record)  # nothing runs: the request may be sent again
-        raise
-    await svc.store.actions.update(record, lifetime)
+    await _submit_all(svc, record, wanted, batches)
     just_submitted = [{"task_id": t, "status": TaskState.WAITING.value} for t in record.task_ids]
     return _document(record, *_progress(record, just_submitted)), True
 
 
-async def _submit(svc: Services, user: str, wanted: ActionInput) -> tuple[str, list[str]]:
-    """Submit the calls, one batch per endpoint, in one task group; the group and the task
-    ids in the calls' order. A refusal cancels what was submitted before it."""
+def _batches(wanted: ActionInput) -> list[tuple[str, list[int]]]:
+    """The calls by endpoint, ``(endpoint id, indexes of its calls)``, in first-seen order."""
     by_endpoint: dict[str, list[int]] = {}
     for i, call in enumerate(wanted.calls):
         by_endpoint.setdefault(call.endpoint_id, []).append(i)
+    return list(by_endpoint.items())
+
+
+def _request_id(record: ActionRecord, batch: int) -> str:
+    """The request id the action's ``batch``-th batch is submitted under."""
+    return f"action:{record.action_id}:{batch}"
+
+
+async def _submit_all(svc: Services, record: ActionRecord, wanted: ActionInput,
+                      batches: list[tuple[str, list[int]]]) -> None:
+    """Submit the calls, one batch per endpoint under its request id, in one task group, and
+    record the task ids. Sent again (the action's request resent), a batch submitted before
+    gets its tasks back instead of new ones. A refusal cancels what was submitted before it
+    and forgets the action, so the request may be sent again."""
     task_ids = [""] * len(wanted.calls)
     group: str | None = wanted.task_group_id
     submitted: list[str] = []
     try:
-        for endpoint_id, indexes in by_endpoint.items():
+        for k, (endpoint_id, indexes) in enumerate(batches):
             tasks = [TaskSpec(function_id=wanted.calls[i].function_id,
                               args=pack_json_args(wanted.calls[i].args, wanted.calls[i].kwargs),
                               resource_specification=wanted.resource_specification,
                               result_format="json") for i in indexes]
-            answer = await submit_batch(svc, user, BatchSubmission(
-                endpoint_id=endpoint_id, tasks=tasks, task_group_id=group))
+            answer = await submit_batch(svc, record.user_id, BatchSubmission(
+                endpoint_id=endpoint_id, tasks=tasks, task_group_id=group,
+                request_id=_request_id(record, k)))
             group = answer.task_group_id
             submitted += answer.task_ids
             for i, task_id in zip(indexes, answer.task_ids, strict=True):
                 task_ids[i] = task_id
     except BaseException as e:
         if submitted:
-            await cancel_tasks(svc, user, submitted)
+            await cancel_tasks(svc, record.user_id, submitted)
+        await svc.store.actions.release(record)  # nothing runs: the request may be sent again
         if isinstance(e, ObjectNotFound):
             raise InvalidRequest(e.message) from None
         if isinstance(e, SerializationError):
             raise InvalidRequest(f"the arguments are not plain JSON: {e}") from None
         raise
     assert group is not None
-    return group, task_ids
+    record.task_group_id, record.task_ids = group, task_ids
+    await svc.store.actions.update(record, _lifetime(svc))
+
+
+async def _recover(svc: Services, record: ActionRecord, give_up: bool) -> bool:
+    """For an action whose tasks are not recorded in it (its broker stopped while submitting
+    them): find the batches that were submitted, by their request ids, and record them; with
+    ``give_up``, a batch never submitted is given up for good (it can no longer be) and its
+    calls fail, the other tasks are cancelled. Whether the action now names its tasks."""
+    found = [await svc.store.tasks.submitted(record.user_id, _request_id(record, k),
+                                             abandon=give_up)
+             for k in range(record.batches)]
+    if any(f is None for f in found):
+        return False  # still being submitted, or not given up on yet
+    per_batch = {k: iter(f.task_ids) for k, f in enumerate(found) if f and not f.abandoned}
+    call_batch = record.call_batch or [0] * record.task_count
+    task_ids = [next(per_batch[k]) if k in per_batch else "" for k in call_batch]
+    if "" in task_ids:
+        await cancel_tasks(svc, record.user_id, [t for t in task_ids if t])
+    record.task_group_id = next((f.task_group_id for f in found if f and not f.abandoned), "")
+    record.task_ids = task_ids
+    return await svc.store.actions.update(record, _lifetime(svc))
 
 
 def _lifetime(svc: Services) -> float:
@@ -153,8 +193,8 @@ async def cancel(svc: Services, user: str, action_id: str) -> ActionStatus:
     every task had ended already). An action whose tasks are still being submitted goes on:
     a cancel is advisory in the specification."""
     record = await _managed(svc, user, action_id)
-    if record.status == "ACTIVE" and record.task_ids:
-        await cancel_tasks(svc, record.user_id, record.task_ids)
+    if record.status == "ACTIVE" and (submitted := [t for t in record.task_ids if t]):
+        await cancel_tasks(svc, record.user_id, submitted)
     return await _status(svc, record)
 
 
@@ -195,11 +235,15 @@ async def _status(svc: Services, record: ActionRecord) -> ActionStatus:
     if record.status != "ACTIVE":
         return _document(record, record.status, record.display_status, record.details or {})
     state: Outcome
+    overdue = now() - record.created_at > SUBMIT_GRACE
+    if not record.task_ids and record.batches:
+        await _recover(svc, record, give_up=overdue)
     if record.task_ids:
-        tasks = await svc.store.tasks.get_many(record.task_ids)
-        entries = [_entry(t, rec) for t, rec in zip(record.task_ids, tasks, strict=True)]
+        known = [t for t in record.task_ids if t]
+        found = dict(zip(known, await svc.store.tasks.get_many(known), strict=True))
+        entries = [_entry(t, found[t]) if t else _never_submitted() for t in record.task_ids]
         state, display, details = _progress(record, entries)
-    elif now() - record.created_at > SUBMIT_GRACE:
+    elif overdue and not record.batches:
         state, display, details = "FAILED", "its tasks were never submitted", {
             "code": "NotSubmitted", "description": NEVER_SUBMITTED, "results": []}
     else:
@@ -225,6 +269,11 @@ def _progress(
         return "ACTIVE", f"{len(ended)}/{total} tasks done", details
     failed = [e for e in entries if e["status"] == "failed"]
     cancelled = [e for e in entries if e["status"] == "cancelled"]
+    never = [e for e in failed if e["task_id"] is None]
+    if never:
+        details.update(code="NotSubmitted", description=(
+            f"{len(never)} of {total} tasks were never submitted: {NEVER_SUBMITTED}"))
+        return "FAILED", f"{len(never)} of {total} tasks never submitted", details
     if failed:
         details.update(code="TaskFailed", description=(
             f"{len(failed)} of {total} tasks failed; task {failed[0]['task_id']}: "
@@ -237,6 +286,11 @@ def _progress(
         return "FAILED", f"cancelled ({len(cancelled)} of {total} tasks)", details
     details["result"] = [e["output"] for e in entries]
     return "SUCCEEDED", f"{total}/{total} tasks done", details
+
+
+def _never_submitted() -> dict[str, Any]:
+    """The line in ``details.results`` of a call whose batch was given up."""
+    return {"task_id": None, "status": "failed", "exception": NEVER_SUBMITTED}
 
 
 def _entry(task_id: str, rec: TaskRecord | None) -> dict[str, Any]:
@@ -279,7 +333,8 @@ async def log(svc: Services, user: str, action_id: str, limit: int = LOG_LIMIT) 
     """What happened, oldest first: the action's start, each state its tasks went through (while
     their records last), and its end."""
     record = await _visible(svc, user, action_id)
-    tasks = await svc.store.tasks.get_many(record.task_ids) if record.task_ids else []
+    known = [t for t in record.task_ids if t]
+    tasks = await svc.store.tasks.get_many(known) if known else []
     events: list[tuple[float, ActionLogEntry]] = [(record.created_at, ActionLogEntry(
         code="ActionStarted", description=f"action started with {record.task_count} tasks",
         details={"time": iso_time(record.created_at)}))]

@@ -5,8 +5,8 @@
 blobs among them), :mod:`.client_stream` (a client's task group stream),
 :mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit)
 and :mod:`.errors` (every failure answered as JSON); :mod:`.action_provider` (the Action
-Provider API, its own sub-application) is mounted at ``/action-provider``, and the
-:mod:`.scheduler` that fires timers runs for the app's lifetime.
+Provider API, its own sub-application) is mounted at ``/action-provider``; the
+:mod:`.scheduler` that fires timers and the :mod:`.requeue` sweep run for the app's lifetime.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from farcall.broker import action_provider, client_stream, endpoint_channel
 from farcall.broker.asgi import BodyLimit
 from farcall.broker.errors import install_handlers
 from farcall.broker.queue.base import TaskQueue
+from farcall.broker.requeue import Requeuer
 from farcall.broker.routes import blobs, router
 from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
@@ -34,17 +35,19 @@ def create_app(
 ) -> FastAPI:
     """Build the broker app; ``store``/``queue`` override the ones the settings choose."""
     svc = Services.build(settings or Settings.from_env(), store, queue)
-    scheduler = TimerScheduler(svc)
+    loops = [TimerScheduler(svc), Requeuer(svc)]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()
         await svc.start()
-        scheduler.start()
+        for loop in loops:
+            loop.start()
         try:
             yield
         finally:
-            await scheduler.stop()
+            for loop in loops:
+                await loop.stop()
             await svc.close()
 
     app = FastAPI(

@@ -11,7 +11,8 @@ itself (no validation twice); anything read from outside goes through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,6 +150,11 @@ class NewTasks:
     waiting_at: float
     submitter: Versions | None = None
     new_group: bool = False
+    request_id: str = ""
+    """The submitter's name for this submission (``BatchSubmission.request_id``): the store
+    keeps what it created under it, so the same request creates nothing the second time."""
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """This batch's entry among the unqueued ones (``UnqueuedStore``) while it goes to the queue."""
 
     def records(self) -> list[TaskRecord]:
         """The task records this batch creates, in order."""
@@ -170,7 +176,9 @@ class ActionRecord(_Record):
     may see or manage it, its tasks, and once it ended its final status, kept until it is
     released (the task records may expire before that).
 
-    ``task_ids`` is empty while the tasks are being submitted (``task_count`` of them).
+    ``task_ids`` is empty while the tasks are being submitted (``task_count`` of them), one
+    batch per endpoint, each under its own request id (``action_runner``), so a broker that
+    stopped midway leaves tasks that can be found, and a batch it never sent can be given up.
     """
 
     action_id: str
@@ -186,8 +194,13 @@ class ActionRecord(_Record):
     release_after: float
     """Seconds its final status is kept once it ended."""
     task_count: int
+    batches: int = 0
+    """Batches its tasks are submitted in (0: an action from before batches had request ids)."""
+    call_batch: list[int] = Field(default_factory=list)
+    """The batch of each call, in the calls' order (empty when there is one batch)."""
     task_group_id: str = ""
     task_ids: list[str] = Field(default_factory=list)
+    """In the calls' order; ``""`` for a call whose batch was never submitted."""
     status: Literal["ACTIVE", "SUCCEEDED", "FAILED"] = "ACTIVE"
     completed_at: float | None = None
     display_status: str | None = None

@@ -1,34 +1,33 @@
 """``TimerScheduler``: fires the runs of timers that are due, each once across broker replicas.
 
-Every replica runs one. A few times a second it asks the store for the timers due (one cheap
-call when none is), claims each due run (``TimerStore.claim``, a compare and set: of the
-replicas that saw the run due, one gets it) and submits the run's task through
+Every replica runs one (a ``periodic.Periodic``). A few times a second it asks the store for the
+timers due (one cheap call when none is), claims each due run (``TimerStore.claim``, a compare
+and set: of the replicas that saw the run due, one gets it) and submits the run's task through
 ``submission.submit_batch``, as ``POST /v1/tasks`` does for the timer's creator, so the same
-access checks apply at every run. The claim comes first: a replica that dies between claim and
-submission loses that run (its entry shows no task) rather than ever firing it twice.
+access checks apply at every run. The submission's ``request_id`` names the run
+(``timer:<timer id>:<number>``), so it creates the run's task once however often it is sent: a
+replica that dies between claiming a run and attaching its task leaves the run among the
+store's ``unsubmitted``, and a replica's sweep (after ``FARCALL_REQUEUE_AFTER``) submits it again
+and attaches the task, whether the first submission got through or not. A run never shows "no
+task" for a task that ran, and never fires twice.
 
 Runs missed while no broker was up fire once when one is back; the next is the first time of the
 schedule after that (``schedule.next_run``), so there is no burst. A timer whose endpoint or
-function is gone (deleted, or no longer shared with its creator) is stopped, saying which. The
-loop outlives store and queue outages: it logs, backs off and tries again.
+function is gone (deleted, or no longer shared with its creator) is stopped, saying which.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
-from farcall.backoff import Backoff
 from farcall.broker import schedule
 from farcall.broker.errors import ApiError
+from farcall.broker.periodic import Periodic
 from farcall.broker.records import TimerRecord
 from farcall.broker.services import Services
 from farcall.broker.submission import NotUsable, submit_batch
-from farcall.protocol.common import now
 from farcall.protocol.rest import BatchSubmission, TaskSpec
 from farcall.protocol.timers import TimerRun
-from farcall.quietlog import QuietLog
 
 log = logging.getLogger(__name__)
 
@@ -36,57 +35,27 @@ POLL_PERIOD = 0.25
 """Seconds between looks for due timers: how late a run may fire."""
 BATCH = 100
 """Due timers fired per look; with more due, the next look follows at once."""
-TROUBLE_LOG_EVERY = 30.0
-"""A failing look (the store down) is logged at WARNING at most this often."""
-STOP_GRACE = 5.0
-"""Seconds ``stop`` lets the runs being fired finish before it cancels them."""
+SWEEP_EVERY = 5.0
+"""Most seconds between looks for claimed runs left without their task."""
 
 
-class TimerScheduler:
+class TimerScheduler(Periodic):
     """The loop of one broker process: ``start`` it once the services are up, ``stop`` it
-    before they close."""
+    before they close (a run being fired gets its task first)."""
+
+    name = "timer-scheduler"
 
     def __init__(self, svc: Services, period: float = POLL_PERIOD, batch: int = BATCH) -> None:
-        self.svc, self.period, self.batch = svc, period, batch
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
-        self._trouble = QuietLog(log, TROUBLE_LOG_EVERY, logging.WARNING)
+        super().__init__(period, log)
+        self.svc, self.batch = svc, batch
+        self._next_sweep = 0.0
 
-    def start(self) -> None:
-        self._stopping = asyncio.Event()  # of this loop: an app may be started again on another
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="timer-scheduler")
-
-    async def stop(self) -> None:
-        """Stop after the runs being fired are submitted (cancelled past ``STOP_GRACE``), so a
-        graceful shutdown never leaves a claimed run without its task."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        self._stopping.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _loop(self) -> None:
-        backoff = Backoff(cap=5.0)
-        while not self._stopping.is_set():
-            try:
-                due = await self.tick(now())
-            except Exception as e:  # noqa: BLE001 - the store may be down: try again later
-                self._trouble("timers: cannot fire due timers (%r); trying again", e)
-                await self._pause(max(self.period, backoff.next_delay()))
-                continue
-            backoff.reset()
-            if due < self.batch:
-                await self._pause(self.period)
-
-    async def _pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if ``stop`` is called."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+    async def step(self, at: float) -> bool:
+        due = await self.tick(at)
+        if at >= self._next_sweep:
+            self._next_sweep = at + min(SWEEP_EVERY, self.svc.settings.requeue_after / 2)
+            await self.resubmit(at)
+        return due >= self.batch
 
     async def tick(self, at: float) -> int:
         """Fire the timers due at ``at`` (up to ``batch``); how many were due. Raises when
@@ -94,7 +63,7 @@ class TimerScheduler:
         timers = await self.svc.store.timers.due(at, self.batch)
         failed: Exception | None = None
         for timer in timers:
-            if self._stopping.is_set():
+            if self.stopping:
                 break
             try:
                 await self.fire(timer, at)
@@ -114,8 +83,31 @@ class TimerScheduler:
                                 timer.schedule.stop_after_runs)
         if run is None:
             return None
+        return await self._submit(timer, run)
+
+    async def resubmit(self, at: float) -> int:
+        """Submit (again) the task of each run claimed more than ``FARCALL_REQUEUE_AFTER`` ago
+        and still without it; how many there were."""
+        store = self.svc.store.timers
+        found = await store.unsubmitted(at - self.svc.settings.requeue_after, at, self.batch)
+        for timer_id, number in found:
+            timer = await store.get(timer_id)
+            run = next((r for r in timer.runs if r.number == number), None) if timer else None
+            if timer is None or run is None or run.task_id or run.error:
+                # Gone, or attached meanwhile: only its place among the unsubmitted goes.
+                await store.attach(timer_id, run or TimerRun(number=number, at=at))
+                continue
+            log.info("timer %s run %d was claimed but not submitted; submitting it", timer_id,
+                     number)
+            await self._submit(timer, run)
+        return len(found)
+
+    async def _submit(self, timer: TimerRecord, run: TimerRun) -> TimerRun:
+        """Submit the run's task under the run's request id and attach it (or why not)."""
+        store = self.svc.store.timers
         batch = BatchSubmission(
             endpoint_id=timer.endpoint_id, submitter=timer.submitter,
+            request_id=f"timer:{timer.timer_id}:{run.number}",
             tasks=[TaskSpec(function_id=timer.function_id, args=timer.args)])
         try:
             answer = await submit_batch(self.svc, timer.user_id, batch)
@@ -128,9 +120,11 @@ class TimerScheduler:
             return run
         except ApiError as e:  # the open-task quota: this run is lost, the next ones may go
             run.error = e.message
-        except Exception as e:  # noqa: BLE001 - the queue or store failed: this run is lost
-            run.error = f"the broker could not submit this run's task ({type(e).__name__}: {e})"
-            log.warning("timer %s run %d: %s", timer.timer_id, run.number, run.error)
+        except Exception as e:  # noqa: BLE001 - the store failed: the sweep sends it again
+            log.warning("timer %s run %d: cannot submit its task now (%s: %s); it is sent again "
+                        "in %g s", timer.timer_id, run.number, type(e).__name__, e,
+                        self.svc.settings.requeue_after)
+            return run
         else:
             run.task_id = answer.task_ids[0]
         await store.attach(timer.timer_id, run)

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     max_task_bytes: int = Field(default=1024 * MB, ge=INLINE_BYTES)
     """Largest arguments or result of one task (they travel as data-plane blobs past
     ``inline_bytes``); at least ``INLINE_BYTES``, the size up to which they travel inside it."""
+    requeue_after: float = Field(default=10.0, gt=0)
+    """Seconds a recorded batch may wait for its queue's confirmation (or a timer's claimed run
+    for its task) before a replica's sweep takes it over: its broker died in between, or the
+    queue was down. Longer than a queue publish ever takes; short enough not to keep tasks."""
     blob_dir: str | None = None
     """Keep blobs as files in this directory (shared by every replica, e.g. an NFS or volume
     mount) instead of in Redis (or in memory, embedded)."""

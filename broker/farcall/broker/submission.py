@@ -4,6 +4,12 @@ A batch is recorded in one store round trip and queued whole, as one confirmed
 message in the endpoint's queue. Tasks name their function by id; the body
 travels to the endpoint once per session (see ``endpoint_channel``).
 
+Recording and queueing are two services, so a crash can fall between them: the store keeps
+a recorded batch among the unqueued ones until the queue has confirmed it, and a replica's
+sweep (``requeue``) queues a batch left there. A queue that is down leaves the batch to that
+sweep too, so an accepted task is never failed for an outage. A submission with a
+``request_id`` creates its tasks once: sent again (the answer was lost), it gets the same ids.
+
 When the endpoint's channel session is on this replica with credit to spare
 (``Services.sessions``, seen as a ``sessions.LiveSession``), the batch skips the
 queue: its tasks are recorded in flight with their records (the same store round
@@ -18,12 +24,13 @@ from __future__ import annotations
 import logging
 import uuid
 
-from farcall.broker.errors import ObjectNotFound, TooManyRequests
+from farcall.broker.errors import Conflict, ObjectNotFound, TooManyRequests, Unavailable, clip
+from farcall.broker.queue.base import QueueMissing
 from farcall.broker.records import NewTasks
 from farcall.broker.results import publish_results
 from farcall.broker.services import Services
-from farcall.broker.store.base import OverQuota, SubmissionContext
-from farcall.protocol.channel import TaskMessage, dump_task_batch
+from farcall.broker.store.base import AlreadySubmitted, OverQuota, SubmissionContext, Submitted
+from farcall.protocol.channel import TaskMessage, dump_task_batch, join_task_batch
 from farcall.protocol.common import now
 from farcall.protocol.rest import BatchSubmission, BatchSubmitted
 
@@ -90,6 +97,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     ]
     task_ids = [m.task_id for m in messages]
     new = NewTasks(
+        request_id=batch.request_id or "",
         user_id=user,
         task_group_id=batch.task_group_id or str(uuid.uuid4()),
         endpoint_id=batch.endpoint_id,
@@ -106,10 +114,13 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     if session is not None and session.can_take(len(messages)):
         direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
     inflight = {task_id: body for task_id, _, body in direct} if direct else None
+    queued = b"" if direct else dump_task_batch(messages)
     try:
         went = await svc.store.tasks.create(
             new, inflight=inflight, session_id=session.session_id if session else "",
-            max_open=svc.settings.max_open_tasks)
+            max_open=svc.settings.max_open_tasks, queued_body=queued)
+    except AlreadySubmitted as e:
+        return _answered_before(batch, e.prior)
     except OverQuota as e:
         raise TooManyRequests(
             f"you have {e.open_tasks} tasks waiting or running and this batch of {len(task_ids)} "
@@ -123,17 +134,37 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
         except Exception as e:  # noqa: BLE001 - reconcile at the next hello queues them again
             log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
         return answer
+    if direct:
+        queued = join_task_batch([body for _, _, body in direct])
     try:
-        await svc.queue.publish(batch.endpoint_id, [dump_task_batch(messages)])
-    except Exception:
-        # Whatever the client hears (503, or nothing if it is gone), its tasks are final.
+        await svc.queue.publish(batch.endpoint_id, [queued])
+    except QueueMissing:
+        # The endpoint's queue is gone (the endpoint was deleted): the tasks are final.
         failed = await svc.store.tasks.fail(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
         await svc.store.endpoints.count_queued(batch.endpoint_id, -len(task_ids))
+        await svc.store.unqueued.done([new.batch_id])
         await publish_results(svc, failed)
         raise
+    except Unavailable as e:
+        log.warning("endpoint %s: the queue is down (%s); %d tasks wait for the sweep to queue "
+                    "them", batch.endpoint_id, e, len(task_ids))
+        return answer
+    await svc.store.unqueued.done([new.batch_id])
     return answer
+
+
+def _answered_before(batch: BatchSubmission, prior: Submitted) -> BatchSubmitted:
+    """The answer to a submission sent again under its ``request_id``."""
+    rid = clip(batch.request_id or "")
+    if prior.abandoned:
+        raise Conflict(f"request_id {rid!r} was given up on (its submission never completed, "
+                       "and the broker said so); submit with a new request_id")
+    if prior.endpoint_id != batch.endpoint_id or len(prior.task_ids) != len(batch.tasks):
+        raise Conflict(f"request_id {rid!r} submitted {len(prior.task_ids)} tasks to endpoint "
+                       f"{prior.endpoint_id} before; use a new request_id for a new submission")
+    return BatchSubmitted(task_group_id=prior.task_group_id, task_ids=list(prior.task_ids))
 
 
 async def _submission_context(

@@ -3,7 +3,7 @@ errors (``ErrorBody``) and the data plane's (``Limits``, ``BlobCreated``) includ
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -45,11 +45,18 @@ class TaskSpec(Message):
         "(a value that is not JSON fails the task)"))
 
 
+RequestId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")]
+
+
 class BatchSubmission(Message):
     endpoint_id: ObjectId
     tasks: list[TaskSpec] = Field(min_length=1)
     task_group_id: ObjectId | None = None
     submitter: Versions | None = None
+    request_id: RequestId | None = Field(default=None, description=(
+        "the submitter's name for this submission, unique per user; the same request sent again "
+        "(a retry after a lost answer) gets the same task ids and creates no tasks (kept as long "
+        "as the results, FARCALL_RESULT_TTL)"))
 
 
 class BatchSubmitted(Message):

@@ -72,7 +72,8 @@ def test_batch_submit_records_and_queues_every_task(api: Api) -> None:
     assert into["task_group_id"] == new_group
 
 
-def test_tasks_that_could_not_be_queued_are_failed(make_api: MakeApi) -> None:
+def test_tasks_the_queue_cannot_take_now_are_accepted_and_wait(make_api: MakeApi) -> None:
+    """RabbitMQ down: the answer names the tasks, which wait for the requeue sweep."""
     class BrokenQueue(MemoryQueue):
         async def publish(self, endpoint_id: str, bodies: list[bytes]) -> None:
             raise Unavailable("RabbitMQ is not answering")
@@ -80,12 +81,24 @@ def test_tasks_that_could_not_be_queued_are_failed(make_api: MakeApi) -> None:
     api = make_api(Settings(), store=MemoryStore(), queue=BrokenQueue())
     alice = api.user("alice")
     eid = api.endpoint(alice)["endpoint_id"]
-    group = api.client.post("/v1/task_groups", headers=alice).json()["task_group_id"]
-    r = submit(api, alice, eid, [api.function(alice)], task_group_id=group)
-    assert r.status_code == 503 and r.json()["error"] == "unavailable"
-    (task_id,) = api.client.get(f"/v1/task_groups/{group}", headers=alice).json()["task_ids"]
-    failed = api.client.get(f"/v1/tasks/{task_id}", headers=alice).json()
-    assert failed["state"] == "failed" and "submit it again" in failed["error"]
+    r = submit(api, alice, eid, [api.function(alice)])
+    assert r.status_code == 200
+    (task_id,) = r.json()["task_ids"]
+    waiting = api.client.get(f"/v1/tasks/{task_id}", headers=alice).json()
+    assert waiting["state"] == "waiting-for-endpoint"
+
+
+def test_a_submission_sent_again_with_its_request_id_gets_the_same_answer(api: Api) -> None:
+    alice = api.user("alice")
+    eid = api.endpoint(alice)["endpoint_id"]
+    fid = api.function(alice)
+    first = submit(api, alice, eid, [fid, fid], request_id="retry-me").json()
+    again = submit(api, alice, eid, [fid, fid], request_id="retry-me").json()
+    assert again == first
+    other = submit(api, alice, eid, [fid], request_id="retry-me")
+    assert other.status_code == 409 and "new request_id" in other.json()["message"]
+    bad = submit(api, alice, eid, [fid], request_id="no spaces")
+    assert bad.status_code == 422 and "request_id" in bad.text
 
 
 @pytest.mark.parametrize(

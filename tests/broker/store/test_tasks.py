@@ -3,12 +3,14 @@ groups and summaries, on the in-process store and the real Redis."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import farcall.broker.store.memory.state
 import farcall.broker.store.redis.tasks
 from farcall.broker.records import TaskGroupRecord
-from farcall.broker.store.base import OverQuota, Store
+from farcall.broker.store.base import ABANDONED, AlreadySubmitted, OverQuota, Store, Submitted
 from farcall.broker.store.redis import RedisStore
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import Attempt, TaskState, now
@@ -363,3 +365,30 @@ async def test_redis_lists_no_group_idle_past_the_result_lifetime(real_prefix: s
     finally:
         await s.close()
         drop_redis_prefix(f"{real_prefix}:")
+
+
+async def test_a_request_creates_its_tasks_once(store: Store) -> None:
+    first = dataclasses.replace(new_tasks(2), request_id="req-1")
+    await store.tasks.create(first)
+    again = dataclasses.replace(new_tasks(2), request_id="req-1")
+    with pytest.raises(AlreadySubmitted) as caught:
+        await store.tasks.create(again, max_open=1)  # the quota is not checked for a repeat
+    assert caught.value.prior == Submitted("ep1", first.task_group_id, first.task_ids)
+    assert await store.tasks.get_many(again.task_ids) == [None, None], "nothing created"
+    assert await store.tasks.open_tasks("u1") == 2
+    assert await store.tasks.submitted("u1", "req-1") == caught.value.prior
+    assert await store.tasks.submitted("u2", "req-1") is None, "request ids are per user"
+    other = dataclasses.replace(new_tasks(1, user="u2"), request_id="req-1")
+    await store.tasks.create(other)
+
+
+async def test_an_abandoned_request_creates_nothing_later(store: Store) -> None:
+    assert await store.tasks.submitted("u1", "late") is None
+    assert await store.tasks.submitted("u1", "late", abandon=True) == ABANDONED
+    with pytest.raises(AlreadySubmitted) as caught:
+        await store.tasks.create(dataclasses.replace(new_tasks(1), request_id="late"))
+    assert caught.value.prior.abandoned
+    done = dataclasses.replace(new_tasks(1), request_id="done")
+    await store.tasks.create(done)
+    found = await store.tasks.submitted("u1", "done", abandon=True)
+    assert found is not None and found.task_ids == done.task_ids, "abandoning comes too late"

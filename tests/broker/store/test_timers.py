@@ -159,3 +159,16 @@ async def test_runs_keep_the_latest_and_take_their_task(store: Store) -> None:
     assert found.runs[0] == TimerRun(number=4, at=3.5, task_id="t3")
     assert found.runs[-1] == TimerRun(number=total, at=total - 0.5, error="could not queue")
     assert (await store.timers.by_user("u1"))[0].runs == [], "lists leave runs out"
+
+
+async def test_a_claimed_run_is_unsubmitted_until_attached(store: Store) -> None:
+    timer, gone = await _made(store), await _made(store)
+    run = await store.timers.claim(timer.timer_id, 100.0, 110.0, 100.5)
+    lost = await store.timers.claim(gone.timer_id, 100.0, 110.0, 100.5)
+    assert run is not None and lost is not None
+    assert await store.timers.unsubmitted(100.5, 101.0, 10) == [], "claimed at 100.5, not before"
+    await store.timers.delete(gone.timer_id)
+    assert await store.timers.unsubmitted(101.0, 102.0, 10) == [(timer.timer_id, run.number)]
+    assert await store.timers.unsubmitted(101.0, 102.0, 10) == [], "a sweep restarts its wait"
+    await store.timers.attach(timer.timer_id, run.model_copy(update={"task_id": "t1"}))
+    assert await store.timers.unsubmitted(1e12, 1e12, 10) == []

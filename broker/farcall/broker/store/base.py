@@ -15,6 +15,7 @@ concept and says so.
 | ``endpoints`` | endpoints, whom they are shared with, their sessions, heartbeats and queued-task counts |
 | ``tasks`` | task groups (and each user's recent ones), task records, their life cycle; open-task counts |
 | ``inflight`` | per endpoint: tasks handed to a channel session and not finished |
+| ``unqueued`` | batches recorded as waiting whose queue message is not confirmed yet |
 | ``pubsub`` | frames to every replica: task groups' results, endpoints' control messages, token revocations |
 | ``actions`` | actions of the Action Provider API, each one record that expires |
 | ``timers`` | timers, the times they run next, and their runs |
@@ -88,6 +89,42 @@ class OverQuota(Exception):  # noqa: N818 - a condition the caller answers with 
     def __init__(self, open_tasks: int, limit: int) -> None:
         super().__init__(f"{open_tasks} open tasks, limit {limit}")
         self.open_tasks, self.limit = open_tasks, limit
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What a submission's request id stands for (``NewTasks.request_id``): the tasks it created,
+    or none when the request was abandoned (``TaskStore.submitted``)."""
+
+    endpoint_id: str
+    task_group_id: str
+    task_ids: list[str]
+
+    @property
+    def abandoned(self) -> bool:
+        return not self.task_ids
+
+
+ABANDONED = Submitted("", "", [])
+
+
+class AlreadySubmitted(Exception):  # noqa: N818 - a condition the caller answers, not a bug
+    """``TaskStore.create`` refused a batch whose request id its user used before; ``prior`` is
+    what that request created (nothing, if it was abandoned)."""
+
+    def __init__(self, prior: Submitted) -> None:
+        super().__init__(f"request already submitted: {prior}")
+        self.prior = prior
+
+
+@dataclass(frozen=True)
+class UnqueuedBatch:
+    """A batch recorded as waiting whose queue message was never confirmed."""
+
+    batch_id: str
+    endpoint_id: str
+    body: bytes
+    """The queue message (``join_task_batch``)."""
 
 
 @dataclass(frozen=True)
@@ -290,9 +327,19 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     async def create(
         self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
-        max_open: int = 0,
+        max_open: int = 0, queued_body: bytes = b"",
     ) -> bool:
         """Record a submitted batch (and its new task group) at once.
+
+        With a ``request_id``, a user's request that created tasks before (or was abandoned)
+        raises ``AlreadySubmitted`` naming them, changing nothing; otherwise the batch is kept
+        under it (``submitted``) as long as results are.
+
+        A batch that counts as queued is also kept among the unqueued ones
+        (``UnqueuedStore``, under ``batch_id``, its message ``queued_body`` or, when it
+        was meant to go in flight, the ``inflight`` bodies joined) until the caller has queued
+        it and says ``unqueued.done``: a broker that dies in between leaves it for another
+        replica's sweep to queue, so no waiting task is stranded.
 
         The tasks add to the user's count of open tasks (``open_tasks``); with ``max_open``
         (0: no limit), a batch that would take it past ``max_open`` raises ``OverQuota``
@@ -305,6 +352,14 @@ class TaskStore(abc.ABC):
         ``inflight``, the tasks add to its queued-task count. True when they went in flight
         (the caller sends them), False when they count as queued (the caller queues them).
         """
+
+    @abc.abstractmethod
+    async def submitted(self, user_id: str, request_id: str, abandon: bool = False
+                        ) -> Submitted | None:
+        """What the user's request ``request_id`` created (``ABANDONED`` if it was abandoned),
+        or None if it created nothing yet. With ``abandon``, a request that created nothing is
+        abandoned for good: a later ``create`` under it raises ``AlreadySubmitted(ABANDONED)``
+        (so a broker that stalled mid-request cannot create tasks after the caller gave up)."""
 
     @abc.abstractmethod
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
@@ -376,6 +431,25 @@ class InflightStore(abc.ABC):
 
     @abc.abstractmethod
     async def remove(self, endpoint_id: str, task_ids: list[str]) -> None: ...
+
+
+class UnqueuedStore(abc.ABC):
+    """Batches ``TaskStore.create`` recorded as waiting whose queue message is not confirmed yet.
+
+    The submitter removes its batch (``done``) once the queue confirmed it; a batch left behind
+    (its broker died in between, or the queue was down) is ``claim``-ed by a replica's sweep
+    (``farcall.broker.requeue``) and queued then.
+    """
+
+    @abc.abstractmethod
+    async def done(self, batch_ids: list[str]) -> None:
+        """The batches are queued (or failed): forget them."""
+
+    @abc.abstractmethod
+    async def claim(self, recorded_before: float, at: float, limit: int) -> list[UnqueuedBatch]:
+        """Up to ``limit`` batches recorded (or last claimed) before ``recorded_before``, oldest
+        first; each now counts as claimed at ``at``, so replicas sweeping at the same time take
+        different ones and a batch whose queueing failed again is tried after the same wait."""
 
 
 class Subscription(abc.ABC):
@@ -520,8 +594,17 @@ class TimerStore(abc.ABC):
 
         Atomic: of any number of callers with the same ``due_at``, one gets the run. With
         ``next_at`` None, or its ``stop_after_runs``-th run, the timer is ``finished``. The
-        run has no task yet: the caller submits one and ``attach``-es it.
+        run has no task yet: the caller submits one and ``attach``-es it; until then the
+        run is among the ``unsubmitted``.
         """
+
+    @abc.abstractmethod
+    async def unsubmitted(self, claimed_before: float, at: float, limit: int
+                          ) -> list[tuple[str, int]]:
+        """Up to ``limit`` runs ``(timer id, run number)`` claimed before ``claimed_before`` that
+        have no task or error attached (the broker that claimed them stopped before it could),
+        oldest first; each now counts as claimed at ``at``. A run leaves this list when it is
+        attached (or its timer is deleted)."""
 
     @abc.abstractmethod
     async def attach(self, timer_id: str, run: TimerRun) -> None:
@@ -630,6 +713,7 @@ class Store(Backend):
     endpoints: EndpointStore
     tasks: TaskStore
     inflight: InflightStore
+    unqueued: UnqueuedStore
     actions: ActionStore
     pubsub: PubSub
     timers: TimerStore

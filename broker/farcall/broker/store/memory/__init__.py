@@ -1,7 +1,7 @@
 """In-process store for embedded mode and unit tests: same semantics as Redis, nothing persisted.
 
 One module per part (``users``, ``functions``, ``endpoints``, ``tasks``, ``inflight``,
-``pubsub``, ``actions``, ``timers``; ``blobs`` is the in-process ``BlobStore``). All methods run
+``unqueued``, ``pubsub``, ``actions``, ``timers``; ``blobs`` is the in-process ``BlobStore``). All methods run
 on one event loop, so each is atomic without locks. The parts share one ``state.State``, as the
 Redis parts share one database. Records handed out are copies, so a caller cannot change the
 store by changing them.
@@ -18,6 +18,7 @@ from farcall.broker.store.memory.pubsub import MemoryPubSub
 from farcall.broker.store.memory.state import State
 from farcall.broker.store.memory.tasks import MemoryTasks
 from farcall.broker.store.memory.timers import MemoryTimers
+from farcall.broker.store.memory.unqueued import MemoryUnqueued
 from farcall.broker.store.memory.users import MemoryUsers
 
 __all__ = ["MemoryStore"]
@@ -31,6 +32,7 @@ class MemoryStore(Store):
         self.endpoints = MemoryEndpoints(state)
         self.tasks = MemoryTasks(state)
         self.inflight = MemoryInflight(state)
+        self.unqueued = MemoryUnqueued(state)
         self.actions = MemoryActions()
         self.pubsub = MemoryPubSub(state)
         self.timers = MemoryTimers()

@@ -24,7 +24,7 @@ class MemoryInflight(InflightStore):
         s = self._s
         if s.live.get(endpoint_id) != session_id:
             return None
-        s.queued[endpoint_id] = s.queued.get(endpoint_id, 0) - taken
+        s.queued[endpoint_id] = max(0, s.queued.get(endpoint_id, 0) - taken)
         inflight = s.inflight.setdefault(endpoint_id, {})
         accepted = []
         for task_id, body in tasks.items():

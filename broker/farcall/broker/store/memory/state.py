@@ -15,7 +15,13 @@ from farcall.broker.records import (
     TokenRecord,
     UserRecord,
 )
-from farcall.broker.store.base import MAX_USER_GROUPS, LocalSubscription, Principal
+from farcall.broker.store.base import (
+    MAX_USER_GROUPS,
+    LocalSubscription,
+    Principal,
+    Submitted,
+    UnqueuedBatch,
+)
 from farcall.protocol.common import TaskState
 from farcall.protocol.stream import TaskResult
 
@@ -50,6 +56,10 @@ class State:
     user_groups: dict[str, dict[str, float]] = field(default_factory=dict)
     """user id -> task group id -> when last submitted to (the index of recent groups)"""
     subscribers: dict[str, set[LocalSubscription]] = field(default_factory=dict)
+    requests: dict[tuple[str, str], Submitted] = field(default_factory=dict)
+    """(user id, request id) -> what that submission created"""
+    unqueued: dict[str, tuple[float, UnqueuedBatch]] = field(default_factory=dict)
+    """batch id -> (recorded or last claimed at, the batch)"""
 
     def closed(self, task: TaskRecord) -> None:
         """``task`` just became terminal: it leaves its user's count of open tasks."""

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 from farcall.broker.records import NewTasks, TaskGroupRecord, TaskRecord
 from farcall.broker.store.base import (
+    ABANDONED,
     CANCELLED_ERROR,
+    AlreadySubmitted,
     Cancelled,
     GroupActivity,
     OverQuota,
     SubmissionContext,
+    Submitted,
     TaskStore,
+    UnqueuedBatch,
 )
 from farcall.broker.store.memory.state import State
-from farcall.protocol.channel import ResultMessage
+from farcall.protocol.channel import ResultMessage, join_task_batch
 from farcall.protocol.common import TaskState
 from farcall.protocol.stream import TaskResult
 
@@ -66,13 +70,19 @@ class MemoryTasks(TaskStore):
 
     async def create(
         self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
-        max_open: int = 0,
+        max_open: int = 0, queued_body: bytes = b"",
     ) -> bool:
         s = self._s
+        request = (batch.user_id, batch.request_id)
+        if batch.request_id and (prior := s.requests.get(request)) is not None:
+            raise AlreadySubmitted(prior)
         current = s.open_tasks.get(batch.user_id, 0)
         if max_open > 0 and batch.task_ids and current + len(batch.task_ids) > max_open:
             raise OverQuota(current, max_open)
         s.open_tasks[batch.user_id] = current + len(batch.task_ids)
+        if batch.request_id:
+            s.requests[request] = Submitted(batch.endpoint_id, batch.task_group_id,
+                                            list(batch.task_ids))
         if batch.new_group:
             await self.create_group(TaskGroupRecord(
                 task_group_id=batch.task_group_id, user_id=batch.user_id,
@@ -83,11 +93,22 @@ class MemoryTasks(TaskStore):
             len(inflight or ()) if direct else 0)
         if direct and inflight:
             s.inflight.setdefault(eid, {}).update(inflight)
+        elif batch.task_ids:
+            body = join_task_batch(list(inflight.values())) if inflight else queued_body
+            s.unqueued[batch.batch_id] = (batch.received_at,
+                                          UnqueuedBatch(batch.batch_id, eid, body))
         for record in batch.records():
             s.tasks[record.task_id] = record
         s.group_tasks.setdefault(batch.task_group_id, []).extend(batch.task_ids)
         s.group_active(batch.user_id, batch.task_group_id, batch.received_at)
         return direct
+
+    async def submitted(self, user_id: str, request_id: str, abandon: bool = False
+                        ) -> Submitted | None:
+        found = self._s.requests.get((user_id, request_id))
+        if found is None and abandon:
+            found = self._s.requests[(user_id, request_id)] = ABANDONED
+        return found
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         tasks = self._s.tasks

@@ -12,6 +12,8 @@ class MemoryTimers(TimerStore):
     def __init__(self) -> None:
         self._timers: dict[str, TimerRecord] = {}
         """timer id -> its record, runs included (insertion order: oldest first)"""
+        self._unsubmitted: dict[tuple[str, int], float] = {}
+        """(timer id, run number) -> when claimed, for runs with no task attached yet"""
 
     async def create(self, timer: TimerRecord, max_timers: int = 0) -> bool:
         if max_timers > 0 and sum(t.user_id == timer.user_id
@@ -73,10 +75,22 @@ class MemoryTimers(TimerStore):
             timer.next_run = next_at
         run = TimerRun(number=timer.run_count, at=at)
         timer.runs = [*timer.runs, run][-TIMER_RUNS_KEPT:]
+        self._unsubmitted[(timer_id, run.number)] = at
         return run.model_copy()
 
     async def attach(self, timer_id: str, run: TimerRun) -> None:
+        self._unsubmitted.pop((timer_id, run.number), None)
         timer = self._timers.get(timer_id)
         if timer is None:
             return
         timer.runs = [run.model_copy() if r.number == run.number else r for r in timer.runs]
+
+    async def unsubmitted(self, claimed_before: float, at: float, limit: int
+                          ) -> list[tuple[str, int]]:
+        for gone in [run for run in self._unsubmitted if run[0] not in self._timers]:
+            del self._unsubmitted[gone]
+        found = sorted((since, run) for run, since in self._unsubmitted.items()
+                       if since < claimed_before)[:limit]
+        for _, run in found:
+            self._unsubmitted[run] = at
+        return [run for _, run in found]

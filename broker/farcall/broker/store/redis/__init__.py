@@ -1,7 +1,7 @@
 """Redis store: every key under one prefix, batches in one pipeline or one Lua call.
 
 One module per part, each naming the keys it keeps: ``users``, ``functions``, ``endpoints``,
-``tasks``, ``inflight``, ``pubsub``, ``actions``, ``timers``; ``blobs`` is the Redis
+``tasks``, ``inflight``, ``unqueued``, ``pubsub``, ``actions``, ``timers``; ``blobs`` is the Redis
 ``BlobStore``, chosen apart from the records' backend. The parts share one command connection
 and key prefix (``connection``); each registers the Lua scripts it runs, kept beside it, and
 ``scripts`` holds the Lua more than one part runs. State changes that must not go backwards
@@ -20,6 +20,7 @@ from farcall.broker.store.redis.inflight import RedisInflight
 from farcall.broker.store.redis.pubsub import RedisPubSub
 from farcall.broker.store.redis.tasks import RedisTasks
 from farcall.broker.store.redis.timers import RedisTimers
+from farcall.broker.store.redis.unqueued import RedisUnqueued
 from farcall.broker.store.redis.users import RedisUsers
 
 __all__ = ["RedisStore"]
@@ -33,6 +34,7 @@ class RedisStore(Store):
         self.endpoints = RedisEndpoints(self.db)
         self.tasks = RedisTasks(self.db)
         self.inflight = RedisInflight(self.db)
+        self.unqueued = RedisUnqueued(self.db)
         self.actions = RedisActions(self.db.r, prefix)
         self.pubsub = RedisPubSub(self.db.r, prefix)
         self.timers = RedisTimers(self.db.r, prefix)

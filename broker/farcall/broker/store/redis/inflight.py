@@ -23,11 +23,13 @@ from farcall.protocol.stream import TaskResult
 
 # KEYS[1] inflight hash, KEYS[2] queued counter, KEYS[3] live-session key, KEYS[4..] task hashes;
 # ARGV[1] endpoint id, ARGV[2] tasks taken off the queue, ARGV[3] session id, then (task id, body)
-# pairs. Returns nil (changing nothing) when the session is not the live one.
+# pairs. Returns nil (changing nothing) when the session is not the live one. The count stays at
+# least 0: a batch queued twice (its broker died between queueing it and saying so, and the
+# sweep queued it again) is taken twice.
 INFLIGHT_ADD = OPEN + """
 if redis.call('GET', KEYS[3]) ~= ARGV[3] then return false end
 local out = {}
-redis.call('DECRBY', KEYS[2], ARGV[2])
+if redis.call('DECRBY', KEYS[2], ARGV[2]) < 0 then redis.call('SET', KEYS[2], 0) end
 for i = 4, #KEYS do
   local id = ARGV[2 * i - 4]
   local st = redis.call('HGET', KEYS[i], 'state')

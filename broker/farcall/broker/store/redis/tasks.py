@@ -4,7 +4,9 @@ count and index of recent groups; every batch is one Lua call or one pipeline.
 Keys (``p`` is the prefix): ``p tg:<id>`` hash and ``p tg:<id>:tasks`` list; ``p task:<id>``
 hash with one ``t:<state>`` field per transition; ``p user:<id>:open`` count of open tasks;
 ``p user:<id>:groups`` sorted set of task group ids by last submission (the index of recent
-groups). A submitted batch may also go into ``p ep:<id>:inflight`` and counts in
+groups); ``p user:<id>:request:<request id>`` what a request created (JSON, ``''`` when it was
+abandoned). A batch that counts as queued is kept in ``p unqueued`` / ``p unqueued:<batch id>``
+(``unqueued``) until it is. A submitted batch may also go into ``p ep:<id>:inflight`` and counts in
 ``p ep:<id>:queued`` (``create``, see ``inflight`` and ``endpoints``). State changes that must
 not go backwards (running after success, a second result) are the Lua scripts below, so they are
 atomic across broker replicas.
@@ -12,6 +14,7 @@ atomic across broker replicas.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -19,12 +22,15 @@ from pydantic import TypeAdapter
 
 from farcall.broker.records import NewTasks, TaskGroupRecord, TaskRecord
 from farcall.broker.store.base import (
+    ABANDONED,
     CANCELLED_ERROR,
     MAX_USER_GROUPS,
+    AlreadySubmitted,
     Cancelled,
     GroupActivity,
     OverQuota,
     SubmissionContext,
+    Submitted,
     TaskStore,
     ordered_transitions,
 )
@@ -42,29 +48,38 @@ _SUMMARY_FIELDS = ["task_id", "user_id", "task_group_id", "endpoint_id", "functi
 
 # KEYS[1] group hash, KEYS[2] group's task list, KEYS[3] queued counter, KEYS[4] inflight hash,
 # KEYS[5] live-session key, KEYS[6] the user's open-task counter, KEYS[7] the user's index of
-# recent groups (sorted set, scored by last submission), KEYS[8..] task hashes. ARGV: ttl, new
-# group ('1'/'0'), its user id, its created_at (this batch's time), queued delta, session id, the
-# open-task limit (0: none), number of inflight pairs, the group's id, the groups the index keeps,
-# the pairs, the number of fields every task shares and those fields, then per task (in the order
-# of KEYS[8..]) its id and its function id. The index is trimmed only when a group is new.
-# Returns {-1, open tasks} changing nothing when the batch would pass the limit; else {1, n}
-# when the inflight pairs went in flight (the session is the live one), {0, n} when they count
-# as queued. One call instead of a pipeline of commands: a single task's round trip is about
-# 40% shorter.
+# recent groups (sorted set, scored by last submission), KEYS[8] the request's key, KEYS[9] the
+# unqueued batches (sorted set by time), KEYS[10] this batch's unqueued hash, KEYS[11..] task
+# hashes. ARGV: ttl, new group ('1'/'0'), its user id, its created_at (this batch's time), queued
+# delta, session id, the open-task limit (0: none), number of inflight pairs, the group's id, the
+# groups the index keeps, the request's record ('' without a request id), the batch id, the
+# queued message ('' to join the inflight bodies), the endpoint id, then the pairs, the number of
+# fields every task shares and those fields, then per task (in the order of KEYS[11..]) its id
+# and its function id. The index is trimmed only when a group is new.
+# Returns {2, record} changing nothing when the request id was used before; {-1, open tasks}
+# changing nothing when the batch would pass the limit; else {1, n} when the inflight pairs went
+# in flight (the session is the live one), {0, n} when they count as queued (and are kept among
+# the unqueued batches). One call instead of a pipeline of commands: a single task's round trip
+# is about 40% shorter.
 CREATE_TASKS = """
 local ttl = tonumber(ARGV[1])
-local ntasks = #KEYS - 7
+if ARGV[11] ~= '' then
+  local prior = redis.call('GET', KEYS[8])
+  if prior then return {2, prior} end
+end
+local ntasks = #KEYS - 10
 local limit = tonumber(ARGV[7])
 local current = tonumber(redis.call('GET', KEYS[6]) or '0')
 if current < 0 then current = 0 end
 if limit > 0 and current + ntasks > limit then return {-1, current} end
 redis.call('SET', KEYS[6], current + ntasks)
+if ARGV[11] ~= '' then redis.call('SET', KEYS[8], ARGV[11], 'EX', ttl) end
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[1], 'user_id', ARGV[3], 'created_at', ARGV[4])
 end
 local npairs = tonumber(ARGV[8])
 local direct = 0
-local i = 11
+local i = 15
 local pairs_end = i + 2 * npairs - 1
 if npairs > 0 and redis.call('GET', KEYS[5]) == ARGV[6] then
   direct = 1
@@ -74,13 +89,22 @@ if npairs > 0 and redis.call('GET', KEYS[5]) == ARGV[6] then
   redis.call('INCRBY', KEYS[3], ARGV[5])
 else
   redis.call('INCRBY', KEYS[3], tonumber(ARGV[5]) + npairs)
+  local body = ARGV[13]
+  if npairs > 0 then
+    local parts = {}
+    for a = i + 1, pairs_end, 2 do parts[#parts + 1] = ARGV[a] end
+    body = '[' .. table.concat(parts, ',') .. ']'
+  end
+  redis.call('HSET', KEYS[10], 'endpoint_id', ARGV[14], 'body', body)
+  redis.call('EXPIRE', KEYS[10], ttl)
+  redis.call('ZADD', KEYS[9], ARGV[4], ARGV[12])
 end
 i = pairs_end + 1
 local n = tonumber(ARGV[i])
 local shared = {unpack(ARGV, i + 1, i + n)}
 i = i + n + 1
 local ids = {}
-for k = 8, #KEYS do
+for k = 11, #KEYS do
   redis.call('HSET', KEYS[k], 'task_id', ARGV[i], 'function_id', ARGV[i + 1], unpack(shared))
   ids[#ids + 1] = ARGV[i]
   i = i + 2
@@ -97,6 +121,15 @@ if ARGV[2] == '1' then
 end
 redis.call('EXPIRE', KEYS[7], ttl)
 return {direct, current + ntasks}
+"""
+
+# KEYS[1] the request's key; ARGV[1] '1' to abandon it if it created nothing, ARGV[2] ttl. Its
+# record ('' for an abandoned request), or nil when it created nothing (and was not abandoned).
+SUBMITTED = """
+local prior = redis.call('GET', KEYS[1])
+if prior or ARGV[1] ~= '1' then return prior end
+redis.call('SET', KEYS[1], '', 'EX', tonumber(ARGV[2]))
+return ''
 """
 
 # KEYS task hashes; ARGV[1] endpoint id (or '' for any), ARGV[2] new state, ARGV[3] error,
@@ -194,6 +227,7 @@ class RedisTasks(TaskStore):
         self._transition = db.r.register_script(TRANSITION)
         self._cancel = db.r.register_script(CANCEL)
         self._complete = db.r.register_script(COMPLETE)
+        self._submitted = db.r.register_script(SUBMITTED)
 
     async def create_group(self, group: TaskGroupRecord) -> None:
         db = self._db
@@ -257,7 +291,7 @@ class RedisTasks(TaskStore):
 
     async def create(
         self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
-        max_open: int = 0,
+        max_open: int = 0, queued_body: bytes = b"",
     ) -> bool:
         if not batch.task_ids:
             return False
@@ -272,6 +306,9 @@ class RedisTasks(TaskStore):
             db.k("ep", endpoint, "live"),
             db.k("user", batch.user_id, "open"),
             db.k("user", batch.user_id, "groups"),
+            _request_key(db, batch.user_id, batch.request_id),
+            db.k("unqueued"),
+            db.k("unqueued", batch.batch_id),
         ]
         keys += [db.k("task", t) for t in batch.task_ids]
         shared = [
@@ -292,6 +329,10 @@ class RedisTasks(TaskStore):
             len(inflight),
             group,
             MAX_USER_GROUPS,
+            _request_record(batch) if batch.request_id else "",
+            batch.batch_id,
+            b"" if inflight else queued_body,
+            endpoint,
         ]
         for pair in inflight.items():
             args += pair
@@ -299,10 +340,19 @@ class RedisTasks(TaskStore):
         args += shared
         for pair in zip(batch.task_ids, batch.function_ids, strict=True):
             args += pair
-        direct, open_tasks = await self._create_tasks(keys=keys, args=args)
+        direct, answer = await self._create_tasks(keys=keys, args=args)
+        if direct == 2:
+            raise AlreadySubmitted(_submitted(answer))
         if direct < 0:
-            raise OverQuota(open_tasks, max_open)
+            raise OverQuota(answer, max_open)
         return bool(direct)
+
+    async def submitted(self, user_id: str, request_id: str, abandon: bool = False
+                        ) -> Submitted | None:
+        db = self._db
+        found = await self._submitted(keys=[_request_key(db, user_id, request_id)],
+                                      args=["1" if abandon else "0", db.result_ttl])
+        return None if found is None else _submitted(found)
 
     async def get_many(self, task_ids: list[str]) -> list[TaskRecord | None]:
         async with self._db.r.pipeline(transaction=False) as p:
@@ -381,6 +431,23 @@ class RedisTasks(TaskStore):
 
 def _versions(raw: str | None) -> Versions | None:
     return Versions.model_validate_json(raw) if raw else None
+
+
+def _request_key(db: RedisConnection, user_id: str, request_id: str) -> str:
+    """Where a user's request id keeps what it created (a key is needed even without one)."""
+    return db.k("user", user_id, "request", request_id or "-")
+
+
+def _request_record(batch: NewTasks) -> str:
+    return json.dumps({"endpoint_id": batch.endpoint_id, "task_group_id": batch.task_group_id,
+                       "task_ids": batch.task_ids}, separators=(",", ":"))
+
+
+def _submitted(record: str) -> Submitted:
+    if not record:
+        return ABANDONED
+    found = json.loads(record)
+    return Submitted(found["endpoint_id"], found["task_group_id"], found["task_ids"])
 
 
 def _task(rec: dict[str, str]) -> TaskRecord:

@@ -5,8 +5,9 @@ Keys (``p`` is the prefix): ``p timer:<id>`` hash (the ``TimerRecord`` without i
 ``schedule`` and ``submitter`` as JSON, ``next_run`` and ``reason`` ``''`` when none);
 ``p timer:<id>:runs`` hash run number -> ``TimerRun`` JSON (the latest ``TIMER_RUNS_KEPT``);
 ``p user:<id>:timers`` sorted set of the user's timer ids by creation; ``p timers:due`` sorted
-set of active timer ids by next run. A run is claimed by a compare and set of ``next_run``
-(``TIMER_CLAIM``), so of all the replicas that find a timer due, one fires it.
+set of active timer ids by next run; ``p timers:unsubmitted`` sorted set of runs
+``<timer id>:<number>`` claimed and not attached yet, by claim time. A run is claimed by a
+compare and set of ``next_run`` (``TIMER_CLAIM``), so of all the replicas that find a timer due, one fires it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2]) end
 return 1
 """
 
-# KEYS[1] the timer's hash, KEYS[2] its runs, KEYS[3] the due set. ARGV[1] timer id, ARGV[2] the
-# next_run the caller saw (as stored), ARGV[3] the next run after this one ('' for none),
-# ARGV[4] stop_after_runs (0: none), ARGV[5] the run's JSON, ARGV[6] runs kept. The compare and
+# KEYS[1] the timer's hash, KEYS[2] its runs, KEYS[3] the due set, KEYS[4] the unsubmitted
+# runs. ARGV[1] timer id, ARGV[2] the next_run the caller saw (as stored), ARGV[3] the next run
+# after this one ('' for none), ARGV[4] stop_after_runs (0: none), ARGV[5] the run's JSON,
+# ARGV[6] runs kept, ARGV[7] the claim's time. The compare and
 # set that makes a run fire once across replicas: the run's number, or nil when the timer is no
 # longer active and due at ARGV[2] (another replica claimed it, or it was paused or deleted).
 TIMER_CLAIM = """
@@ -56,6 +58,7 @@ else
 end
 redis.call('HSET', KEYS[2], n, ARGV[5])
 redis.call('HDEL', KEYS[2], n - tonumber(ARGV[6]))
+redis.call('ZADD', KEYS[4], ARGV[7], ARGV[1] .. ':' .. n)
 return n
 """
 
@@ -86,9 +89,29 @@ redis.call('DEL', KEYS[1], KEYS[2])
 return 1
 """
 
-# KEYS[1] the timer's runs. ARGV[1] run number, ARGV[2] the run's JSON: replaces a run still kept.
+# KEYS[1] the timer's runs, KEYS[2] the unsubmitted runs. ARGV[1] run number, ARGV[2] the run's
+# JSON: replaces a run still kept. ARGV[3] the run's member of KEYS[2].
 TIMER_ATTACH = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('ZREM', KEYS[2], ARGV[3])
+"""
+
+# KEYS[1] the unsubmitted runs. ARGV[1] claimed before this, ARGV[2] the new claim time, ARGV[3]
+# at most this many, ARGV[4] key prefix. Members of runs whose timer is gone are dropped; returns
+# the others' members, each now scored ARGV[2].
+TIMER_UNSUBMITTED = """
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, member in ipairs(found) do
+  local timer_id = string.match(member, '^(.*):%d+$')
+  if timer_id and redis.call('EXISTS', ARGV[4] .. 'timer:' .. timer_id) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[2], member)
+    out[#out + 1] = member
+  else
+    redis.call('ZREM', KEYS[1], member)
+  end
+end
+return out
 """
 
 
@@ -101,6 +124,7 @@ class RedisTimers(TimerStore):
         self._set_state = r.register_script(TIMER_SET_STATE)
         self._delete = r.register_script(TIMER_DELETE)
         self._attach = r.register_script(TIMER_ATTACH)
+        self._unsubmitted = r.register_script(TIMER_UNSUBMITTED)
 
     def _k(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -172,14 +196,22 @@ class RedisTimers(TimerStore):
     ) -> TimerRun | None:
         number = await self._claim(
             keys=[self._k("timer", timer_id), self._k("timer", timer_id, "runs"),
-                  self._k("timers:due")],
+                  self._k("timers:due"), self._k("timers:unsubmitted")],
             args=[timer_id, repr(due_at), _num(next_at), stop_after_runs or 0,
-                  _run_json(TimerRun(number=0, at=at)), TIMER_RUNS_KEPT])
+                  _run_json(TimerRun(number=0, at=at)), TIMER_RUNS_KEPT, repr(at)])
         return None if number is None else TimerRun(number=int(number), at=at)
 
     async def attach(self, timer_id: str, run: TimerRun) -> None:
-        await self._attach(keys=[self._k("timer", timer_id, "runs")],
-                           args=[run.number, _run_json(run)])
+        await self._attach(keys=[self._k("timer", timer_id, "runs"),
+                                 self._k("timers:unsubmitted")],
+                           args=[run.number, _run_json(run), f"{timer_id}:{run.number}"])
+
+    async def unsubmitted(self, claimed_before: float, at: float, limit: int
+                          ) -> list[tuple[str, int]]:
+        found = await self._unsubmitted(keys=[self._k("timers:unsubmitted")],
+                                        args=[repr(claimed_before), repr(at), limit, self._prefix])
+        return [(timer_id, int(number)) for timer_id, _, number in
+                (member.rpartition(":") for member in found)]
 
 
 def _num(value: float | None) -> str:
