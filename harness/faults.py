@@ -5,8 +5,9 @@ about a third of them are done, waits for every future (bounded), and returns a
 :class:`FaultReport` that counts what a user of the system would see: tasks that
 succeeded, failed with a clear error, ran twice, or were lost. The injectors
 are :class:`TcpProxy` (a connection that goes silent, or is cut),
-:class:`Imposter` (a second session opened with an endpoint's credential) and
-:func:`kill_worker`; killing and restarting processes is
+:class:`Imposter` (a second session opened with an endpoint's credential),
+:func:`kill_worker` and :class:`KillOnWrite` (a process killed the instant a Redis value
+changes: a fault aimed at the window after a write); killing and restarting processes is
 :class:`harness.procs.ManagedProcess`'s job.
 """
 
@@ -546,3 +547,50 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m harness.faults REPORT.jsonl  (a file written via FARCALL_FAULT_REPORT)")
     print(markdown_table(Path(sys.argv[1])))
+
+
+# ------------------------------------------------------------ aimed at a window
+
+
+class KillOnWrite:
+    """``kill -9`` a process the instant a watched Redis value changes.
+
+    A thread reads ``read(redis)`` in a tight loop (tens of microseconds a round trip on
+    loopback) and kills ``pid`` as soon as the answer differs from the first one: the process
+    dies right after the write it was waiting for, before its next step (a queue publish, a
+    second write) could land. Use as a context manager; ``fired`` is set once it killed.
+    """
+
+    def __init__(self, redis_url: str, read: Callable[[Any], Any], pid: int) -> None:
+        import redis
+
+        self._redis = redis.Redis.from_url(redis_url)
+        self._read, self._pid = read, pid
+        self.fired = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="kill-on-write", daemon=True)
+        self.killed_pid = 0
+
+    def __enter__(self) -> KillOnWrite:
+        self._before = self._read(self._redis)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._redis.close()
+
+    def _watch(self) -> None:
+        pid = self._pid
+        while not self._stop.is_set():
+            if self._read(self._redis) != self._before:
+                os.kill(pid, signal.SIGKILL)
+                self.killed_pid = pid
+                self.fired.set()
+                return
+
+    def wait(self, timeout: float) -> None:
+        """Return once it fired; ``AssertionError`` if the write never came within ``timeout``."""
+        if not self.fired.wait(timeout):
+            raise AssertionError(f"the watched value did not change in {timeout:g} s")

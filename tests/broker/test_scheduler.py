@@ -20,7 +20,9 @@ from farcall.broker.scheduler import TimerScheduler
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
 from farcall.broker.store.memory import MemoryStore
+from farcall.broker.submission import submit_batch
 from farcall.protocol.common import now
+from farcall.protocol.rest import BatchSubmission, TaskSpec
 from farcall.protocol.timers import TimerSchedule
 from tests.broker.records import endpoint_record, function_record
 
@@ -178,3 +180,28 @@ async def test_stop_lets_the_run_being_fired_get_its_task(stage: Stage) -> None:
     await scheduler.stop()
     (run,) = (await stage.get(timer)).runs
     assert run.task_id and await stage.queued() == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("died", ["after claiming", "after submitting"])
+async def test_a_run_whose_broker_died_gets_its_one_task_from_the_sweep(
+    stage: Stage, died: str
+) -> None:
+    """Claimed and never attached: the sweep submits it under the run's request id, so the run
+    shows its task, which exists once whether or not the first submission got through."""
+    timer = await stage.timer(interval=10)
+    run = await stage.svc.store.timers.claim(timer.timer_id, T0, T0 + 10, T0 + 0.1)
+    assert run is not None
+    if died == "after submitting":
+        first = await submit_batch(stage.svc, stage.user, BatchSubmission(
+            endpoint_id=stage.endpoint_id, request_id=f"timer:{timer.timer_id}:{run.number}",
+            tasks=[TaskSpec(function_id=stage.function_id, args="ARGS")]))
+    after = stage.svc.settings.requeue_after
+    assert await stage.scheduler.resubmit(T0 + 0.1 + after / 2) == 0, "not before requeue_after"
+    assert await stage.scheduler.resubmit(T0 + 0.2 + after) == 1
+    (found,) = (await stage.get(timer)).runs
+    assert found.task_id and found.error is None
+    if died == "after submitting":
+        assert found.task_id == first.task_ids[0]
+    assert await stage.queued() == 1, "one task for the run"
+    assert await stage.scheduler.resubmit(T0 + 10 * after) == 0, "attached: swept no more"

@@ -25,8 +25,10 @@ class Deployment:
     """
 
     def __init__(self, workdir: Path, redis_url: str = REDIS_URL, amqp_url: str = AMQP_URL,
-                 name: str = "faults") -> None:
+                 name: str = "faults", settings: dict[str, str] | None = None) -> None:
+        """``settings``: more broker environment (``FARCALL_*``)."""
         self.workdir = workdir
+        self.redis_url = redis_url
         self.tag = f"fcfault-{uuid.uuid4().hex[:8]}"
         self.redis_prefix, self.queue_prefix = f"{self.tag}:", f"{self.tag}."
         env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
@@ -38,6 +40,7 @@ class Deployment:
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             PYTHONUNBUFFERED="1",
         )
+        env.update(settings or {})
         self.env = env
         self.shared_redis, self.shared_rabbit = redis_url == REDIS_URL, amqp_url == AMQP_URL
         self.broker = BrokerProcess(env, workdir / f"{name}-broker.log", f"{name} broker")
