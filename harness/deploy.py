@@ -6,7 +6,6 @@ tests and the benchmark both drive these.
 
 from __future__ import annotations
 
-import json
 import ssl
 import subprocess
 import time
@@ -84,7 +83,11 @@ class EndpointProcess:
 
     @property
     def endpoint_id(self) -> str:
-        return str(json.loads((self.dir / "endpoint.json").read_text())["endpoint_id"])
+        from farcall.endpoint.registration import load_registration
+
+        registration = load_registration(self.dir)
+        assert registration is not None, f"endpoint {self.name} is not registered"
+        return registration.endpoint_id
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """``farcall-endpoint ARGS`` in this endpoint's environment."""

@@ -467,9 +467,12 @@ class Imposter:
 
     @classmethod
     def for_endpoint(cls, broker_url: str, endpoint_dir: Path, credit: int = 64) -> Imposter:
-        """Read the endpoint's id and credential from its ``endpoint.json``."""
-        doc = json.loads((endpoint_dir / "endpoint.json").read_text())
-        return cls(broker_url, doc["endpoint_id"], doc["credential"], credit)
+        """Read the endpoint's id and credential from its ``endpoint.json`` (the one in use)."""
+        from farcall.endpoint.registration import load_registration
+
+        registration = load_registration(endpoint_dir)
+        assert registration is not None, f"no endpoint.json in {endpoint_dir}"
+        return cls(broker_url, registration.endpoint_id, registration.credential, credit)
 
     def start(self, timeout: float = 10.0) -> Imposter:
         """Connect, send a valid hello, read the broker's first frame, then sit (reading, dropping)."""

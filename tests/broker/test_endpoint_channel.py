@@ -290,9 +290,11 @@ async def _credit_of(setup: Setup) -> int:
     return _session(setup).credit
 
 
-def test_welcome_says_the_largest_frame_the_broker_reads(setup: Setup) -> None:
+def test_welcome_says_the_largest_frame_the_broker_reads_and_the_broker_id(setup: Setup) -> None:
     ep = setup.connect()
-    assert ep.hello(credit=1).max_frame_bytes == Settings().max_frame_bytes
+    welcome = ep.hello(credit=1)
+    assert welcome.max_frame_bytes == Settings().max_frame_bytes
+    assert welcome.broker_id and welcome.broker_id == setup.http.get("/v1/health").json()["broker_id"]
     ep.close()
 
 

@@ -13,6 +13,7 @@ import pytest
 from farcall.broker import health
 from farcall.broker.services import Services
 from farcall.broker.settings import Settings
+from farcall.broker.store.redis import RedisStore
 from harness.procs import free_port
 from harness.services import AMQP_URL, REDIS_URL
 
@@ -59,6 +60,24 @@ async def test_ok_when_both_answer(services: None, real_prefix: str) -> None:
         status, body = await health.check(svc)
         assert status == 200, body
         assert body.status == "ok" and body.services == ALL_OK
+        assert body.broker_id == await svc.store.broker_id()
+
+
+async def test_the_broker_id_is_said_during_an_outage_once_known(services: None,
+                                                                 real_prefix: str) -> None:
+    """An endpoint asking which broker this is gets the answer while RabbitMQ is down, and while
+    Redis is, once this replica has read it."""
+    async for svc in _services(settings_on(real_prefix, amqp_url=closed_amqp())):
+        status, body = await health.check(svc)
+        assert status == 503 and body.broker_id == await svc.broker_id()
+        known, svc.store = svc.store, RedisStore(closed_redis(), f"{real_prefix}:")  # Redis gone
+        try:
+            status, body = await health.check(svc, timeout=0.5)
+            assert status == 503 and body.services["store"].startswith("not answering: ")
+            assert body.broker_id == await known.broker_id()
+        finally:
+            await svc.store.close()
+            svc.store = known
 
 
 async def test_a_blob_directory_gone_is_named(services: None, real_prefix: str, tmp_path: Path) -> None:

@@ -36,9 +36,11 @@ from farcall.protocol.channel import (
     Welcome,
     parse_endpoint_frame,
 )
+from farcall.protocol.rest import Health
 
 ENDPOINT_ID = "ep-test"
 CREDENTIAL = "fce_test-credential"
+BROKER_ID = "broker-test"
 
 
 class FakeBroker:
@@ -54,6 +56,9 @@ class FakeBroker:
         self.upload_grant = ""
         self.max_task_bytes = 0
         """Said in every Welcome: the data plane's grant and limit ("" / 0: no data plane)."""
+        self.broker_id = BROKER_ID
+        """Said in every Welcome and at ``GET /v1/health`` ("": a broker from before broker ids,
+        whose health route is unknown: 404)."""
         self.port = 0
         self.frames: list[tuple[int, Any]] = []
         self.sizes: list[tuple[int, str, int]] = []
@@ -106,6 +111,9 @@ class FakeBroker:
             self._thread.join(5)
 
     def _check_request(self, connection: ServerConnection, request: Any) -> Any:
+        if request.path == "/v1/health" and self.broker_id:
+            return connection.respond(HTTPStatus.OK, Health(
+                status="ok", version="test", broker_id=self.broker_id).model_dump_json())
         if request.path != f"/v1/endpoints/{ENDPOINT_ID}/connect":
             return connection.respond(HTTPStatus.NOT_FOUND, "no such endpoint\n")
         if request.headers.get("Authorization") != f"Bearer {self.credential}":
@@ -137,7 +145,8 @@ class FakeBroker:
                 self._cond.notify_all()
             if isinstance(frame, Hello):
                 welcome = Welcome(endpoint_id=ENDPOINT_ID, max_frame_bytes=self.max_frame_bytes,
-                                  upload_grant=self.upload_grant, max_task_bytes=self.max_task_bytes)
+                                  upload_grant=self.upload_grant, max_task_bytes=self.max_task_bytes,
+                                  broker_id=self.broker_id)
                 await ws.send(welcome.model_dump_json())
                 if self.close_after_welcome:
                     await ws.close(1011, "broker error: queue unavailable")

@@ -98,3 +98,20 @@ class Agents:
         for r in self.runners:
             r.stop(timeout=30)
             assert not r.alive, "agent thread did not stop"
+
+
+def ipv6_first(monkeypatch: Any) -> None:
+    """Make ``localhost`` resolve to ``::1`` before ``127.0.0.1`` for the test (as some hosts
+    do; here /etc/hosts names 127.0.0.1 only), where brokers bind 127.0.0.1 only."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        found = real(host, port, *args, **kwargs)
+        if host != "localhost":
+            return found
+        v6 = (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", int(port), 0, 0))
+        return [v6, *found]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)

@@ -24,10 +24,10 @@ from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines.threads import ThreadPoolEngine
 from farcall.endpoint.errors import EndpointError, EndpointRejected, ProtocolError
 from farcall.endpoint.journal import read_crashed
-from farcall.protocol.channel import Credit, HeartbeatFrame, Hello, ResultsFrame
+from farcall.protocol.channel import Credit, HeartbeatFrame, Hello, ResultsFrame, Welcome
 from harness.procs import wait_until
-from tests.endpoint.fake_broker import CREDENTIAL, ENDPOINT_ID, FakeBroker
-from tests.endpoint.helpers import make_task, value_of
+from tests.endpoint.fake_broker import BROKER_ID, CREDENTIAL, ENDPOINT_ID, FakeBroker
+from tests.endpoint.helpers import Agents, ipv6_first, make_task, value_of
 
 CAPACITY = 2 * 50
 REPO = Path(__file__).resolve().parents[2]
@@ -197,10 +197,36 @@ def test_refused_credential_stops_the_agent_with_a_clear_error(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
 ) -> None:
     runner = start_agent(credential="fce_wrong", connect=False)
-    with pytest.raises(EndpointError, match="deleted or its credential revoked"):
+    with pytest.raises(EndpointError, match="deleted or its credential revoked.*--register-again"):
         runner.wait_connected(10)
     assert isinstance(runner.error, EndpointRejected)
     assert broker.rejected == 1 and not broker.of(Hello)
+
+
+def test_every_welcome_is_handed_to_on_welcome(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    """How a registration that does not record its broker's id learns it (cli.cmd_start)."""
+    welcomes: list[Welcome] = []
+    runner = start_agent(on_welcome=welcomes.append)
+    assert [w.broker_id for w in welcomes] == [BROKER_ID]
+    broker.drop()
+    wait_until(lambda: runner.agent.connections == 2 and runner.agent.connected.is_set(), 10,
+               "the agent to reconnect")
+    assert [w.broker_id for w in welcomes] == [BROKER_ID, BROKER_ID]
+
+
+def test_a_localhost_url_reaches_a_broker_on_127_0_0_1_when_ipv6_comes_first(
+    broker: FakeBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint configured with ``http://localhost:P`` where localhost is ``::1`` first."""
+    ipv6_first(monkeypatch)
+    agents = Agents(broker.url.replace("127.0.0.1", "localhost"))
+    try:
+        agents.start()  # returns once connected
+    finally:
+        agents.stop_all()
+    assert broker.hello(1) is not None
 
 
 def test_function_bodies_come_once_and_are_reused(

@@ -71,6 +71,25 @@ def test_configure_start_list_stop(broker: FakeBroker, env: dict[str, str], tmp_
     assert "not running" in cli(env, "stop", "ep").stdout
 
 
+def test_start_refuses_a_broker_the_endpoint_is_not_registered_with(
+    broker: FakeBroker, env: dict[str, str]
+) -> None:
+    """In the foreground and as a daemon, before it connects (``--register-again`` reaching the
+    daemon: test_daemon.py; registering again: tests/integration/test_endpoint_identity.py)."""
+    assert cli(env, "configure", "ep", "--engine", "ThreadPoolEngine",
+               "--broker-url", broker.url).returncode == 0
+    directory = Path(env["FARCALL_HOME"]) / "endpoints" / "ep"
+    elsewhere = "http://127.0.0.1:9"
+    save_registration(directory, Registration(ENDPOINT_ID, CREDENTIAL, "ep", elsewhere, "other"))
+    for args in (["start", "ep"], ["start", "ep", "--detach", "--wait", "30"]):
+        done = cli(env, *args)
+        assert done.returncode == 1, done
+        for part in (elsewhere, "broker id other", broker.url, f"broker id {broker.broker_id}",
+                     "farcall-endpoint start ep --register-again"):
+            assert part in done.stderr, (args, part, done.stderr)
+    assert broker.connections == 0
+
+
 def test_start_without_config_or_broker_fails_clearly(env: dict[str, str]) -> None:
     done = cli(env, "start", "nothing")
     assert done.returncode == 1 and "farcall-endpoint configure nothing" in done.stderr

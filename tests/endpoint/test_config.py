@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import stat
 from pathlib import Path
 
 import pytest
 
-from farcall.endpoint import registration
 from farcall.endpoint.config import configure, endpoint_dir, load_config, parse_config
 from farcall.endpoint.errors import EndpointConfigError
-from harness.procs import free_port
-from tests.helpers import StubHTTP
 
 
 @pytest.fixture(autouse=True)
@@ -84,34 +79,3 @@ def test_bad_config_names_file_and_key(home: Path, text: str, pattern: str) -> N
 def test_missing_config_says_how_to_create_it() -> None:
     with pytest.raises(EndpointConfigError, match="farcall-endpoint configure ghost"):
         load_config("ghost")
-
-
-def test_registration_is_stored_0600_and_reused(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    broker = StubHTTP((200, {"endpoint_id": "ep-1", "name": "laptop", "credential": "fce_secret"}))
-    monkeypatch.setenv("FARCALL_TOKEN", "fcu_token")
-    directory = endpoint_dir("laptop")
-    try:
-        first = registration.ensure_registered(directory, broker.url, "laptop")
-        assert first.endpoint_id == "ep-1" and first.credential == "fce_secret"
-        ((method, path, headers, body),) = broker.requests
-        assert (method, path) == ("POST", "/v1/endpoints")
-        assert headers["Authorization"] == "Bearer fcu_token" and json.loads(body)["name"] == "laptop"
-        stored = directory / "endpoint.json"
-        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
-        again = registration.ensure_registered(directory, broker.url, "laptop")
-        assert again == first and len(broker.requests) == 1
-    finally:
-        broker.close()
-
-
-def test_registration_refused_or_unreachable_is_clear(home: Path) -> None:
-    broker = StubHTTP((401, {"error": "unauthorized", "message": "unknown token"}))
-    try:
-        with pytest.raises(registration.RegistrationError, match="401.*unknown token.*FARCALL_TOKEN"):
-            registration.register_endpoint(broker.url, "bad", "x")
-    finally:
-        broker.close()
-    with pytest.raises(EndpointConfigError, match="FARCALL_TOKEN"):
-        registration.ensure_registered(endpoint_dir("x"), broker.url, "x")
-    with pytest.raises(registration.RegistrationError, match="cannot reach the broker"):
-        registration.register_endpoint(f"http://127.0.0.1:{free_port()}", "t", "x", timeout=0.5)

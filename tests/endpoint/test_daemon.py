@@ -57,3 +57,20 @@ def test_failing_setup_stops_the_start_and_teardown_runs_after_a_failing_body(
         assert (tmp_path / "set-up").exists()
         raise RuntimeError("the agent failed")  # not masked by the teardown's failure
     assert (tmp_path / "torn-down").exists()
+
+
+@pytest.mark.parametrize("register_again", [False, True])
+def test_a_detached_start_passes_register_again_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, register_again: bool
+) -> None:
+    """The daemon is ``farcall-endpoint start NAME`` again, with ``--register-again`` when asked
+    (here an interpreter that prints its arguments and exits, so its log says what it got)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\necho "argv: $*"\nexit 3\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(daemon.sys, "executable", str(fake))
+    monkeypatch.setenv("FARCALL_HOME", str(tmp_path))
+    with pytest.raises(EndpointError, match="exited at start") as caught:
+        daemon.start_detached("ep", tmp_path / "ep", 30, register_again=register_again)
+    flag = " --register-again" if register_again else ""
+    assert f"argv: -m farcall.endpoint start ep{flag}\n" in str(caught.value) + "\n"

@@ -164,7 +164,8 @@ class EndpointSession:
             await self.send(Welcome(
                 endpoint_id=self.endpoint_id, max_frame_bytes=self.svc.settings.max_frame_bytes,
                 upload_grant=await grants.upload_grant(self.svc, self.endpoint_id),
-                max_task_bytes=self.svc.settings.max_task_bytes).model_dump_json())
+                max_task_bytes=self.svc.settings.max_task_bytes,
+                broker_id=await self.svc.broker_id()).model_dump_json())
             await self._add_credit(hello.credit)
             await self._run_loops()
         except WebSocketDisconnect:

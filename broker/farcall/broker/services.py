@@ -110,11 +110,19 @@ class Services:
     auth_failures: RateLimiter = field(init=False)
     """Failed authentications per client address."""
     _revocations: asyncio.Task[None] | None = None
+    _broker_id: str = ""
 
     def __post_init__(self) -> None:
         s = self.settings
         self.requests = RateLimiter(s.rate_limit, s.rate_burst)
         self.auth_failures = RateLimiter(s.auth_failure_rate, s.auth_failure_burst)
+
+    async def broker_id(self) -> str:
+        """The deployment's identity (``Store.broker_id``): asked of the store once per process,
+        as it never changes. Raises like the store while the store does not answer."""
+        if not self._broker_id:
+            self._broker_id = await self.store.broker_id()
+        return self._broker_id
 
     async def lookup(self, token: str) -> Principal | None:
         """Who holds ``token`` (cached briefly: every REST request needs this answer)."""

@@ -17,7 +17,8 @@ holds and sends results. What a caller may rely on (see docs/protocol.md, "Endpo
 - With ``allowed_functions`` set, a task for any other function never reaches
   the engine: it fails at once with ``FunctionNotAllowed``.
 - ``on_status`` (if given) gets a status snapshot (connection, last heartbeat)
-  on every connect, disconnect and heartbeat, for ``farcall-endpoint status``.
+  on every connect, disconnect and heartbeat, for ``farcall-endpoint status``;
+  ``on_welcome`` (if given) gets every session's ``Welcome`` (the broker's identity in it).
 - Every task it hands to the engine carries the data plane's ``DataAccess`` (the broker
   URL, the endpoint's upload grant as ``X-Farcall-Grant`` sends it, the per-task limit),
   so workers fetch big arguments and upload big results themselves.
@@ -124,6 +125,7 @@ class Agent:
         max_backoff: float = 10.0,
         allowed_functions: Iterable[str] | None = None,
         on_status: Callable[[dict[str, Any]], None] | None = None,
+        on_welcome: Callable[[Welcome], None] | None = None,
         journal_path: Path | None = None,
     ) -> None:
         self.broker_url = broker_url
@@ -137,6 +139,7 @@ class Agent:
         self.max_backoff = max_backoff
         self.allowed_functions = None if allowed_functions is None else frozenset(allowed_functions)
         self.on_status = on_status
+        self.on_welcome = on_welcome
         self.journal_path = journal_path
         """The crash journal's file (in the endpoint's directory); ``None``: no journal."""
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
@@ -287,9 +290,10 @@ class Agent:
                 status = e.response.status_code
                 if status in (401, 403, 404):
                     raise EndpointRejected(
-                        f"the broker refused endpoint {self.endpoint_id} ({status}): it was "
-                        "deleted or its credential revoked. Delete endpoint.json in the "
-                        "endpoint's directory and start again to register a new endpoint."
+                        f"the broker at {self.broker_url} refused endpoint {self.endpoint_id} "
+                        f"({status}): it was deleted or its credential revoked. To register a "
+                        "new endpoint, start again with --register-again "
+                        "(farcall-endpoint start NAME --register-again)."
                     ) from None
                 log.warning("broker answered %s to the connection", status)
             except ssl.SSLCertVerificationError as e:
@@ -339,6 +343,11 @@ class Agent:
             raise ProtocolError(f"the broker refused the session: {frame.message}")
         if not isinstance(frame, Welcome):
             raise ProtocolError(f"expected a welcome frame, got {frame.type!r}")
+        if self.on_welcome is not None:
+            try:
+                self.on_welcome(frame)
+            except Exception:
+                log.exception("welcome callback failed")
         if self._crashed:
             self._crashed = []  # the broker has them: reported once
             if self._journal is not None:

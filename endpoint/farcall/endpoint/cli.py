@@ -1,9 +1,9 @@
 """``farcall-endpoint``: the operator's command line.
 
 ``configure NAME`` writes a commented config; ``start NAME`` registers (first
-time) and runs the agent in the foreground, or as a daemon with ``--detach``;
-``stop NAME`` stops it gracefully; ``restart``, ``list``, ``status NAME`` and
-``delete NAME`` do what their names say.
+time, or with ``--register-again``) and runs the agent in the foreground, or as
+a daemon with ``--detach``; ``stop NAME`` stops it gracefully; ``restart``,
+``list``, ``status NAME`` and ``delete NAME`` do what their names say.
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ from farcall.endpoint.config import (
     load_config,
 )
 from farcall.endpoint.engines import ENGINES, build_engine
-from farcall.endpoint.errors import EndpointError
-from farcall.endpoint.registration import ensure_registered, load_registration
+from farcall.endpoint.errors import EndpointError, EndpointRejected
+from farcall.endpoint.registration import (
+    confirm,
+    ensure_registered,
+    load_registration,
+    load_registrations,
+    refused,
+)
 from farcall.errors import FarcallError
+from farcall.protocol.channel import Welcome
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--detach", action="store_true",
                    help="run as a daemon; log to endpoint.log in the endpoint's directory")
+    p.add_argument("--register-again", action="store_true",
+                   help="register a new endpoint with the configured broker (needs your token), "
+                        "for a broker this endpoint is not registered with; endpoint.json keeps "
+                        "the other registrations, so setting broker_url back reconnects as the "
+                        "endpoint registered there")
     p.add_argument("--wait", type=float, default=60.0,
                    help="with --detach: seconds to wait for the connection to the broker")
     p.set_defaults(func=cmd_start)
@@ -127,7 +139,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     engine_spec = config.engine_spec(directory)
     build_engine(engine_spec)  # a bad engine section fails here, before anything starts
     if args.detach:
-        started = daemon.start_detached(name, directory, args.wait)
+        started = daemon.start_detached(name, directory, args.wait,
+                                        register_again=args.register_again)
         if started.endpoint_id is None:
             print(f"endpoint {name} runs as pid {started.pid} but is not connected to the broker "
                   f"yet; see {started.log}")
@@ -137,7 +150,13 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     with daemon.pid_file(directory), daemon.hooks(config.endpoint_setup, config.endpoint_teardown,
                                                   directory):
-        registration = ensure_registered(directory, broker_url, config.display_name or name)
+        registration = ensure_registered(directory, broker_url, config.display_name or name,
+                                         register_again=args.register_again)
+
+        def on_welcome(welcome: Welcome) -> None:
+            nonlocal registration
+            registration = confirm(directory, registration, welcome.broker_id)
+
         engine = build_engine(engine_spec)
         agent = Agent(
             broker_url,
@@ -149,9 +168,13 @@ def cmd_start(args: argparse.Namespace) -> int:
             display_name=config.display_name or name,
             allowed_functions=config.allowed_functions,
             on_status=lambda snapshot: daemon.write_status(directory, snapshot),
+            on_welcome=on_welcome,
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
-        daemon.run_agent(agent, directory)
+        try:
+            daemon.run_agent(agent, directory)
+        except EndpointRejected as e:
+            raise refused(directory, registration, e) from None
     return 0
 
 
@@ -181,7 +204,8 @@ def _stop(name: str, timeout: float | None) -> None:
 def cmd_restart(args: argparse.Namespace) -> int:
     load_config(args.name)  # a broken config fails before the running endpoint is stopped
     _stop(args.name, args.timeout)
-    return cmd_start(argparse.Namespace(name=args.name, detach=True, wait=args.wait))
+    return cmd_start(argparse.Namespace(name=args.name, detach=True, wait=args.wait,
+                                        register_again=False))
 
 
 # ------------------------------------------------------------------ list / status
@@ -221,6 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "name": args.name,
         "endpoint_id": registration.endpoint_id if registration else None,
+        "broker_id": registration.broker_id or None if registration else None,
         "state": state,
         "pid": daemon.running_pid(directory),
     }
@@ -265,17 +290,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
             print("not deleted")
             return 1
     _stop(args.name, None)
-    registration = load_registration(directory)
-    if registration is not None:
+    stored = load_registrations(directory)
+    for registration in stored.registrations if stored is not None else []:
         try:
             _deregister(registration.broker_url, registration.endpoint_id)
             print(f"deleted endpoint {registration.endpoint_id} at {registration.broker_url}")
         except FarcallError as e:
             if not args.local_only:
                 raise EndpointError(
-                    f"the broker could not delete endpoint {registration.endpoint_id}: {e}. "
-                    "Fix that (FARCALL_TOKEN must be its owner's token), or pass --local-only "
-                    "to remove only the local files."
+                    f"the broker at {registration.broker_url} could not delete endpoint "
+                    f"{registration.endpoint_id}: {e}. Fix that (FARCALL_TOKEN must be its "
+                    "owner's token at that broker), or pass --local-only to remove only the "
+                    "local files."
                 ) from None
             print(f"warning: not deleted at the broker: {e}", file=sys.stderr)
     shutil.rmtree(directory)

@@ -4,7 +4,8 @@ Layout under ``$FARCALL_HOME`` (default ``~/.farcall``)::
 
     config                     operator settings, TOML: broker_url, token
     endpoints/NAME/config.yaml this endpoint's configuration (``configure`` writes it)
-    endpoints/NAME/endpoint.json  endpoint id and credential (mode 0600, written at registration)
+    endpoints/NAME/endpoint.json  every registration: endpoint id, credential, broker URL and id
+                                  (mode 0600; ``registration.py``)
     endpoints/NAME/endpoint.pid   pid of the running agent
     endpoints/NAME/endpoint.log   its log when started with --detach
     endpoints/NAME/status.json    connection and last heartbeat, written by the running agent

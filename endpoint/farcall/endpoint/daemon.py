@@ -184,8 +184,10 @@ class Detached:
     endpoint_id: str | None
 
 
-def start_detached(name: str, directory: Path, wait: float) -> Detached:
-    """Start ``farcall-endpoint start NAME`` as a daemon; return once it connects or ``wait`` ends.
+def start_detached(name: str, directory: Path, wait: float, *,
+                   register_again: bool = False) -> Detached:
+    """Start ``farcall-endpoint start NAME`` as a daemon (with ``--register-again`` if asked);
+    return once it connects or ``wait`` ends.
 
     Raises ``EndpointError`` if the endpoint already runs, or if the daemon exits
     at start (the message carries the end of its log).
@@ -201,7 +203,8 @@ def start_detached(name: str, directory: Path, wait: float) -> Detached:
     env = {**os.environ, "FARCALL_HOME": str(farcall_home().absolute())}
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "farcall.endpoint", "start", name],
+            [sys.executable, "-m", "farcall.endpoint", "start", name,
+             *(["--register-again"] if register_again else [])],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, cwd=directory, env=env,
         )

@@ -160,6 +160,9 @@ class Welcome(Message):
     (``X-Farcall-Grant`` header; "" from a broker without a data plane)."""
     max_task_bytes: int = 0
     """Largest arguments or result of one task (``FARCALL_MAX_TASK_BYTES``; 0: not said)."""
+    broker_id: str = ""
+    """The broker deployment's identity (as ``GET /v1/health`` says it; "": not said), so an
+    agent whose registration does not record it yet learns it."""
 
 
 class Credit(Message):

@@ -111,6 +111,9 @@ class Health(Message):
     version: str
     services: dict[str, str] = Field(
         default_factory=dict, description="backing service -> 'ok' or why it is not answering")
+    broker_id: str = Field(default="", description=(
+        "this broker deployment's identity, the same on every replica: what an endpoint tells "
+        "brokers apart by, whatever URL it reaches them at ('' while the store has not answered)"))
 
 
 class FunctionRegistered(Message):
@@ -152,6 +155,8 @@ class EndpointRegistered(Message):
     endpoint_id: str
     name: str
     credential: str = Field(description="the endpoint's credential, shown only this once")
+    broker_id: str = Field(default="", description=(
+        "the identity of the broker deployment the endpoint is registered with (see Health)"))
 
 
 class EndpointInfo(Message):

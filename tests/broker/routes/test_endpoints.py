@@ -21,6 +21,14 @@ def test_register_list_delete_and_the_credential_stops_working(api: Api) -> None
     assert api.call(auth.authenticate, api.store.users, ep["credential"]) is None
 
 
+def test_the_registration_names_the_broker_as_health_does(api: Api) -> None:
+    """What an endpoint keeps beside its credential, to know the broker under any URL."""
+    alice = api.user("alice")
+    first, second = api.endpoint(alice), api.endpoint(alice)
+    broker_id = api.client.get("/v1/health").json()["broker_id"]
+    assert broker_id and first["broker_id"] == second["broker_id"] == broker_id
+
+
 def test_status_of_an_endpoint_that_never_connected(api: Api) -> None:
     alice = api.user("alice")
     eid = api.endpoint(alice)["endpoint_id"]

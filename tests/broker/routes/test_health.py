@@ -13,6 +13,7 @@ def test_route_answers_200_with_real_services(services: None, real_prefix: str,
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "ok"
     assert r.json()["services"] == ALL_OK
+    assert r.json()["broker_id"]
 
 
 def test_route_answers_503_when_redis_and_rabbitmq_are_closed(real_prefix: str,
@@ -24,3 +25,4 @@ def test_route_answers_503_when_redis_and_rabbitmq_are_closed(real_prefix: str,
     assert body["status"] == "unavailable"
     assert set(body["services"]) == {"store", "queue", "blobs"}  # blobs in Redis too: all three down
     assert all(v.startswith("not answering: ") for v in body["services"].values()), body
+    assert body["broker_id"] == ""  # its store never answered: it cannot know

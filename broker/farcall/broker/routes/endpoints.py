@@ -64,7 +64,8 @@ async def register_endpoint(body: EndpointRegistration, user: User, svc: Svc) ->
                        description=body.description, created_at=now()),
         auth.token_hash(credential),
     )
-    return EndpointRegistered(endpoint_id=endpoint_id, name=body.name, credential=credential)
+    return EndpointRegistered(endpoint_id=endpoint_id, name=body.name, credential=credential,
+                              broker_id=await svc.broker_id())
 
 
 @router.get("/endpoints", responses=USER_ERRORS)

@@ -718,6 +718,11 @@ class Store(Backend):
     pubsub: PubSub
     timers: TimerStore
 
+    async def broker_id(self) -> str:
+        """This deployment's identity: made by the first replica to ask, then the same for every
+        replica on the same backing service. Endpoints tell brokers apart by it, not by URL."""
+        raise NotImplementedError
+
 
 class LocalSubscription(Subscription):
     """Frames handed over in this process (``put``); the iteration ends at ``put(None)``."""

@@ -9,6 +9,8 @@ store by changing them.
 
 from __future__ import annotations
 
+import uuid
+
 from farcall.broker.store.base import Store
 from farcall.broker.store.memory.actions import MemoryActions
 from farcall.broker.store.memory.endpoints import MemoryEndpoints
@@ -36,3 +38,8 @@ class MemoryStore(Store):
         self.actions = MemoryActions()
         self.pubsub = MemoryPubSub(state)
         self.timers = MemoryTimers()
+        self._broker_id = str(uuid.uuid4())
+
+    async def broker_id(self) -> str:
+        """A new identity per process: an embedded broker forgets its endpoints when it stops."""
+        return self._broker_id

@@ -6,10 +6,12 @@ One module per part, each naming the keys it keeps: ``users``, ``functions``, ``
 and key prefix (``connection``); each registers the Lua scripts it runs, kept beside it, and
 ``scripts`` holds the Lua more than one part runs. State changes that must not go backwards
 (running after success, a second result) are Lua scripts, so they are atomic across broker
-replicas.
+replicas. The store itself keeps one key, ``p broker-id``: the deployment's identity (``SET NX``).
 """
 
 from __future__ import annotations
+
+import uuid
 
 from farcall.broker.store.base import Store
 from farcall.broker.store.redis.actions import RedisActions
@@ -41,6 +43,11 @@ class RedisStore(Store):
 
     async def start(self) -> None:
         await self.db.r.ping()
+
+    async def broker_id(self) -> str:
+        key = self.db.k("broker-id")
+        await self.db.r.set(key, str(uuid.uuid4()), nx=True)  # the first replica to ask makes it
+        return str(await self.db.r.get(key))
 
     async def ping(self) -> None:
         await self.db.r.ping()
