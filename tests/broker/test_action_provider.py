@@ -19,8 +19,8 @@ from farcall.broker import action_runner
 from farcall.broker.actions import identity_urn
 from farcall.broker.errors import Conflict
 from farcall.broker.records import ActionRecord
-from farcall.broker.submission import submit_batch
 from farcall.broker.settings import Settings
+from farcall.broker.submission import submit_batch
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import TaskState, now
 from farcall.protocol.rest import BatchSubmission, TaskSpec
