@@ -25,7 +25,7 @@ class Deployment:
     """
 
     def __init__(self, workdir: Path, redis_url: str = REDIS_URL, amqp_url: str = AMQP_URL,
-                 name: str = "faults") -> None:
+                 name: str = "faults", settings: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.tag = f"fcfault-{uuid.uuid4().hex[:8]}"
         self.redis_prefix, self.queue_prefix = f"{self.tag}:", f"{self.tag}."
@@ -38,6 +38,7 @@ class Deployment:
             PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             PYTHONUNBUFFERED="1",
         )
+        env.update(settings or {})  # the broker's own FARCALL_* settings
         self.env = env
         self.shared_redis, self.shared_rabbit = redis_url == REDIS_URL, amqp_url == AMQP_URL
         self.broker = BrokerProcess(env, workdir / f"{name}-broker.log", f"{name} broker")
@@ -55,13 +56,14 @@ class Deployment:
         return Client(broker_url=self.broker.url, token=self.token, **kwargs)
 
     def endpoint(self, name: str, broker_url: str | None = None, engine: str = "ProcessPoolEngine",
-                 workers: int = WORKERS) -> EndpointProcess:
-        """A configured endpoint (not started): ``engine`` with ``workers``, heartbeats every second."""
+                 workers: int = WORKERS, **config: Any) -> EndpointProcess:
+        """A configured endpoint (not started): ``engine`` with ``workers``, heartbeats every second,
+        and any other top-level ``config`` keys of its config.yaml."""
         env = dict(self.env, FARCALL_HOME=str(self.workdir / f"home-{name}-{uuid.uuid4().hex[:6]}"),
                    FARCALL_BROKER_URL=self.broker.url, FARCALL_TOKEN=self.token)
         ep = EndpointProcess(name, env)
         ep.configure(engine, workers, broker_url or self.broker.url,
-                     heartbeat_period=HEARTBEAT_PERIOD, stop_timeout=STOP_TIMEOUT)
+                     heartbeat_period=HEARTBEAT_PERIOD, stop_timeout=STOP_TIMEOUT, **config)
         self.endpoints.append(ep)
         return ep
 
