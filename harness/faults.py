@@ -1,6 +1,7 @@
 """Faults to inject into a running farcall, and the one scenario every fault test runs.
 
-``run_scenario`` submits a few thousand short tasks, calls ``fault()`` when
+``run_scenario`` submits a few thousand short tasks (or another :class:`Workload`,
+such as big arguments and results), calls ``fault()`` when
 about a third of them are done, waits for every future (bounded), and returns a
 :class:`FaultReport` that counts what a user of the system would see: tasks that
 succeeded, failed with a clear error, ran twice, or were lost. The injectors
@@ -78,6 +79,23 @@ def recording_task(calls_file: str, seconds: float) -> Callable[[int], int]:
         return x * 2
 
     return farcall_fault_task
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a scenario submits: ``task(calls_file)`` makes the function (it appends each call's
+    id to the file, so a task that ran twice shows), ``args(i)`` the arguments of call ``i``,
+    and ``right(i, result)`` says whether its result is the one expected."""
+
+    task: Callable[[str], Callable[..., Any]]
+    args: Callable[[int], tuple[Any, ...]]
+    right: Callable[[int, Any], bool]
+
+
+def short_tasks(task_seconds: float = TASK_SECONDS) -> Workload:
+    """The default workload: ``recording_task`` sleeping ``task_seconds``, returning ``x * 2``."""
+    return Workload(lambda calls: recording_task(calls, task_seconds), lambda i: (i,),
+                    lambda i, result: bool(result == 2 * i))
 
 
 # ---------------------------------------------------------------- the report
@@ -171,6 +189,7 @@ def run_scenario(
     fault_when: float = 1 / 3,
     submit_after_fault: float = 0.0,
     extra: Callable[[], dict[str, Any]] | None = None,
+    workload: Workload | None = None,
 ) -> FaultReport:
     """Submit ``tasks`` recording tasks, run ``fault()`` once a third are done, wait (bounded), report.
 
@@ -181,7 +200,8 @@ def run_scenario(
     takes only what is dispatched after it opened). The report is printed (and
     written to ``$FARCALL_FAULT_REPORT``) before it is returned; ``extra()``, if
     given, adds the fault's own figures. Futures still pending at the deadline
-    are abandoned, never waited for.
+    are abandoned, never waited for. ``workload`` replaces the short recording tasks
+    (``task_seconds`` is theirs).
     """
     from farcall import Client, Executor
 
@@ -193,7 +213,8 @@ def run_scenario(
                          "submitted before the fault must be enough to reach fault_when")
     calls_file = workdir / f"{scenario}-calls.txt"
     calls_file.write_bytes(b"")
-    fn = recording_task(str(calls_file), task_seconds)
+    work = workload or short_tasks(task_seconds)
+    fn = work.task(str(calls_file))
     report = FaultReport(scenario, submitted=n)
 
     lock = threading.Lock()
@@ -217,7 +238,7 @@ def run_scenario(
 
     def submit(upto: int) -> None:
         for i in range(len(futures), upto):
-            f = ex.submit(fn, i)
+            f = ex.submit(fn, *work.args(i))
             f.add_done_callback(on_done)
             futures.append(f)
 
@@ -233,7 +254,7 @@ def run_scenario(
         submit(n)
         concurrent.futures.wait(futures, timeout=max(0.0, end - time.perf_counter()))
         t_end = time.perf_counter()
-        _classify(report, futures)
+        _classify(report, futures, work.right)
         report.ran_twice = _ran_twice(calls_file)
         finished = last_done[0] if not report.unresolved else t_end
         report.seconds = finished - t0
@@ -250,7 +271,7 @@ def run_scenario(
     return report
 
 
-def _classify(report: FaultReport, futures: list[Any]) -> None:
+def _classify(report: FaultReport, futures: list[Any], right: Callable[[int, Any], bool]) -> None:
     errors: collections.Counter[str] = collections.Counter()
     for i, f in enumerate(futures):
         if not f.done():
@@ -263,7 +284,7 @@ def _classify(report: FaultReport, futures: list[Any]) -> None:
                 report.failed_clear += 1
             else:
                 report.failed_unclear += 1
-        elif f.result() == 2 * i:
+        elif right(i, f.result()):
             report.succeeded += 1
         else:
             report.wrong += 1

@@ -4,6 +4,8 @@ for unit tests of the SDK's and the worker's HTTP side of it."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -16,15 +18,28 @@ GRANT = "ep-1:grant"
 """The ``X-Farcall-Grant`` value the server takes (as ``DataAccess.grant`` carries it)."""
 
 
+Fault = int | str
+"""What the data plane does to a request instead of serving it: an HTTP status (answered with a
+JSON error body; 429 says ``retry_after``), ``"cut"`` (a download: headers and half the body,
+then the connection closed; an upload: half the body read, then closed), or ``"short"`` (a
+download: a whole answer of one byte less than the blob)."""
+
+
 class DataPlane:
     """``POST /v1/blobs`` and ``GET /v1/blobs/{id}`` as the broker answers them (bearer token or
-    ``X-Farcall-Grant``; 411 without Content-Length, 413 over ``limit``, 404 JSON unknown)."""
+    ``X-Farcall-Grant``; 411 without Content-Length, 413 over ``limit``, 404 JSON unknown).
+
+    ``faults`` are taken one per blob request, in order, while there are any (see ``Fault``);
+    ``served`` counts blob requests by method, faulted ones included."""
 
     def __init__(self, limit: int = 1 << 30) -> None:
         self.limit = limit
         self.blobs: dict[str, bytes] = {}
         self.uploads: list[dict[str, str]] = []
         """Headers of each upload."""
+        self.faults: list[Fault] = []
+        self.served: dict[str, int] = {"GET": 0, "POST": 0}
+        self._lock = threading.Lock()
         plane = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,10 +65,32 @@ class DataPlane:
                 self._json(401, "unauthorized", "no valid token")
                 return False
 
+            def _fault(self) -> Fault | None:
+                with plane._lock:
+                    plane.served[self.command] += 1
+                    return plane.faults.pop(0) if plane.faults else None
+
+            def _status(self, status: int) -> None:
+                if status == 429:
+                    self._reply(429, json.dumps({"error": "rate_limited", "message": "slow down",
+                                                 "retry_after": 0.05}).encode())
+                else:
+                    self._json(status, "unavailable", f"fault {status}: retry later")
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 if not self._allowed():
                     return
+                fault = self._fault()
                 length = self.headers.get("Content-Length")
+                if fault == "cut":
+                    self.rfile.read(int(length or 0) // 2)
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if isinstance(fault, int):
+                    self.rfile.read(int(length or 0))
+                    self._status(fault)
+                    return
                 if length is None:
                     self._json(411, "length_required", "send Content-Length")
                     return
@@ -80,11 +117,24 @@ class DataPlane:
                     return
                 if not self._allowed():
                     return
+                fault = self._fault()
+                if isinstance(fault, int):
+                    self._status(fault)
+                    return
                 body = plane.blobs.get(self.path.removeprefix("/v1/blobs/"))
                 if body is None:
                     self._json(404, "not_found", "no such blob (or it expired)")
                     return
-                self._reply(200, body, "application/octet-stream")
+                if fault == "cut":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self._reply(200, body[:-1] if fault == "short" else body, "application/octet-stream")
 
         self.server, self.url = serve_on_loopback(Handler)
 

@@ -5,7 +5,9 @@ band). It is uploaded with ``POST /v1/blobs`` as those parts one after the other
 join, no base64) and downloaded with ``GET /v1/blobs/{id}`` into one preallocated
 buffer (``Transport.read_into``), from which ``serialize.unpack_blob`` rebuilds the object without copying its
 arrays. The SDK uses it with a user's token, a worker with its endpoint's grant
-(``X-Farcall-Grant``); both go through :class:`~farcall.transport.Transport`.
+(``X-Farcall-Grant``); both go through :class:`~farcall.transport.Transport`, and both retry
+a transfer that did not get through (refused, reset, cut off, 5xx, 429) with
+:func:`farcall.retry.exchange`; only a 4xx that cannot change fails at once.
 """
 
 from __future__ import annotations
@@ -29,8 +31,23 @@ GRANT_HEADER = "X-Farcall-Grant"
 """How a worker authenticates to the data plane: ``<endpoint_id>:<grant>`` (``DataAccess.grant``)."""
 
 Exchange = Callable[[Callable[[], Response]], Response]
-"""Runs one attempt-making callable and returns the answer: ``Client.exchange`` retries while the
-broker is unreachable or busy; ``once`` makes a single attempt."""
+"""Runs one attempt-making callable and returns the answer: ``once`` makes a single attempt; the
+SDK's ``Client`` and a worker (``farcall.endpoint.dataplane``) retry through
+:func:`farcall.retry.exchange` with :func:`unreachable` and ``retry.server_error``."""
+
+
+class CutShort(TransportError):
+    """A download ended with fewer (or more) bytes than its reference says: sent again like a
+    dropped connection."""
+
+
+def unreachable(e: TransportError) -> FarcallError:
+    """The error of a transfer that did not get through (after its last attempt)."""
+    if isinstance(e, CutShort):
+        return DeserializationError(f"{e}: it was cut short or replaced on the way; run the task "
+                                    "again")
+    return BrokerError(0, f"cannot reach the broker's data plane ({e}); check that the broker "
+                          "is running and reachable from here")
 
 
 def once(send: Callable[[], Response]) -> Response:
@@ -38,13 +55,13 @@ def once(send: Callable[[], Response]) -> Response:
     try:
         return send()
     except TransportError as e:
-        raise BrokerError(0, f"cannot reach the broker's data plane ({e}); check that the broker "
-                             "is running and reachable from here") from None
+        raise unreachable(e) from None
 
 
 def upload(http: Transport, frames: Frames, headers: dict[str, str] | None = None,
            exchange: Exchange = once) -> str:
-    """Store ``frames`` as a blob; the reference payload (strategy ``30``) that stands for it."""
+    """Store ``frames`` as a blob; the reference payload (strategy ``30``) that stands for it.
+    Every attempt sends the whole blob again (an upload cut short stores nothing)."""
     parts = frames.blob_parts()
     all_headers = {"Content-Type": "application/octet-stream", **(headers or {})}
     answer = exchange(lambda: http.send_parts("POST", "/blobs", parts, all_headers))
@@ -56,17 +73,23 @@ def upload(http: Transport, frames: Frames, headers: dict[str, str] | None = Non
 
 def download(http: Transport, ref: str, headers: dict[str, str] | None = None,
              exchange: Exchange = once) -> memoryview:
-    """The blob a reference payload names, in one writable buffer of its size."""
+    """The blob a reference payload names, in one writable buffer of its size. A download cut
+    off is an attempt that failed (:class:`CutShort`): the next one reads the blob from its
+    start (the broker's ``GET`` serves whole blobs, no ranges)."""
     blob_id, size = parse_ref(ref)
     path = f"/blobs/{quote(blob_id, safe='')}"
-    answer = exchange(lambda: http.read_into("GET", path, headers, size))
+
+    def attempt() -> Response:
+        answer = http.read_into("GET", path, headers, size)
+        if answer.status == 200 and len(answer.body) != size:
+            raise CutShort(f"blob {blob_id} came as {len(answer.body)} bytes, but its reference "
+                           f"says {size}")
+        return answer
+
+    answer = exchange(attempt)
     if answer.status != 200:
         raise error_of(answer, f"blob {blob_id}")
     body = answer.body
-    if len(body) != size:
-        raise DeserializationError(
-            f"blob {blob_id} came as {len(body)} bytes, but its reference says {size}: it was cut "
-            "short or replaced on the way; run the task again")
     return body if isinstance(body, memoryview) else memoryview(bytearray(body))
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import random
 import re
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -22,15 +20,12 @@ from urllib.parse import urlencode
 from pydantic import ValidationError
 
 from farcall import blobs, config
-from farcall.backoff import Backoff
 from farcall.errors import (
     BrokerError,
-    RateLimited,
     TaskPending,
     TaskTooLarge,
     broker_error,
 )
-from farcall.errors import seconds_or_none as _seconds
 from farcall.outcome import outcome_of
 from farcall.protocol.common import (
     MAX_RETRIES,
@@ -55,6 +50,8 @@ from farcall.protocol.rest import (
 )
 from farcall.protocol.timers import TimerRequest
 from farcall.quietlog import QuietLog
+from farcall.retry import RATE_WARNING_EVERY, RETRY_WARNING_EVERY, Retry, server_error
+from farcall.retry import exchange as send_with_retry
 from farcall.serialize import INLINE_BYTES, Frames, pack, serialize_function
 from farcall.transport import Response, Transport, TransportError
 from farcall.urls import websocket_url
@@ -68,18 +65,16 @@ IDS_PER_REQUEST = 10_000
 MAX_BATCH_TASKS = 1024
 MAX_BATCH_BYTES = 4 * 1024 * 1024
 """A batch is split below these, so a request stays well under the broker's body limit."""
-RETRY_SECONDS = 30.0
-DEFAULT_RETRY_AFTER = 1.0
-"""Seconds to wait after a 429 whose body does not say (the broker normally does)."""
-MIN_RETRY_AFTER = 0.05
-"""A 429 is never resent sooner than this, whatever the broker says, so the client cannot spin."""
-RATE_WARNING_EVERY = 60.0
-"""A client says it is being rate limited at WARNING at most this often (else at DEBUG)."""
 
 
 def _rate_warning() -> QuietLog:
     """An Executor rate limited on every batch says so once a minute, not once per batch."""
     return QuietLog(log, RATE_WARNING_EVERY, logging.WARNING, rest=logging.DEBUG)
+
+
+def _retry_warning() -> QuietLog:
+    """Many requests retrying at once through one Client (an outage) say so every few seconds."""
+    return QuietLog(log, RETRY_WARNING_EVERY, logging.WARNING, rest=logging.DEBUG)
 
 
 class Batch:
@@ -148,71 +143,19 @@ class Batch:
         return len(self.tasks)
 
 
-class Retry:
-    """The SDK's one retry policy for a request, within a budget of ``seconds``.
-
-    While the broker cannot be reached or answers 503 it backs off with jitter
-    (:meth:`wait`); a 429 waits what the broker asks (:meth:`wait_rate_limited`).
-    Both spend the same budget, so no request waits much longer than ``seconds``.
-    """
-
-    def __init__(self, seconds: float, rate_warning: Callable[..., None] | None = None) -> None:
-        self.seconds = seconds
-        self.started = time.monotonic()
-        self.deadline = self.started + seconds
-        self._backoff = Backoff(cap=5.0)
-        self._rate_warning = rate_warning or _rate_warning()
-
-    def wait(self, why: str, url: str) -> bool:
-        """Sleep before the next attempt; False when the time is up."""
-        first = self._backoff.attempt == 0
-        delay = self._backoff.next_delay()
-        if time.monotonic() + delay > self.deadline:
-            return False
-        level = logging.WARNING if first else logging.DEBUG
-        log.log(level, "broker at %s: %s; retrying for up to %.0f s", url, why, self.seconds)
-        time.sleep(delay)
-        return True
-
-    def wait_rate_limited(self, error: str, retry_after: float | None, url: str) -> bool:
-        """After a 429: sleep the ``retry_after`` seconds the broker asked (a little more, so
-        clients told the same do not come back together); False when that passes the budget."""
-        delay = DEFAULT_RETRY_AFTER if retry_after is None else max(MIN_RETRY_AFTER, retry_after)
-        delay *= random.uniform(1.0, 1.1)
-        if time.monotonic() + delay > self.deadline:
-            return False
-        why = ("the open-task quota is reached" if error == "quota_exceeded"
-               else "the broker is rate limiting this token")
-        self._rate_warning("broker at %s: %s; waiting %.1f s before sending again "
-                           "(for up to %g s in all)", url, why, delay, self.seconds)
-        time.sleep(delay)
-        return True
-
-    def rate_limited(self, error: str, message: str, retry_after: float | None,
-                     body: Any = None) -> RateLimited:
-        """The error to raise once :meth:`wait_rate_limited` gave up."""
-        waited = time.monotonic() - self.started
-        then = "" if retry_after is None else f" (it asks to wait {retry_after:g} s more)"
-        if error == "quota_exceeded":
-            said = f" ({message})" if message else ""
-            text = (f"your quota of open tasks is reached{said}; waited {waited:.1f} s"
-                    f"{then}. Wait for tasks to finish (or cancel some), or ask the broker's "
-                    "operator to raise FARCALL_MAX_OPEN_TASKS")
-        else:
-            text = (f"the broker rate limited this token for {waited:.1f} s{then}; send "
-                    "requests less often (bigger batches), or ask the broker's operator to "
-                    "raise FARCALL_RATE_LIMIT")
-        return RateLimited(429, text, error, body, retry_after)
-
-
 class Client:
     """A connection to one broker as one user.
 
     ``broker_url`` and ``token`` default to ``FARCALL_BROKER_URL`` and
     ``FARCALL_TOKEN``, then to ``$FARCALL_HOME/config``. Thread-safe. Requests
-    are retried for up to ``retry_seconds`` while the broker does not answer or
-    answers 503, so a broker restart does not fail a notebook cell, and, when
-    the broker answers 429 (rate limited), for as long as it asks within that time.
+    are retried for up to ``retry_seconds`` after their first failure while the
+    broker does not answer or answers 503, so a broker restart does not fail a
+    notebook cell, and, when the broker answers 429 (rate limited), for as long
+    as it asks within that time; big arguments and results (the data plane) are
+    also retried after any 5xx or a transfer cut short. ``retry_seconds``
+    defaults to ``FARCALL_RETRY_SECONDS``, else 30: raise it for a long campaign
+    that must ride out a longer broker outage (a bad value raises
+    :class:`~farcall.errors.InvalidSetting`, a ``ValueError``).
     """
 
     def __init__(
@@ -221,11 +164,11 @@ class Client:
         token: str | None = None,
         *,
         timeout: float = 60.0,
-        retry_seconds: float = RETRY_SECONDS,
+        retry_seconds: float | None = None,
     ) -> None:
         self.broker_url = config.broker_url(broker_url)
         self.token = config.token(token)
-        self.retry_seconds = retry_seconds
+        self.retry_seconds = config.retry_seconds(retry_seconds)
         self._http = Transport(
             self.broker_url + "/v1",
             {"Authorization": f"Bearer {self.token}", "User-Agent": f"farcall/{__version__}",
@@ -233,6 +176,7 @@ class Client:
             timeout,
         )
         self._rate_warning = _rate_warning()
+        self._retry_warning = _retry_warning()
         self._limits: Limits | None = None
 
     # ---------------------------------------------------------------- plumbing
@@ -259,30 +203,23 @@ class Client:
     def exchange(self, send: Callable[[], Response]) -> Response:
         """The answer of ``send`` (one HTTP request), made again while the broker cannot be
         reached, answers 503 or rate limits (429), within ``retry_seconds``."""
-        retry = self.retry()
-        while True:
-            try:
-                answer = send()
-            except TransportError as e:
-                if retry.wait(f"{type(e).__name__}: {e}", self.broker_url):
-                    continue
-                raise BrokerError(
-                    0,
-                    f"cannot reach the broker at {self.broker_url} ({type(e).__name__}: {e}); "
-                    "check the URL and that the broker is running",
-                ) from None
-            if answer.status == 503 and retry.wait("503 unavailable", self.broker_url):
-                continue
-            if answer.status == 429:
-                error, message, retry_after, refusal = _rate_limit_of(answer)
-                if retry.wait_rate_limited(error, retry_after, self.broker_url):
-                    continue
-                raise retry.rate_limited(error, message, retry_after, refusal)
-            return answer
+        return send_with_retry(send, self.retry(), self.broker_url, self._unreachable)
+
+    def _data_exchange(self, send: Callable[[], Response]) -> Response:
+        """``exchange`` for a blob transfer: also made again after any 5xx or a cut-off read."""
+        return send_with_retry(send, self.retry(), self.broker_url, blobs.unreachable,
+                               server_error)
+
+    def _unreachable(self, e: TransportError) -> BrokerError:
+        return BrokerError(
+            0,
+            f"cannot reach the broker at {self.broker_url} ({type(e).__name__}: {e}); "
+            "check the URL and that the broker is running",
+        )
 
     def retry(self) -> Retry:
         """A fresh retry budget of ``retry_seconds`` for one request (or one stream submission)."""
-        return Retry(self.retry_seconds, self._rate_warning)
+        return Retry(self.retry_seconds, self._rate_warning, self._retry_warning)
 
     def websocket_url(self, path: str) -> str:
         """``ws(s)://`` URL of a broker WebSocket route under ``/v1`` (see :mod:`farcall.urls`)."""
@@ -301,11 +238,11 @@ class Client:
         payload to send as a task's ``args``. ``TaskTooLarge`` (naming ``what``) past
         ``limits().max_task_bytes``, before anything is sent."""
         check_task_size(frames.nbytes, self.limits().max_task_bytes, what)
-        return blobs.upload(self._http, frames, exchange=self.exchange)
+        return blobs.upload(self._http, frames, exchange=self._data_exchange)
 
     def download_blob(self, ref: str) -> memoryview:
         """The blob a reference payload (a big result) names; ``DataExpired`` once it expired."""
-        return blobs.download(self._http, ref, exchange=self.exchange)
+        return blobs.download(self._http, ref, exchange=self._data_exchange)
 
     # ---------------------------------------------------------------- functions
 
@@ -792,19 +729,3 @@ def _decode(answer: Response) -> Any:
     error = body.get("error", "") if isinstance(body, dict) else ""
     message = body.get("message", "") if isinstance(body, dict) else ""
     raise broker_error(answer.status, message or answer.text[:500] or answer.reason, error, body)
-
-
-def _rate_limit_of(answer: Response) -> tuple[str, str, float | None, Any]:
-    """``(error, message, retry_after, body)`` of a 429 answer.
-
-    The wait is read from the body's ``retry_after`` (the broker sends it there as well
-    as in the ``Retry-After`` header); None when the body has none.
-    """
-    try:
-        body = answer.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return "rate_limited", answer.text[:200], None, body
-    error = str(body.get("error") or "rate_limited")
-    return error, str(body.get("message", "")), _seconds(body.get("retry_after")), body

@@ -1,14 +1,17 @@
-"""Where the SDK and the endpoint find the broker URL and the user token.
+"""Where the SDK and the endpoint find the broker URL, the user token and the retry budget.
 
 Order: an explicit argument, then ``FARCALL_BROKER_URL`` / ``FARCALL_TOKEN``,
 then ``$FARCALL_HOME/config`` (TOML with ``broker_url`` and ``token``;
-``FARCALL_HOME`` defaults to ``~/.farcall``).
+``FARCALL_HOME`` defaults to ``~/.farcall``). The retry budget: an explicit
+``retry_seconds``, then ``FARCALL_RETRY_SECONDS``, then 30 s.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
+import numbers
 import os
 import re
 import tempfile
@@ -16,7 +19,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from farcall.errors import ConfigurationError
+from farcall.errors import ConfigurationError, InvalidSetting
+
+RETRY_SECONDS = 30.0
+"""How long a ``Client`` keeps retrying a request by default (``FARCALL_RETRY_SECONDS``)."""
 
 
 def farcall_home() -> Path:
@@ -63,6 +69,31 @@ def token(explicit: str | None = None) -> str:
             "'farcall-broker users create NAME')"
         )
     return str(found)
+
+
+def retry_seconds(explicit: float | None = None) -> float:
+    """Seconds a ``Client`` keeps retrying a request while the broker is unreachable, answers
+    503 or rate limits: ``explicit``, else ``FARCALL_RETRY_SECONDS``, else 30. A bad value
+    raises :class:`InvalidSetting` naming where it came from."""
+    if explicit is not None:
+        return _seconds(explicit, f"retry_seconds={explicit!r}")
+    raw = os.environ.get("FARCALL_RETRY_SECONDS", "").strip()
+    if not raw:
+        return RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    return _seconds(value, f"FARCALL_RETRY_SECONDS={raw!r}")
+
+
+def _seconds(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+            0 <= float(value) < math.inf):
+        raise InvalidSetting(
+            f"{where} is not a retry budget: give a number of seconds, 0 or more (how long a "
+            "Client keeps retrying while the broker is unreachable or busy; 0: never)")
+    return float(value)
 
 
 def save_user_settings(updates: dict[str, Any]) -> Path:

@@ -14,6 +14,11 @@ class ConfigurationError(FarcallError):
     """The SDK or a component is missing a setting (broker URL, token, ...)."""
 
 
+class InvalidSetting(ConfigurationError, ValueError):
+    """A setting (an argument or an environment variable) has a value farcall cannot use; the
+    message names it and what it takes."""
+
+
 class CertificateError(ConfigurationError):
     """The broker's TLS certificate is not trusted here (unknown CA, or a host name mismatch).
 

@@ -28,6 +28,7 @@ def test_configure_writes_a_commented_template_that_loads(home: Path, engine: st
     assert config.engine["type"] == engine and config.engine["max_workers"] == 3
     assert config.resolved_broker_url() == "http://127.0.0.1:8000"
     assert config.heartbeat_period == 10 and config.display_name == "laptop"
+    assert config.data_retry_seconds == 120 and "\ndata_retry_seconds: 120\n" in text
 
 
 def test_configure_refuses_to_overwrite_and_unknown_engines(home: Path) -> None:
@@ -39,6 +40,11 @@ def test_configure_refuses_to_overwrite_and_unknown_engines(home: Path) -> None:
         configure("b", engine="Nope")
     with pytest.raises(EndpointConfigError, match="invalid endpoint name"):
         configure("../evil")
+
+
+def test_data_retry_seconds_is_read_from_the_file() -> None:
+    assert parse_config("data_retry_seconds: 600").data_retry_seconds == 600
+    assert parse_config("data_retry_seconds: 0").data_retry_seconds == 0  # one attempt
 
 
 def test_broker_url_falls_back_to_env_then_operator_config(
@@ -63,6 +69,10 @@ def test_broker_url_falls_back_to_env_then_operator_config(
         ("engine: {type: ProcessPoolEngine, max_workers: -1}", r"engine.max_workers"),
         ("engine: {type: ThreadPoolEngine, provider: {}}", r"engine.provider: unknown key"),
         ("broker_url: ftp://x", r"broker_url: Value error, must start with http"),
+        ("data_retry_seconds: -5", r"data_retry_seconds: Input should be greater than or equal to 0"),
+        ("data_retry_seconds: .inf", r"data_retry_seconds: Input should be a finite number"),
+        ("data_retry_seconds: soon", r"data_retry_seconds: Input should be a valid number"),
+        ("data_retry_seconds: yes", r"data_retry_seconds: Value error, must be a number of seconds"),
         ("- just\n- a list", r"expected a mapping"),
         ("key: [unclosed", r"not valid YAML"),
     ],

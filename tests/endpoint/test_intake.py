@@ -265,7 +265,7 @@ def test_every_task_carries_the_data_plane_access_of_the_welcome(
 ) -> None:
     broker.upload_grant, broker.max_task_bytes = grant, 8 << 20
     engine = TaskKeepingEngine()
-    start_agent(engine=engine)
+    start_agent(engine=engine, data_retry_seconds=7.5)  # the endpoint's data_retry_seconds
     tasks = [make_task(double, 1), make_task(double, 2)]
     broker.send_tasks(tasks)
     broker.wait(lambda: broker.result_ids() >= {t.task_id for t in tasks}, 10, "results")
@@ -274,5 +274,5 @@ def test_every_task_carries_the_data_plane_access_of_the_welcome(
         assert first.data is None and second.data is None  # results travel inline, as before
         return
     assert first.data == DataAccess(url=broker.url, grant=f"{ENDPOINT_ID}:{grant}",
-                                    max_task_bytes=8 << 20)
+                                    max_task_bytes=8 << 20, retry_seconds=7.5)
     assert second.data is first.data  # one object for the session, not one per task

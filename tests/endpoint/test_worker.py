@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,9 +16,9 @@ from typing import Any
 import pytest
 
 from farcall import blobs
-from farcall.endpoint import worker
+from farcall.endpoint import dataplane, worker
 from farcall.endpoint.errors import ResultTooLarge
-from farcall.errors import DataExpired, DeserializationError, TaskTimeout
+from farcall.errors import BrokerError, DataExpired, DeserializationError, TaskTimeout
 from farcall.protocol.channel import (
     DataAccess,
     ResultMessage,
@@ -25,6 +27,7 @@ from farcall.protocol.channel import (
     parse_result_batch,
 )
 from farcall.protocol.common import TaskState, Versions
+from farcall.quietlog import QuietLog
 from farcall.serialize import (
     DATA_JSON,
     deserialize_json,
@@ -300,8 +303,10 @@ def plane() -> Iterator[DataPlane]:
     p.close()
 
 
-def _with_data(task: TaskMessage, plane: DataPlane, max_task_bytes: int = 1 << 30) -> TaskMessage:
-    task.data = DataAccess(url=plane.url, grant=GRANT, max_task_bytes=max_task_bytes)
+def _with_data(task: TaskMessage, plane: DataPlane, max_task_bytes: int = 1 << 30,
+               retry_seconds: float = 30) -> TaskMessage:
+    task.data = DataAccess(url=plane.url, grant=GRANT, max_task_bytes=max_task_bytes,
+                           retry_seconds=retry_seconds)
     return task
 
 
@@ -354,6 +359,7 @@ def test_a_broker_refusing_the_upload_fails_the_task_with_result_too_large(plane
     result = worker.execute(_with_data(make_task(big), plane))
     with pytest.raises(ResultTooLarge, match="FARCALL_MAX_TASK_BYTES"):
         value_of(result)
+    assert plane.served["POST"] == 1, "a 413 is not sent again"
 
 
 def test_expired_arguments_fail_the_task_saying_so(plane: DataPlane) -> None:
@@ -361,6 +367,64 @@ def test_expired_arguments_fail_the_task_saying_so(plane: DataPlane) -> None:
     task.args = ref_payload("gone", 100)
     result = worker.execute(task)
     with pytest.raises(DataExpired, match="expired"):
+        value_of(result)
+    assert plane.served["GET"] == 1, "an expired blob is not asked for again"
+
+
+def _big_arguments(plane: DataPlane, retry_seconds: float = 30) -> TaskMessage:
+    uploader = Transport(plane.url + "/v1", {blobs.GRANT_HEADER: GRANT})
+    try:
+        ref = blobs.upload(uploader, pack(((b"a" * (2 << 20),), {"factor": 2})))
+    finally:
+        uploader.close()
+    task = _with_data(make_task(_scale), plane, retry_seconds=retry_seconds)
+    task.args = ref
+    return task
+
+
+def test_a_worker_rides_out_a_restarting_broker_under_its_transfers(
+    plane: DataPlane, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cut-off reads, 5xx and 429 on the way in and out: each transfer is made again, whole, and
+    the task succeeds; the retries are logged once per interval, not once each."""
+    for name in ("_retrying", "_rate_limited"):
+        monkeypatch.setattr(dataplane, name, QuietLog(dataplane.log, 60, logging.WARNING))
+    caplog.set_level(logging.INFO, "farcall")
+    task = _big_arguments(plane)
+    plane.faults = ["cut", 503, "short", 429, 502]
+    uploads = plane.served["POST"]
+    result = run(task.model_dump_json())
+    assert result.state == TaskState.SUCCESS, result.error
+    assert plane.served["GET"] == 6 and plane.served["POST"] == uploads + 1
+    assert unpack_blob(plane.blobs[parse_ref(result.data)[0]]) == b"a" * (4 << 20)
+
+    def big() -> bytes:
+        return b"r" * (3 << 20)
+
+    plane.faults = ["cut", 500, 503, 429]
+    result = run(_with_data(make_task(big), plane).model_dump_json())
+    assert result.state == TaskState.SUCCESS, result.error
+    assert plane.served["POST"] == uploads + 1 + 5
+    assert unpack_blob(plane.blobs[parse_ref(result.data)[0]]) == b"r" * (3 << 20)
+    said = [r.getMessage() for r in caplog.records if r.name == dataplane.log.name]
+    assert len(said) == 2 and all(r.levelno == logging.WARNING for r in caplog.records
+                                  if r.name == dataplane.log.name)
+    assert "retrying for up to 30 s" in said[0] and "rate limiting" in said[1]
+
+
+def test_the_endpoints_data_retry_seconds_bounds_the_retries(plane: DataPlane) -> None:
+    task = _big_arguments(plane, retry_seconds=0)  # one attempt, as workers made before
+    plane.faults = ["cut"]
+    result = worker.execute(task)
+    with pytest.raises(BrokerError, match="cannot reach the broker's data plane"):
+        value_of(result)
+
+    task = _big_arguments(plane, retry_seconds=0.5)
+    plane.faults = [503] * 10_000
+    started = time.monotonic()
+    result = worker.execute(task)
+    assert time.monotonic() - started < 5
+    with pytest.raises(BrokerError, match="503"):
         value_of(result)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from harness.private_services import PrivateRedis
 from tests.faults.helpers import Deployment
 
 
@@ -47,3 +48,10 @@ def deployment(services: None, tmp_path: Path) -> Iterator[Callable[..., Deploym
     yield make
     for dep in reversed(made):
         dep.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A Redis server of this test's own, with AOF (so a restart keeps what was written)."""
+    with PrivateRedis(appendonly=True) as redis:
+        yield redis

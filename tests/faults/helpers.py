@@ -58,13 +58,14 @@ class Deployment:
         return Client(broker_url=self.broker.url, token=self.token, **kwargs)
 
     def endpoint(self, name: str, broker_url: str | None = None, engine: str = "ProcessPoolEngine",
-                 workers: int = WORKERS) -> EndpointProcess:
-        """A configured endpoint (not started): ``engine`` with ``workers``, heartbeats every second."""
+                 workers: int = WORKERS, **config: Any) -> EndpointProcess:
+        """A configured endpoint (not started): ``engine`` with ``workers``, heartbeats every second,
+        and any other top-level ``config`` keys of its config.yaml."""
         env = dict(self.env, FARCALL_HOME=str(self.workdir / f"home-{name}-{uuid.uuid4().hex[:6]}"),
                    FARCALL_BROKER_URL=self.broker.url, FARCALL_TOKEN=self.token)
         ep = EndpointProcess(name, env)
         ep.configure(engine, workers, broker_url or self.broker.url,
-                     heartbeat_period=HEARTBEAT_PERIOD, stop_timeout=STOP_TIMEOUT)
+                     heartbeat_period=HEARTBEAT_PERIOD, stop_timeout=STOP_TIMEOUT, **config)
         self.endpoints.append(ep)
         return ep
 

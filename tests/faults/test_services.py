@@ -20,12 +20,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    with PrivateRedis(appendonly=True) as redis:
-        yield redis
-
-
-@pytest.fixture
 def private_rabbit() -> Iterator[PrivateRabbit]:
     with PrivateRabbit() as rabbit:
         yield rabbit

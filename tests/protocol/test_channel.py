@@ -8,8 +8,10 @@ import pytest
 from pydantic import ValidationError
 
 from farcall.protocol.channel import (
+    DATA_RETRY_SECONDS,
     CancelFrame,
     Credit,
+    DataAccess,
     Hello,
     ResultMessage,
     TaskMessage,
@@ -96,3 +98,11 @@ def test_a_broker_frame_is_not_read_as_an_endpoint_frame_or_back() -> None:
         parse_broker_frame('{"type": "credit", "n": 3}')
     with pytest.raises(ValidationError, match="greater than 0"):
         Hello(heartbeat_period=0)
+
+
+def test_data_access_of_an_older_agent_reads_with_the_default_retry_budget() -> None:
+    old = DataAccess.model_validate_json('{"url": "https://b", "grant": "ep:g", "max_task_bytes": 1}')
+    assert old.retry_seconds == DATA_RETRY_SECONDS == 120.0
+    for bad in (-1, "inf", "nan"):
+        with pytest.raises(ValidationError, match="retry_seconds"):
+            DataAccess.model_validate({"url": "https://b", "retry_seconds": bad})

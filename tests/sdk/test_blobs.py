@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 
 from farcall import Client, Executor, blobs
-from farcall.errors import DataExpired, DeserializationError, TaskTooLarge
+from farcall.errors import (
+    AuthenticationError,
+    BrokerError,
+    DataExpired,
+    DeserializationError,
+    PermissionDenied,
+    TaskTooLarge,
+)
 from farcall.outcome import outcome_of
 from farcall.protocol.common import TaskState
 from farcall.protocol.stream import TaskResult
@@ -102,6 +109,49 @@ def test_a_blob_cut_short_is_not_loaded(plane: DataPlane, transport: Transport) 
     blob_id, size = parse_ref(ref)
     with pytest.raises(DeserializationError, match="cut short"):
         blobs.download(transport, ref_payload(blob_id, size + 1))
+
+
+def test_client_transfers_ride_out_cut_reads_5xx_and_429(plane: DataPlane) -> None:
+    """A broker restarting under a transfer: the Client sends it again, whole, within its budget."""
+    client = Client(plane.url, TOKEN, retry_seconds=30)
+    try:
+        frames = pack(np.arange(300_000))  # 2.4 MB
+        plane.faults = ["cut", 503, 500, 429]
+        ref = client.upload_blob(frames)
+        assert plane.served["POST"] == 5 and len(plane.blobs) == 1  # a cut upload stores nothing
+        plane.faults = ["cut", 502, "short", 429, 504]
+        np.testing.assert_array_equal(unpack_blob(client.download_blob(ref)), np.arange(300_000))
+        assert plane.served["GET"] == 6
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("status", "error"), [
+    (400, BrokerError), (401, AuthenticationError), (403, PermissionDenied), (404, DataExpired),
+])
+def test_a_4xx_that_cannot_change_fails_a_download_at_once(
+    plane: DataPlane, status: int, error: type[Exception]
+) -> None:
+    client = Client(plane.url, TOKEN, retry_seconds=30)
+    try:
+        ref = client.upload_blob(pack(np.ones(300_000)))
+        plane.faults = [status]
+        with pytest.raises(error):
+            client.download_blob(ref)
+        assert plane.served["GET"] == 1
+    finally:
+        client.close()
+
+
+def test_a_single_attempt_fails_on_the_first_cut(plane: DataPlane, transport: Transport) -> None:
+    """What a worker did before it retried (``blobs.once``): one cut read fails the transfer."""
+    ref = blobs.upload(transport, pack(b"a" * 100_000))
+    plane.faults = ["cut"]
+    with pytest.raises(BrokerError, match="cannot reach the broker's data plane"):
+        blobs.download(transport, ref)
+    plane.faults = [503]
+    with pytest.raises(BrokerError, match="503"):
+        blobs.upload(transport, pack(b"a" * 100_000))
 
 
 def test_client_limits_are_asked_once(plane: DataPlane) -> None:

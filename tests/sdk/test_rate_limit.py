@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import farcall.broker.submission
-import farcall.client
+import farcall.retry
 from farcall import Client, Executor
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
@@ -74,7 +74,7 @@ def test_without_retry_after_in_the_body_it_waits_the_default(monkeypatch: pytes
         fake.client(retry_seconds=0.5).list_tokens()
     assert info.value.retry_after is None and len(fake.calls("/tokens")) == 1
 
-    monkeypatch.setattr(farcall.client, "DEFAULT_RETRY_AFTER", 0.05)
+    monkeypatch.setattr(farcall.retry, "DEFAULT_RETRY_AFTER", 0.05)
     fake.script("GET", "/tokens", 429, {"error": "rate_limited", "message": "slow down"}, times=1)
     assert fake.client(retry_seconds=10).list_tokens() == []
     assert len(fake.calls("/tokens")) == 3

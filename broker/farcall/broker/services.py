@@ -62,9 +62,9 @@ def make_queue(settings: Settings) -> TaskQueue:
 def make_blobs(settings: Settings) -> BlobStore:
     """Files in ``blob_dir`` when it is set, else Redis when ``redis_url`` is, else memory."""
     if settings.blob_dir:
-        from farcall.broker.store.files import FileBlobs
+        from farcall.broker.store.files import FileBlobs, sweep_period
 
-        return FileBlobs(settings.blob_dir)
+        return FileBlobs(settings.blob_dir, sweep_period(settings.result_ttl))
     if settings.redis_url:
         from farcall.broker.store.redis.blobs import RedisBlobs
 

@@ -57,6 +57,7 @@ from farcall.endpoint.journal import CrashJournal
 from farcall.endpoint.outbox import Outbox
 from farcall.endpoint.outcomes import WORKER_VERSIONS
 from farcall.protocol.channel import (
+    DATA_RETRY_SECONDS,
     CancelFrame,
     DataAccess,
     ErrorFrame,
@@ -127,6 +128,7 @@ class Agent:
         on_status: Callable[[dict[str, Any]], None] | None = None,
         on_welcome: Callable[[Welcome], None] | None = None,
         journal_path: Path | None = None,
+        data_retry_seconds: float = DATA_RETRY_SECONDS,
     ) -> None:
         self.broker_url = broker_url
         self.endpoint_id = endpoint_id
@@ -142,6 +144,8 @@ class Agent:
         self.on_welcome = on_welcome
         self.journal_path = journal_path
         """The crash journal's file (in the endpoint's directory); ``None``: no journal."""
+        self.data_retry_seconds = data_retry_seconds
+        """How long workers retry a blob transfer (``DataAccess.retry_seconds`` of every task)."""
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
         self._ssl = tls.client_context() if self._url.startswith("wss:") else None
@@ -354,7 +358,8 @@ class Agent:
                 self._journal.forget_crashed()
         intake.data = DataAccess(
             url=self.broker_url, grant=f"{self.endpoint_id}:{frame.upload_grant}",
-            max_task_bytes=frame.max_task_bytes) if frame.upload_grant else None
+            max_task_bytes=frame.max_task_bytes,
+            retry_seconds=self.data_retry_seconds) if frame.upload_grant else None
         resend = outbox.open_session(frame.max_frame_bytes)
         self._ws = ws
         self.connections += 1

@@ -165,6 +165,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             engine,
             heartbeat_period=config.heartbeat_period,
             stop_timeout=config.stop_timeout,
+            data_retry_seconds=config.data_retry_seconds,
             display_name=config.display_name or name,
             allowed_functions=config.allowed_functions,
             on_status=lambda snapshot: daemon.write_status(directory, snapshot),

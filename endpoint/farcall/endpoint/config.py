@@ -26,6 +26,7 @@ from farcall.config import farcall_home
 from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
 from farcall.endpoint.errors import EndpointConfigError, format_validation_error
 from farcall.errors import ConfigurationError
+from farcall.protocol.channel import DATA_RETRY_SECONDS
 
 __all__ = ["EndpointConfig", "configure", "endpoint_dir", "farcall_home", "load_config"]
 
@@ -51,6 +52,17 @@ class EndpointConfig(BaseModel):
     )
     endpoint_setup: str | None = Field(default=None, description="shell commands run before start")
     endpoint_teardown: str | None = Field(default=None, description="shell commands run after stop")
+    data_retry_seconds: float = Field(
+        default=DATA_RETRY_SECONDS, ge=0, allow_inf_nan=False,
+        description="seconds a worker keeps retrying a big argument's download or a big result's "
+                    "upload after it first failed (the broker restarting), before the task fails")
+
+    @field_validator("data_retry_seconds", mode="before")
+    @classmethod
+    def _check_seconds(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number of seconds, 0 or more")
+        return value
 
     @field_validator("engine")
     @classmethod
@@ -275,6 +287,11 @@ stop_timeout: 10
 # a task for any other function fails with FunctionNotAllowed and never runs.
 # allowed_functions:
 #   - 00000000-0000-0000-0000-000000000000
+
+# Seconds a worker keeps retrying a big argument's download or a big result's
+# upload (the data plane) while the broker is unreachable or busy, such as during
+# a restart, before the task fails. Raise it to ride out longer broker outages.
+data_retry_seconds: {DATA_RETRY_SECONDS:g}
 
 # Shell commands run before the endpoint starts (a failure stops the start) and
 # after it stops.

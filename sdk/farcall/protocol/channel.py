@@ -25,15 +25,22 @@ from farcall.protocol.common import (
     as_bytes,
 )
 
+DATA_RETRY_SECONDS = 120.0
+"""How long a worker retries a blob transfer by default (the endpoint's ``data_retry_seconds``)."""
+
 
 class DataAccess(Message):
     """How a worker reaches the data plane: the broker URL the agent uses, an upload grant the
-    broker gave the endpoint (it allows blob uploads and downloads, nothing else), and the
-    broker's per-task size limit. The agent sets it on every task it hands to its engine."""
+    broker gave the endpoint (it allows blob uploads and downloads, nothing else), the
+    broker's per-task size limit, and how long a transfer is retried after it first fails
+    (the endpoint's ``data_retry_seconds``; carried here, not in the environment, because
+    Parsl workers may run on other nodes). The agent sets it on every task it hands to its
+    engine."""
 
     url: str
     grant: str = ""
     max_task_bytes: int = 0
+    retry_seconds: float = Field(default=DATA_RETRY_SECONDS, ge=0, allow_inf_nan=False)
 
 
 class TaskMessage(Message):

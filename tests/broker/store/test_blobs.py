@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from farcall.broker.services import make_blobs
+from farcall.broker.settings import Settings
 from farcall.broker.store import files
 from farcall.broker.store.base import BlobStore
 from farcall.broker.store.files import FileBlobs
@@ -196,20 +198,45 @@ async def test_every_redis_key_of_a_blob_expires(services: None, real_prefix: st
         drop_redis_prefix(prefix)
 
 
-async def test_files_expire_by_modification_time_and_a_write_sweeps(tmp_path: Path) -> None:
-    blobs = FileBlobs(tmp_path)
+async def test_files_expire_by_modification_time_and_are_swept_without_any_write(
+    tmp_path: Path,
+) -> None:
+    """An idle broker's blob directory empties: a timer, not the next write, removes expired
+    files (and temporary ones a dead writer left) and leaves the rest."""
+    blobs = make_blobs(Settings(blob_dir=str(tmp_path), result_ttl=2))
+    assert isinstance(blobs, FileBlobs) and blobs.sweep_every == 1.0
     await blobs.start()
-    await blobs.secret()
-    old, stale_temp, fresh_temp = _id(), tmp_path / ".tmp-abandoned", tmp_path / ".tmp-writing"
-    await blobs.write(old, _chunks(b"old"), 60)
-    past = time.time() - 1
-    os.utime(tmp_path / old, (past, past))
-    assert await blobs.open(old) is None, "an expired file is not served before the sweep"
-    stale_temp.write_bytes(b"left by a writer that died")
-    long_ago = time.time() - files.STALE_TEMP - 1
-    os.utime(stale_temp, (long_ago, long_ago))
-    fresh_temp.write_bytes(b"still being written")
-    await FileBlobs(tmp_path).write(_id(), _chunks(b"new"), 60)  # a replica's first write sweeps
-    assert not (tmp_path / old).exists() and not stale_temp.exists()
-    assert fresh_temp.exists() and (tmp_path / files.SECRET).exists()
-    assert await blobs.open("../etc/passwd") is None and await blobs.open("short") is None
+    try:
+        await blobs.secret()
+        short, old, kept = _id(), _id(), _id()
+        await blobs.write(short, _chunks(b"short-lived"), 2)  # the settings' TTL
+        await blobs.write(old, _chunks(b"old"), 60)
+        await blobs.write(kept, _chunks(b"kept"), 60)
+        past = time.time() - 1
+        os.utime(tmp_path / old, (past, past))
+        assert await blobs.open(old) is None, "an expired file is not served before the sweep"
+        stale_temp, fresh_temp = tmp_path / ".tmp-abandoned", tmp_path / ".tmp-writing"
+        stale_temp.write_bytes(b"left by a writer that died")
+        long_ago = time.time() - files.STALE_TEMP - 1
+        os.utime(stale_temp, (long_ago, long_ago))
+        fresh_temp.write_bytes(b"still being written")
+
+        async def swept() -> bool:
+            return not any(p.exists() for p in (tmp_path / short, tmp_path / old, stale_temp))
+
+        await _until(swept, 10, "the expired files removed by the timer")
+        assert fresh_temp.exists() and (tmp_path / files.SECRET).exists()
+        assert await _read(blobs, kept) == b"kept"
+        assert await blobs.open("../etc/passwd") is None and await blobs.open("short") is None
+    finally:
+        sweeper = blobs._sweeper
+        await blobs.close()
+    assert sweeper is not None and sweeper.done() and blobs._sweeper is None, "close stops it"
+
+
+@pytest.mark.parametrize(("ttl", "every"), [(7 * 24 * 3600, 60.0), (120, 30.0), (2, 1.0),
+                                            (1, 1.0)])
+def test_the_sweep_period_is_a_quarter_of_the_ttl_between_a_second_and_a_minute(
+    ttl: float, every: float
+) -> None:
+    assert files.sweep_period(ttl) == every

@@ -4,10 +4,11 @@
 A blob is written to a hidden temporary file in the directory and renamed into place once
 complete, so a reader on any replica sees a whole blob or none. Its expiry is the file's
 modification time (set before the rename, moved by ``touch``), so it travels with the file
-in one atomic step; reads refuse an expired file, and a write removes expired files (and
-temporary ones a crashed writer left) at most once a minute. The grant secret is the file
-``.secret``, made once by whichever replica asks first (a hard link never overwrites).
-Blocking file calls run in threads, off the event loop.
+in one atomic step; reads refuse an expired file, and a sweep on a timer (started with the
+store, every ``sweep_every`` seconds: see :func:`sweep_period`) removes expired files and
+temporary ones a crashed writer left, so an idle broker's disk empties too. The grant secret
+is the file ``.secret``, made once by whichever replica asks first (a hard link never
+overwrites). Blocking file calls run in threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Blob, BlobStore, write_behind
+from farcall.quietlog import QuietLog
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,28 @@ TEMP = ".tmp-"
 SECRET = ".secret"
 SECRET_BYTES = 32
 SWEEP_EVERY = 60.0
-"""Seconds between looks for expired files, on each replica."""
+"""The longest time between two looks for expired files, on each replica."""
+MIN_SWEEP_EVERY = 1.0
+"""The shortest: a short TTL does not turn the sweep into a busy loop over the directory."""
 STALE_TEMP = 3600.0
 """A temporary file untouched this long belongs to a writer that died."""
 
 
+def sweep_period(ttl: float) -> float:
+    """Seconds between sweeps for blobs that live ``ttl`` seconds: a quarter of it (an expired
+    file stays at most that long past its time), between 1 s and a minute."""
+    return max(MIN_SWEEP_EVERY, min(ttl / 4, SWEEP_EVERY))
+
+
 class FileBlobs(BlobStore):
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    """Blobs as files in ``directory``, swept every ``sweep_every`` seconds while started."""
+
+    def __init__(self, directory: str | os.PathLike[str], sweep_every: float = SWEEP_EVERY) -> None:
         self.dir = Path(directory)
+        self.sweep_every = sweep_every
         self._secret: bytes | None = None
-        self._swept = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_failed = QuietLog(log, 600.0, logging.WARNING)
 
     def _path(self, blob_id: str) -> Path:
         if not BLOB_ID.fullmatch(blob_id):
@@ -48,7 +62,27 @@ class FileBlobs(BlobStore):
         return self.dir / blob_id
 
     async def start(self) -> None:
+        """Make the directory, and start the sweeps (even if it cannot be made yet: it may be
+        mounted later, and ``ping`` says so meanwhile)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep_loop(), name=f"blob-sweep {self.dir}")
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_every)
+            try:
+                await asyncio.to_thread(self._sweep, time.time())
+            except OSError as e:  # unmounted, not readable: say so now and then, keep trying
+                self._sweep_failed("cannot sweep the blob directory %s: %s", self.dir, e)
 
     async def ping(self) -> None:
         if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
@@ -71,10 +105,6 @@ class FileBlobs(BlobStore):
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        now = time.time()
-        if now - self._swept > SWEEP_EVERY:
-            self._swept = now
-            await asyncio.to_thread(self._sweep, now)
         return size
 
     async def open(self, blob_id: str) -> Blob | None:
