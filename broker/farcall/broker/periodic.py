@@ -44,6 +44,10 @@ class Periodic(abc.ABC):
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 

@@ -231,7 +231,7 @@ async def test_files_expire_by_modification_time_and_are_swept_without_any_write
     finally:
         sweeper = blobs._sweeper
         await blobs.close()
-    assert sweeper is not None and sweeper.done() and blobs._sweeper is None, "close stops it"
+    assert sweeper is not None and not sweeper.running and blobs._sweeper is None, "close stops it"
 
 
 @pytest.mark.parametrize(("ttl", "every"), [(7 * 24 * 3600, 60.0), (120, 30.0), (2, 1.0),

@@ -23,8 +23,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
+from farcall.broker.periodic import Periodic
 from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Blob, BlobStore, write_behind
-from farcall.quietlog import QuietLog
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,20 @@ def sweep_period(ttl: float) -> float:
     return max(MIN_SWEEP_EVERY, min(ttl / 4, SWEEP_EVERY))
 
 
+class _Sweep(Periodic):
+    """The look for expired files, on a timer while the store is started."""
+
+    name = "blob-sweep"
+
+    def __init__(self, blobs: FileBlobs) -> None:
+        super().__init__(blobs.sweep_every, log)
+        self._blobs = blobs
+
+    async def step(self, at: float) -> bool:
+        await asyncio.to_thread(self._blobs._sweep, time.time())
+        return False
+
+
 class FileBlobs(BlobStore):
     """Blobs as files in ``directory``, swept every ``sweep_every`` seconds while started."""
 
@@ -53,8 +67,7 @@ class FileBlobs(BlobStore):
         self.dir = Path(directory)
         self.sweep_every = sweep_every
         self._secret: bytes | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._sweep_failed = QuietLog(log, 600.0, logging.WARNING)
+        self._sweeper: _Sweep | None = None
 
     def _path(self, blob_id: str) -> Path:
         if not BLOB_ID.fullmatch(blob_id):
@@ -65,24 +78,14 @@ class FileBlobs(BlobStore):
         """Make the directory, and start the sweeps (even if it cannot be made yet: it may be
         mounted later, and ``ping`` says so meanwhile)."""
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(
-                self._sweep_loop(), name=f"blob-sweep {self.dir}")
+            self._sweeper = _Sweep(self)
+            self._sweeper.start()
         await asyncio.to_thread(self.dir.mkdir, parents=True, exist_ok=True)
 
     async def close(self) -> None:
         sweeper, self._sweeper = self._sweeper, None
         if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_every)
-            try:
-                await asyncio.to_thread(self._sweep, time.time())
-            except OSError as e:  # unmounted, not readable: say so now and then, keep trying
-                self._sweep_failed("cannot sweep the blob directory %s: %s", self.dir, e)
+            await sweeper.stop()
 
     async def ping(self) -> None:
         if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
