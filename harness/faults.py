@@ -580,10 +580,17 @@ class KillOnWrite:
     """``kill -9`` a process the instant a watched Redis value changes.
 
     A thread reads ``read(redis)`` in a tight loop (tens of microseconds a round trip on
-    loopback) and kills ``pid`` as soon as the answer differs from the first one: the process
-    dies right after the write it was waiting for, before its next step (a queue publish, a
-    second write) could land. Use as a context manager; ``fired`` is set once it killed.
+    loopback) and, as soon as the answer differs from the first one, pauses every client's
+    writes on that Redis (``CLIENT PAUSE ... WRITE``: the process's next write, or Lua call,
+    blocks instead of landing), kills ``pid`` and lifts the pause. So the process dies right
+    after the write it was waiting for, before its next write could land, however busy the
+    machine is. The pause stops every client of that Redis for a moment: give the test a
+    Redis of its own (``harness.private_services.PrivateRedis``). Use as a context manager;
+    ``fired`` is set once it killed.
     """
+
+    PAUSE_MS = 10_000
+    """The pause's bound, should the kill itself hang (it is lifted right after the kill)."""
 
     def __init__(self, redis_url: str, read: Callable[[Any], Any], pid: int) -> None:
         import redis
@@ -593,7 +600,6 @@ class KillOnWrite:
         self.fired = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="kill-on-write", daemon=True)
-        self.killed_pid = 0
 
     def __enter__(self) -> KillOnWrite:
         self._before = self._read(self._redis)
@@ -606,11 +612,14 @@ class KillOnWrite:
         self._redis.close()
 
     def _watch(self) -> None:
-        pid = self._pid
         while not self._stop.is_set():
             if self._read(self._redis) != self._before:
-                os.kill(pid, signal.SIGKILL)
-                self.killed_pid = pid
+                self._redis.execute_command("CLIENT", "PAUSE", self.PAUSE_MS, "WRITE")
+                try:
+                    os.kill(self._pid, signal.SIGKILL)
+                    _until_dead(self._pid)
+                finally:
+                    self._redis.execute_command("CLIENT", "UNPAUSE")
                 self.fired.set()
                 return
 
@@ -618,3 +627,15 @@ class KillOnWrite:
         """Return once it fired; ``AssertionError`` if the write never came within ``timeout``."""
         if not self.fired.wait(timeout):
             raise AssertionError(f"the watched value did not change in {timeout:g} s")
+
+
+def _until_dead(pid: int, timeout: float = 10.0) -> None:
+    """Return once ``pid`` is gone or a zombie (its writes can no longer land)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.001)

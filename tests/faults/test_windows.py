@@ -7,7 +7,8 @@ Redis (``harness.faults.KillOnWrite``), then restarted as a supervisor would.
 - inside ``POST /run`` of the Action Provider API, after its tasks were created: the action ends
   in the truth (the task ran, its output shows), and the same ``request_id`` can be resent.
 
-Each deployment sweeps after 2 s (``FARCALL_REQUEUE_AFTER``) so a test need not wait 10.
+Each deployment has a Redis of its own (the hook pauses its writes for the moment of the kill)
+and sweeps after 2 s (``FARCALL_REQUEUE_AFTER``) so a test need not wait 10.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 
 from farcall import Executor
 from harness.faults import KillOnWrite, recording_task
+from harness.private_services import PrivateRedis
 from harness.procs import wait_until
 from tests.faults.helpers import Deployment
 
@@ -54,9 +56,9 @@ def open_tasks_key(dep: Deployment) -> tuple[str, str]:
 
 
 def test_a_broker_killed_between_recording_and_queueing_strands_nothing(
-    deployment: Callable[..., Deployment], tmp_path: Path
+    deployment: Callable[..., Deployment], private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
-    dep = deployment(name="submit-window", settings=SWEEP).start()
+    dep = deployment(name="submit-window", settings=SWEEP, redis_url=private_redis.url).start()
     ep = dep.endpoint("submit-window")
     eid = dep.start_endpoint(ep)
     ep.stop()  # offline: the batch must go through the queue
@@ -90,9 +92,9 @@ def redis_value(redis_url: str, key: str) -> Any:
 
 
 def test_a_broker_killed_after_a_timer_claimed_a_run(
-    deployment: Callable[..., Deployment], tmp_path: Path
+    deployment: Callable[..., Deployment], private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
-    dep = deployment(name="timer-window", settings=SWEEP).start()
+    dep = deployment(name="timer-window", settings=SWEEP, redis_url=private_redis.url).start()
     ep = dep.endpoint("timer-window")
     eid = dep.start_endpoint(ep)
     calls = tmp_path / "calls"
@@ -118,9 +120,9 @@ def test_a_broker_killed_after_a_timer_claimed_a_run(
 
 
 def test_a_broker_killed_inside_an_actions_run_ends_in_the_truth(
-    deployment: Callable[..., Deployment], tmp_path: Path
+    deployment: Callable[..., Deployment], private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
-    dep = deployment(name="action-window", settings=SWEEP).start()
+    dep = deployment(name="action-window", settings=SWEEP, redis_url=private_redis.url).start()
     ep = dep.endpoint("action-window")
     eid = dep.start_endpoint(ep)
     calls = tmp_path / "calls"
