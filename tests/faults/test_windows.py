@@ -34,6 +34,8 @@ pytestmark = pytest.mark.integration
 SWEEP = {"FARCALL_REQUEUE_AFTER": "2"}
 TASKS = 20
 DEADLINE = 90.0
+AIMS = 5
+"""Tries at a window the kill may miss on a busy machine (each a new submission)."""
 
 
 def restart_broker(dep: Deployment, watch: KillOnWrite) -> None:
@@ -122,6 +124,8 @@ def test_a_broker_killed_after_a_timer_claimed_a_run(
 def test_a_broker_killed_inside_an_actions_run_ends_in_the_truth(
     deployment: Callable[..., Deployment], private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
+    """The window (tasks created, the action not yet told) is short: if the kill lands after
+    the answer (a busy machine), the aim missed and is taken again with a new action."""
     dep = deployment(name="action-window", settings=SWEEP, redis_url=private_redis.url).start()
     ep = dep.endpoint("action-window")
     eid = dep.start_endpoint(ep)
@@ -129,15 +133,24 @@ def test_a_broker_killed_inside_an_actions_run_ends_in_the_truth(
     with dep.client() as c:
         fid = c.register_function(recording_task(str(calls), 0.0))
     _, key = open_tasks_key(dep)
-    request = {"request_id": f"window-{uuid.uuid4().hex[:8]}",
-               "body": {"endpoint_id": eid, "tasks": [{"function_id": fid, "args": [5]}]}}
     http = httpx.Client(base_url=f"{dep.broker.url}/action-provider", timeout=30,
                         headers={"Authorization": f"Bearer {dep.token}"})
     try:
-        with KillOnWrite(dep.redis_url, lambda r: r.get(key), dep.broker.proc.pid) as watch:
-            with pytest.raises(httpx.TransportError):
-                http.post("/run", json=request)
-            restart_broker(dep, watch)
+        for aim in range(1, AIMS + 1):
+            request = {"request_id": f"window-{uuid.uuid4().hex[:8]}",
+                       "body": {"endpoint_id": eid, "tasks": [{"function_id": fid,
+                                                               "args": [aim]}]}}
+            with KillOnWrite(dep.redis_url, lambda r: r.get(key), dep.broker.proc.pid) as watch:
+                try:
+                    http.post("/run", json=request)
+                    hit = False
+                except httpx.TransportError:
+                    hit = True
+                restart_broker(dep, watch)
+            if hit:
+                break
+        else:
+            pytest.fail(f"the kill never landed inside POST /run in {AIMS} aims")
         again = http.post("/run", json=request)
         assert again.status_code == 200, again.text
         action_id = again.json()["action_id"]
@@ -150,5 +163,5 @@ def test_a_broker_killed_inside_an_actions_run_ends_in_the_truth(
     finally:
         http.close()
     assert final["status"] == "SUCCEEDED", final
-    assert final["details"]["result"] == [10]
-    assert ran(calls) == ["5"], "the action's one task ran once"
+    assert final["details"]["result"] == [2 * aim]
+    assert ran(calls).count(str(aim)) == 1, "the action's one task ran once"

@@ -20,6 +20,7 @@ from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
     CancelRequest,
+    ErrorBody,
     TaskGroupCreated,
     TaskGroupInfo,
     TaskGroupList,
@@ -31,6 +32,11 @@ from farcall.protocol.rest import (
 )
 
 router = APIRouter(prefix="/v1")
+
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {**OBJECT_ERRORS, 409: {
+    "model": ErrorBody, "description": "the request_id named another submission of yours (another "
+                                       "endpoint or number of tasks): use a new request_id"}}
+"""A submission: an object's errors, and 409 for a request id used for another submission."""
 
 
 # ---- task groups
@@ -80,9 +86,10 @@ async def list_tasks(
 
 
 @router.post("/tasks", response_model=BatchSubmitted,
-             responses=OBJECT_ERRORS)
+             responses=SUBMIT_ERRORS)
 async def submit_tasks(batch: BatchSubmission, user: User, svc: Svc) -> Response:
-    """Record a batch (one store round trip) and queue it whole, as one confirmed message."""
+    """Record a batch (one store round trip) and queue it whole, as one confirmed message; sent
+    again under its ``request_id``, the same answer (409: the id named another submission)."""
     return json_response(await submit_batch(svc, user, batch))
 
 
