@@ -50,11 +50,11 @@ def ran(calls: Path) -> list[str]:
     return calls.read_text().split() if calls.exists() else []
 
 
-def open_tasks_key(dep: Deployment) -> tuple[str, str]:
-    """The user's id and the Redis key of their open-task count (changed by every batch)."""
+def open_tasks_key(dep: Deployment) -> str:
+    """The Redis key of the user's open-task count (changed by every batch)."""
     with dep.client() as c:
         user_id = c.whoami()["identity_id"]
-    return user_id, f"{dep.redis_prefix}user:{user_id}:open"
+    return f"{dep.redis_prefix}user:{user_id}:open"
 
 
 def test_a_broker_killed_between_recording_and_queueing_strands_nothing(
@@ -64,7 +64,7 @@ def test_a_broker_killed_between_recording_and_queueing_strands_nothing(
     ep = dep.endpoint("submit-window")
     eid = dep.start_endpoint(ep)
     ep.stop()  # offline: the batch must go through the queue
-    _, key = open_tasks_key(dep)
+    key = open_tasks_key(dep)
     calls = tmp_path / "calls"
     task = recording_task(str(calls), 0.0)
     with dep.client(retry_seconds=60) as client, Executor(
@@ -132,7 +132,7 @@ def test_a_broker_killed_inside_an_actions_run_ends_in_the_truth(
     calls = tmp_path / "calls"
     with dep.client() as c:
         fid = c.register_function(recording_task(str(calls), 0.0))
-    _, key = open_tasks_key(dep)
+    key = open_tasks_key(dep)
     http = httpx.Client(base_url=f"{dep.broker.url}/action-provider", timeout=30,
                         headers={"Authorization": f"Bearer {dep.token}"})
     try:

@@ -44,6 +44,12 @@ def error_answers(*codes: int) -> dict[int | str, dict[str, Any]]:
     return answers
 
 
+def with_conflict(answers: dict[int | str, dict[str, Any]], why: str
+                  ) -> dict[int | str, dict[str, Any]]:
+    """``answers`` and a 409 (``ErrorBody``) that says ``why`` for this route."""
+    return {**answers, 409: {"model": ErrorBody, "description": why}}
+
+
 ANY_ERRORS = error_answers(400, 413)
 """What any route may answer: the body limit and the body reader apply to every request."""
 USER_ERRORS = error_answers(400, 401, 403, 413, 422, 429, 503)

@@ -11,7 +11,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Query, Response
 
 from farcall.broker import endpoint_control, listing
-from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User, json_response
+from farcall.broker.deps import (
+    OBJECT_ERRORS,
+    USER_ERRORS,
+    Svc,
+    User,
+    json_response,
+    with_conflict,
+)
 from farcall.broker.errors import ObjectNotFound, clip
 from farcall.broker.records import TaskGroupRecord, TaskRecord
 from farcall.broker.submission import submit_batch
@@ -20,7 +27,6 @@ from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
     CancelRequest,
-    ErrorBody,
     TaskGroupCreated,
     TaskGroupInfo,
     TaskGroupList,
@@ -33,9 +39,8 @@ from farcall.protocol.rest import (
 
 router = APIRouter(prefix="/v1")
 
-SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {**OBJECT_ERRORS, 409: {
-    "model": ErrorBody, "description": "the request_id named another submission of yours (another "
-                                       "endpoint or number of tasks): use a new request_id"}}
+SUBMIT_ERRORS = with_conflict(OBJECT_ERRORS, "the request_id named another submission of yours "
+                              "(another endpoint or number of tasks): use a new request_id")
 """A submission: an object's errors, and 409 for a request id used for another submission."""
 
 

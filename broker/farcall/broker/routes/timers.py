@@ -15,13 +15,19 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from farcall.broker import schedule
-from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User, json_response
+from farcall.broker.deps import (
+    OBJECT_ERRORS,
+    USER_ERRORS,
+    Svc,
+    User,
+    json_response,
+    with_conflict,
+)
 from farcall.broker.errors import Conflict, InvalidRequest, ObjectNotFound, QuotaExceeded, clip
 from farcall.broker.records import TimerRecord
 from farcall.broker.services import Services
 from farcall.broker.submission import authorize
 from farcall.protocol.common import now
-from farcall.protocol.rest import ErrorBody
 from farcall.protocol.timers import (
     TimerCreated,
     TimerDeleted,
@@ -33,9 +39,8 @@ from farcall.protocol.timers import (
 
 router = APIRouter(prefix="/v1/timers")
 
-STATE_ERRORS: dict[int | str, dict[str, Any]] = {**OBJECT_ERRORS, 409: {
-    "model": ErrorBody, "description": "the timer has finished or was stopped: it does not run "
-                                       "again (create a new one)"}}
+STATE_ERRORS = with_conflict(OBJECT_ERRORS, "the timer has finished or was stopped: it does not "
+                             "run again (create a new one)")
 """Pause and resume: an object's errors, and 409 for a timer that ended."""
 
 
