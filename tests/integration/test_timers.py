@@ -67,9 +67,13 @@ def stage(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
 
 
 def _finished(client: Client, timer_id: str, timeout: float) -> dict[str, Any]:
+    """The timer once it finished and each of its runs was submitted (a run's task id is null
+    while it is being submitted, which may be after the last run marked the timer finished)."""
+
     def done() -> dict[str, Any] | None:
         timer = client.get_timer(timer_id)
-        return timer if timer["state"] == "finished" else None
+        settled = all(r["task_id"] or r["error"] for r in timer["runs"])
+        return timer if timer["state"] == "finished" and settled else None
 
     return wait_until(done, timeout, f"timer {timer_id} to finish")
 

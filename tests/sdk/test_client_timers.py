@@ -65,8 +65,9 @@ def test_a_timer_runs_its_function_and_lists_its_runs(client: Client, stack: Sta
     assert [t["timer_id"] for t in client.list_timers() if t["name"] == "twice"] == [timer_id]
 
     def finished() -> dict[str, Any] | None:
-        timer = client.get_timer(timer_id)
-        return timer if timer["state"] == "finished" else None
+        timer = client.get_timer(timer_id)  # a run's task id is null while it is submitted
+        settled = all(r["task_id"] or r["error"] for r in timer["runs"])
+        return timer if timer["state"] == "finished" and settled else None
 
     timer = wait_until(finished, 15, "two runs of the timer")
     assert timer["run_count"] == 2 and [r["number"] for r in timer["runs"]] == [1, 2]
