@@ -322,6 +322,13 @@ class Client:
         """Delete the endpoint and its queue; its credential stops working at once."""
         return dict(self.request("DELETE", f"/endpoints/{endpoint_id}"))
 
+    def rotate_endpoint_credential(self, endpoint_id: str) -> str:
+        """Give your endpoint a new credential and return it (shown only this once): the old one
+        is refused from now on, and the endpoint's sessions opened with it end. Store the new
+        one where the agent reads it; ``farcall-endpoint rotate-credential NAME`` does both."""
+        answer = self.request("POST", f"/endpoints/{endpoint_id}/credential")
+        return str(answer["credential"])
+
     def share_endpoint(self, endpoint_id: str, username: str) -> dict[str, Any]:
         """Let user ``username`` submit tasks to your endpoint and read its status.
 

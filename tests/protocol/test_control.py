@@ -6,7 +6,9 @@ import pytest
 from pydantic import ValidationError
 
 from farcall.protocol.control import (
+    AnyControl,
     CancelTasks,
+    CredentialRotated,
     EndpointRemoved,
     SessionReplaced,
     TokenRevocation,
@@ -18,9 +20,9 @@ from farcall.protocol.control import (
     CancelTasks(task_ids=["t1", "t2"]),
     SessionReplaced(session_id="s2"),
     EndpointRemoved(),
+    CredentialRotated(old_hash="ab" * 32),
 ])
-def test_each_control_message_reads_back_as_itself(
-        message: CancelTasks | SessionReplaced | EndpointRemoved) -> None:
+def test_each_control_message_reads_back_as_itself(message: AnyControl) -> None:
     assert parse_control(message.model_dump_json()) == message
     assert parse_control(message.model_dump_json().encode()) == message
 

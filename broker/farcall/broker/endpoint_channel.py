@@ -64,7 +64,13 @@ from farcall.protocol.channel import (
     tasks_frame_json,
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
-from farcall.protocol.control import CancelTasks, EndpointRemoved, SessionReplaced, parse_control
+from farcall.protocol.control import (
+    CancelTasks,
+    CredentialRotated,
+    EndpointRemoved,
+    SessionReplaced,
+    parse_control,
+)
 from farcall.recent import RecentIds
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,9 @@ REPLACED = 4000
 """Close code for a session that a newer session of the same endpoint replaced."""
 DELETED = 4004
 """Close code for a session whose endpoint was deleted."""
+ROTATED = 4005
+"""Close code for a session opened with a credential the endpoint's owner has since replaced."""
+_ROTATED_WHY = "ended: the endpoint's credential was rotated; connect with the new one"
 
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
@@ -104,12 +113,15 @@ async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
         await deny_websocket(ws, refused)
         return
     await ws.accept()
-    await EndpointSession(ws, svc, endpoint_id).run()
+    await EndpointSession(ws, svc, endpoint_id, principal.token_hash).run()
 
 
 class EndpointSession:
-    def __init__(self, ws: WebSocket, svc: Services, endpoint_id: str) -> None:
+    def __init__(self, ws: WebSocket, svc: Services, endpoint_id: str,
+                 credential_hash: str = "") -> None:
         self.ws, self.svc, self.endpoint_id = ws, svc, endpoint_id
+        self.credential_hash = credential_hash
+        """The SHA-256 of the credential this session opened with (``CredentialRotated``)."""
         self.store, self.queue = svc.store, svc.queue
         self.session_id = uuid.uuid4().hex
         self.credit = 0
@@ -143,6 +155,9 @@ class EndpointSession:
             return
         try:
             self._control = await self.store.pubsub.subscribe_control(self.endpoint_id)
+            if self.credential_hash and await self._credential_replaced():
+                await self._end_early(None, ROTATED, _ROTATED_WHY)
+                return
             previous = await self.store.endpoints.connect_session(
                 self.endpoint_id, self.session_id, hello.heartbeat_period, now())
         except BaseException as e:
@@ -179,13 +194,23 @@ class EndpointSession:
         finally:
             await asyncio.shield(self._cleanup())
 
-    async def _end_early(self, error: BaseException) -> None:
-        log.warning("endpoint %s: could not start a session: %r", self.endpoint_id, error)
+    async def _end_early(self, error: BaseException | None, code: int = 1011,
+                         why: str = "broker's store is not answering; reconnect later") -> None:
+        if error is not None:
+            log.warning("endpoint %s: could not start a session: %r", self.endpoint_id, error)
+        else:
+            log.info("endpoint %s: session refused: %s", self.endpoint_id, why)
         if self._control is not None:
             with contextlib.suppress(Exception):
                 await self._control.close()
-        await self._close(1011, "broker's store is not answering; reconnect later")
+        await self._close(code, why)
         self._ended.set()
+
+    async def _credential_replaced(self) -> bool:
+        """Whether the credential this session opened with was rotated away since it was checked
+        (a rotation published before this session listened would not reach it)."""
+        found = await self.store.users.resolve_token(self.credential_hash)
+        return found is None or found.id != self.endpoint_id
 
     async def replaced(self, code: int = REPLACED, why: str = "replaced by a newer session") -> None:
         """End this session from outside (another took its place); returns once it has ended."""
@@ -428,6 +453,10 @@ class EndpointSession:
                 elif isinstance(message, EndpointRemoved):
                     self.end(DELETED, "ended: the endpoint was deleted")
                     return
+                elif isinstance(message, CredentialRotated):
+                    if message.old_hash == self.credential_hash:
+                        self.end(ROTATED, _ROTATED_WHY)
+                        return
             # The subscription ended (pub/sub reconnecting); a missed message is caught by the
             # liveness check at the next heartbeat.
             self._control = None

@@ -1,4 +1,5 @@
-"""Where an endpoint is told to cancel, to give way to a newer session, or that it was deleted.
+"""Where an endpoint is told to cancel, to give way to a newer session, that it was deleted, or
+that its credential was replaced.
 
 Each is a typed message (``farcall.protocol.control``) on the endpoint's pub/sub control
 channel, so it reaches the live channel session on whichever replica holds it. Cancelling
@@ -9,13 +10,20 @@ is ``auth.revoke_token``.
 
 from __future__ import annotations
 
+from farcall.broker import auth
 from farcall.broker.queued import queued_task_ids
 from farcall.broker.results import publish_results
 from farcall.broker.services import Services
 from farcall.broker.sessions import LiveSession
 from farcall.broker.store.base import Cancelled
 from farcall.protocol.common import now
-from farcall.protocol.control import CancelTasks, ControlMessage, EndpointRemoved, SessionReplaced
+from farcall.protocol.control import (
+    CancelTasks,
+    ControlMessage,
+    CredentialRotated,
+    EndpointRemoved,
+    SessionReplaced,
+)
 
 
 async def send_control(svc: Services, endpoint_id: str, message: ControlMessage) -> None:
@@ -70,3 +78,16 @@ async def delete_endpoint(svc: Services, endpoint_id: str) -> None:
              "another endpoint")
     await publish_results(svc, await svc.store.tasks.fail(waiting, error, now()))
     await svc.queue.delete(endpoint_id)
+
+
+async def rotate_credential(svc: Services, endpoint_id: str) -> str | None:
+    """Give the endpoint a new credential and return it (None: no such endpoint). The old one is
+    refused from the store's swap on, on every replica (endpoint credentials are never cached),
+    and the sessions opened with it end (``CredentialRotated``), so a copy of it is worth
+    nothing; the agent whose ``endpoint.json`` holds the new one reconnects with it."""
+    credential = auth.new_token(auth.ENDPOINT_PREFIX)
+    old = await svc.store.endpoints.rotate_credential(endpoint_id, auth.token_hash(credential))
+    if old is None:
+        return None
+    await send_control(svc, endpoint_id, CredentialRotated(old_hash=old))
+    return credential

@@ -79,6 +79,8 @@ log = logging.getLogger(__name__)
 ACK_TIMEOUT = 5.0
 """On stop: how long to wait for the broker to acknowledge the last results."""
 WELCOME_TIMEOUT = 30.0
+CREDENTIAL_ROTATED = 4005
+"""The broker's close code for a session opened with a credential that was since rotated."""
 RUNNING_REPORT_PERIOD = 0.2
 """Seconds between reports of tasks that started and are still running."""
 HEALTHY_SESSION = 5.0
@@ -129,6 +131,7 @@ class Agent:
         on_welcome: Callable[[Welcome], None] | None = None,
         journal_path: Path | None = None,
         data_retry_seconds: float = DATA_RETRY_SECONDS,
+        reload_credential: Callable[[], str | None] | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.endpoint_id = endpoint_id
@@ -146,6 +149,11 @@ class Agent:
         """The crash journal's file (in the endpoint's directory); ``None``: no journal."""
         self.data_retry_seconds = data_retry_seconds
         """How long workers retry a blob transfer (``DataAccess.retry_seconds`` of every task)."""
+        self.reload_credential = reload_credential
+        """Reads the endpoint's credential as stored now (``endpoint.json``): when the broker
+        refuses the one in use or ends the session because it was rotated, the agent reconnects
+        with the stored one if it changed (``farcall-endpoint rotate-credential``)."""
+        self._credential = credential
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
         self._ssl = tls.client_context() if self._url.startswith("wss:") else None
@@ -292,10 +300,13 @@ class Agent:
                     log.warning("broker closed the connection")
             except InvalidStatus as e:
                 status = e.response.status_code
+                if status in (401, 403) and self._credential_changed():
+                    continue
                 if status in (401, 403, 404):
                     raise EndpointRejected(
                         f"the broker at {self.broker_url} refused endpoint {self.endpoint_id} "
-                        f"({status}): it was deleted or its credential revoked. To register a "
+                        f"({status}): it was deleted, or its credential was rotated and endpoint.json "
+                        "does not hold the new one (farcall-endpoint rotate-credential). To register a "
                         "new endpoint, start again with --register-again "
                         "(farcall-endpoint start NAME --register-again)."
                     ) from None
@@ -319,11 +330,31 @@ class Agent:
             refused = session_ws.protocol.close_rcvd if session_ws is not None else None
             if refused is not None and refused.code == CloseCode.MESSAGE_TOO_BIG:
                 self._outbox.shrink()
+            if refused is not None and refused.code == CREDENTIAL_ROTATED:
+                log.warning("the broker ended the session: this endpoint's credential was rotated")
+                if self._credential_changed():
+                    continue
             if welcomed_at is not None and loop.time() - welcomed_at >= HEALTHY_SESSION:
                 backoff.reset()
             delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
+
+    def _credential_changed(self) -> bool:
+        """Take up the stored credential if it is not the one in use (True: reconnect with it)."""
+        if self.reload_credential is None:
+            return False
+        try:
+            stored = self.reload_credential()
+        except Exception as e:  # noqa: BLE001 - a damaged file: carry on as if unchanged
+            log.warning("could not read the endpoint's stored credential: %s", e)
+            return False
+        if not stored or stored == self._credential:
+            return False
+        self._credential = stored
+        self._headers = {"Authorization": f"Bearer {stored}"}
+        log.info("reconnecting with the endpoint's new credential")
+        return True
 
     async def _hello(self, ws: ClientConnection) -> bool:
         intake, outbox = self._intake, self._outbox

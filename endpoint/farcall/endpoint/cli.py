@@ -3,7 +3,8 @@
 ``configure NAME`` writes a commented config; ``start NAME`` registers (first
 time, or with ``--register-again``) and runs the agent in the foreground, or as
 a daemon with ``--detach``; ``stop NAME`` stops it gracefully; ``restart``,
-``list``, ``status NAME`` and ``delete NAME`` do what their names say.
+``list``, ``status NAME`` and ``delete NAME`` do what their names say;
+``rotate-credential NAME`` replaces the endpoint's credential (the old one is refused at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from farcall.endpoint import daemon
@@ -29,11 +31,14 @@ from farcall.endpoint.config import (
 from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.registration import (
+    CREDENTIALS_FILE,
     confirm,
     ensure_registered,
     load_registration,
     load_registrations,
     refused,
+    save_registrations,
+    stored_credential,
 )
 from farcall.errors import FarcallError
 from farcall.protocol.channel import Welcome
@@ -105,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("rotate-credential", help=(
+        "give the endpoint a new credential (needs your token): the old one is refused at once "
+        "and a running agent reconnects with the new one"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_rotate_credential)
+
     p = sub.add_parser("delete", help="stop, deregister from the broker and remove the files")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -170,6 +181,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             allowed_functions=config.allowed_functions,
             on_status=lambda snapshot: daemon.write_status(directory, snapshot),
             on_welcome=on_welcome,
+            reload_credential=lambda: stored_credential(directory, registration.endpoint_id),
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
         try:
@@ -273,6 +285,31 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "min_blocks", "max_blocks", "worker_python"):
             if key in details:
                 print(f"{key:<10} {details[key]}")
+    return 0
+
+
+# ------------------------------------------------------------------ rotate-credential
+
+
+def cmd_rotate_credential(args: argparse.Namespace) -> int:
+    from farcall.client import Client
+
+    directory = endpoint_dir(args.name)
+    config = load_config(args.name)
+    stored = load_registrations(directory)
+    broker_url = config.resolved_broker_url()
+    registration = stored.for_url(broker_url) or stored.in_use() if stored is not None else None
+    if stored is None or registration is None:
+        raise EndpointError(f"endpoint {args.name} is not registered yet; start it first "
+                            f"(farcall-endpoint start {args.name})")
+    with Client(broker_url=registration.broker_url) as client:
+        credential = client.rotate_endpoint_credential(registration.endpoint_id)
+    stored.put(replace(registration, credential=credential))
+    save_registrations(directory, stored)
+    state, _ = daemon.state(directory)
+    print(f"endpoint {args.name} ({registration.endpoint_id}) has a new credential in "
+          f"{directory / CREDENTIALS_FILE}; the old one is refused from now on"
+          + ("; the running agent reconnects with the new one" if state != "stopped" else ""))
     return 0
 
 

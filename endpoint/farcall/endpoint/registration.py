@@ -127,6 +127,16 @@ def load_registration(directory: Path) -> Registration | None:
     return stored.in_use() if stored is not None else None
 
 
+def stored_credential(directory: Path, endpoint_id: str) -> str | None:
+    """The credential ``endpoint.json`` holds now for ``endpoint_id`` (None: none stored), for
+    an agent whose credential was rotated while it ran."""
+    stored = load_registrations(directory)
+    for r in stored.registrations if stored is not None else []:
+        if r.endpoint_id == endpoint_id:
+            return r.credential
+    return None
+
+
 def save_registrations(directory: Path, registrations: Registrations) -> None:
     """Write ``endpoint.json`` readable by its owner only, atomically."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -2,7 +2,8 @@
 session on whichever replica holds it, and every replica's token cache.
 
 An endpoint's control channel carries ``CancelTasks`` (stop these tasks), ``SessionReplaced``
-(a newer session of the endpoint took over) and ``EndpointRemoved`` (the endpoint was deleted);
+(a newer session of the endpoint took over), ``EndpointRemoved`` (the endpoint was deleted) and
+``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end);
 the revocations channel carries ``TokenRevocation``. Only the broker sends and reads them, but they
 cross process boundaries like every other frame, so they are typed and pinned here too.
 """
@@ -37,14 +38,24 @@ class EndpointRemoved(Message):
     type: Literal["deleted"] = "deleted"
 
 
-ControlMessage = Annotated[CancelTasks | SessionReplaced | EndpointRemoved, Field(discriminator="type")]
+class CredentialRotated(Message):
+    """The endpoint was given a new credential: every session opened with the old one
+    (``old_hash``, its SHA-256) ends (close code 4005), so whoever held it is cut off at once."""
+
+    type: Literal["rotated"] = "rotated"
+    old_hash: str
+
+
+AnyControl = CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated
+"""Any message of an endpoint's control channel."""
+ControlMessage = Annotated[AnyControl, Field(discriminator="type")]
 
 
 class _ControlBox(Message):
     message: ControlMessage
 
 
-def parse_control(raw: str | bytes) -> CancelTasks | SessionReplaced | EndpointRemoved:
+def parse_control(raw: str | bytes) -> AnyControl:
     """Parse an endpoint control message (raises ``pydantic.ValidationError``)."""
     return _ControlBox.model_validate_json(b'{"message":' + as_bytes(raw) + b"}").message
 

@@ -191,6 +191,14 @@ class EndpointStatus(Message):
     versions: Versions | None
 
 
+class CredentialIssued(Message):
+    """``POST /v1/endpoints/{endpoint_id}/credential``: the endpoint's new credential."""
+
+    endpoint_id: str
+    credential: str = Field(description=(
+        "the endpoint's new credential, shown only this once; the old one is refused from now on"))
+
+
 class EndpointDeleted(Message):
     endpoint_id: str
     deleted: bool

@@ -15,6 +15,7 @@ from farcall.broker.records import EndpointRecord
 from farcall.broker.services import Services
 from farcall.protocol.common import now
 from farcall.protocol.rest import (
+    CredentialIssued,
     EndpointDeleted,
     EndpointInfo,
     EndpointList,
@@ -98,6 +99,18 @@ async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> EndpointSta
         details=hb.details,
         versions=hb.versions,
     )
+
+
+@router.post("/endpoints/{endpoint_id}/credential", responses=OBJECT_ERRORS)
+async def rotate_credential(endpoint_id: str, user: User, svc: Svc) -> CredentialIssued:
+    """Give the endpoint a new credential (shown only this once): the old one is refused from
+    now on and the sessions opened with it end, on every replica. For a credential that may
+    have leaked; ``farcall-endpoint rotate-credential NAME`` calls this and stores the answer."""
+    await find_endpoint(svc, user, endpoint_id, owner=True)
+    credential = await endpoint_control.rotate_credential(svc, endpoint_id)
+    if credential is None:  # deleted meanwhile
+        raise ObjectNotFound(f"endpoint {clip(endpoint_id)} not found; list yours with GET /v1/endpoints")
+    return CredentialIssued(endpoint_id=endpoint_id, credential=credential)
 
 
 @router.delete("/endpoints/{endpoint_id}", responses=OBJECT_ERRORS)

@@ -262,6 +262,11 @@ class EndpointStore(abc.ABC):
         """Share the endpoint with ``user_id`` (``shared``) or stop sharing it."""
 
     @abc.abstractmethod
+    async def rotate_credential(self, endpoint_id: str, credential_hash: str) -> str | None:
+        """Give the endpoint a new credential (its hash): the old one stops resolving at once.
+        The old credential's hash, or None (changing nothing) if there is no such endpoint."""
+
+    @abc.abstractmethod
     async def connect_session(
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
     ) -> str | None:

@@ -46,6 +46,16 @@ class MemoryEndpoints(EndpointStore):
         if ep is not None:
             ep.shared_with = shared_with(ep.shared_with, user_id, shared)
 
+    async def rotate_credential(self, endpoint_id: str, credential_hash: str) -> str | None:
+        s = self._s
+        if endpoint_id not in s.endpoints:
+            return None
+        old = s.credentials.get(endpoint_id, "")
+        s.tokens.pop(old, None)
+        s.credentials[endpoint_id] = credential_hash
+        s.tokens[credential_hash] = Principal("endpoint", endpoint_id, credential_hash)
+        return old
+
     async def connect_session(
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
     ) -> str | None:

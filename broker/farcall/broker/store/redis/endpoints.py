@@ -6,7 +6,7 @@ heartbeat fields); ``p ep:<id>:shared`` set of user ids; ``p ep:<id>:sessions`` 
 ``p ep:<id>:live`` the live session id; ``p ep:<id>:queued`` count of queued tasks;
 ``p user:<id>:endpoints`` set (owned); ``p user:<id>:shared_endpoints`` set (shared with them);
 the credential in ``p tokens`` (see ``users``). ``delete`` also drops ``p ep:<id>:inflight``
-(``inflight``). Sharing is the Lua ``scripts.SHARE``.
+(``inflight``). Sharing is the Lua ``scripts.SHARE``, a new credential ``scripts.ROTATE_CREDENTIAL``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from farcall.broker.records import EndpointRecord
 from farcall.broker.store.base import EndpointStore
 from farcall.broker.store.redis.connection import RedisConnection, flat, optional_float
-from farcall.broker.store.redis.scripts import SHARE
+from farcall.broker.store.redis.scripts import ROTATE_CREDENTIAL, SHARE
 from farcall.protocol.channel import Heartbeat
 
 
@@ -22,6 +22,7 @@ class RedisEndpoints(EndpointStore):
     def __init__(self, db: RedisConnection) -> None:
         self._db = db
         self._share = db.r.register_script(SHARE)
+        self._rotate = db.r.register_script(ROTATE_CREDENTIAL)
         self._del_if_equal = db.r.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
 
@@ -109,6 +110,12 @@ class RedisEndpoints(EndpointStore):
             keys=[db.k("ep", endpoint_id), db.k("ep", endpoint_id, "shared"),
                   db.k("user", user_id, "shared_endpoints")],
             args=["1" if shared else "0", user_id, endpoint_id, "0"])
+
+    async def rotate_credential(self, endpoint_id: str, credential_hash: str) -> str | None:
+        db = self._db
+        old = await self._rotate(keys=[db.k("ep", endpoint_id), db.k("tokens")],
+                                 args=[credential_hash, f"endpoint:{endpoint_id}"])
+        return None if old is None else str(old)
 
     async def connect_session(
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float

@@ -27,6 +27,19 @@ local function close(k, prefix)
 end
 """
 
+# KEYS[1] the endpoint's hash, KEYS[2] the token hash -> principal map. ARGV[1] the new
+# credential's hash, ARGV[2] the principal ('endpoint:<id>'). Swaps the endpoint's credential in
+# one step (the old one stops resolving as the new one starts); returns the old hash, or nil
+# (changing nothing) when the endpoint is gone.
+ROTATE_CREDENTIAL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local old = redis.call('HGET', KEYS[1], 'credential_hash') or ''
+if old ~= '' then redis.call('HDEL', KEYS[2], old) end
+redis.call('HSET', KEYS[1], 'credential_hash', ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return old
+"""
+
 # KEYS[1] the function's or endpoint's hash, KEYS[2] its set of user ids it is shared with,
 # KEYS[3] (endpoints) the user's set of endpoints shared with them. ARGV[1] '1' share, '0'
 # unshare; ARGV[2] user id ('' for none), ARGV[3] the function's or endpoint's id, ARGV[4] '1' to
