@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ class BrokerProcess:
     """``farcall-broker serve`` on a free loopback port, configured by ``env`` (``FARCALL_*``).
 
     With ``certfile`` and ``keyfile`` it serves HTTPS and WSS (``url`` is
-    ``https://``); ``ca_file`` is then the CA its health check trusts.
+    ``https://``); ``ca_file`` is then the CA its health check trusts. ``serve_args`` are more
+    options of ``farcall-broker serve`` (``--forwarded-allow-ips``).
     """
 
     def __init__(self, env: dict[str, str], log_path: Path, name: str = "broker",
                  log_level: str = "info", *, certfile: Path | None = None,
-                 keyfile: Path | None = None, ca_file: Path | None = None) -> None:
+                 keyfile: Path | None = None, ca_file: Path | None = None,
+                 serve_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.url = f"{'https' if certfile else 'http'}://127.0.0.1:{self.port}"
         self.env = env
@@ -37,6 +40,7 @@ class BrokerProcess:
         if certfile is not None:
             assert keyfile is not None, "a certificate needs its key"
             args += ["--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile)]
+        args += serve_args
         self._verify: ssl.SSLContext | bool = (
             ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True)
         self.proc = ManagedProcess(name, args, env, log_path)

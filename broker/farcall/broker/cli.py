@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--forwarded-allow-ips", metavar="IPS",
         help="comma-separated addresses of reverse proxies whose X-Forwarded-For/-Proto headers "
-        "are trusted, so limits see the client's address (default: 127.0.0.1)")
+        "are trusted, so limits see the client's address (default: none; name a proxy on this "
+        "host too, e.g. 127.0.0.1)")
     serve.add_argument("--log-level", default="info")
 
     users = sub.add_parser("users", help="manage users").add_subparsers(
@@ -128,7 +129,10 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", *,
         timeout_graceful_shutdown=10,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
-        forwarded_allow_ips=forwarded_allow_ips,
+        # No proxy is trusted unless named: uvicorn's own default trusts 127.0.0.1 (and
+        # $FORWARDED_ALLOW_IPS), which would let anything on this host pick its address.
+        proxy_headers=bool(forwarded_allow_ips),
+        forwarded_allow_ips=forwarded_allow_ips or "",
     )
     return 0
 
