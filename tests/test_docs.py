@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -28,3 +29,44 @@ def test_page_runs(page: str) -> None:
         out = done.stdout
         assert "remote error: division by zero" in out
         assert "online" in out and "'success'" in out
+
+
+def _documented_defaults() -> dict[str, str]:
+    """``FARCALL_*`` variable -> the default docs/deploy.md's tables give it (as written)."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    found: dict[str, str] = {}
+    for names, defaults in re.findall(r"^\| (`FARCALL_[^|]*?) \| ([^|]*?) \|", text, flags=re.M):
+        for name, default in zip(names.split(" / "), defaults.split(" / "), strict=True):
+            found[name.strip("` ")] = default.strip("` ")
+    return found
+
+
+def _compose_defaults() -> dict[str, str]:
+    """The defaults the Compose file shows in its comments (``# FARCALL_X: "value"``)."""
+    text = (REPO / "deploy" / "compose" / "docker-compose.yml").read_text()
+    return dict(re.findall(r'^\s*# (FARCALL_[A-Z_]+): "([^"]*)"', text, flags=re.M))
+
+
+@pytest.mark.parametrize("where", [_documented_defaults, _compose_defaults])
+def test_the_documented_defaults_are_the_broker_s(where: Callable[[], dict[str, str]]) -> None:
+    """Issue 20: the Compose file showed a rate limit of 200/s as the default, the code has 500."""
+    from farcall.broker.settings import ENV_PREFIX, Settings
+
+    documented = where()
+    assert "FARCALL_RATE_LIMIT" in documented, "the defaults are not where they were"
+    for name, default in documented.items():
+        field = name.removeprefix(ENV_PREFIX).lower()
+        assert field in Settings.model_fields, f"docs/deploy.md documents {name}, which is no setting"
+        value = Settings.model_fields[field].get_default(call_default_factory=True)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # written 500, not 500.0
+        assert default == str(value), f"{where.__name__}: {name} defaults to {value}, not {default}"
+
+
+def test_deploy_md_says_what_every_setting_does() -> None:
+    from farcall.broker.settings import ENV_PREFIX, Settings
+
+    text = (REPO / "docs" / "deploy.md").read_text()
+    missing = [f"{ENV_PREFIX}{f.upper()}" for f in Settings.model_fields
+               if f"{ENV_PREFIX}{f.upper()}" not in text]
+    assert not missing, f"docs/deploy.md does not say what {missing} do"
