@@ -18,12 +18,14 @@ from farcall.broker import endpoint_channel
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.errors import Unavailable
 from farcall.broker.settings import Settings
+from farcall.broker.store.base import Subscription
 from farcall.protocol.channel import (
     CancelFrame,
     Credit,
     ErrorFrame,
     Heartbeat,
     HeartbeatFrame,
+    Hello,
     ResultMessage,
     ResultsAck,
     ResultsFrame,
@@ -393,6 +395,30 @@ def test_deleting_an_endpoint_fails_its_waiting_tasks(setup: Setup) -> None:
     for t in ids:
         rec = setup.task(t)
         assert rec["state"] == "failed" and "was deleted" in rec["error"], rec
+    with pytest.raises(InvalidStatus):
+        setup.connect()
+
+
+def test_a_session_whose_credential_is_rotated_while_it_starts_is_ended(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation lands after the credential was checked and before the session listens to
+    its control channel, so its ``CredentialRotated`` would reach no one: the session looks
+    again once it listens, and ends."""
+    svc = setup.broker.app.state.services
+    subscribe = svc.store.pubsub.subscribe_control
+
+    async def rotate_first(endpoint_id: str) -> Subscription:
+        await svc.store.endpoints.rotate_credential(endpoint_id, "new-credential-hash")
+        return await subscribe(endpoint_id)
+
+    ep = setup.connect()
+    monkeypatch.setattr(svc.store.pubsub, "subscribe_control", rotate_first)
+    ep.send(Hello(credit=1))
+    with pytest.raises(ConnectionClosed) as closed:
+        ep.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == endpoint_channel.ROTATED
+    monkeypatch.undo()
     with pytest.raises(InvalidStatus):
         setup.connect()
 
