@@ -64,6 +64,15 @@ def broker(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     drop_service_data(service_env["FARCALL_REDIS_PREFIX"], service_env["FARCALL_QUEUE_PREFIX"])
 
 
+@pytest.fixture(scope="module")
+def second_broker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """Another broker process on the session broker's Redis and RabbitMQ (another replica)."""
+    b = Broker(broker.env, tmp_path_factory.mktemp("replica") / "broker.log", name="replica")
+    b.start()
+    yield b
+    b.stop()
+
+
 @pytest.fixture(scope="session")
 def token(broker: Broker) -> str:
     return broker.create_user(f"alice-{uuid.uuid4().hex[:6]}")

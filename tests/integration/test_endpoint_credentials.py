@@ -32,15 +32,6 @@ ENDED_WITHIN = 1.5
 """The promise is "at once"; the margin covers a loaded CI machine's scheduling."""
 
 
-@pytest.fixture(scope="module")
-def second_broker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """Another broker process on the same Redis and RabbitMQ (another replica)."""
-    b = Broker(broker.env, tmp_path_factory.mktemp("replica") / "broker.log", name="replica")
-    b.start()
-    yield b
-    b.stop()
-
-
 @contextmanager
 def _session(broker: Broker, endpoint_id: str, credential: str) -> Iterator[ClientConnection]:
     """An endpoint session opened by hand with ``credential`` (as a stolen one would be): hello

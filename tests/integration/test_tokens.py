@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -24,15 +23,6 @@ from tests.integration.helpers import Broker
 
 REVOKED_WITHIN = 1.5
 """The promise is a second; the margin covers a loaded CI machine's scheduling."""
-
-
-@pytest.fixture(scope="module")
-def second_broker(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    """Another broker process on the same Redis and RabbitMQ (another replica)."""
-    b = Broker(broker.env, tmp_path_factory.mktemp("broker2") / "broker.log", name="broker2")
-    b.start()
-    yield b
-    b.stop()
 
 
 def _cli(broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
