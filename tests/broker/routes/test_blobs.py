@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,7 +198,8 @@ def test_a_tasks_grant_moves_only_its_tasks_blobs_while_it_runs(env: Env) -> Non
                 assert worker.get(f"/v1/blobs/{not_its_own}").status_code == 404
             assert worker.get("/v1/limits").status_code == 401, "a grant is for blobs only"
         assert env.http.get(f"/v1/blobs/{result_id}").content == result, "the submitter's"
-        assert on_loop(env.broker, env.blobs.usage(env.http.get("/v1/whoami").json()["identity_id"])) >= 2 * MiB
+        alice = env.http.get("/v1/whoami").json()["identity_id"]
+        assert on_loop(env.broker, env.blobs.usage(alice)) >= 2 * MiB
 
         other_id, _ = env.endpoint()
         key = base64.urlsafe_b64decode(welcome.upload_grant)
@@ -274,3 +276,21 @@ def test_a_result_that_is_a_blob_reference_renews_the_blobs_lifetime(env: Env) -
     left = env.blobs._blobs[blob["blob_id"]].expires - time.monotonic()
     assert RESULT_TTL - 60 < left <= RESULT_TTL, "the blob must live as long as the result"
     wait_until(lambda: env.http.get(f"/v1/tasks/{task_id}").json()["data"] == ref, 10, "result")
+
+
+def test_revoking_a_token_ends_its_upload_in_progress(env: Env) -> None:
+    token = env.http.post("/v1/tokens", json={"name": "uploader"}).json()
+    answers: list[tuple[int, Any]] = []
+    sender = threading.Thread(target=lambda: answers.append(_raw(env.broker.url, "\r\n".join([
+        "POST /v1/blobs HTTP/1.1", "Host: broker", f"Authorization: Bearer {token['token']}",
+        "Content-Length: 5000000"]), os.urandom(300_000))))
+    sender.start()
+    wait_until(lambda: env.broker.app.state.services.uploads.held(
+        env.http.get("/v1/whoami").json()["identity_id"]), 10, "the upload to start")
+    started = time.monotonic()
+    env.http.delete(f"/v1/tokens/{token['token_id']}").raise_for_status()
+    sender.join(20)
+    assert answers and answers[0][0] == 401, answers
+    assert "revoked" in answers[0][1]["message"]
+    assert time.monotonic() - started < 5, "ended by the revocation, not by the body timeout"
+    assert len(env.blobs) == 0
