@@ -17,4 +17,4 @@ def test_blob_ids_never_reach_the_access_log() -> None:
     other = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s"',
                               ("127.0.0.1:5", "GET", "/v1/tasks/abc"), None)
     RedactBlobIds().filter(other)
-    assert other.getMessage().endswith("/v1/tasks/abc")
+    assert other.getMessage().endswith("/v1/tasks/abc\"")
