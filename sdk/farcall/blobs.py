@@ -12,6 +12,9 @@ a transfer that did not get through (refused, reset, cut off, 5xx, 429) with
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -28,7 +31,16 @@ from farcall.serialize import Frames, parse_ref, ref_payload
 from farcall.transport import Response, Transport, TransportError
 
 GRANT_HEADER = "X-Farcall-Grant"
-"""How a worker authenticates to the data plane: ``<endpoint_id>:<grant>`` (``DataAccess.grant``)."""
+"""How a worker authenticates to the data plane: ``<endpoint id>:<task id>:<mac>``
+(``DataAccess.grant``, made by :func:`task_grant`)."""
+
+
+def task_grant(endpoint_id: str, key: bytes, task_id: str) -> str:
+    """The grant of one task's worker: HMAC-SHA256 of the task id under the endpoint's grant
+    key (``Welcome.upload_grant``, decoded), which only the agent holds. The broker honours it
+    while the task is in flight on the endpoint, for that task's own blobs."""
+    mac = hmac.new(key, task_id.encode(), hashlib.sha256).digest()
+    return f"{endpoint_id}:{task_id}:{base64.urlsafe_b64encode(mac).decode('ascii')}"
 
 Exchange = Callable[[Callable[[], Response]], Response]
 """Runs one attempt-making callable and returns the answer: ``once`` makes a single attempt; the

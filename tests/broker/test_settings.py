@@ -31,6 +31,9 @@ EVERY_VARIABLE = {
     "FARCALL_MAX_TASK_BYTES": (str(8 << 20), "max_task_bytes", 8 << 20),
     "FARCALL_BLOB_DIR": ("/srv/b", "blob_dir", "/srv/b"),
     "FARCALL_REQUEUE_AFTER": ("2.5", "requeue_after", 2.5),
+    "FARCALL_BODY_TIMEOUT": ("1.5", "body_timeout", 1.5),
+    "FARCALL_MAX_UPLOADS_PER_USER": ("3", "max_uploads_per_user", 3),
+    "FARCALL_MAX_BLOB_BYTES_PER_USER": (str(5 << 20), "max_blob_bytes_per_user", 5 << 20),
 }
 
 

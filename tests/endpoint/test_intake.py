@@ -8,12 +8,14 @@ a fake broker check the same through a running agent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable, Collection
 from typing import Any
 
 import pytest
 
+from farcall.blobs import task_grant
 from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines.base import Engine, EngineStatus, OnDone, OnStart
 from farcall.endpoint.engines.threads import ThreadPoolEngine
@@ -162,13 +164,18 @@ def test_credit_tops_the_engine_back_up_to_its_capacity_and_stops_with_the_intak
     assert intake.take([late], {}) and late.task_id not in {t.task_id for t in engine.submitted}
 
 
-def test_every_task_carries_the_sessions_data_access() -> None:
+def test_every_task_carries_the_sessions_data_access_with_its_own_grant() -> None:
     engine = SubmitOnly()
     intake = intake_with(engine)
-    intake.data = DataAccess(url="http://broker", grant="ep:g", max_task_bytes=1 << 20)
-    intake.take([make_task(double, 1), make_task(double, 2)], {})
-    assert [t.data for t in engine.submitted] == [intake.data, intake.data]
-    assert engine.submitted[0].data is engine.submitted[1].data
+    data = DataAccess(url="http://broker", max_task_bytes=1 << 20)
+    intake.set_data(data, "ep", b"k" * 32)
+    tasks = [make_task(double, 1), make_task(double, 2)]
+    intake.take(tasks, {})
+    for task in engine.submitted:
+        assert task.data is not None
+        assert task.data.grant == task_grant("ep", b"k" * 32, task.task_id)
+        assert task.data.model_copy(update={"grant": ""}) == data
+    assert "k" * 8 not in str(engine.submitted[0].data), "the key itself never reaches a worker"
 
 
 def test_an_unparsed_tasks_frame_is_read_task_by_task() -> None:
@@ -259,7 +266,8 @@ class TaskKeepingEngine(ThreadPoolEngine):
         super().submit(task, on_done, on_start)
 
 
-@pytest.mark.parametrize("grant", ["g-123", ""], ids=["data-plane", "old-broker"])
+@pytest.mark.parametrize("grant", ["Z3JhbnQta2V5LWdyYW50LWtleQ==", ""],
+                         ids=["data-plane", "old-broker"])
 def test_every_task_carries_the_data_plane_access_of_the_welcome(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], grant: str
 ) -> None:
@@ -273,6 +281,9 @@ def test_every_task_carries_the_data_plane_access_of_the_welcome(
     if not grant:
         assert first.data is None and second.data is None  # results travel inline, as before
         return
-    assert first.data == DataAccess(url=broker.url, grant=f"{ENDPOINT_ID}:{grant}",
-                                    max_task_bytes=8 << 20, retry_seconds=7.5)
-    assert second.data is first.data  # one object for the session, not one per task
+    key = base64.urlsafe_b64decode(grant)
+    for task in (first, second):
+        assert task.data == DataAccess(url=broker.url,
+                                       grant=task_grant(ENDPOINT_ID, key, task.task_id),
+                                       max_task_bytes=8 << 20, retry_seconds=7.5)
+    assert first.data != second.data, "each task its own grant"

@@ -201,3 +201,44 @@ def test_redis_restart_while_blobs_move(private_redis: PrivateRedis,
         private_redis.restart()
 
     _run("Redis restart (AOF), 20 MiB blobs", dep, eid, fault, tmp_path, _figures(ep, seen))
+
+
+def test_a_blob_filler_gets_quota_exceeded_and_a_full_redis_answers_store_full(
+        private_redis: PrivateRedis, deployment: Callable[..., Deployment]) -> None:
+    """Issue 20, finding 3: one user filling the store. Past their byte quota the filler gets
+    403 ``quota_exceeded`` while another user's uploads go on; and a Redis at ``maxmemory``
+    with ``noeviction`` (as docs/deploy.md advises) answers 503 ``store_full``, never 500."""
+    import httpx
+    import redis
+
+    mib = 1024 * 1024
+    dep = deployment(redis_url=private_redis.url, name="blob-quota",
+                     settings={"FARCALL_MAX_BLOB_BYTES_PER_USER": str(8 * mib)}).start()
+    filler = {"Authorization": f"Bearer {dep.token}"}
+    victim = {"Authorization": f"Bearer {dep.broker.create_user('victim')}"}
+    with httpx.Client(base_url=dep.broker.url, timeout=30) as http:
+        for _ in range(4):
+            assert http.post("/v1/blobs", content=os.urandom(2 * mib), headers=filler
+                             ).status_code == 201
+        r = http.post("/v1/blobs", content=os.urandom(2 * mib), headers=filler)
+        assert r.status_code == 403 and r.json()["error"] == "quota_exceeded", r.text
+        assert "FARCALL_MAX_BLOB_BYTES_PER_USER" in r.json()["message"]
+        assert http.post("/v1/blobs", content=os.urandom(2 * mib), headers=victim
+                         ).status_code == 201, "the filler's quota is theirs alone"
+
+        r_admin = redis.Redis.from_url(private_redis.url)
+        try:
+            used = int(r_admin.info("memory")["used_memory"])
+            r_admin.config_set("maxmemory-policy", "noeviction")
+            r_admin.config_set("maxmemory", str(used + mib))
+            answers = [http.post("/v1/blobs", content=os.urandom(2 * mib), headers=victim),
+                       http.post("/v1/functions", json={"function": "F" * 4 * mib},
+                                 headers=victim)]
+            for r in answers:
+                assert r.status_code == 503 and r.json()["error"] == "store_full", r.text
+                assert "maxmemory" in r.json()["message"]
+                assert "FARCALL_MAX_BLOB_BYTES_PER_USER" in r.json()["message"]
+        finally:
+            r_admin.config_set("maxmemory", "0")
+            r_admin.close()
+        assert http.post("/v1/blobs", content=b"x" * 1000, headers=victim).status_code == 201

@@ -139,7 +139,8 @@ def create_action_provider(svc: Services) -> FastAPI:
              responses={**_ACTION_ERRORS, **_answers(409)})(release)
     app.get("/{action_id}/log", response_model=ActionLog, responses=_ACTION_ERRORS)(action_log)
 
-    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes, render=render)
+    app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes, render=render,
+                       concurrent=svc.settings.max_uploads_per_user)
     return app
 
 

@@ -3,7 +3,7 @@
 ``create_app`` assembles the pieces (docs/protocol.md describes the API):
 :mod:`.routes` (every REST route, one module per resource, timers and the data plane's
 blobs among them), :mod:`.client_stream` (a client's task group stream),
-:mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit)
+:mod:`.endpoint_channel` (an endpoint's session), :mod:`.asgi` (the body limit and timeout)
 and :mod:`.errors` (every failure answered as JSON); :mod:`.action_provider` (the Action
 Provider API, its own sub-application) is mounted at ``/action-provider``; the
 :mod:`.scheduler` that fires timers and the :mod:`.requeue` sweep run for the app's lifetime.
@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, WebSocket
 
 from farcall.broker import action_provider, client_stream, endpoint_channel
-from farcall.broker.asgi import BodyLimit
+from farcall.broker.asgi import BodyLimit, BodyTimeout, MemoryTrim
 from farcall.broker.errors import install_handlers
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.requeue import Requeuer
@@ -70,5 +70,8 @@ def create_app(
         await client_stream.serve(ws, svc, task_group_id)
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_payload_bytes,
-                       skip=(action_provider.PATH, blobs.PATH))  # they limit their own bodies
+                       skip=(action_provider.PATH, blobs.PATH),  # they limit their own bodies
+                       concurrent=svc.settings.max_uploads_per_user)
+    app.add_middleware(BodyTimeout, seconds=svc.settings.body_timeout)
+    app.add_middleware(MemoryTrim)
     return app

@@ -103,7 +103,7 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", *,
 
     from farcall.broker import auth
     from farcall.broker.app import create_app
-    from farcall.broker.asgi import WebSocketProtocol
+    from farcall.broker.asgi import WebSocketProtocol, redact_access_log
     from farcall.broker.embedded import ws_max_size
     from farcall.broker.store.memory import MemoryStore
 
@@ -119,7 +119,7 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", *,
     if (settings.redis_url is None) != (settings.amqp_url is None):
         log.warning("only one of Redis/RabbitMQ is configured; the other runs in-process")
     app = create_app(settings, store=store)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -134,6 +134,8 @@ def serve(settings: Settings, host: str, port: int, log_level: str = "info", *,
         proxy_headers=bool(forwarded_allow_ips),
         forwarded_allow_ips=forwarded_allow_ips or "",
     )
+    redact_access_log()  # after Config: it configures uvicorn's loggers
+    uvicorn.Server(config).run()
     return 0
 
 

@@ -23,13 +23,15 @@ _WHY = {
     400: "the request is malformed (a Content-Length that is not a number, JSON nested too deep)",
     401: "no token, or an unknown or revoked one",
     403: "the credential may not do this: an endpoint credential on a user route, a shared "
-         "object's owner-only action, or a quota (endpoints, functions) reached",
+         "object's owner-only action, or a quota (endpoints, functions, blob bytes) reached",
+    408: "the request body sent nothing for FARCALL_BODY_TIMEOUT seconds; send it again",
     404: "no such object, or not yours (nor shared with you)",
     413: "the request body is over the broker's limit",
     422: "the request does not match the schema; 'detail' says where",
     429: "too many requests (per token), too many failed authentications (per address), or the "
          "open-task quota reached; wait 'Retry-After' seconds",
-    503: "the broker's store or queue is not answering; retry later",
+    503: "the broker's store or queue is not answering (unavailable), or the store is full "
+         "(store_full); retry later",
 }
 
 

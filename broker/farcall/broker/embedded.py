@@ -17,7 +17,7 @@ import uvicorn
 
 from farcall.broker import auth
 from farcall.broker.app import create_app
-from farcall.broker.asgi import WebSocketProtocol
+from farcall.broker.asgi import WebSocketProtocol, redact_access_log
 from farcall.broker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class EmbeddedBroker:
             ws=WebSocketProtocol,
             ws_max_size=ws_max_size(self.settings),
         )
+        redact_access_log()
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._run, name="farcall-embedded-broker", daemon=True

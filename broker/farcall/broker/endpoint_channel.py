@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import uuid
 
@@ -48,6 +49,7 @@ from farcall.broker.queued import read_queued
 from farcall.broker.results import publish_results, store_results
 from farcall.broker.services import Services
 from farcall.broker.store.base import Subscription
+from farcall.errors import DeserializationError
 from farcall.protocol.channel import (
     CancelFrame,
     Credit,
@@ -72,6 +74,7 @@ from farcall.protocol.control import (
     parse_control,
 )
 from farcall.recent import RecentIds
+from farcall.serialize import BLOB_REF, is_ref, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,8 @@ class EndpointSession:
                  credential_hash: str = "") -> None:
         self.ws, self.svc, self.endpoint_id = ws, svc, endpoint_id
         self.credential_hash = credential_hash
-        """The SHA-256 of the credential this session opened with (``CredentialRotated``)."""
+        """The SHA-256 of the credential this session opened with: its grant key is derived from
+        it, and a ``CredentialRotated`` naming it ends the session."""
         self.store, self.queue = svc.store, svc.queue
         self.session_id = uuid.uuid4().hex
         self.credit = 0
@@ -132,6 +136,9 @@ class EndpointSession:
         # (task id, function id, TaskMessage JSON) taken by this session, waiting for credit
         self.waiting: collections.deque[tuple[str, str, str]] = collections.deque()
         self.sent_functions: set[str] = set()  # function bodies the endpoint got in this session
+        self.arg_blobs: dict[str, str] = {}
+        """Task id -> the blob holding its arguments, for the held tasks whose arguments travel
+        as a blob: freed when the task's result comes (``_free_arg_blobs``)."""
         self.consumer: Consumer | None = None
         self._send_lock = asyncio.Lock()
         self._last_touch = 0.0
@@ -178,7 +185,8 @@ class EndpointSession:
             await self._reconcile(set(hello.held_task_ids), set(hello.crashed_task_ids))
             await self.send(Welcome(
                 endpoint_id=self.endpoint_id, max_frame_bytes=self.svc.settings.max_frame_bytes,
-                upload_grant=await grants.upload_grant(self.svc, self.endpoint_id),
+                upload_grant=await grants.welcome_key(
+                    self.svc, self.endpoint_id, self.credential_hash),
                 max_task_bytes=self.svc.settings.max_task_bytes,
                 broker_id=await self.svc.broker_id()).model_dump_json())
             await self._add_credit(hello.credit)
@@ -381,6 +389,19 @@ class EndpointSession:
         ids = [r.task_id for r in results]
         self.held.difference_update(ids)
         self._remember_done(ids)
+        if self.arg_blobs:
+            await self._free_arg_blobs([b for t in ids if (b := self.arg_blobs.pop(t, None))])
+
+    async def _free_arg_blobs(self, blob_ids: list[str]) -> None:
+        """Delete the argument blobs of tasks that ended: nothing reads them again, and they
+        count against their owner's quota until freed (else until ``FARCALL_RESULT_TTL``)."""
+        if not blob_ids:
+            return
+        try:
+            await self.svc.blobs.delete(blob_ids)
+        except Exception as e:  # noqa: BLE001 - they expire anyway
+            log.warning("endpoint %s: could not free %d argument blobs: %r",
+                        self.endpoint_id, len(blob_ids), e)
 
     async def _add_credit(self, n: int) -> None:
         if n > 0:
@@ -498,6 +519,7 @@ class EndpointSession:
         tasks: dict[str, str] = {}
         function_of: dict[str, str] = {}
         unreadable: dict[str, str] = {}
+        refs: dict[str, str] = {}
         taken = 0
         for d in deliveries:
             batch, bad = read_queued(d.body)
@@ -507,6 +529,8 @@ class EndpointSession:
                     taken += 1
                     tasks[task.task_id] = task.model_dump_json()
                     function_of[task.task_id] = task.function_id
+                    if is_ref(task.args):
+                        refs[task.task_id] = task.args
         accepted = await self.store.inflight.add(
             self.endpoint_id, self.session_id, tasks, taken + len(unreadable))
         if accepted is None:
@@ -520,9 +544,21 @@ class EndpointSession:
         if len(accepted) < taken:
             log.debug("endpoint %s: dropped %d finished or repeated tasks",
                       self.endpoint_id, taken - len(accepted))
+        if refs:
+            kept = set(accepted)
+            self._note_arg_blobs({t: args for t, args in refs.items() if t in kept})
+            # Cancelled (or failed) before they left the queue: nothing will read them.
+            await self._free_arg_blobs([_blob_of(args) for t, args in refs.items()
+                                        if t not in kept and _blob_of(args)])
         self.held.update(accepted)
         self.waiting.extend((t, function_of[t], tasks[t]) for t in accepted)
         return True
+
+    def _note_arg_blobs(self, args_of: dict[str, str]) -> None:
+        """Remember the argument blobs of held tasks whose ``args`` are references."""
+        for task_id, args in args_of.items():
+            if blob_id := _blob_of(args):
+                self.arg_blobs[task_id] = blob_id
 
     def can_take(self, n: int) -> bool:
         """Whether ``n`` new tasks would go out at once (credit to spare, nothing waiting)."""
@@ -540,6 +576,8 @@ class EndpointSession:
         """
         fresh = [t for t in tasks if t[0] not in self.held]
         self.held.update(t[0] for t in fresh)
+        self._note_arg_blobs({t: args for t, _, body in fresh if _REF_ARGS in body
+                              and (args := json.loads(body).get("args", ""))})
         self.waiting.extend(fresh)
         await self._send_waiting(functions)
 
@@ -615,3 +653,17 @@ async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
     for t in tasks:
         if not t.cancelled():
             t.exception()  # retrieved: the caller re-raises the one that ended the session
+
+
+_REF_ARGS = '"args":"' + BLOB_REF + "\\n"
+"""How reference ``args`` start in a task's JSON: a cheap test before parsing it."""
+
+
+def _blob_of(args: str) -> str:
+    """The blob id of a reference payload ("" for anything else)."""
+    if not is_ref(args):
+        return ""
+    try:
+        return parse_ref(args)[0]
+    except DeserializationError:
+        return ""

@@ -45,6 +45,7 @@ CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     411: "length_required",
     413: "payload_too_large",
@@ -183,6 +184,28 @@ class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
 
+class RequestTimeout(ApiError):
+    """The request's body sent nothing for ``FARCALL_BODY_TIMEOUT`` seconds; the connection is
+    closed after the answer (the rest of the body is not read)."""
+
+    status, code = 408, "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
+class StoreFull(ApiError):
+    """Redis refused a write because it is at ``maxmemory`` (with ``noeviction``)."""
+
+    status, code = 503, "store_full"
+
+
+STORE_FULL = StoreFull(
+    "the broker's store is full (Redis is at its maxmemory) and cannot take more data now; "
+    "retry later, or free space: delete results you no longer need. Operators: raise Redis' "
+    "maxmemory, or lower FARCALL_MAX_BLOB_BYTES_PER_USER or FARCALL_RESULT_TTL")
+
+
 class Respond(Protocol):
     """Writes an error answer: a broker application's own form of them."""
 
@@ -197,6 +220,18 @@ def error_response(
     return JSONResponse(
         {"error": code, "message": message, **extra}, status_code=status, headers=headers
     )
+
+
+def _store_full_errors() -> tuple[type[Exception], ...]:
+    """Exception types meaning "the store is out of memory" (Redis' ``OOM`` answer)."""
+    try:
+        import redis.exceptions
+    except ImportError:  # pragma: no cover - redis is part of the broker extra
+        return ()
+    return (redis.exceptions.OutOfMemoryError,)
+
+
+STORE_FULL_ERRORS = _store_full_errors()
 
 
 def _backend_errors() -> tuple[type[Exception], ...]:
@@ -251,6 +286,10 @@ def install_handlers(app: FastAPI, respond: Respond = error_response,
         log.warning("backing service unavailable: %r", exc)
         return respond(503, "unavailable", "the broker's store or queue is not answering; retry later")
 
+    async def store_full(_: Request, exc: Exception) -> Response:
+        full("the store is full: %r", exc)
+        return STORE_FULL.response(respond)
+
     async def unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error", exc_info=exc)
         return respond(500, "internal", "the broker failed unexpectedly; see its log")
@@ -260,8 +299,13 @@ def install_handlers(app: FastAPI, respond: Respond = error_response,
     app.add_exception_handler(RequestValidationError, validation_error)
     for kind in BACKEND_ERRORS:
         app.add_exception_handler(kind, backend_down)
+    for kind in STORE_FULL_ERRORS:
+        app.add_exception_handler(kind, store_full)
     app.add_exception_handler(Exception, unexpected)
 
+
+full = QuietLog(log, every=REFUSAL_LOG_EVERY, level=logging.WARNING)
+"""Logs the store refusing writes for lack of memory, at most once per ``REFUSAL_LOG_EVERY``."""
 
 refusals = QuietLog(log, every=REFUSAL_LOG_EVERY)
 """Logs refused WebSocket connections: anyone can cause them, so they must not fill the log."""

@@ -46,6 +46,35 @@ class RateLimiter:
         return 0.0
 
 
+class Slots:
+    """At most ``limit`` things at once per key (uploads of a user, bodies of a token); 0 means
+    no limit. Held in memory, per replica, like the rate limits; a key with nothing in
+    progress is forgotten."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[str, int] = {}
+
+    def take(self, key: str) -> bool:
+        """Take one of ``key``'s slots: False (taking nothing) if all are in use."""
+        held = self._held.get(key, 0)
+        if self.limit and held >= self.limit:
+            return False
+        self._held[key] = held + 1
+        return True
+
+    def give(self, key: str) -> None:
+        """Give back a slot ``take`` gave."""
+        held = self._held.get(key, 0) - 1
+        if held > 0:
+            self._held[key] = held
+        else:
+            self._held.pop(key, None)
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)
+
+
 def retry_seconds(seconds: float) -> float:
     """A wait to report: rounded up to the millisecond, at least one (a wait of 40 µs rounded
     to 0.0 would tell the client to try again at once, and be refused again)."""

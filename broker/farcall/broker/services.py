@@ -16,7 +16,7 @@ from farcall.backoff import Backoff
 from farcall.broker import auth
 from farcall.broker.cache import TTLCache
 from farcall.broker.errors import Forbidden, TooManyRequests, Unauthorized
-from farcall.broker.limits import RateLimiter
+from farcall.broker.limits import RateLimiter, Slots
 from farcall.broker.queue.base import TaskQueue
 from farcall.broker.records import FunctionRecord
 from farcall.broker.sessions import Sessions
@@ -34,7 +34,7 @@ time (at once on the replica that deleted it)."""
 log = logging.getLogger(__name__)
 
 Closer = Callable[[], Coroutine[Any, Any, None]]
-"""Closes one result stream (when its token is revoked)."""
+"""Closes one result stream or blob transfer (when its token is revoked)."""
 
 
 def make_store(settings: Settings) -> Store:
@@ -109,6 +109,8 @@ class Services:
     """Requests per token."""
     auth_failures: RateLimiter = field(init=False)
     """Failed authentications per client address."""
+    uploads: Slots = field(init=False)
+    """Blob uploads in progress per user (the blob's owner)."""
     _revocations: asyncio.Task[None] | None = None
     _broker_id: str = ""
 
@@ -116,6 +118,7 @@ class Services:
         s = self.settings
         self.requests = RateLimiter(s.rate_limit, s.rate_burst)
         self.auth_failures = RateLimiter(s.auth_failure_rate, s.auth_failure_burst)
+        self.uploads = Slots(s.max_uploads_per_user)
 
     async def broker_id(self) -> str:
         """The deployment's identity (``Store.broker_id``): asked of the store once per process,
@@ -215,7 +218,8 @@ class Services:
         self.principals.pop(revoked.token_hash)
         closers = self.token_streams.pop(revoked.token_id, set())
         if closers:
-            log.info("token %s revoked: closing %d result streams", revoked.token_id, len(closers))
+            log.info("token %s revoked: closing %d result streams and transfers",
+                     revoked.token_id, len(closers))
         for close in closers:
             asyncio.get_running_loop().create_task(close())
 

@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     """Seconds a recorded batch may wait for its queue's confirmation (or a timer's claimed run
     for its task) before a replica's sweep takes it over: its broker died in between, or the
     queue was down. Longer than a queue publish ever takes; short enough not to keep tasks."""
+    body_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a request body may send nothing before the broker drops the request (408) and
+    frees what it held of it: a stalled upload or post cannot pin the broker's memory."""
+    max_uploads_per_user: int = Field(default=8, ge=0)
+    """Blob uploads one user may have in progress at once, on each replica (0: no limit); also
+    the number of large JSON bodies one token (or address) may be sending at once. Past it,
+    429 with Retry-After."""
+    max_blob_bytes_per_user: int = Field(default=10 * 1024 * MB, ge=0)
+    """Bytes of blobs one user may keep stored (0: no limit): a blob counts against its owner
+    (the uploading user, or for a worker's upload the task's submitter) until it expires or
+    is freed (an argument blob when its task ends). Past it, uploads answer 403
+    ``quota_exceeded``."""
     blob_dir: str | None = None
     """Keep blobs as files in this directory (shared by every replica, e.g. an NFS or volume
     mount) instead of in Redis (or in memory, embedded)."""

@@ -20,8 +20,9 @@ holds and sends results. What a caller may rely on (see docs/protocol.md, "Endpo
   on every connect, disconnect and heartbeat, for ``farcall-endpoint status``;
   ``on_welcome`` (if given) gets every session's ``Welcome`` (the broker's identity in it).
 - Every task it hands to the engine carries the data plane's ``DataAccess`` (the broker
-  URL, the endpoint's upload grant as ``X-Farcall-Grant`` sends it, the per-task limit),
-  so workers fetch big arguments and upload big results themselves.
+  URL, that task's own grant as ``X-Farcall-Grant`` sends it, the per-task limit), so
+  workers fetch big arguments and upload big results themselves; the grant key the
+  ``Welcome`` carries stays in the agent.
 - Nothing wedges it: every frame it sends stays under the broker's
   ``Welcome.max_frame_bytes`` (a result too big for any frame fails its task with
   ``ResultTooLarge``), a task the agent cannot read fails alone, and sessions
@@ -33,6 +34,7 @@ holds and sends results. What a caller may rely on (see docs/protocol.md, "Endpo
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
 import logging
@@ -387,10 +389,10 @@ class Agent:
             self._crashed = []  # the broker has them: reported once
             if self._journal is not None:
                 self._journal.forget_crashed()
-        intake.data = DataAccess(
-            url=self.broker_url, grant=f"{self.endpoint_id}:{frame.upload_grant}",
-            max_task_bytes=frame.max_task_bytes,
-            retry_seconds=self.data_retry_seconds) if frame.upload_grant else None
+        intake.set_data(DataAccess(
+            url=self.broker_url, max_task_bytes=frame.max_task_bytes,
+            retry_seconds=self.data_retry_seconds) if frame.upload_grant else None,
+            self.endpoint_id, _grant_key(frame.upload_grant))
         resend = outbox.open_session(frame.max_frame_bytes)
         self._ws = ws
         self.connections += 1
@@ -585,3 +587,11 @@ class Agent:
             versions=WORKER_VERSIONS,
             details=details,
         )
+
+
+def _grant_key(welcome_key: str) -> bytes:
+    """The grant key a ``Welcome`` carries, decoded (empty if it carries none or garbage)."""
+    try:
+        return base64.urlsafe_b64decode(welcome_key.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        return b""

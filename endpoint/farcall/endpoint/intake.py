@@ -24,6 +24,7 @@ import logging
 from cachetools import LRUCache
 from pydantic import ValidationError
 
+from farcall.blobs import task_grant
 from farcall.endpoint.engines.base import Engine, OnDone, OnStart
 from farcall.endpoint.errors import ProtocolError
 from farcall.endpoint.outbox import Outbox
@@ -70,7 +71,9 @@ class Intake:
         self.running: set[str] = set()
         """Ids of tasks handed to the engine whose results have not come back."""
         self.data: DataAccess | None = None
-        """How workers reach the data plane (from the session's Welcome); set on every task."""
+        """How workers reach the data plane (from the session's Welcome); set on every task,
+        with that task's own grant (see ``set_data``)."""
+        self._grant: tuple[str, bytes] | None = None
         self._on_done = on_done
         self._on_start = on_start
         self._functions: LRUCache[str, str] = LRUCache(FUNCTION_CACHE)
@@ -109,6 +112,19 @@ class Intake:
         self._granted += n
         return n
 
+    def set_data(self, data: DataAccess | None, endpoint_id: str = "", key: bytes = b"") -> None:
+        """How this session's tasks reach the data plane: ``data`` with, for each task, the
+        grant derived from ``key`` for it (``farcall.blobs.task_grant``). The key stays here:
+        a worker gets only its own task's grant, which ends with the task."""
+        self.data = data
+        self._grant = (endpoint_id, key) if data is not None and key else None
+
+    def _data_of(self, task_id: str) -> DataAccess | None:
+        data, grant = self.data, self._grant
+        if data is None or grant is None:
+            return data
+        return data.model_copy(update={"grant": task_grant(grant[0], grant[1], task_id)})
+
     # ------------------------------------------------------------- tasks
 
     def take(self, tasks: list[TaskMessage], functions: dict[str, str]) -> bool:
@@ -121,7 +137,7 @@ class Intake:
         skipped = False
         submit, on_done, on_start = self.engine.submit, self._on_done, self._on_start
         running, holds, allowed = self.running, self.outbox.holds, self.allowed_functions
-        data = self.data
+        data_of = self._data_of
         for task in tasks:
             task_id = task.task_id
             if self._stopping or task_id in running or holds(task_id):
@@ -140,7 +156,7 @@ class Intake:
                         f"{task.function_id}, which this endpoint does not have; submit it again"))
                     skipped = True
                     continue
-            task.data = data
+            task.data = data_of(task_id)
             running.add(task_id)
             submit(task, on_done, on_start)
         return skipped

@@ -30,12 +30,13 @@ DATA_RETRY_SECONDS = 120.0
 
 
 class DataAccess(Message):
-    """How a worker reaches the data plane: the broker URL the agent uses, an upload grant the
-    broker gave the endpoint (it allows blob uploads and downloads, nothing else), the
-    broker's per-task size limit, and how long a transfer is retried after it first fails
-    (the endpoint's ``data_retry_seconds``; carried here, not in the environment, because
-    Parsl workers may run on other nodes). The agent sets it on every task it hands to its
-    engine."""
+    """How a worker reaches the data plane: the broker URL the agent uses, its task's grant
+    (``<endpoint id>:<task id>:<mac>``, derived by the agent from the ``Welcome``'s key: it
+    allows uploads charged to the task's submitter and reading the task's argument blob,
+    while the task runs, nothing else), the broker's per-task size limit, and how long a
+    transfer is retried after it first fails (the endpoint's ``data_retry_seconds``; carried
+    here, not in the environment, because Parsl workers may run on other nodes). The agent
+    sets it on every task it hands to its engine."""
 
     url: str
     grant: str = ""
@@ -163,8 +164,10 @@ class Welcome(Message):
     """Largest frame the broker reads from the endpoint (0: not said). The agent keeps every
     results frame under it and fails a result too big to fit, instead of sending it."""
     upload_grant: str = ""
-    """Lets this endpoint's workers upload result blobs and download argument blobs
-    (``X-Farcall-Grant`` header; "" from a broker without a data plane)."""
+    """The key (urlsafe base64) the agent derives each task's grant from
+    (``farcall.blobs.task_grant``), which lets that task's worker upload its result blobs and
+    download its argument blob while it runs (``X-Farcall-Grant``; "" from a broker without a
+    data plane). Bound to the endpoint's credential: replacing it voids the key."""
     max_task_bytes: int = 0
     """Largest arguments or result of one task (``FARCALL_MAX_TASK_BYTES``; 0: not said)."""
     broker_id: str = ""

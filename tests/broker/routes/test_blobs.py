@@ -3,9 +3,11 @@ endpoint's grant, size and length errors, and blob lifetime renewed with results
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import httpx
 import pytest
 
 from farcall import serialize
+from farcall.blobs import task_grant
 from farcall.broker import grants
 from farcall.broker.embedded import EmbeddedBroker
 from farcall.broker.settings import Settings
@@ -132,9 +135,9 @@ def test_a_body_cut_short_stores_nothing(env: Env, monkeypatch: pytest.MonkeyPat
     outcomes: list[object] = []
     write = env.blobs.write
 
-    async def watched(*args: Any) -> int:
+    async def watched(*args: Any, **kwargs: Any) -> int:
         try:
-            size = await write(*args)
+            size = await write(*args, **kwargs)
         except BaseException as e:
             outcomes.append(e)
             raise
@@ -149,6 +152,7 @@ def test_a_body_cut_short_stores_nothing(env: Env, monkeypatch: pytest.MonkeyPat
     wait_until(lambda: outcomes, 10, "the upload to end")
     assert isinstance(outcomes[0], Exception), f"a cut body was stored: {outcomes}"
     assert len(env.blobs) == 0
+    assert on_loop(env.broker, env.blobs.usage(env.http.get("/v1/whoami").json()["identity_id"])) == 0
     assert env.upload(b"whole").status_code == 201 and len(env.blobs) == 1
 
 
@@ -165,41 +169,88 @@ def test_blobs_need_a_user_token_or_a_grant(env: Env) -> None:
         assert r.status_code == 403, "an endpoint credential is not for blobs: its grant is"
 
 
-def test_an_endpoints_grant_uploads_and_downloads_and_a_forged_one_is_refused(env: Env) -> None:
+def _grant(endpoint_id: str, welcome_key: str, task_id: str) -> dict[str, str]:
+    return {grants.HEADER: task_grant(endpoint_id, base64.urlsafe_b64decode(welcome_key), task_id)}
+
+
+def test_a_tasks_grant_moves_only_its_tasks_blobs_while_it_runs(env: Env) -> None:
     endpoint_id, credential = env.endpoint()
+    function_id = env.http.post("/v1/functions", json={"function": "FN"}).json()["function_id"]
+    argument = env.upload(b"an argument").json()
+    others = env.upload(b"another blob of alice").json()["blob_id"]
+    ref = serialize.ref_payload(argument["blob_id"], argument["size"])
+    submitted = env.http.post("/v1/tasks", json={"endpoint_id": endpoint_id, "tasks": [
+        {"function_id": function_id, "args": ref}]}).json()
+    (task_id,) = submitted["task_ids"]
     ep = FakeEndpoint(env.broker.url, endpoint_id, credential)
     try:
         welcome = ep.hello(credit=1)
+        ep.tasks(1)
+        assert welcome.upload_grant and welcome.max_task_bytes == TASK_LIMIT
+        grant = _grant(endpoint_id, welcome.upload_grant, task_id)
+        with httpx.Client(base_url=env.broker.url, headers=grant) as worker:
+            result = os.urandom(2 * MiB)
+            r = worker.post("/v1/blobs", content=result)
+            assert r.status_code == 201, r.text
+            result_id = r.json()["blob_id"]
+            assert worker.get(f"/v1/blobs/{argument['blob_id']}").content == b"an argument"
+            for not_its_own in (others, result_id):
+                assert worker.get(f"/v1/blobs/{not_its_own}").status_code == 404
+            assert worker.get("/v1/limits").status_code == 401, "a grant is for blobs only"
+        assert env.http.get(f"/v1/blobs/{result_id}").content == result, "the submitter's"
+        alice = env.http.get("/v1/whoami").json()["identity_id"]
+        assert on_loop(env.broker, env.blobs.usage(alice)) >= 2 * MiB
+
+        other_id, _ = env.endpoint()
+        key = base64.urlsafe_b64decode(welcome.upload_grant)
+        forged = [
+            task_grant(other_id, key, task_id),  # another endpoint's id with this key
+            grant[grants.HEADER][:-4] + "AAA=",
+            task_grant(endpoint_id, b"x" * 32, task_id),  # another key
+            f"{endpoint_id}:{welcome.upload_grant}",  # the key itself, as the old grants were
+            welcome.upload_grant,
+            f"{endpoint_id}::",
+        ]
+        for value in forged:
+            r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x",
+                           headers={grants.HEADER: value})
+            assert r.status_code == 401 and grants.HEADER in r.json()["message"], (value, r.text)
+
+        ep.send(ResultsFrame(results=[ResultMessage(task_id=task_id, state=TaskState.SUCCESS,
+                                                    data="R", started_at=now())]))
+        assert isinstance(ep.recv(), ResultsAck)
     finally:
         ep.close()
-    assert welcome.upload_grant and welcome.max_task_bytes == TASK_LIMIT
-    grant = {grants.HEADER: f"{endpoint_id}:{welcome.upload_grant}"}
-    with httpx.Client(base_url=env.broker.url, headers=grant) as worker:
-        result = os.urandom(2 * MiB)
-        r = worker.post("/v1/blobs", content=result)
-        assert r.status_code == 201, r.text
-        assert worker.get(f"/v1/blobs/{r.json()['blob_id']}").content == result
-        users_blob = env.upload(b"an argument").json()["blob_id"]
-        assert worker.get(f"/v1/blobs/{users_blob}").content == b"an argument"
-        assert worker.get("/v1/limits").status_code == 401, "a grant is for blobs only"
+    r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=grant)
+    assert r.status_code == 403 and "any more" in r.json()["message"], "the grant ends with its task"
+    wait_until(lambda: env.http.get(f"/v1/blobs/{argument['blob_id']}").status_code == 404, 10,
+               "the argument blob freed when its task ended")
 
-    other_id, _ = env.endpoint()
-    secret = on_loop(env.broker, env.blobs.secret())
-    forged = [
-        f"{other_id}:{welcome.upload_grant}",  # another endpoint's id with this grant
-        f"{endpoint_id}:{welcome.upload_grant[:-2]}AA",
-        f"{endpoint_id}:{grants.sign(b'x' * 32, endpoint_id)}",  # signed with another secret
-        welcome.upload_grant,  # no endpoint id
-        f"{endpoint_id}:",
-    ]
-    for value in forged:
-        r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers={grants.HEADER: value})
-        assert r.status_code == 401 and grants.HEADER in r.json()["message"], (value, r.text)
-
-    env.http.delete(f"/v1/endpoints/{other_id}").raise_for_status()
-    deleted = {grants.HEADER: f"{other_id}:{grants.sign(secret, other_id)}"}
-    r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=deleted)
+    env.http.delete(f"/v1/endpoints/{endpoint_id}").raise_for_status()
+    r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=grant)
     assert r.status_code == 401 and "deleted" in r.json()["message"], r.text
+
+
+def test_a_user_downloads_only_their_own_blobs(env: Env) -> None:
+    blob_id = env.upload(b"alice's").json()["blob_id"]
+    bob = env.broker.create_user("bob")
+    r = httpx.get(f"{env.broker.url}/v1/blobs/{blob_id}", headers={"Authorization": f"Bearer {bob}"})
+    assert r.status_code == 404 and r.json()["error"] == "not_found", r.text
+    assert env.http.get(f"/v1/blobs/{blob_id}").content == b"alice's"
+
+
+def test_a_blob_over_the_owners_quota_is_refused_and_a_freed_one_makes_room(env: Env) -> None:
+    env.broker.app.state.services.settings.max_blob_bytes_per_user = 3 * MiB
+    first = env.upload(b"a" * (2 * MiB)).json()["blob_id"]
+    r = env.upload(b"b" * (2 * MiB))
+    assert r.status_code == 403 and r.json()["error"] == "quota_exceeded", r.text
+    assert "FARCALL_MAX_BLOB_BYTES_PER_USER" in r.json()["message"]
+    bob = env.broker.create_user("bob")
+    r = httpx.post(f"{env.broker.url}/v1/blobs", content=b"c" * (2 * MiB),
+                   headers={"Authorization": f"Bearer {bob}"})
+    assert r.status_code == 201, "another user's quota is their own"
+    on_loop(env.broker, env.blobs.delete([first]))
+    assert env.upload(b"b" * (2 * MiB)).status_code == 201
 
 
 def test_a_result_that_is_a_blob_reference_renews_the_blobs_lifetime(env: Env) -> None:
@@ -212,7 +263,7 @@ def test_a_result_that_is_a_blob_reference_renews_the_blobs_lifetime(env: Env) -
     try:
         welcome = ep.hello(credit=1)
         ep.tasks(1)
-        grant = {grants.HEADER: f"{endpoint_id}:{welcome.upload_grant}"}
+        grant = _grant(endpoint_id, welcome.upload_grant, task_id)
         blob = httpx.post(f"{env.broker.url}/v1/blobs", content=b"r" * 1000,
                           headers=grant).json()
         on_loop(env.broker, env.blobs.touch([blob["blob_id"]], 5))  # about to expire
@@ -225,3 +276,21 @@ def test_a_result_that_is_a_blob_reference_renews_the_blobs_lifetime(env: Env) -
     left = env.blobs._blobs[blob["blob_id"]].expires - time.monotonic()
     assert RESULT_TTL - 60 < left <= RESULT_TTL, "the blob must live as long as the result"
     wait_until(lambda: env.http.get(f"/v1/tasks/{task_id}").json()["data"] == ref, 10, "result")
+
+
+def test_revoking_a_token_ends_its_upload_in_progress(env: Env) -> None:
+    token = env.http.post("/v1/tokens", json={"name": "uploader"}).json()
+    answers: list[tuple[int, Any]] = []
+    sender = threading.Thread(target=lambda: answers.append(_raw(env.broker.url, "\r\n".join([
+        "POST /v1/blobs HTTP/1.1", "Host: broker", f"Authorization: Bearer {token['token']}",
+        "Content-Length: 5000000"]), os.urandom(300_000))))
+    sender.start()
+    wait_until(lambda: env.broker.app.state.services.uploads.held(
+        env.http.get("/v1/whoami").json()["identity_id"]), 10, "the upload to start")
+    started = time.monotonic()
+    env.http.delete(f"/v1/tokens/{token['token_id']}").raise_for_status()
+    sender.join(20)
+    assert answers and answers[0][0] == 401, answers
+    assert "revoked" in answers[0][1]["message"]
+    assert time.monotonic() - started < 5, "ended by the revocation, not by the body timeout"
+    assert len(env.blobs) == 0

@@ -30,6 +30,7 @@ import abc
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -253,6 +254,11 @@ class EndpointStore(abc.ABC):
         """The user's endpoints and the endpoints shared with the user, by id."""
 
     @abc.abstractmethod
+    async def credential_hash(self, endpoint_id: str) -> str | None:
+        """The hash of the endpoint's current credential (None for an unknown endpoint): what
+        its workers' grants are derived from, so replacing the credential voids them."""
+
+    @abc.abstractmethod
     async def delete(self, endpoint_id: str) -> None:
         """Remove the endpoint, revoke its credential, forget its in-flight set, queued count
         and shares (it leaves the lists of the users it was shared with)."""
@@ -433,6 +439,10 @@ class InflightStore(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, endpoint_id: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    async def task(self, endpoint_id: str, task_id: str) -> str | None:
+        """The TaskMessage JSON of one task in the endpoint's in-flight set, or None."""
 
     @abc.abstractmethod
     async def remove(self, endpoint_id: str, task_ids: list[str]) -> None: ...
@@ -629,12 +639,66 @@ class BlobMissing(Exception):  # noqa: N818 - a condition, like KeyError
     """A blob expired (or was removed) while it was being read."""
 
 
+class OverBlobQuota(Exception):  # noqa: N818 - a condition the caller answers with 403
+    """``BlobStore.write`` refused a blob: its owner's stored bytes would pass their quota."""
+
+    def __init__(self, used: int, size: int, quota: int) -> None:
+        super().__init__(f"{used} bytes stored, {size} more asked, quota {quota}")
+        self.used, self.size, self.quota = used, size, quota
+
+
 @dataclass
 class Blob:
-    """An open blob: its size, and its bytes chunk by chunk (iterate once)."""
+    """An open blob: its size, its bytes chunk by chunk (iterate once), and whose it is (the
+    user its bytes count against; "" for a blob written without an owner)."""
 
     size: int
     chunks: AsyncIterator[bytes]
+    owner: str = ""
+
+
+class BlobLedger:
+    """Bytes of blobs per owner, each blob counted until it expires or is released: the quota's
+    bookkeeping for the in-process and file backends (the Redis one keeps it in Redis). Held in
+    memory, so with the file backend each replica counts what it stored itself."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._by_owner: dict[str, dict[str, tuple[int, float]]] = {}
+        """owner -> blob id -> (size, expires at)"""
+        self._owner_of: dict[str, str] = {}
+
+    def usage(self, owner: str) -> int:
+        """The owner's bytes still counted (expired blobs forgotten on the way)."""
+        held = self._by_owner.get(owner, {})
+        now = self._clock()
+        for gone in [b for b, (_, expires) in held.items() if expires <= now]:
+            del held[gone]
+            self._owner_of.pop(gone, None)
+        return sum(size for size, _ in held.values())
+
+    def reserve(self, owner: str, blob_id: str, size: int, ttl: float, quota: int) -> None:
+        """Count ``size`` bytes of ``blob_id`` against ``owner``; ``OverBlobQuota`` (counting
+        nothing) if that passes ``quota`` (0: no quota)."""
+        used = self.usage(owner)
+        if quota and used + size > quota:
+            raise OverBlobQuota(used, size, quota)
+        self._by_owner.setdefault(owner, {})[blob_id] = (size, self._clock() + ttl)
+        self._owner_of[blob_id] = owner
+
+    def touch(self, blob_id: str, ttl: float) -> None:
+        owner = self._owner_of.get(blob_id)
+        held = self._by_owner.get(owner, {}) if owner is not None else {}
+        if blob_id in held:
+            held[blob_id] = (held[blob_id][0], self._clock() + ttl)
+
+    def release(self, blob_id: str) -> None:
+        owner = self._owner_of.pop(blob_id, None)
+        if owner is not None:
+            held = self._by_owner.get(owner, {})
+            held.pop(blob_id, None)
+            if not held:
+                self._by_owner.pop(owner, None)
 
 
 class Backend:
@@ -663,9 +727,15 @@ class BlobStore(Backend, abc.ABC):
     """
 
     @abc.abstractmethod
-    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float) -> int:
+    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float,
+                    owner: str = "", size: int = 0, quota: int = 0) -> int:
         """Store ``chunks`` as blob ``blob_id``; its size. Nobody sees the blob before every
-        chunk is stored; if ``chunks`` raises, that propagates and nothing is stored."""
+        chunk is stored; if ``chunks`` raises, that propagates and nothing is stored.
+
+        With an ``owner``, the blob's ``size`` (declared: the caller holds ``chunks`` to it)
+        counts against the owner's stored bytes, from before the first chunk is read until
+        the blob expires or is deleted; ``OverBlobQuota`` (nothing read, nothing counted) if
+        that would pass ``quota`` (0: no quota)."""
 
     @abc.abstractmethod
     async def open(self, blob_id: str) -> Blob | None:
@@ -675,6 +745,14 @@ class BlobStore(Backend, abc.ABC):
     @abc.abstractmethod
     async def touch(self, blob_ids: list[str], ttl: float) -> None:
         """Make each blob that exists expire ``ttl`` seconds from now (others are ignored)."""
+
+    @abc.abstractmethod
+    async def delete(self, blob_ids: list[str]) -> None:
+        """Remove blobs now (unknown ones are ignored); they stop counting against their owner."""
+
+    @abc.abstractmethod
+    async def usage(self, owner: str) -> int:
+        """The bytes of blobs that count against ``owner`` now."""
 
     @abc.abstractmethod
     async def secret(self) -> bytes:

@@ -9,6 +9,10 @@ store, every ``sweep_every`` seconds: see :func:`sweep_period`) removes expired 
 temporary ones a crashed writer left, so an idle broker's disk empties too. The grant secret
 is the file ``.secret``, made once by whichever replica asks first (a hard link never
 overwrites). Blocking file calls run in threads, off the event loop.
+
+A file starts with a short header naming the blob's owner (``HEADER``: magic, owner's length,
+owner); a file without it (written before owners were kept) has none. The quota's bookkeeping
+is a ``BlobLedger`` in memory: each replica counts the blobs it stored itself.
 """
 
 from __future__ import annotations
@@ -18,13 +22,21 @@ import contextlib
 import logging
 import os
 import secrets
+import struct
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
 from farcall.broker.periodic import Periodic
-from farcall.broker.store.base import BLOB_CHUNK, BLOB_ID, Blob, BlobStore, write_behind
+from farcall.broker.store.base import (
+    BLOB_CHUNK,
+    BLOB_ID,
+    Blob,
+    BlobLedger,
+    BlobStore,
+    write_behind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +50,15 @@ MIN_SWEEP_EVERY = 1.0
 """The shortest: a short TTL does not turn the sweep into a busy loop over the directory."""
 STALE_TEMP = 3600.0
 """A temporary file untouched this long belongs to a writer that died."""
+MAGIC = b"\x00fcblob1"
+HEADER = struct.Struct(">8sH")
+"""What a blob file starts with: ``MAGIC`` and the length of the owner's id (UTF-8), which
+follows."""
+
+
+def _header(owner: str) -> bytes:
+    raw = owner.encode()
+    return HEADER.pack(MAGIC, len(raw)) + raw
 
 
 def sweep_period(ttl: float) -> float:
@@ -68,6 +89,7 @@ class FileBlobs(BlobStore):
         self.sweep_every = sweep_every
         self._secret: bytes | None = None
         self._sweeper: _Sweep | None = None
+        self._ledger = BlobLedger()
 
     def _path(self, blob_id: str) -> Path:
         if not BLOB_ID.fullmatch(blob_id):
@@ -91,37 +113,57 @@ class FileBlobs(BlobStore):
         if not await asyncio.to_thread(os.access, self.dir, os.W_OK | os.X_OK):
             raise OSError(f"the blob directory {self.dir} is missing or not writable")
 
-    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float) -> int:
+    async def write(self, blob_id: str, chunks: AsyncIterable[bytes], ttl: float,
+                    owner: str = "", size: int = 0, quota: int = 0) -> int:
         path = self._path(blob_id)
+        if owner:
+            self._ledger.reserve(owner, blob_id, size, ttl, quota)
         temp = self.dir / f"{TEMP}{blob_id}.{secrets.token_hex(4)}"
-        file = await asyncio.to_thread(_create, temp)
         try:
-            async def put(_: int, chunk: bytes) -> None:
-                await asyncio.to_thread(file.write, chunk)
-
+            file = await asyncio.to_thread(_create, temp, _header(owner))
             try:
-                _, size = await write_behind(chunks, put)
-            finally:
-                await asyncio.to_thread(file.close)
-            await asyncio.to_thread(_publish, temp, path, time.time() + ttl)
+                async def put(_: int, chunk: bytes) -> None:
+                    await asyncio.to_thread(file.write, chunk)
+
+                try:
+                    _, written = await write_behind(chunks, put)
+                finally:
+                    await asyncio.to_thread(file.close)
+                await asyncio.to_thread(_publish, temp, path, time.time() + ttl)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                raise
         except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+            self._ledger.release(blob_id)
             raise
-        return size
+        return written
 
     async def open(self, blob_id: str) -> Blob | None:
         if not BLOB_ID.fullmatch(blob_id):
             return None
-        file = await asyncio.to_thread(_open_live, self._path(blob_id))
-        if file is None:
+        found = await asyncio.to_thread(_open_live, self._path(blob_id))
+        if found is None:
             return None
-        return Blob(os.fstat(file.fileno()).st_size, _read(file))
+        file, owner = found
+        return Blob(os.fstat(file.fileno()).st_size - file.tell(), _read(file), owner)
 
     async def touch(self, blob_ids: list[str], ttl: float) -> None:
-        paths = [self._path(b) for b in blob_ids if BLOB_ID.fullmatch(b)]
-        if paths:
-            await asyncio.to_thread(_touch, paths, time.time() + ttl)
+        ids = [b for b in blob_ids if BLOB_ID.fullmatch(b)]
+        if ids:
+            await asyncio.to_thread(_touch, [self._path(b) for b in ids], time.time() + ttl)
+            for blob_id in ids:
+                self._ledger.touch(blob_id, ttl)
+
+    async def delete(self, blob_ids: list[str]) -> None:
+        ids = [b for b in blob_ids if BLOB_ID.fullmatch(b)]
+        if ids:
+            await asyncio.to_thread(_remove, [self._path(b) for b in ids])
+            for blob_id in ids:
+                self._ledger.release(blob_id)
+
+    async def usage(self, owner: str) -> int:
+        return self._ledger.usage(owner)
 
     async def secret(self) -> bytes:
         if self._secret is None:
@@ -167,9 +209,17 @@ class FileBlobs(BlobStore):
             log.info("removed %d expired blob files from %s", removed, self.dir)
 
 
-def _create(path: Path) -> BinaryIO:
+def _create(path: Path, header: bytes) -> BinaryIO:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    return os.fdopen(fd, "wb")
+    file = os.fdopen(fd, "wb")
+    file.write(header)
+    return file
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _publish(temp: Path, path: Path, expires: float) -> None:
@@ -177,9 +227,9 @@ def _publish(temp: Path, path: Path, expires: float) -> None:
     os.replace(temp, path)
 
 
-def _open_live(path: Path) -> BinaryIO | None:
-    """The blob's file, open, if it exists and has not expired (the open file stays readable
-    if a sweep removes it meanwhile)."""
+def _open_live(path: Path) -> tuple[BinaryIO, str] | None:
+    """The blob's file, open at its first byte of data, and its owner, if it exists and has not
+    expired (the open file stays readable if a sweep removes it meanwhile)."""
     try:
         file = open(path, "rb")  # noqa: SIM115 - the reader closes it
     except FileNotFoundError:
@@ -187,7 +237,13 @@ def _open_live(path: Path) -> BinaryIO | None:
     if os.fstat(file.fileno()).st_mtime <= time.time():
         file.close()
         return None
-    return file
+    start = file.read(HEADER.size)
+    owner = ""
+    if len(start) == HEADER.size and start[:len(MAGIC)] == MAGIC:
+        owner = file.read(HEADER.unpack(start)[1]).decode()
+    else:
+        file.seek(0)  # written before blobs had owners
+    return file, owner
 
 
 def _touch(paths: list[Path], expires: float) -> None:

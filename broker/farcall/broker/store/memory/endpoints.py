@@ -32,6 +32,9 @@ class MemoryEndpoints(EndpointStore):
         ids = sorted(e for e, rec in self._s.endpoints.items() if rec.usable_by(user_id))
         return [r for e in ids if (r := await self.get(e)) is not None]
 
+    async def credential_hash(self, endpoint_id: str) -> str | None:
+        return self._s.credentials.get(endpoint_id)
+
     async def delete(self, endpoint_id: str) -> None:
         s = self._s
         s.endpoints.pop(endpoint_id, None)

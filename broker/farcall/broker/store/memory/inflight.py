@@ -36,6 +36,9 @@ class MemoryInflight(InflightStore):
     async def get(self, endpoint_id: str) -> dict[str, str]:
         return dict(self._s.inflight.get(endpoint_id, {}))
 
+    async def task(self, endpoint_id: str, task_id: str) -> str | None:
+        return self._s.inflight.get(endpoint_id, {}).get(task_id)
+
     async def reconcile(
         self, endpoint_id: str, held: set[str], crashed: set[str], max_losses: int, at: float
     ) -> Reconciled:

@@ -80,6 +80,10 @@ class RedisEndpoints(EndpointStore):
         records = await self._get_many(sorted(owned | shared))
         return [r for r in records if r is not None and r.usable_by(user_id)]
 
+    async def credential_hash(self, endpoint_id: str) -> str | None:
+        found: str | None = await self._db.r.hget(self._db.k("ep", endpoint_id), "credential_hash")
+        return found or None
+
     async def delete(self, endpoint_id: str) -> None:
         db = self._db
         key = db.k("ep", endpoint_id)

@@ -132,6 +132,10 @@ class RedisInflight(InflightStore):
     async def get(self, endpoint_id: str) -> dict[str, str]:
         return await self._db.r.hgetall(self._db.k("ep", endpoint_id, "inflight"))
 
+    async def task(self, endpoint_id: str, task_id: str) -> str | None:
+        found: str | None = await self._db.r.hget(self._db.k("ep", endpoint_id, "inflight"), task_id)
+        return found
+
     async def remove(self, endpoint_id: str, task_ids: list[str]) -> None:
         if task_ids:
             await self._db.r.hdel(self._db.k("ep", endpoint_id, "inflight"), *task_ids)
