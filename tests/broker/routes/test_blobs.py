@@ -231,6 +231,25 @@ def test_a_tasks_grant_moves_only_its_tasks_blobs_while_it_runs(env: Env) -> Non
     assert r.status_code == 401 and "deleted" in r.json()["message"], r.text
 
 
+def test_rotating_the_endpoints_credential_ends_its_grants(env: Env) -> None:
+    """A grant a task read keeps working no longer than the credential its key came from."""
+    endpoint_id, credential = env.endpoint()
+    function_id = env.http.post("/v1/functions", json={"function": "FN"}).json()["function_id"]
+    (task_id,) = env.http.post("/v1/tasks", json={"endpoint_id": endpoint_id, "tasks": [
+        {"function_id": function_id, "args": "A"}]}).json()["task_ids"]
+    ep = FakeEndpoint(env.broker.url, endpoint_id, credential)
+    try:
+        grant = _grant(endpoint_id, ep.hello(credit=1).upload_grant, task_id)
+        ep.tasks(1)
+        assert httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=grant).status_code == 201
+        r = env.http.post(f"/v1/endpoints/{endpoint_id}/credential")
+        assert r.status_code == 200, r.text
+        refused = httpx.post(f"{env.broker.url}/v1/blobs", content=b"x", headers=grant)
+        assert refused.status_code == 401, refused.text
+    finally:
+        ep.close()
+
+
 def test_a_user_downloads_only_their_own_blobs(env: Env) -> None:
     blob_id = env.upload(b"alice's").json()["blob_id"]
     bob = env.broker.create_user("bob")
