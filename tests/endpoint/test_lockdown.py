@@ -66,9 +66,10 @@ def test_another_process_of_the_account_cannot_read_an_undumpable_ones_environ(
                               text=True, cwd="/", env={**os.environ, "OWNER_SECRET": "s3cret"})
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        account = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
+        nobody = 65534 if os.geteuid() == 0 else None  # root reads every process's files
         reader = subprocess.run(["cat", f"/proc/{holder.pid}/environ"], capture_output=True,
-                                cwd="/", **account)
+                                cwd="/", user=nobody, group=nobody,
+                                extra_groups=[] if nobody is not None else None)
     finally:
         holder.kill()
         holder.wait()
