@@ -119,3 +119,13 @@ def test_one_user_keeps_every_worker_as_before(
     pids = {engine_pid for engine_pid, _ in first.values()}
     later = run_all(engine, [task_of("ann", implant, "ann", 0.05) for _ in range(8)])
     assert {pid for pid, _ in later.values()} <= pids and len(pids) == 2
+
+
+def test_engines_that_share_workers_between_users_say_so() -> None:
+    """The agent warns at start (``Engine.shared_caveat``) for engines without a worker per user."""
+    from farcall.endpoint.engines.parsl import ParslEngine
+    from farcall.endpoint.engines.threads import ThreadPoolEngine
+
+    assert "agent's own process" in ThreadPoolEngine.shared_caveat
+    assert "several users" in ParslEngine.shared_caveat
+    assert ProcessPoolEngine.shared_caveat == ""
