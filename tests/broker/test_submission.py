@@ -63,6 +63,19 @@ async def test_otherwise_the_batch_is_queued_whole(svc: Services, why: str) -> N
     assert record is not None and record.state == TaskState.WAITING
 
 
+async def test_every_task_says_who_submitted_it(svc: Services) -> None:
+    """A shared endpoint keeps each user's tasks in workers of their own: the broker names the
+    submitter in every task it sends, straight or through the queue."""
+    eid, fid = await endpoint_and_function(svc, ALICE)
+    session = await live(svc, eid, FakeSession(credit=2))
+    await submit_batch(svc, ALICE, batch(eid, fid, 2))
+    await submit_batch(svc, ALICE, batch(eid, fid, 3))  # no room left: queued
+    ((sent, _),) = session.sent
+    assert {TaskMessage.model_validate_json(body).user_id for _, _, body in sent} == {ALICE}
+    queued = [t for body in await svc.queue.drain(eid) for t in parse_task_batch(body)]
+    assert len(queued) == 3 and {t.user_id for t in queued} == {ALICE}
+
+
 async def test_a_direct_send_that_fails_leaves_the_tasks_in_flight(svc: Services) -> None:
     """The session's next hello reconciles them; the client is told they were taken."""
     eid, fid = await endpoint_and_function(svc, ALICE)

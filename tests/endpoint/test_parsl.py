@@ -135,6 +135,27 @@ def test_worker_death_fails_only_its_task_with_worker_lost(make_engine: Callable
     assert _run(engine, pow, 3, 4, max_retries=2) == 81
 
 
+def test_parsl_workers_start_with_the_worker_environment(
+    make_engine: Callable[..., ParslEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block's job inherits the agent's environment; the pool and its workers do not."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-key")
+    monkeypatch.setenv("LAB_SCRATCH", "/scratch/lab")
+    engine = make_engine(provider={"type": "LocalProvider", "init_blocks": 1, "max_blocks": 1},
+                         max_workers_per_node=1, worker_env={"OMP_NUM_THREADS": "3"},
+                         worker_env_passthrough=["LAB_SCRATCH"])
+
+    def environment() -> tuple[dict[str, str], bytes]:
+        import os
+
+        with open(f"/proc/{os.getppid()}/environ", "rb") as f:  # the worker pool's
+            return dict(os.environ), f.read()
+
+    env, pool = _run(engine, environment)
+    assert env["OMP_NUM_THREADS"] == "3" and env["LAB_SCRATCH"] == "/scratch/lab"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and b"cloud-key" not in pool
+
+
 def test_resource_specification_reaches_htex(make_engine: Callable[..., ParslEngine]) -> None:
     engine = make_engine(provider={"type": "LocalProvider", "init_blocks": 1, "max_blocks": 1},
                          max_workers_per_node=1)

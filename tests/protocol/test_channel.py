@@ -43,6 +43,13 @@ def test_a_single_task_object_of_protocol_v1_reads_as_a_batch_of_one() -> None:
     assert parse_task_batch(b"  \n" + TASKS[0].model_dump_json().encode()) == [TASKS[0]]
 
 
+def test_a_task_queued_before_tasks_named_their_submitter_reads_as_no_ones() -> None:
+    raw = TASKS[0].model_dump(mode="json")
+    del raw["user_id"]
+    (task,) = parse_task_batch(json.dumps([raw]))
+    assert task.user_id == "", "an engine runs such tasks in one pool of their own"
+
+
 def test_joining_task_json_writes_what_dump_task_batch_writes() -> None:
     assert join_task_batch([t.model_dump_json() for t in TASKS]) == dump_task_batch(TASKS)
     assert join_task_batch([]) == dump_task_batch([]) == b"[]"

@@ -89,6 +89,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
             args=spec.args,
             resource_specification=spec.resource_specification,
             submitter=batch.submitter,
+            user_id=user,
             walltime=spec.walltime,
             max_retries=spec.max_retries,
             result_format=spec.result_format,

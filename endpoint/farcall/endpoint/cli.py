@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from farcall.endpoint import daemon
+from farcall.endpoint import daemon, lockdown
 from farcall.endpoint.agent import Agent
 from farcall.endpoint.config import (
     PROVIDER_TEMPLATES,
@@ -159,10 +159,14 @@ def cmd_start(args: argparse.Namespace) -> int:
             print(f"started endpoint {name} ({started.endpoint_id}) as pid {started.pid}; "
                   f"log: {started.log}")
         return 0
+    lockdown.make_undumpable()  # tasks (same Unix account) cannot read its memory or environ
     with daemon.pid_file(directory), daemon.hooks(config.endpoint_setup, config.endpoint_teardown,
                                                   directory):
+        lockdown.warn_user_token(registered=not args.register_again
+                                 and load_registrations(directory) is not None)
         registration = ensure_registered(directory, broker_url, config.display_name or name,
                                          register_again=args.register_again)
+        lockdown.drop_user_token()  # from here on, the endpoint's credential is all it holds
 
         def on_welcome(welcome: Welcome) -> None:
             nonlocal registration
@@ -184,6 +188,11 @@ def cmd_start(args: argparse.Namespace) -> int:
             reload_credential=lambda: stored_credential(directory, registration.endpoint_id),
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
+        if engine.shared_caveat:
+            log.warning("endpoint %s: %s keeps no worker to one user: %s. Share this endpoint "
+                        "only with users who trust each other and you, or use ProcessPoolEngine "
+                        "(a worker per user) or a multi-user endpoint (tasks run as each user's "
+                        "own account)", name, engine.name, engine.shared_caveat)
         try:
             daemon.run_agent(agent, directory)
         except EndpointRejected as e:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from farcall.config import farcall_home
 from farcall.endpoint.errors import EndpointError
+from farcall.endpoint.lockdown import TOKEN_VARIABLE
+from farcall.endpoint.registration import load_registrations
 
 if TYPE_CHECKING:
     from farcall.endpoint.agent import Agent
@@ -201,6 +203,8 @@ def start_detached(name: str, directory: Path, wait: float, *,
     (directory / STATUS_FILE).unlink(missing_ok=True)
     # The daemon runs in the endpoint's directory: a relative FARCALL_HOME must not move with it.
     env = {**os.environ, "FARCALL_HOME": str(farcall_home().absolute())}
+    if not register_again and _registered(directory):
+        env.pop(TOKEN_VARIABLE, None)  # it needs only its credential: the token stays here
     with open(log_path, "ab") as out:
         child = subprocess.Popen(
             [sys.executable, "-m", "farcall.endpoint", "start", name,
@@ -219,6 +223,13 @@ def start_detached(name: str, directory: Path, wait: float, *,
             return Detached(child.pid, log_path, str(status["endpoint_id"]))
         time.sleep(0.1)
     return Detached(child.pid, log_path, None)
+
+
+def _registered(directory: Path) -> bool:
+    try:
+        return load_registrations(directory) is not None
+    except EndpointError:  # a damaged file: the daemon says so, and may need the token
+        return False
 
 
 def stop(name: str, pid: int, timeout: float) -> None:

@@ -68,6 +68,9 @@ class TaskMessage(Message):
     args: str
     resource_specification: SpecField = None
     submitter: Versions | None = None
+    user_id: str = ""
+    """The id of the user who submitted it (set by the broker): a shared endpoint's engine never
+    runs tasks of two users in one worker process. "" from brokers before it (one pool)."""
     walltime: float | None = None
     """Seconds it may run on a worker (the engine enforces it; ``TaskTimeout`` past it)."""
     max_retries: int = 0

@@ -54,6 +54,9 @@ class Engine(abc.ABC):
     runs_tasks_in_agent: ClassVar[bool] = False
     """True when tasks run inside the agent's own process, so a task can kill the agent
     (the agent then keeps its crash journal; other engines lose only a worker)."""
+    shared_caveat: ClassVar[str] = ""
+    """What a task can reach of other users' tasks on a shared endpoint, for engines that do not
+    keep each worker to one user ("" for those that do); the agent says it at start."""
 
     @classmethod
     def from_options(cls, options: EngineOptions) -> Engine:

@@ -19,6 +19,16 @@ raised inside the function when due, and a task still running
 ``worker.EXIT_GRACE`` seconds later ends its worker process, which Parsl
 replaces; that task then comes back lost (``WorkerLost``). HTEX does not say
 when a task starts, so there is no engine-side walltime clock here.
+
+What a task can reach: Parsl starts its workers itself (the provider's job script runs
+``worker_init``, then a launcher starts the worker pool), so the engine puts
+``worker_env.exec_prefix`` in front of the pool's command: the pool and its workers start
+with the scrubbed worker environment (``worker_env``, ``worker_env_passthrough``), made in the
+job from the job's own environment. The job script's shell above them keeps the environment
+the provider gave it (the agent's, with ``FARCALL_TOKEN`` already dropped, for a local or
+Slurm block); ``worker_env`` values travel in the job script. Parsl's workers are shared:
+tasks of several users may run in one worker process, one after another, so on a shared
+endpoint a task can leave something behind for another user's task (``shared_caveat``).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from farcall.endpoint.engines.policy import CHUNK_SECONDS, PolicyEngine, TaskDur
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.outcomes import failed_result
 from farcall.endpoint.worker import EXIT_GRACE
+from farcall.endpoint.worker_env import exec_prefix
 from farcall.protocol.channel import ResultMessage, TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,9 @@ class ParslEngine(PolicyEngine):
     """HTEX on a Parsl provider, scaled by Parsl's own strategy."""
 
     Options: ClassVar[type[EngineOptions]] = ParslOptions
+    shared_caveat = ("Parsl's worker processes are shared, so tasks of several users may run in "
+                     "one worker, one after another, and a task can leave something in it (a "
+                     "global, a patched module) that a later task of another user meets")
 
     def __init__(
         self,
@@ -71,6 +85,8 @@ class ParslEngine(PolicyEngine):
         run_dir: str | None = None,
         prefetch: int = 128,
         max_chunk: int = 64,
+        worker_env: dict[str, str] | None = None,
+        worker_env_passthrough: list[str] | None = None,
         **executor_options: Any,
     ) -> None:
         super().__init__()
@@ -83,6 +99,8 @@ class ParslEngine(PolicyEngine):
         self.run_dir = run_dir
         self.prefetch = prefetch
         self.max_chunk = max_chunk
+        self.worker_env = dict(worker_env or {})
+        self.worker_env_passthrough = list(worker_env_passthrough or ())
         self.executor_options = executor_options
         self.htex: Any = None
         self._poller: Any = None
@@ -120,6 +138,10 @@ class ParslEngine(PolicyEngine):
             raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
         # Set after construction: MPIExecutor's type check refuses a list here, HTEX needs one.
         self.htex.interchange_launch_cmd = interchange_cmd()
+        # Formatted by Parsl (str.format): the prefix has no braces; worker_env values are
+        # base64 in it.
+        self.htex.launch_cmd = (exec_prefix(self.worker_env_passthrough, self.worker_env) + " "
+                                + self.htex.launch_cmd)
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
         run_dir = run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir(parents=True, exist_ok=True)

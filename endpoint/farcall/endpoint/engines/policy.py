@@ -90,6 +90,8 @@ class TaskEntry:
     """Runs lost alone with their worker: those count against ``max_retries``."""
     done: bool = False
     """Answered: the engine skips it if still queued and drops any later result."""
+    user: str = ""
+    """Who submitted it (``TaskMessage.user_id``): engines that keep users apart place it by it."""
 
 
 class PolicyEngine(Engine):
@@ -134,7 +136,8 @@ class PolicyEngine(Engine):
                payload: str = "", spec: dict[str, Any] | None = None) -> TaskEntry:
         """The entry for a submitted task, registered so that ``cancel`` finds it."""
         entry = TaskEntry(task.task_id, payload, on_done, on_start, spec,
-                          task.walltime is not None, task.walltime, task.max_retries)
+                          task.walltime is not None, task.walltime, task.max_retries,
+                          user=task.user_id)
         if self._live.setdefault(task.task_id, entry) is not entry:
             raise ValueError(f"task {task.task_id} is already in {self.name}; submit each task "
                              "once and again only after its result")

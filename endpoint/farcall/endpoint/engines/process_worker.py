@@ -2,7 +2,9 @@
 
 ``ProcessPoolEngine`` starts one per worker. It imports no more than running a
 task needs (``farcall.endpoint.worker`` and the SDK's messages), so a
-replacement for a dead worker is up quickly.
+replacement for a dead worker is up quickly. It runs the tasks of one user only, and marks
+itself non-dumpable (``lockdown.make_undumpable``), so processes of the same Unix account
+cannot read its memory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import sys
 import threading
 
+from farcall.endpoint.lockdown import make_undumpable
 from farcall.endpoint.worker import run_batch
 
 STOP = b""
@@ -33,6 +36,8 @@ def serve_pipe(fd: int) -> None:
     # must not kill running tasks: the agent decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Another user's task (an earlier worker, a process it left behind) cannot read this one.
+    make_undumpable()
     conn = multiprocessing.connection.Connection(fd)
     inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
 

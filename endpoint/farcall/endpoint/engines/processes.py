@@ -18,6 +18,17 @@ queue, unharmed, and a new worker takes its place. A task with a walltime goes
 alone to an idle worker, so killing its worker costs no other task, and its
 clock starts when it starts. The worker raises ``TaskTimeout`` inside the
 function first (``worker.run_batch``), so usually no kill is needed.
+
+A worker process never runs tasks of two users (``TaskMessage.user_id``): it is bound to the
+user of the first chunk it is sent, and each user's tasks wait in a queue of their own. On a
+shared endpoint the ``max_workers`` are shared out: a worker whose user has had nothing to
+run for ``worker_idle_seconds``, or that holds more than its user's fair share
+(``max_workers`` / users with work), is replaced by a fresh one when another user's tasks wait
+for a worker. So whatever a task leaves in its worker's memory (a global, a patched module)
+only ever meets that same user's tasks. With one user the engine runs as if users did not
+exist.
+
+Workers start with a scrubbed environment (``worker_env``), never the agent's.
 """
 
 from __future__ import annotations
@@ -38,25 +49,54 @@ from typing import Any
 from pydantic import Field
 
 from farcall.endpoint.engines import process_worker
-from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.base import EngineStatus, OnDone, OnStart
 from farcall.endpoint.engines.policy import WALLTIME_GRACE, PolicyEngine, TaskDurations, TaskEntry
+from farcall.endpoint.worker_env import WorkerEnvOptions, worker_environment
 from farcall.protocol.channel import TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
 
 SHORT_TASK_SECONDS = 0.001
 """Below this average duration a worker gets a second chunk queued, hiding the IPC gap."""
+TURN_SECONDS = 2.0
+"""On a shared endpoint with more busy users than workers, the least time a worker serves one
+user before it is taken for another (a fresh worker costs a process start)."""
 
 
-class ProcessPoolOptions(EngineOptions):
+class ProcessPoolOptions(WorkerEnvOptions):
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     max_chunk: int = Field(default=64, ge=1, description="most tasks sent to a worker at once")
+    worker_idle_seconds: float = Field(
+        default=1.0, ge=0, allow_inf_nan=False,
+        description="seconds a worker bound to one user may sit idle while another user's tasks "
+                    "wait, before a fresh worker replaces it for them (shared endpoints)")
+
+
+class _UserQueue:
+    """One user's tasks waiting for a worker: lost ones to run again alone first, then the rest."""
+
+    __slots__ = ("user", "pending", "suspects", "served_at")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.served_at = 0.0
+        """When a fresh worker was last bound to this user (the longest unserved goes first)."""
+        self.pending: collections.deque[TaskEntry] = collections.deque()
+        self.suspects: collections.deque[TaskEntry] = collections.deque()
+
+    def waiting(self) -> int:
+        """How many tasks wait (answered ones at the head dropped first)."""
+        for queue in (self.suspects, self.pending):
+            while queue and queue[0].done:
+                queue.popleft()
+        return len(self.suspects) + len(self.pending)
 
 
 class _Worker:
     """One worker process: its pipe, a pidfd that becomes readable when it exits, its chunks."""
 
-    __slots__ = ("process", "conn", "pidfd", "inflight", "dead", "killed", "ready")
+    __slots__ = ("process", "conn", "pidfd", "inflight", "dead", "killed", "ready", "user",
+                 "bound_at", "idle_since", "retiring")
 
     def __init__(self, process: subprocess.Popen[bytes], conn: mpc.Connection) -> None:
         self.process = process
@@ -73,6 +113,13 @@ class _Worker:
         """Killed by the engine to stop a task: its other tasks are not suspects."""
         self.ready = False
         """It said ``process_worker.READY``: it has started up and runs what it is sent."""
+        self.user: str | None = None
+        """The user whose tasks it runs, from its first chunk on; None until then."""
+        self.bound_at = 0.0
+        self.idle_since = time.monotonic()
+        """When it last had nothing to run."""
+        self.retiring = False
+        """Taken for another user: it gets no more chunks, and is replaced once idle."""
 
     @property
     def timed(self) -> bool:
@@ -107,14 +154,23 @@ class ProcessPoolEngine(PolicyEngine):
         max_workers: int | None = None,
         prefetch: int = 128,
         max_chunk: int = 64,
+        worker_env: dict[str, str] | None = None,
+        worker_env_passthrough: list[str] | None = None,
+        worker_idle_seconds: float = 1.0,
     ) -> None:
         super().__init__()
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
         self.max_chunk = max_chunk
+        self.worker_env = dict(worker_env or {})
+        self.worker_env_passthrough = list(worker_env_passthrough or ())
+        self.worker_idle_seconds = worker_idle_seconds
+        self._env: dict[str, str] = {}
         self._workers: list[_Worker] = []
-        self._pending: collections.deque[TaskEntry] = collections.deque()
-        self._suspects: collections.deque[TaskEntry] = collections.deque()
+        self._queues: dict[str, _UserQueue] = {}
+        """Each user's queue. Replaced whole (under ``_queues_lock``) when a user comes, never
+        changed in place, so the dispatch thread reads it without a lock; never shrinks."""
+        self._queues_lock = threading.Lock()
         self._stops: collections.deque[TaskEntry] = collections.deque()
         """Answered tasks whose workers the dispatch thread must stop (``_stop_tasks``)."""
         self._durations = TaskDurations()
@@ -127,14 +183,25 @@ class ProcessPoolEngine(PolicyEngine):
     # ------------------------------------------------------------- agent side
 
     def start(self) -> None:
+        self._env = worker_environment(self.worker_env_passthrough, self.worker_env)
         for _ in range(self.max_workers):
             self._workers.append(self._spawn())
         self._thread = threading.Thread(target=self._loop, name="farcall-dispatch", daemon=True)
         self._thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
-        self._pending.append(self._admit(task, on_done, on_start, payload=task.model_dump_json()))
+        entry = self._admit(task, on_done, on_start, payload=task.model_dump_json())
+        queue = self._queues.get(entry.user) or self._new_queue(entry.user)
+        queue.pending.append(entry)
         self._wake()
+
+    def _new_queue(self, user: str) -> _UserQueue:
+        with self._queues_lock:
+            queue = self._queues.get(user)
+            if queue is None:
+                queue = _UserQueue(user)
+                self._queues = {**self._queues, user: queue}
+            return queue
 
     def _stop_tasks(self, entries: list[TaskEntry]) -> None:
         """Queued ones are skipped when their turn comes; the dispatch thread kills the
@@ -144,10 +211,12 @@ class ProcessPoolEngine(PolicyEngine):
 
     def status(self) -> EngineStatus:
         workers = running = idle = 0
+        users = set()
         for w in list(self._workers):
             if w.dead:
                 continue
             workers += 1
+            users.add(w.user)
             try:
                 running += len(w.inflight[0])
             except IndexError:
@@ -155,9 +224,10 @@ class ProcessPoolEngine(PolicyEngine):
         return EngineStatus(
             workers=workers,
             idle_workers=idle,
-            pending_tasks=len(self._pending) + len(self._suspects),
+            pending_tasks=sum(len(q.pending) + len(q.suspects) for q in self._queues.values()),
             running_tasks=running,
-            details={"avg_task_seconds": self._durations.mean},
+            details={"avg_task_seconds": self._durations.mean,
+                     "worker_users": len(users - {None})},
         )
 
     @property
@@ -166,7 +236,7 @@ class ProcessPoolEngine(PolicyEngine):
 
     def cancel_pending(self) -> list[str]:
         taken = []
-        for queue in (self._pending, self._suspects):
+        for queue in [q for user in self._queues.values() for q in (user.pending, user.suspects)]:
             while True:
                 try:
                     taken.append(queue.popleft())
@@ -215,7 +285,7 @@ class ProcessPoolEngine(PolicyEngine):
 
         A fresh interpreter rather than multiprocessing's spawn: it never re-imports
         the caller's ``__main__`` (a script without a ``__main__`` guard, a notebook),
-        and it inherits nothing but the pipe.
+        and it inherits nothing but the pipe and the worker environment.
         """
         ours, theirs = socket.socketpair()
         try:
@@ -223,13 +293,14 @@ class ProcessPoolEngine(PolicyEngine):
                 [sys.executable, "-m", process_worker.__name__, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
+                env=self._env,
             )
         finally:
             theirs.close()
         return _Worker(process, mpc.Connection(ours.detach()))
 
     def _all_idle(self) -> bool:
-        return not self._pending and not self._suspects and all(
+        return all(not q.pending and not q.suspects for q in self._queues.values()) and all(
             not w.inflight for w in self._workers if not w.dead
         )
 
@@ -237,11 +308,12 @@ class ProcessPoolEngine(PolicyEngine):
         while not self._stopping:
             if self._stops:
                 self._kill_for_stops()
+            due = self._share_out() if len(self._queues) > 1 else None
             self._dispatch()
             live = [w for w in self._workers if not w.dead]
             by_conn: dict[Any, _Worker] = {w.conn: w for w in live}
             by_sentinel: dict[Any, _Worker] = {w.pidfd: w for w in live if w.pidfd is not None}
-            ready = mpc.wait([self._wake_r, *by_conn, *by_sentinel])
+            ready = mpc.wait([self._wake_r, *by_conn, *by_sentinel], due)
             for obj in ready:
                 if obj is self._wake_r:
                     # Drain first, then clear: a byte is in the pipe whenever the flag is set.
@@ -262,33 +334,125 @@ class ProcessPoolEngine(PolicyEngine):
                     self._idle.notify_all()
 
     def _dispatch(self) -> None:
-        if not self._pending and not self._suspects:
-            return
+        queues = self._queues
+        if len(queues) == 1:  # one user (the usual endpoint): every worker is theirs
+            (queue,) = queues.values()
+            if not queue.pending and not queue.suspects:
+                return
+            avg = self._durations.mean
+            depth = 2 if avg is not None and avg < SHORT_TASK_SECONDS else 1
+            free = [w for w in self._workers
+                    if not w.dead and len(w.inflight) < depth and not w.timed]
+            for w in free:
+                chunk = self._next_chunk(w, queue, free, depth, avg)
+                if chunk is None:
+                    break
+                if chunk:
+                    self._send(w, chunk)
+        elif any(q.pending or q.suspects for q in queues.values()):
+            self._dispatch_users(queues)
+
+    def _dispatch_users(self, queues: dict[str, _UserQueue]) -> None:
+        """Feed each user's free workers from that user's queue; give each fresh worker to the
+        user with work who holds the fewest workers."""
         avg = self._durations.mean
         depth = 2 if avg is not None and avg < SHORT_TASK_SECONDS else 1
-        free = [w for w in self._workers if not w.dead and len(w.inflight) < depth and not w.timed]
-        for w in free:
-            chunk = self._next_chunk(w, free, depth, avg)
-            if chunk is None:
-                break
+        live = [w for w in self._workers if not w.dead]
+        held = collections.Counter(w.user for w in live)
+        free: dict[str | None, list[_Worker]] = {}
+        for w in live:
+            if len(w.inflight) < depth and not w.timed and not w.retiring:
+                free.setdefault(w.user, []).append(w)
+        for user, queue in queues.items():
+            mine = free.get(user, [])
+            for w in mine:
+                chunk = self._next_chunk(w, queue, mine, depth, avg)
+                if chunk is None:
+                    break
+                if chunk:
+                    self._send(w, chunk)
+        fresh = free.get(None, [])
+        for w in fresh:
+            waiting = [q for q in queues.values() if q.waiting()]
+            if not waiting:
+                return
+            queue = min(waiting, key=lambda q: (held[q.user], q.served_at))
+            chunk = self._next_chunk(w, queue, fresh, depth, avg)
             if chunk:
                 self._send(w, chunk)
+                held[queue.user] += 1
 
-    def _next_chunk(self, w: _Worker, free: list[_Worker], depth: int,
+    def _share_out(self) -> float | None:
+        """Take workers from other users for users whose tasks wait without their share of
+        workers (module docstring): an idle one is replaced at once by a fresh worker, a busy
+        one retires after its chunks. The seconds until the next worker may be due, or None."""
+        for w in self._workers:
+            if w.retiring and not w.dead and not w.inflight:
+                self._replace(w)
+        queues = self._queues
+        waiting = {user: n for user, q in queues.items() if (n := q.waiting())}
+        if not waiting:
+            return None
+        live = [w for w in self._workers if not w.dead]
+        held = collections.Counter(w.user for w in live if not w.retiring)
+        active = set(waiting) | {w.user for w in live if w.inflight}
+        share = max(1, self.max_workers // len(active))
+        wanted = (sum(max(0, min(share, n) - held[user]) for user, n in waiting.items())
+                  - held[None] - sum(w.retiring for w in live))
+        if wanted <= 0:
+            return None
+        starved = any(not held[user] for user in waiting)
+        now = time.monotonic()
+        due: float | None = None
+        for w in live:
+            if wanted <= 0:
+                break
+            if w.user is None or w.retiring or not w.ready:
+                continue
+            if w.user in waiting:  # its user has more to run: take it only past its share
+                if not (held[w.user] > share or (starved and held[w.user] >= share)):
+                    continue
+                left = w.bound_at + TURN_SECONDS - now
+            elif w.inflight:
+                continue
+            else:
+                left = w.idle_since + self.worker_idle_seconds - now
+            if left > 0:
+                due = left if due is None else min(due, left)
+                continue
+            held[w.user] -= 1
+            wanted -= 1
+            if w.inflight:
+                w.retiring = True
+            else:
+                self._replace(w)
+        return due
+
+    def _replace(self, w: _Worker) -> None:
+        """Stop ``w`` (idle) so that a fresh worker, bound to no user yet, takes its place."""
+        log.info("replacing worker %s of one user with a fresh one for another", w.pid)
+        w.killed = True
+        try:
+            w.process.kill()
+        except OSError:
+            pass
+        self._on_death(w)
+
+    def _next_chunk(self, w: _Worker, queue: _UserQueue, free: list[_Worker], depth: int,
                     avg: float | None) -> list[TaskEntry] | None:
-        """The next chunk for ``w``: a suspect or a task that travels alone, or up to a chunk
-        of ordinary tasks. ``[]`` when ``w`` should wait (a task with a walltime starts only on
-        an idle, ready worker, so its clock starts when it does); None when nothing is queued.
-        Answered (cancelled) tasks are skipped."""
+        """The next chunk for ``w`` from ``queue``: a suspect or a task that travels alone, or
+        up to a chunk of ordinary tasks. ``[]`` when ``w`` should wait (a task with a walltime
+        starts only on an idle, ready worker, so its clock starts when it does); None when
+        nothing is queued. Answered (cancelled) tasks are skipped."""
         busy = bool(w.inflight) or not w.ready
-        for queue in (self._suspects, self._pending):
-            while queue and queue[0].done:
-                queue.popleft()
-            if queue and (queue is self._suspects or queue[0].alone):
-                if busy and queue[0].walltime is not None:
+        for waiting in (queue.suspects, queue.pending):
+            while waiting and waiting[0].done:
+                waiting.popleft()
+            if waiting and (waiting is queue.suspects or waiting[0].alone):
+                if busy and waiting[0].walltime is not None:
                     return []
-                return [queue.popleft()]
-        pending = self._pending
+                return [waiting.popleft()]
+        pending = queue.pending
         if not pending:
             return None
         slots = sum(depth - len(x.inflight) for x in free if not x.dead) or 1
@@ -307,6 +471,10 @@ class ProcessPoolEngine(PolicyEngine):
         return chunk
 
     def _send(self, w: _Worker, chunk: list[TaskEntry]) -> None:
+        if w.user is None:
+            w.user = chunk[0].user
+            w.bound_at = time.monotonic()
+            self._queues[w.user].served_at = w.bound_at
         w.inflight.append(chunk)
         self._started(chunk, time.time(), w)
         try:
@@ -318,11 +486,15 @@ class ProcessPoolEngine(PolicyEngine):
         """A worker's message: the results of its oldest chunk, or that it is ready."""
         if raw == process_worker.READY:
             w.ready = True
+            w.idle_since = time.monotonic()
         else:
             self._durations.add(self._deliver_chunk(w.inflight.popleft(), raw))
+            if not w.inflight:
+                w.idle_since = time.monotonic()
 
     def _rerun_alone(self, entries: list[TaskEntry]) -> None:
-        self._suspects.extend(entries)
+        for entry in entries:
+            self._queues[entry.user].suspects.append(entry)
 
     def _kill_for_stops(self) -> None:
         """Kill each worker that runs (or was sent) a task answered by ``cancel`` or the
@@ -359,11 +531,12 @@ class ProcessPoolEngine(PolicyEngine):
             again = [e for chunk in lost for e in chunk if not e.done]
             for e in again:
                 e.worker = e.started = None
-            self._pending.extendleft(reversed(again))
+            if again:  # a worker's tasks are all of its one user
+                self._queues[again[0].user].pending.extendleft(reversed(again))
         elif lost:
             running, unstarted = lost[0], lost[1:]
             for chunk in reversed(unstarted):
-                self._pending.extendleft(reversed(chunk))
+                self._queues[chunk[0].user].pending.extendleft(reversed(chunk))
             self._lost(running, f"its worker process (pid {w.pid}, {how})")
         else:
             log.warning("idle worker %s died (%s)", w.pid, how)

@@ -7,6 +7,11 @@ A thread cannot be killed, so a task stopped while it runs (cancelled, or past
 its walltime) is answered at once and its thread abandoned: a new thread takes
 its place, and the old one drops the task's result and exits when the function
 returns.
+
+Tasks run in the agent's process: a task can read all the agent holds (its endpoint
+credential, its environment and memory) and any other task. There is no worker environment
+to scrub (``worker_env`` does not apply) and no user apart from another; use it for your own
+tasks only, never on an endpoint shared with other users (the agent warns at start).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class ThreadPoolEngine(PolicyEngine):
 
     Options = ThreadPoolOptions
     runs_tasks_in_agent = True
+    shared_caveat = ("tasks run as threads inside the agent's own process, so a task can read "
+                     "everything the agent holds (its endpoint credential, its environment, its "
+                     "memory) and every other user's tasks and results")
 
     def __init__(self, max_workers: int | None = None, prefetch: int = 128) -> None:
         super().__init__()
