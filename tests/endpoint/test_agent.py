@@ -197,7 +197,8 @@ def test_refused_credential_stops_the_agent_with_a_clear_error(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
 ) -> None:
     runner = start_agent(credential="fce_wrong", connect=False)
-    with pytest.raises(EndpointError, match="deleted, or its credential was rotated.*rotate-credential.*--register-again"):
+    with pytest.raises(EndpointError,
+                       match="deleted, or its credential was rotated.*rotate-credential.*again"):
         runner.wait_connected(10)
     assert isinstance(runner.error, EndpointRejected)
     assert broker.rejected == 1 and not broker.of(Hello)
