@@ -13,6 +13,7 @@ from farcall.broker.store.base import Subscription
 from farcall.broker.submission import submit_batch
 from farcall.protocol.common import TaskState, now
 from farcall.protocol.control import (
+    AnyControl,
     CancelTasks,
     EndpointRemoved,
     SessionReplaced,
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.anyio
 ALICE = "alice-id"
 
 
-async def heard(control: Subscription) -> CancelTasks | SessionReplaced | EndpointRemoved:
+async def heard(control: Subscription) -> AnyControl:
     return parse_control(await next_frame(control))
 
 

@@ -64,7 +64,13 @@ from farcall.protocol.channel import (
     tasks_frame_json,
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
-from farcall.protocol.control import CancelTasks, EndpointRemoved, SessionReplaced, parse_control
+from farcall.protocol.control import (
+    CancelTasks,
+    EndpointRefused,
+    EndpointRemoved,
+    SessionReplaced,
+    parse_control,
+)
 from farcall.recent import RecentIds
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,8 @@ REPLACED = 4000
 """Close code for a session that a newer session of the same endpoint replaced."""
 DELETED = 4004
 """Close code for a session whose endpoint was deleted."""
+REFUSED = 4003
+"""Close code for a session whose credential is refused now (its owner was disabled)."""
 
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
@@ -427,6 +435,9 @@ class EndpointSession:
                         return
                 elif isinstance(message, EndpointRemoved):
                     self.end(DELETED, "ended: the endpoint was deleted")
+                    return
+                elif isinstance(message, EndpointRefused):
+                    self.end(REFUSED, f"ended: {message.reason}")
                     return
             # The subscription ended (pub/sub reconnecting); a missed message is caught by the
             # liveness check at the next heartbeat.
