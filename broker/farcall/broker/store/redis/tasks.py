@@ -56,8 +56,9 @@ _SUMMARY_FIELDS = ["task_id", "user_id", "task_group_id", "endpoint_id", "functi
 # created_at (this batch's time), queued delta, session id, the open-task limit (0: none), number
 # of inflight pairs, the group's id, the groups the index keeps, the request's record ('' without
 # a request id), the batch id, the queued message ('' to join the inflight bodies), the endpoint
-# id, then the pairs, the number of fields every task shares and those fields, then per task (in the order of KEYS[12..]) its id
-# and its function id. The index is trimmed only when a group is new.
+# id, then the pairs, the number of fields every task shares and those fields, then per task (in
+# the order of KEYS[12..]) its id and its function id. The index is trimmed only when a group is
+# new.
 # Returns {2, record} changing nothing when the request id was used before; {-1, open tasks}
 # changing nothing when the batch would pass the limit; else {1, n} when the inflight pairs went
 # in flight (the session is the live one), {0, n} when they count as queued (and are kept among
