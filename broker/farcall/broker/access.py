@@ -65,6 +65,14 @@ async def disable(store: Store, user: UserRecord) -> Disabled:
     """
     uid = user.user_id
     await store.users.set_disabled(uid, True)
+    paused = 0
+    for timer in await store.timers.by_user(uid):
+        if timer.state == "active" and await store.timers.pause(timer.timer_id, DISABLED_TIMER):
+            paused += 1
+    # Cancelled before the tokens' revocations are broadcast: the cancellations reach the user's
+    # open result streams (pub/sub keeps one publisher's order), so their futures say why.
+    cancelled = len((await cancel_in(store, None, await store.tasks.open_task_ids(uid),
+                                     error=DISABLED_TASK)).results)
     tokens = await store.users.list_tokens(uid)
     for t in tokens:
         await store.pubsub.publish_revocation(
@@ -72,14 +80,12 @@ async def disable(store: Store, user: UserRecord) -> Disabled:
     owned = [e.endpoint_id for e in await store.endpoints.list(uid) if e.user_id == uid]
     for endpoint_id in owned:
         await store.pubsub.publish_control(endpoint_id, EndpointRefused(reason=DISABLED_ENDPOINT))
-    paused = 0
-    for timer in await store.timers.by_user(uid):
-        if timer.state == "active" and await store.timers.pause(timer.timer_id, DISABLED_TIMER):
-            paused += 1
-    done = await cancel_in(store, None, await store.tasks.open_task_ids(uid), error=DISABLED_TASK)
+    # Submitted meanwhile with a token a replica still had cached (for a few milliseconds):
+    cancelled += len((await cancel_in(store, None, await store.tasks.open_task_ids(uid),
+                                      error=DISABLED_TASK)).results)
     log.info("user %s disabled: %d tokens, %d endpoints refused, %d timers paused, %d tasks "
-             "cancelled", uid, len(tokens), len(owned), paused, len(done.results))
-    return Disabled(len(tokens), len(owned), paused, len(done.results))
+             "cancelled", uid, len(tokens), len(owned), paused, cancelled)
+    return Disabled(len(tokens), len(owned), paused, cancelled)
 
 
 async def withdraw(svc: Services, user: str, endpoint_id: str, why: str) -> Cancelled:
