@@ -1,6 +1,6 @@
 """``farcall``: the SDK's command line. ``farcall demo`` shows the whole system on this machine;
-``login``, ``whoami``, ``endpoints``, ``groups``, ``tasks`` and ``result`` are a user's view of a
-broker (:mod:`farcall.commands` does them; this module only parses).
+``login``, ``whoami``, ``endpoints`` (and ``endpoints share|unshare|leave``), ``groups``, ``tasks``
+and ``result`` are a user's view of a broker (:mod:`farcall.commands` does them; this module only parses).
 """
 
 from __future__ import annotations
@@ -45,7 +45,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="the broker's URL (default: FARCALL_BROKER_URL, then the saved one)")
     login.add_argument("--token", help="your token (default: FARCALL_TOKEN, else asked for)")
     _listing(sub, "whoami", "your user name and identity id on the broker")
-    _listing(sub, "endpoints", "the endpoints you may use: id, name, online or offline")
+    endpoints = _listing(sub, "endpoints", "the endpoints you may use: id, name, online or "
+                         "offline (or share, unshare, leave one)")
+    actions = endpoints.add_subparsers(dest="endpoints_command", metavar="{share,unshare,leave}")
+    for verb, what in (("share", "let a user submit tasks to your endpoint (prints what that "
+                                 "lets them do)"),
+                       ("unshare", "stop sharing your endpoint with a user (their tasks there "
+                                   "are cancelled)")):
+        action = actions.add_parser(verb, help=what)
+        action.add_argument("endpoint_id", metavar="ENDPOINT_ID")
+        action.add_argument("username", metavar="USER")
+    leave = actions.add_parser("leave", help="remove an endpoint shared with you from your list "
+                               "(your tasks there are cancelled)")
+    leave.add_argument("endpoint_id", metavar="ENDPOINT_ID")
     groups = _listing(sub, "groups", "your task groups, the most recently submitted to first")
     groups.add_argument("--limit", type=_limit, default=20, help="at most this many (default 20)")
     tasks = _listing(sub, "tasks", "your tasks, newest first: state, function, completion time")
@@ -81,7 +93,7 @@ def _user_command(args: argparse.Namespace) -> int:
     run: dict[str, Callable[[], int]] = {
         "login": lambda: commands.login(args.broker, args.token, out),
         "whoami": lambda: commands.whoami(args.json, out),
-        "endpoints": lambda: commands.endpoints(args.json, out),
+        "endpoints": lambda: _endpoints_command(args, out),
         "groups": lambda: commands.groups(args.limit, args.json, out),
         "tasks": lambda: commands.tasks(args.group, args.limit, args.json, out),
         "result": lambda: commands.result(args.task_id, out),
@@ -95,6 +107,17 @@ def _user_command(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - a command line answers with a sentence, not a traceback
         print(f"farcall {args.command}: {describe(e, args.command)}", file=sys.stderr)
         return 1
+
+
+def _endpoints_command(args: argparse.Namespace, out: Any) -> int:
+    from farcall import commands
+
+    verb = getattr(args, "endpoints_command", None)
+    if verb in ("share", "unshare"):
+        return commands.share_endpoint(args.endpoint_id, args.username, verb == "share", out)
+    if verb == "leave":
+        return commands.leave_endpoint(args.endpoint_id, out)
+    return commands.endpoints(args.json, out)
 
 
 def describe(error: BaseException, command: str = "") -> str:

@@ -12,6 +12,7 @@ import logging
 import numbers
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -293,6 +294,11 @@ class Client:
         body = _share_request("unshare_function", username, public, allow_public=True)
         return dict(self.request("POST", f"/functions/{function_id}/unshare", body))
 
+    def leave_function(self, function_id: str) -> dict[str, Any]:
+        """Stop using a function another user shared with you by name (a public one cannot be
+        left). ``{"function_id", "left": True}``."""
+        return dict(self.request("POST", f"/functions/{function_id}/leave"))
+
     def get_function_sharing(self, function_id: str) -> dict[str, Any]:
         """Whom your function is shared with: ``{"function_id", "shared_with", "public"}``."""
         return dict(self.request("GET", f"/functions/{function_id}/sharing"))
@@ -332,17 +338,30 @@ class Client:
     def share_endpoint(self, endpoint_id: str, username: str) -> dict[str, Any]:
         """Let user ``username`` submit tasks to your endpoint and read its status.
 
-        The answer is its sharing: ``{"endpoint_id", "shared_with": [user names]}``. Its
-        ``allowed_functions`` still apply to them; only you may change, share or delete it,
-        and each user sees only the tasks they submitted.
+        The answer is its sharing: ``{"endpoint_id", "shared_with": [user names], "warning"}``.
+        Its ``allowed_functions`` still apply to them; only you may change, share or delete it,
+        and each user sees only the tasks they submitted. A single-user endpoint (every endpoint
+        today) runs every task as your Unix account, so they can act as you there and see each
+        other's work on it: the broker's ``warning`` says so, raised here as a ``UserWarning``.
         """
         body = _share_request("share_endpoint", username, False, allow_public=False)
-        return dict(self.request("POST", f"/endpoints/{endpoint_id}/share", body))
+        answer = dict(self.request("POST", f"/endpoints/{endpoint_id}/share", body))
+        if answer.get("warning"):
+            warnings.warn(answer["warning"], UserWarning, stacklevel=2)
+        return answer
 
     def unshare_endpoint(self, endpoint_id: str, username: str) -> dict[str, Any]:
-        """Stop sharing your endpoint with ``username``; the answer is its sharing."""
+        """Stop sharing your endpoint with ``username``: the broker refuses their submissions at
+        once, and cancels the tasks they have waiting or running there (their futures raise
+        ``CancelledError`` saying so). The answer is its sharing."""
         body = _share_request("unshare_endpoint", username, False, allow_public=False)
         return dict(self.request("POST", f"/endpoints/{endpoint_id}/unshare", body))
+
+    def leave_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Remove an endpoint another user shared with you from your list: you can no longer
+        submit to it, and your tasks waiting or running there are cancelled.
+        ``{"endpoint_id", "left": True}``."""
+        return dict(self.request("POST", f"/endpoints/{endpoint_id}/leave"))
 
     def get_endpoint_sharing(self, endpoint_id: str) -> dict[str, Any]:
         """Whom your endpoint is shared with: ``{"endpoint_id", "shared_with"}``."""

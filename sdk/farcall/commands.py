@@ -77,8 +77,27 @@ def endpoints(as_json: bool, out: TextIO) -> int:
         print("no endpoints yet: start one with 'farcall-endpoint start NAME'", file=out)
     else:
         rows = [(e["endpoint_id"], e["name"], e["status"]
-                 + (" (shared with you)" if e.get("role") == "shared" else "")) for e in found]
+                 + (f" (shared with you by {e.get('shared_by') or 'its owner'})"
+                    if e.get("role") == "shared" else "")) for e in found]
         print(table(rows, ("ENDPOINT ID", "NAME", "STATUS")), file=out)
+    return 0
+
+
+def share_endpoint(endpoint_id: str, username: str, shared: bool, out: TextIO) -> int:
+    """Share (or unshare) your endpoint with a user; sharing a single-user endpoint prints the
+    broker's warning (a ``UserWarning``, on stderr)."""
+    with client() as c:
+        answer = (c.share_endpoint if shared else c.unshare_endpoint)(endpoint_id, username)
+    whom = ", ".join(answer["shared_with"]) or "nobody"
+    print(f"endpoint {endpoint_id} is shared with: {whom}", file=out)
+    return 0
+
+
+def leave_endpoint(endpoint_id: str, out: TextIO) -> int:
+    with client() as c:
+        c.leave_endpoint(endpoint_id)
+    print(f"left endpoint {endpoint_id}: it is no longer in your list, and your tasks waiting "
+          "or running there were cancelled", file=out)
     return 0
 
 

@@ -64,10 +64,28 @@ class TaskFuture(concurrent.futures.Future[Any]):
     """
 
     task_id: str | None = None
+    cancel_reason: str = ""
+    """What the ``CancelledError`` of a task the broker cancelled says (who cancelled it, why)."""
 
     def __init__(self, executor: Executor | None = None) -> None:
         super().__init__()
         self._executor = executor
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        except concurrent.futures.CancelledError:
+            raise self._cancelled() from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            return super().exception(timeout)
+        except concurrent.futures.CancelledError:
+            raise self._cancelled() from None
+
+    def _cancelled(self) -> concurrent.futures.CancelledError:
+        return concurrent.futures.CancelledError(*([self.cancel_reason] if self.cancel_reason
+                                                   else []))
 
     def cancel(self) -> bool:
         """Cancel the task; True if it will never run (and ``cancelled()`` is then True).

@@ -52,7 +52,7 @@ class Outcome(NamedTuple):
         way) is left as it is.
         """
         if self.cancelled:
-            cancel_future(future)
+            cancel_future(future, reason=str(self.value))
             return
         try:
             if self.ok:
@@ -63,7 +63,7 @@ class Outcome(NamedTuple):
             log.debug("a result came for a future already done (%r); ignored", future)
 
 
-def cancel_future(future: Future[Any], *, running: bool = True) -> bool:
+def cancel_future(future: Future[Any], *, running: bool = True, reason: str = "") -> bool:
     """Put ``future`` in the cancelled state at once; True if it is cancelled (now or before).
 
     Unlike ``Future.cancel`` this also cancels a RUNNING future (unless ``running`` is
@@ -71,7 +71,9 @@ def cancel_future(future: Future[Any], *, running: bool = True) -> bool:
     the task. The state is CANCELLED_AND_NOTIFIED, the one ``concurrent.futures.wait`` and
     ``as_completed`` count as done, and their waiters hear of it now, as an executor's
     ``set_running_or_notify_cancel`` would tell them; ``result()`` raises
-    ``CancelledError`` and done-callbacks run (once), in the caller's thread.
+    ``CancelledError`` and done-callbacks run (once), in the caller's thread. A future with a
+    ``cancel_reason`` (the Executor's ``TaskFuture``) keeps ``reason``, the broker's word on why,
+    for the ``CancelledError`` it raises.
     """
     with future._condition:
         state = future._state
@@ -79,6 +81,8 @@ def cancel_future(future: Future[Any], *, running: bool = True) -> bool:
             return False
         if state == CANCELLED_AND_NOTIFIED:
             return True
+        if reason and hasattr(future, "cancel_reason"):
+            future.cancel_reason = reason
         future._state = CANCELLED_AND_NOTIFIED
         for waiter in future._waiters:
             waiter.add_cancelled(future)

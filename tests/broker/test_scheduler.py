@@ -1,6 +1,7 @@
 """The timer scheduler (farcall.broker.scheduler) on the in-process store and queue, on a clock
 the test sets: each run fires once across replicas, missed runs fire once, a timer whose
-function or endpoint is gone stops, the loop outlives a failing store. The same on real
+function or endpoint is gone stops, a timer whose owner may not act pauses, runs count against
+the owner's rate limit, the loop outlives a failing store. The same on real
 processes, Redis and RabbitMQ: tests/integration/test_timers.py."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from farcall.broker import schedule
+from farcall.broker import access, auth, schedule
 from farcall.broker.queue.memory import MemoryQueue
 from farcall.broker.records import TimerRecord
 from farcall.broker.scheduler import TimerScheduler
@@ -60,7 +61,8 @@ class Stage:
 @pytest.fixture
 async def stage() -> AsyncIterator[Stage]:
     svc = Services.build(Settings(), MemoryStore(), MemoryQueue())
-    user, endpoint_id, function_id = "u1", str(uuid.uuid4()), str(uuid.uuid4())
+    user, _ = await auth.create_user(svc.store.users, "u1")  # a timer runs while its owner may
+    endpoint_id, function_id = str(uuid.uuid4()), str(uuid.uuid4())
     await svc.store.endpoints.put(endpoint_record(endpoint_id, user, created_at=T0), "h")
     await svc.store.functions.put(function_record(function_id, user, created_at=T0))
     await svc.queue.declare(endpoint_id)
@@ -205,3 +207,33 @@ async def test_a_run_whose_broker_died_gets_its_one_task_from_the_sweep(
         assert found.task_id == first.task_ids[0]
     assert await stage.queued() == 1, "one task for the run"
     assert await stage.scheduler.resubmit(T0 + 10 * after) == 0, "attached: swept no more"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("why", ["disabled", "no token"])
+async def test_a_timer_whose_owner_may_not_act_pauses_saying_why(stage: Stage, why: str) -> None:
+    timer = await stage.timer(interval=10)
+    users = stage.svc.store.users
+    if why == "disabled":
+        await users.set_disabled(stage.user, True)
+    else:
+        for token in await users.list_tokens(stage.user):
+            await users.revoke_token(token.token_id)
+    assert await stage.scheduler.tick(T0 + 0.2) == 1
+    found = await stage.get(timer)
+    assert (found.state, found.run_count, await stage.queued()) == ("paused", 0, 0)
+    assert found.reason == (access.DISABLED_TIMER if why == "disabled" else access.NO_TOKEN_TIMER)
+    assert await stage.scheduler.tick(T0 + 10.2) == 0, "a paused timer is not due"
+
+
+@pytest.mark.anyio
+async def test_runs_count_against_the_owners_rate_limit(stage: Stage) -> None:
+    svc = Services.build(Settings(rate_limit=0.001, rate_burst=2), stage.svc.store, stage.svc.queue)
+    scheduler = TimerScheduler(svc)
+    timers = [await stage.timer(interval=10) for _ in range(3)]
+    assert await scheduler.tick(T0 + 0.2) == 3
+    runs = [(await stage.get(t)).runs for t in timers]
+    errors = [r[0].error for r in runs]
+    assert sum(1 for r in runs if r[0].task_id) == 2 and await stage.queued() == 2
+    assert sum(1 for e in errors if e and "FARCALL_RATE_LIMIT" in e) == 1, errors
+    assert [(await stage.get(t)).state for t in timers] == ["active"] * 3, "the next runs go on"

@@ -28,6 +28,7 @@ EVERY_VARIABLE = {
     "FARCALL_MAX_FUNCTIONS": ("6", "max_functions", 6),
     "FARCALL_MAX_OPEN_TASKS": ("8", "max_open_tasks", 8),
     "FARCALL_MAX_TIMERS": ("9", "max_timers", 9),
+    "FARCALL_MAX_TOKENS": ("11", "max_tokens", 11),
     "FARCALL_MAX_TASK_BYTES": (str(8 << 20), "max_task_bytes", 8 << 20),
     "FARCALL_BLOB_DIR": ("/srv/b", "blob_dir", "/srv/b"),
     "FARCALL_REQUEUE_AFTER": ("2.5", "requeue_after", 2.5),

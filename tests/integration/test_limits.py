@@ -47,7 +47,7 @@ def test_a_burst_over_the_token_rate_is_answered_429_with_retry_after(
         body = first.json()
         assert body["error"] == "rate_limited" and "requests per second" in body["message"]
         assert body["retry_after"] > 0
-        # Per token: another user is not slowed down by alice.
+        # Per user: another user is not slowed down by alice.
         assert http.get("/v1/endpoints", headers=bob).status_code == 200
 
 

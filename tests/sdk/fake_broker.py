@@ -28,7 +28,9 @@ from farcall.protocol.common import TaskState
 from farcall.protocol.rest import (
     BatchSubmission,
     BatchSubmitted,
+    EndpointLeft,
     EndpointSharing,
+    FunctionLeft,
     FunctionSharing,
     Limits,
     ShareRequest,
@@ -169,6 +171,10 @@ class FakeBroker:
             ("GET", "/endpoints/([^/]+)/sharing", self._endpoint_sharing),
             ("POST", "/functions/([^/]+)/(share|unshare)", self._share_function),
             ("GET", "/functions/([^/]+)/sharing", self._function_sharing),
+            ("POST", "/endpoints/([^/]+)/leave",
+             lambda _, eid: _json(EndpointLeft(endpoint_id=eid, left=True))),
+            ("POST", "/functions/([^/]+)/leave",
+             lambda _, fid: _json(FunctionLeft(function_id=fid, left=True))),
         ]
         for route_method, pattern, handler in routes:
             match = re.fullmatch(pattern, path)
@@ -246,7 +252,9 @@ class FakeBroker:
         self._owned("endpoint", endpoint_id)
         with self.lock:
             shared = list(self.endpoint_sharing.get(endpoint_id, []))
-        return _json(EndpointSharing(endpoint_id=endpoint_id, shared_with=shared))
+        warning = (f"endpoint {endpoint_id} is a single-user endpoint: it runs every task as its "
+                   "owner's Unix account" if shared else None)
+        return _json(EndpointSharing(endpoint_id=endpoint_id, shared_with=shared, warning=warning))
 
     def _share_function(self, body: dict[str, Any], function_id: str, verb: str) -> dict[str, Any]:
         self._owned("function", function_id)

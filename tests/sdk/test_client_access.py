@@ -44,15 +44,22 @@ def test_a_token_name_over_the_limit_fails_before_any_request() -> None:
 def test_share_and_unshare_an_endpoint() -> None:
     fake = FakeBroker()
     client = fake.client()
-    assert client.share_endpoint("ep-1", "alice") == {"endpoint_id": "ep-1", "shared_with": ["alice"]}
-    assert client.share_endpoint("ep-1", "bob")["shared_with"] == ["alice", "bob"]
-    assert client.unshare_endpoint("ep-1", "alice") == {"endpoint_id": "ep-1", "shared_with": ["bob"]}
-    assert client.get_endpoint_sharing("ep-1") == {"endpoint_id": "ep-1", "shared_with": ["bob"]}
+    with pytest.warns(UserWarning, match="single-user endpoint") as warned:
+        shared = client.share_endpoint("ep-1", "alice")
+    assert shared["shared_with"] == ["alice"] and str(warned[0].message) == shared["warning"]
+    with pytest.warns(UserWarning):
+        assert client.share_endpoint("ep-1", "bob")["shared_with"] == ["alice", "bob"]
+    assert client.unshare_endpoint("ep-1", "alice")["shared_with"] == ["bob"]
+    assert client.get_endpoint_sharing("ep-1")["shared_with"] == ["bob"]
+    assert client.leave_endpoint("ep-2") == {"endpoint_id": "ep-2", "left": True}
+    assert client.leave_function("fn-1") == {"function_id": "fn-1", "left": True}
     assert fake.requests == [
         ("POST", "/endpoints/ep-1/share", {"username": "alice"}),
         ("POST", "/endpoints/ep-1/share", {"username": "bob"}),
         ("POST", "/endpoints/ep-1/unshare", {"username": "alice"}),
         ("GET", "/endpoints/ep-1/sharing", None),
+        ("POST", "/endpoints/ep-2/leave", None),
+        ("POST", "/functions/fn-1/leave", None),
     ]
 
 

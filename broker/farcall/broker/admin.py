@@ -1,4 +1,5 @@
-"""What ``farcall-broker users`` and ``tokens`` do: user and token management on the broker's Redis.
+"""What ``farcall-broker users`` and ``tokens`` do: user and token management on the broker's Redis
+(what disabling a user does is :mod:`.access`).
 
 Each command opens the store, does one thing and prints the outcome; a token is
 printed once, on the last line, so scripts can take it with ``tail -1``.
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from farcall.broker import auth
+from farcall.broker import access, auth
 from farcall.broker.records import UserRecord
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import Store
@@ -54,11 +55,43 @@ async def create_user(store: Store, name: str) -> None:
     print(token)
 
 
-async def new_token(store: Store, name: str, token_name: str = "") -> None:
+async def new_token(store: Store, name: str, token_name: str = "", max_tokens: int = 0) -> None:
     user = await _user(store, name)
-    record, token = await auth.add_token(store.users, user.user_id, token_name)
+    try:
+        record, token = await auth.add_token(store.users, user.user_id, token_name, max_tokens)
+    except auth.TooManyTokens:
+        raise CommandFailed(
+            f"user {name!r} holds {max_tokens} tokens, the most this broker allows "
+            "(FARCALL_MAX_TOKENS); revoke one first (farcall-broker tokens list --user "
+            f"{name}, then tokens revoke TOKEN_ID), or raise the limit") from None
     print(f"new token {record.token_id} for user {name!r} (shown once):")
     print(token)
+
+
+async def list_users(store: Store) -> None:
+    users = await store.users.all()
+    counts = {u.user_id: 0 for u in users}
+    for t in await store.users.list_tokens():
+        if t.user_id in counts:
+            counts[t.user_id] += 1
+    print(f"{'NAME':20}  {'USER ID':36}  {'DISABLED':8}  TOKENS")
+    for u in users:
+        print(f"{u.name:20}  {u.user_id:36}  {'yes' if u.disabled else 'no':8}  {counts[u.user_id]}")
+
+
+async def disable_user(store: Store, name: str) -> None:
+    user = await _user(store, name)
+    done = await access.disable(store, user)
+    print(f"disabled user {name!r}: {done.tokens} tokens and the credentials of {done.endpoints} "
+          f"endpoints refused on every broker, {done.timers} timers paused, {done.tasks} tasks "
+          "cancelled")
+
+
+async def enable_user(store: Store, name: str) -> None:
+    user = await _user(store, name)
+    await store.users.set_disabled(user.user_id, False)
+    print(f"enabled user {name!r}: their tokens and endpoint credentials work again; their "
+          "timers stay paused until they resume them, and their agents must be started again")
 
 
 async def list_tokens(store: Store, username: str | None = None) -> None:

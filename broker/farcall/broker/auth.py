@@ -83,10 +83,20 @@ async def create_user(users: UserStore, name: str) -> tuple[str, str]:
     return user_id, token
 
 
-async def add_token(users: UserStore, user_id: str, name: str = "") -> tuple[TokenRecord, str]:
-    """Give the user a new token; returns its record and the token (shown once, never stored)."""
+class TooManyTokens(ValueError):
+    """``add_token`` found the user holding the most tokens the broker allows."""
+
+
+async def add_token(users: UserStore, user_id: str, name: str = "", max_tokens: int = 0
+                    ) -> tuple[TokenRecord, str]:
+    """Give the user a new token; returns its record and the token (shown once, never stored).
+    Raises ``TooManyTokens`` when they hold ``max_tokens`` (0: no limit) already."""
     record, token = _token_for(user_id, name)
-    await users.add_token(record)
+    if not await users.add_token(record, max_tokens):
+        raise TooManyTokens(
+            f"you hold {max_tokens} tokens, the most this broker allows (FARCALL_MAX_TOKENS); "
+            "revoke those you no longer use (GET /v1/tokens lists them, Client.revoke_token or "
+            "farcall-broker tokens revoke removes one)")
     return record, token
 
 

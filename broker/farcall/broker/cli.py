@@ -1,7 +1,8 @@
 """``farcall-broker``: run the broker (``serve``), manage users and their tokens.
 
-``users create NAME`` and ``users token NAME`` print a token (last line);
-``tokens list [--user NAME]`` and ``tokens revoke TOKEN_ID`` manage them. The
+``users create NAME`` and ``users token NAME`` print a token (last line); ``users list``,
+``users disable NAME`` and ``users enable NAME`` manage users; ``tokens list [--user NAME]`` and
+``tokens revoke TOKEN_ID`` manage tokens. The
 management commands talk to the broker's Redis directly (:mod:`.admin`).
 """
 
@@ -52,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("name")
     token.add_argument("--token-name", default="", help="a name to tell the token apart by")
     token.add_argument("--redis-url", help=_REDIS_HELP)
+    listed = users.add_parser("list", help="every user: name, id, whether disabled, token count")
+    listed.add_argument("--redis-url", help=_REDIS_HELP)
+    disable = users.add_parser(
+        "disable", help="refuse all the user's tokens and endpoint credentials on every broker "
+        "at once, pause their timers and cancel their waiting or running tasks")
+    disable.add_argument("name")
+    disable.add_argument("--redis-url", help=_REDIS_HELP)
+    enable = users.add_parser(
+        "enable", help="accept a disabled user's tokens and endpoint credentials again (their "
+        "timers stay paused until they resume them)")
+    enable.add_argument("name")
+    enable.add_argument("--redis-url", help=_REDIS_HELP)
 
     tokens = sub.add_parser("tokens", help="list and revoke users' tokens").add_subparsers(
         dest="tokens_command", required=True
@@ -88,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     from farcall.broker import admin
 
     if args.command == "users":
-        if args.users_command == "create":
+        command = args.users_command
+        if command == "create":
             return admin.run(settings, admin.create_user, args.name)
-        return admin.run(settings, admin.new_token, args.name, args.token_name)
+        if command == "list":
+            return admin.run(settings, admin.list_users)
+        if command in ("disable", "enable"):
+            return admin.run(settings, admin.disable_user if command == "disable"
+                             else admin.enable_user, args.name)
+        return admin.run(settings, admin.new_token, args.name, args.token_name,
+                         settings.max_tokens)
     if args.tokens_command == "list":
         return admin.run(settings, admin.list_tokens, args.user)
     return admin.run(settings, admin.revoke_token, args.token_id)

@@ -69,6 +69,7 @@ from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
 from farcall.protocol.control import (
     CancelTasks,
     CredentialRotated,
+    EndpointRefused,
     EndpointRemoved,
     SessionReplaced,
     parse_control,
@@ -102,6 +103,8 @@ DELETED = 4004
 ROTATED = 4005
 """Close code for a session opened with a credential the endpoint's owner has since replaced."""
 _ROTATED_WHY = "ended: the endpoint's credential was rotated; connect with the new one"
+REFUSED = 4003
+"""Close code for a session whose credential is refused now (its owner was disabled)."""
 
 
 async def serve(ws: WebSocket, svc: Services, endpoint_id: str) -> None:
@@ -478,6 +481,9 @@ class EndpointSession:
                     if message.old_hash == self.credential_hash:
                         self.end(ROTATED, _ROTATED_WHY)
                         return
+                elif isinstance(message, EndpointRefused):
+                    self.end(REFUSED, f"ended: {message.reason}")
+                    return
             # The subscription ended (pub/sub reconnecting); a missed message is caught by the
             # liveness check at the next heartbeat.
             self._control = None

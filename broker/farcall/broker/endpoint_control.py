@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from farcall.broker import auth
 from farcall.broker.queued import queued_task_ids
-from farcall.broker.results import publish_results
+from farcall.broker.results import publish_final, publish_results
 from farcall.broker.services import Services
 from farcall.broker.sessions import LiveSession
-from farcall.broker.store.base import Cancelled
+from farcall.broker.store.base import CANCELLED_ERROR, Cancelled, Store
 from farcall.protocol.common import now
 from farcall.protocol.control import (
     CancelTasks,
@@ -31,22 +31,30 @@ async def send_control(svc: Services, endpoint_id: str, message: ControlMessage)
     await svc.store.pubsub.publish_control(endpoint_id, message)
 
 
-async def cancel_tasks(svc: Services, user: str, task_ids: list[str],
-                       only_queued: bool = False) -> Cancelled:
-    """Cancel ``user``'s tasks among ``task_ids`` that are not final (with ``only_queued``: not
-    running either); what was cancelled and why the others were not.
+async def cancel_tasks(svc: Services, user: str | None, task_ids: list[str],
+                       only_queued: bool = False, error: str = CANCELLED_ERROR) -> Cancelled:
+    """Cancel the tasks among ``task_ids`` that ``user`` submitted or that wait or run on an
+    endpoint ``user`` owns (any, with ``user`` None), and are not final (with ``only_queued``:
+    not running either); what was cancelled and why the others were not.
 
-    The one way the broker cancels (``POST /v1/tasks/cancel``, an action's cancel): a cancelled
-    task is final at once, its result stream hears of it, and each endpoint holding some of
-    them is told to drop or stop them.
+    The one way the broker cancels (``POST /v1/tasks/cancel``, an action's cancel, an unshare,
+    a disabled user): a cancelled task is final at once, its result stream hears of it (its
+    future raises ``CancelledError`` saying ``error``), and each endpoint holding some of them
+    is told to drop or stop them.
     """
-    done = await svc.store.tasks.cancel(user, task_ids, only_queued, now())
-    await publish_results(svc, [(group, result) for group, _, result in done.results])
+    return await cancel_in(svc.store, user, task_ids, only_queued, error)
+
+
+async def cancel_in(store: Store, user: str | None, task_ids: list[str],
+                    only_queued: bool = False, error: str = CANCELLED_ERROR) -> Cancelled:
+    """``cancel_tasks`` for callers that hold only the store (``farcall-broker users``)."""
+    done = await store.tasks.cancel(user, task_ids, only_queued, now(), error)
+    await publish_final(store.pubsub, [(group, result) for group, _, result in done.results])
     by_endpoint: dict[str, list[str]] = {}
     for _, endpoint_id, result in done.results:
         by_endpoint.setdefault(endpoint_id, []).append(result.task_id)
     for endpoint_id, ids in by_endpoint.items():
-        await send_control(svc, endpoint_id, CancelTasks(task_ids=ids))
+        await store.pubsub.publish_control(endpoint_id, CancelTasks(task_ids=ids))
     return done
 
 

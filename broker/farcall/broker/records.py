@@ -35,6 +35,9 @@ class UserRecord(_Record):
     name: str
     """Unique on the broker; what others name the user by when they share with them."""
     created_at: float
+    disabled: bool = False
+    """Set by an administrator (``farcall-broker users disable``): none of the user's tokens, nor
+    the credentials of the endpoints they own, is accepted until ``users enable``."""
 
 
 class TokenRecord(_Record):
@@ -91,6 +94,14 @@ class EndpointRecord(_Record):
     def usable_by(self, user_id: str) -> bool:
         """Whether ``user_id`` may submit to this endpoint and read its status."""
         return user_id == self.user_id or user_id in self.shared_with
+
+    @property
+    def isolates_users(self) -> bool:
+        """Whether the endpoint runs each user's tasks apart, as that user (a multi-user
+        endpoint). Every endpoint is single-user today: it runs every task as its owner's Unix
+        account, so the users it is shared with can act as the owner and see each other's work
+        on it; sharing it answers with a warning that says so (``sharing.SINGLE_USER_WARNING``)."""
+        return False
 
     def offline_after(self, default: float) -> float:
         """Silence after which the endpoint counts as offline: a few missed heartbeats

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from farcall.broker.services import Services
+from farcall.broker.store.base import PubSub
 from farcall.errors import DeserializationError
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import now
@@ -24,11 +25,16 @@ log = logging.getLogger(__name__)
 async def publish_results(svc: Services, done: list[tuple[str, TaskResult]]) -> None:
     """Push results already final in the store, ``(task group id, result)``, to their streams:
     one frame per group."""
+    await publish_final(svc.store.pubsub, done)
+
+
+async def publish_final(pubsub: PubSub, done: list[tuple[str, TaskResult]]) -> None:
+    """``publish_results`` for callers that hold only the store (``farcall-broker users``)."""
     by_group: dict[str, list[TaskResult]] = {}
     for group, result in done:
         by_group.setdefault(group, []).append(result)
     for group, results in by_group.items():
-        await svc.store.pubsub.publish_results(group, ResultStreamFrame(results=results))
+        await pubsub.publish_results(group, ResultStreamFrame(results=results))
 
 
 async def store_results(svc: Services, endpoint_id: str, results: list[ResultMessage]) -> None:

@@ -14,13 +14,21 @@ task" for a task that ran, and never fires twice.
 Runs missed while no broker was up fire once when one is back; the next is the first time of the
 schedule after that (``schedule.next_run``), so there is no burst. A timer whose endpoint or
 function is gone (deleted, or no longer shared with its creator) is stopped, saying which.
+
+A timer acts for its owner, so it runs only while they could: a timer whose owner was disabled,
+or has no valid token left (every one revoked), is paused with a reason that says so instead of
+firing (the owner resumes it once they can act again). Each run counts against its owner's rate
+limit (``FARCALL_RATE_LIMIT``) on the replica that fires it, as a request would; a run over the
+limit is recorded with an error saying so, and the next one keeps to the schedule (a delayed run
+would pile up behind the limit it is over).
 """
 
 from __future__ import annotations
 
 import logging
 
-from farcall.broker import schedule
+from farcall.broker import access, schedule
+from farcall.broker.cache import TTLCache
 from farcall.broker.errors import ApiError
 from farcall.broker.periodic import Periodic
 from farcall.broker.records import TimerRecord
@@ -37,6 +45,9 @@ BATCH = 100
 """Due timers fired per look; with more due, the next look follows at once."""
 SWEEP_EVERY = 5.0
 """Most seconds between looks for claimed runs left without their task."""
+STANDING_SECONDS = 1.0
+"""How long a replica trusts what it read of a timer owner's standing (disabled? any token
+left?): a user's thousand timers cost one look a second, not one a run."""
 
 
 class TimerScheduler(Periodic):
@@ -49,6 +60,8 @@ class TimerScheduler(Periodic):
         super().__init__(period, log)
         self.svc, self.batch = svc, batch
         self._next_sweep = 0.0
+        self._standing = TTLCache[str, str](STANDING_SECONDS)
+        """User id -> why their timers may not run (``""``: they may), asked once a second."""
 
     async def step(self, at: float) -> bool:
         due = await self.tick(at)
@@ -75,14 +88,29 @@ class TimerScheduler(Periodic):
 
     async def fire(self, timer: TimerRecord, at: float) -> TimerRun | None:
         """Claim the timer's due run and submit its task; the run, or None when another
-        replica claimed it (or the timer changed meanwhile)."""
+        replica claimed it (or the timer changed meanwhile), or when the timer's owner may not
+        act now (disabled, or no valid token left): the timer is paused saying so instead."""
         store = self.svc.store.timers
         assert timer.next_run is not None, "due timers are active, with a next run"
+        why = self._standing.get(timer.user_id)
+        if why is None:
+            why = await access.timer_owner_standing(self.svc.store, timer.user_id)
+            self._standing.put(timer.user_id, why)
+        if why:
+            if await store.pause(timer.timer_id, why):
+                log.info("timer %s paused: %s", timer.timer_id, why)
+            return None
         run = await store.claim(timer.timer_id, timer.next_run,
                                 schedule.next_run(timer.schedule, at), at,
                                 timer.schedule.stop_after_runs)
         if run is None:
             return None
+        if self.svc.charge_user(timer.user_id):
+            run.error = (f"this run was skipped: its owner is over the broker's limit of "
+                         f"{self.svc.settings.rate_limit:g} requests per second (FARCALL_RATE_LIMIT, "
+                         "which timers' runs count against); the next run keeps to the schedule")
+            await store.attach(timer.timer_id, run)
+            return run
         return await self._submit(timer, run)
 
     async def resubmit(self, at: float) -> int:

@@ -22,14 +22,15 @@ from farcall.broker.records import FunctionRecord
 from farcall.broker.sessions import Sessions
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import BlobStore, Principal, Store, Subscription
-from farcall.protocol.control import TokenRevocation
+from farcall.protocol.control import AccessRevoked, parse_revocation
 
 TOKEN_CACHE_SECONDS = 1.0
 """A revoked token stops working on every replica within this time even if the revocation's
 broadcast is lost (it normally arrives at once)."""
 OWNER_CACHE_SECONDS = 5.0
-"""A deleted or unshared endpoint or function stops taking tasks on every replica within this
-time (at once on the replica that deleted it)."""
+"""A deleted endpoint or function stops taking tasks on every replica within this time (at once
+on the replica that deleted it); an unshared one at once everywhere (``AccessRevoked``), unless
+the broadcast is lost."""
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Services:
     token_streams: dict[str, set[Closer]] = field(default_factory=dict)
     """User token id -> how to close each result stream opened with it (on revocation)."""
     requests: RateLimiter = field(init=False)
-    """Requests per token."""
+    """Requests per user (all their tokens together), and the runs of their timers."""
     auth_failures: RateLimiter = field(init=False)
     """Failed authentications per client address."""
     uploads: Slots = field(init=False)
@@ -156,8 +157,8 @@ class Services:
                     "and check the token (FARCALL_TOKEN)", wait)
             if not token:
                 raise Unauthorized("no token: send 'Authorization: Bearer <your user token>'")
-            raise Unauthorized(
-                "the token is unknown or revoked; ask your broker operator for a new one")
+            raise Unauthorized("the token is unknown or revoked, or its user is disabled; ask "
+                               "your broker operator for a new one")
         if principal.kind != kind:
             raise Forbidden(
                 "an endpoint credential may only open its endpoint's channel; use a user token"
@@ -166,12 +167,19 @@ class Services:
         return principal
 
     def charge(self, principal: Principal) -> None:
-        """Count one request against the token's rate limit; ``TooManyRequests`` past it."""
-        wait = self.requests.take(principal.token_hash)
+        """Count one request against the user's rate limit (shared by all their tokens: minting
+        tokens buys no extra rate); ``TooManyRequests`` past it."""
+        wait = self.charge_user(principal.id) if principal.kind == "user" else (
+            self.requests.take(principal.token_hash))
         if wait:
             raise TooManyRequests(
-                f"this token is over the broker's limit of {self.settings.rate_limit:g} requests "
-                "per second; send bigger batches or fewer requests", wait)
+                f"you are over the broker's limit of {self.settings.rate_limit:g} requests per "
+                "second (all your tokens together); send bigger batches or fewer requests", wait)
+
+    def charge_user(self, user_id: str) -> float:
+        """Spend one from the user's bucket: 0.0, or (spending nothing) the seconds until it
+        holds one. A timer's run is charged here too, on the replica that fires it."""
+        return self.requests.take(f"user:{user_id}")
 
     def watch_token(self, token_id: str, close: Closer) -> Callable[[], None]:
         """Call ``close`` if the token is revoked; returns the function that stops watching."""
@@ -193,8 +201,9 @@ class Services:
             return None
 
     async def _follow_revocations(self, subscription: Subscription | None) -> None:
-        """Drop revoked tokens from the cache and close their streams, as revocations arrive
-        from any replica (or ``farcall-broker tokens revoke``); subscribe again after a drop."""
+        """Drop revoked tokens from the cache and close their streams, and drop the access
+        caches of unshared endpoints and functions, as revocations arrive from any replica (or
+        ``farcall-broker``); subscribe again after a drop."""
         backoff = Backoff(cap=5.0)
         while True:
             if subscription is None:
@@ -211,9 +220,15 @@ class Services:
 
     def _revoked(self, frame: str) -> None:
         try:
-            revoked = TokenRevocation.model_validate_json(frame)
+            revoked = parse_revocation(frame)
         except ValidationError:
             log.warning("ignoring a malformed revocation message")
+            return
+        if isinstance(revoked, AccessRevoked):
+            if revoked.endpoint_id:
+                self.endpoint_access.pop(revoked.endpoint_id)
+            if revoked.function_id:
+                self.functions.pop(revoked.function_id)
             return
         self.principals.pop(revoked.token_hash)
         closers = self.token_streams.pop(revoked.token_id, set())

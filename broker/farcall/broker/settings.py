@@ -50,10 +50,11 @@ class Settings(BaseSettings):
     max_endpoint_losses: int = Field(default=3, ge=1)
     """A task running at this many deaths of its endpoint's agent fails instead of going again."""
     rate_limit: float = Field(default=500.0, ge=0)
-    """Requests per second one token may make, on average (REST calls and batches submitted on
-    a result stream); 0 for no limit. Each broker replica counts on its own."""
+    """Requests per second one user may make, on average, all their tokens together (REST calls,
+    batches submitted on a result stream, and their timers' runs); 0 for no limit. Each broker
+    replica counts on its own."""
     rate_burst: int = Field(default=2000, ge=0)
-    """Requests one token may make at once before ``rate_limit`` applies."""
+    """Requests one user may make at once before ``rate_limit`` applies."""
     auth_failure_rate: float = Field(default=1.0, ge=0)
     """Failed authentications per second one client address may make, on average (0: no limit)."""
     auth_failure_burst: int = Field(default=30, ge=0)
@@ -64,6 +65,8 @@ class Settings(BaseSettings):
     """Functions one user may have registered (0: no limit)."""
     max_open_tasks: int = Field(default=1_000_000, ge=0)
     """Tasks one user may have waiting or running (0: no limit); past it, submissions answer 429."""
+    max_tokens: int = Field(default=100, ge=0)
+    """Tokens one user may hold (0: no limit); past it, creating one answers 403."""
     max_timers: int = Field(default=1000, ge=0)
     """Timers one user may have, in any state (0: no limit); past it, creating one answers 403."""
     max_task_bytes: int = Field(default=1024 * MB, ge=INLINE_BYTES)

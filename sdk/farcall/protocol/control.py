@@ -2,9 +2,10 @@
 session on whichever replica holds it, and every replica's token cache.
 
 An endpoint's control channel carries ``CancelTasks`` (stop these tasks), ``SessionReplaced``
-(a newer session of the endpoint took over), ``EndpointRemoved`` (the endpoint was deleted) and
-``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end);
-the revocations channel carries ``TokenRevocation``. Only the broker sends and reads them, but they
+(a newer session of the endpoint took over), ``EndpointRemoved`` (the endpoint was deleted),
+``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end)
+and ``EndpointRefused`` (its owner was disabled); the revocations channel carries
+``TokenRevocation`` and ``AccessRevoked``. Only the broker sends and reads them, but they
 cross process boundaries like every other frame, so they are typed and pinned here too.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter
 
 from farcall.protocol.common import Message, as_bytes
 
@@ -46,7 +47,15 @@ class CredentialRotated(Message):
     old_hash: str
 
 
-AnyControl = CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated
+class EndpointRefused(Message):
+    """The endpoint's credential is refused from now on (its owner was disabled): its session
+    ends (close code 4003), and its agent, refused at its next connect, stops."""
+
+    type: Literal["refused"] = "refused"
+    reason: str
+
+
+AnyControl = CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated | EndpointRefused
 """Any message of an endpoint's control channel."""
 ControlMessage = Annotated[AnyControl, Field(discriminator="type")]
 
@@ -66,3 +75,21 @@ class TokenRevocation(Message):
 
     token_id: str
     token_hash: str
+
+
+class AccessRevoked(Message):
+    """A user lost access to an endpoint or a function (unshared, or they left it): every replica
+    drops what it caches of who may use it, so the next submission is checked anew."""
+
+    type: Literal["access"]
+    endpoint_id: str = ""
+    function_id: str = ""
+
+
+_REVOCATION: TypeAdapter[TokenRevocation | AccessRevoked] = TypeAdapter(
+    Annotated[TokenRevocation | AccessRevoked, Field(union_mode="left_to_right")])
+
+
+def parse_revocation(raw: str | bytes) -> TokenRevocation | AccessRevoked:
+    """Parse a frame of the revocations channel (raises ``pydantic.ValidationError``)."""
+    return _REVOCATION.validate_json(raw)

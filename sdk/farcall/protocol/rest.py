@@ -129,6 +129,8 @@ class FunctionInfo(Message):
     role: Literal["owner", "shared"] = Field(
         default="owner", description="'owner', or 'shared' when another user shared it with you")
     public: bool = Field(default=False, description="every user may run it")
+    shared_by: str | None = Field(default=None, description=(
+        "the user name of its owner, who shared it (None when it is yours)"))
 
 
 class FunctionSharing(Message):
@@ -144,6 +146,24 @@ class EndpointSharing(Message):
 
     endpoint_id: str
     shared_with: list[str] = Field(description="user names, besides the owner")
+    warning: str | None = Field(default=None, description=(
+        "set when it is shared: what sharing this endpoint lets its users do (a single-user "
+        "endpoint runs every task as its owner's account)"))
+
+
+class EndpointLeft(Message):
+    """``POST /v1/endpoints/{id}/leave``: an endpoint shared with you is no longer in your list."""
+
+    endpoint_id: str
+    left: bool
+
+
+class FunctionLeft(Message):
+    """``POST /v1/functions/{id}/leave``: a function shared with you by name is no longer yours to
+    use."""
+
+    function_id: str
+    left: bool
 
 
 class FunctionDeleted(Message):
@@ -168,6 +188,8 @@ class EndpointInfo(Message):
     last_heartbeat: float | None
     role: Literal["owner", "shared"] = Field(
         default="owner", description="'owner', or 'shared' when another user shared it with you")
+    shared_by: str | None = Field(default=None, description=(
+        "the user name of its owner, who shared it (None when it is yours)"))
 
 
 class EndpointList(Message):

@@ -10,7 +10,14 @@ import pytest
 import farcall.broker.store.memory.state
 import farcall.broker.store.redis.tasks
 from farcall.broker.records import TaskGroupRecord
-from farcall.broker.store.base import ABANDONED, AlreadySubmitted, OverQuota, Store, Submitted
+from farcall.broker.store.base import (
+    ABANDONED,
+    AlreadySubmitted,
+    OverQuota,
+    Store,
+    Submitted,
+    owner_cancelled,
+)
 from farcall.broker.store.redis import RedisStore
 from farcall.protocol.channel import ResultMessage
 from farcall.protocol.common import Attempt, TaskState, now
@@ -202,6 +209,7 @@ async def test_open_tasks_count_down_once_on_every_way_to_end(store: Store) -> N
     _, ids = await submitted(store, 6)
     await store.tasks.create(new_tasks(2, user="u2"))
     assert (await store.tasks.open_tasks("u1"), await store.tasks.open_tasks("u2")) == (6, 2)
+    assert await store.tasks.open_task_ids("u1") == sorted(ids)
     done, failed, cancelled, crasher, running, waiting = ids
     await store.inflight.add("ep1", "s", {crasher: "b", running: "b"}, taken=2)
     await store.tasks.mark_running("ep1", {running: 1.0})
@@ -217,6 +225,7 @@ async def test_open_tasks_count_down_once_on_every_way_to_end(store: Store) -> N
     await store.tasks.cancel("u1", [cancelled], only_queued=False, at=4.1)
     await store.tasks.complete("ep1", [result_message(cancelled)], 4.2)
     assert await store.tasks.open_tasks("u1") == 3
+    assert await store.tasks.open_task_ids("u1") == sorted([crasher, running, waiting])
     found = await store.inflight.reconcile("ep1", {running}, {crasher}, 1, 5.0)
     assert [r.task_id for _, r in found.failed] == [crasher]
     await store.tasks.complete("ep1", [result_message(crasher)], 5.1)
@@ -225,6 +234,28 @@ async def test_open_tasks_count_down_once_on_every_way_to_end(store: Store) -> N
     await store.tasks.cancel("u1", [waiting], only_queued=True, at=6.0)
     assert (await store.tasks.open_tasks("u1"), await store.tasks.open_tasks("u2")) == (0, 2)
     assert await store.tasks.open_tasks("nobody") == 0
+    assert await store.tasks.open_task_ids("u1") == [] and len(
+        await store.tasks.open_task_ids("u2")) == 2
+
+
+async def test_an_endpoints_owner_cancels_any_task_on_it_saying_so(store: Store) -> None:
+    """u1 owns ep1; u2's task there is u1's to cancel (its error names the owner), u2's task on
+    an endpoint of u2's is not; the broker (None) cancels any, with the error it gives."""
+    await store.endpoints.put(endpoint_record(), "cred")
+    await store.endpoints.put(endpoint_record("ep2", "u2"), "cred2")
+    theirs = new_tasks(2, user="u2")
+    await store.tasks.create(theirs)
+    elsewhere = dataclasses.replace(new_tasks(1, user="u2"), endpoint_id="ep2")
+    await store.tasks.create(elsewhere)
+    done = await store.tasks.cancel("u1", [*theirs.task_ids[:1], *elsewhere.task_ids], False, 1.0)
+    assert [r.task_id for _, _, r in done.results] == theirs.task_ids[:1]
+    assert done.results[0][2].error == owner_cancelled("ep1")
+    assert done.unchanged == {elsewhere.task_ids[0]: "not_found"}
+    done = await store.tasks.cancel(None, [theirs.task_ids[1]], False, 2.0, error="unshared")
+    assert done.results[0][2].error == "unshared"
+    (rec,) = await store.tasks.get_many([theirs.task_ids[1]])
+    assert rec is not None and (rec.state, rec.error) == (TaskState.CANCELLED, "unshared")
+    assert await store.tasks.open_task_ids("u2") == elsewhere.task_ids
 
 
 async def test_a_batch_past_the_open_task_limit_changes_nothing(store: Store) -> None:

@@ -112,15 +112,18 @@ async def test_the_last_run_finishes_the_timer(store: Store) -> None:
 
 async def test_pause_resume_and_stop(store: Store) -> None:
     timer = await _made(store, next_run=100.0)
-    assert await store.timers.pause(timer.timer_id)
+    assert await store.timers.pause(timer.timer_id, "its owner was disabled")
     assert not await store.timers.pause(timer.timer_id), "paused already"
+    found = await store.timers.get(timer.timer_id)
+    assert found is not None and found.reason == "its owner was disabled"
     assert await store.timers.due(1e9, 10) == []
     assert await store.timers.claim(timer.timer_id, 100.0, 110.0, 100.0) is None
     assert not await store.timers.resume("unknown", 150.0)
     assert await store.timers.resume(timer.timer_id, 150.0)
     assert not await store.timers.resume(timer.timer_id, 160.0), "active already"
     found = await store.timers.get(timer.timer_id)
-    assert found is not None and (found.state, found.next_run) == ("active", 150.0)
+    assert found is not None and (found.state, found.next_run, found.reason) == (
+        "active", 150.0, None), "resuming clears the pause's reason"
     assert [t.timer_id for t in await store.timers.due(150.0, 10)] == [timer.timer_id]
 
     assert await store.timers.stop(timer.timer_id, "function f1 was deleted")

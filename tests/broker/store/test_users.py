@@ -88,3 +88,33 @@ async def test_redis_keeps_old_tokens_and_leaves_no_keys_behind(real_prefix: str
     finally:
         await store.close()
         drop_redis_prefix(prefix)
+
+
+async def test_a_disabled_users_tokens_and_endpoint_credentials_resolve_to_no_one(
+    store: Store,
+) -> None:
+    await store.users.create(user_record("u1", "alice"), token_record("t1", "u1", 10.0))
+    await store.users.create(user_record("u2", "bob"), token_record("t2", "u2", 11.0))
+    await store.endpoints.put(endpoint_record("ep1", "u1"), "cred1")
+    assert await store.users.set_disabled("u1", True)
+    assert not await store.users.set_disabled("nobody", True)
+    assert await store.users.resolve_token("hash-t1") is None
+    assert await store.users.resolve_token("cred1") is None
+    assert await store.users.resolve_token("hash-t2") is not None, "others are not touched"
+    found = await store.users.get("u1")
+    assert found is not None and found.disabled
+    assert [u.name for u in await store.users.all()] == ["alice", "bob"]
+    assert await store.users.token_count("u1") == 1, "kept, for enable"
+    await store.users.set_disabled("u1", False)
+    assert await store.users.resolve_token("hash-t1") == Principal("user", "u1", "hash-t1", "t1")
+    assert await store.users.resolve_token("cred1") == Principal("endpoint", "ep1", "cred1")
+
+
+async def test_a_user_holds_at_most_max_tokens(store: Store) -> None:
+    await store.users.create(user_record("u1", "alice"), token_record("t1", "u1", 10.0))
+    assert await store.users.add_token(token_record("t2", "u1", 11.0), max_tokens=2)
+    assert not await store.users.add_token(token_record("t3", "u1", 12.0), max_tokens=2)
+    assert await store.users.resolve_token("hash-t3") is None
+    assert await store.users.token_count("u1") == 2
+    await store.users.revoke_token("t1")
+    assert await store.users.add_token(token_record("t3", "u1", 12.0), max_tokens=2)

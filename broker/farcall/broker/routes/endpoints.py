@@ -43,11 +43,16 @@ def _status(svc: Services, ep: EndpointRecord) -> Literal["online", "offline"]:
     return "online" if ep.online(svc.settings.endpoint_timeout, now()) else "offline"
 
 
-def _endpoint_info(svc: Services, ep: EndpointRecord, user: str) -> EndpointInfo:
-    return EndpointInfo(endpoint_id=ep.endpoint_id, name=ep.name, description=ep.description,
-                        status=_status(svc, ep), created_at=ep.created_at,
-                        last_heartbeat=ep.last_heartbeat,
-                        role="owner" if ep.user_id == user else "shared")
+async def _endpoint_infos(svc: Services, eps: list[EndpointRecord], user: str
+                          ) -> list[EndpointInfo]:
+    """The endpoints as ``user`` sees them; a shared one names its owner (``shared_by``)."""
+    owners = await svc.store.users.get_many(sorted({e.user_id for e in eps if e.user_id != user}))
+    return [EndpointInfo(endpoint_id=ep.endpoint_id, name=ep.name, description=ep.description,
+                         status=_status(svc, ep), created_at=ep.created_at,
+                         last_heartbeat=ep.last_heartbeat,
+                         role="owner" if ep.user_id == user else "shared",
+                         shared_by=owner.name if (owner := owners.get(ep.user_id)) else None)
+            for ep in eps]
 
 
 @router.post("/endpoints", responses=USER_ERRORS)
@@ -71,14 +76,15 @@ async def register_endpoint(body: EndpointRegistration, user: User, svc: Svc) ->
 
 @router.get("/endpoints", responses=USER_ERRORS)
 async def list_endpoints(user: User, svc: Svc) -> EndpointList:
-    """Your endpoints and those shared with you (``role``)."""
+    """Your endpoints and those shared with you (``role``, and ``shared_by`` their owner)."""
     return EndpointList(
-        endpoints=[_endpoint_info(svc, ep, user) for ep in await svc.store.endpoints.list(user)])
+        endpoints=await _endpoint_infos(svc, await svc.store.endpoints.list(user), user))
 
 
 @router.get("/endpoints/{endpoint_id}", responses=OBJECT_ERRORS)
 async def get_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointInfo:
-    return _endpoint_info(svc, await find_endpoint(svc, user, endpoint_id, owner=False), user)
+    ep = await find_endpoint(svc, user, endpoint_id, owner=False)
+    return (await _endpoint_infos(svc, [ep], user))[0]
 
 
 @router.get("/endpoints/{endpoint_id}/status", responses=OBJECT_ERRORS)

@@ -49,9 +49,11 @@ async def register_function(body: FunctionRegistration, user: User, svc: Svc) ->
 @router.get("/functions/{function_id}", responses=OBJECT_ERRORS)
 async def get_function(function_id: str, user: User, svc: Svc) -> FunctionInfo:
     f = await find_function(svc, user, function_id, owner=False)
+    owner = None if f.user_id == user else await svc.store.users.get(f.user_id)
     return FunctionInfo(function_id=f.function_id, function_name=f.function_name,
                         description=f.description, function=f.function, created_at=f.created_at,
-                        role="owner" if f.user_id == user else "shared", public=f.public)
+                        role="owner" if f.user_id == user else "shared", public=f.public,
+                        shared_by=owner.name if owner else None)
 
 
 @router.delete("/functions/{function_id}", responses=OBJECT_ERRORS)

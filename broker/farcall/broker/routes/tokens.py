@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 
 from farcall.broker import auth
 from farcall.broker.deps import OBJECT_ERRORS, USER_ERRORS, Svc, User
-from farcall.broker.errors import ObjectNotFound, clip
+from farcall.broker.errors import ObjectNotFound, QuotaExceeded, clip
 from farcall.protocol.rest import TokenCreated, TokenInfo, TokenList, TokenRequest, TokenRevoked
 
 router = APIRouter(prefix="/v1")
@@ -25,8 +25,13 @@ async def list_tokens(user: User, svc: Svc) -> TokenList:
 async def create_token(
     user: User, svc: Svc, body: Annotated[TokenRequest | None, Body()] = None
 ) -> TokenCreated:
-    """A new token for you; the answer is the only time the token is shown."""
-    record, token = await auth.add_token(svc.store.users, user, body.name if body else "")
+    """A new token for you; the answer is the only time the token is shown. 403
+    ``quota_exceeded`` when you hold ``FARCALL_MAX_TOKENS`` already."""
+    try:
+        record, token = await auth.add_token(svc.store.users, user, body.name if body else "",
+                                             svc.settings.max_tokens)
+    except auth.TooManyTokens as e:
+        raise QuotaExceeded(str(e)) from None
     return TokenCreated(token_id=record.token_id, token=token, name=record.name,
                         created_at=record.created_at)
 

@@ -48,7 +48,7 @@ from farcall.broker.records import (
 )
 from farcall.protocol.channel import Heartbeat, ResultMessage
 from farcall.protocol.common import TaskState
-from farcall.protocol.control import ControlMessage, TokenRevocation
+from farcall.protocol.control import AccessRevoked, ControlMessage, TokenRevocation
 from farcall.protocol.stream import ResultStreamFrame, TaskResult
 from farcall.protocol.timers import TimerRun
 
@@ -58,6 +58,11 @@ LOST_ATTEMPT = ("the endpoint's session ended with the task in flight and its ag
                 "held it; the task was queued again")
 CRASH_ATTEMPT = "the endpoint's agent process died while the task was running; it was queued again"
 CANCELLED_ERROR = "the task was cancelled at its submitter's request"
+
+
+def owner_cancelled(endpoint_id: str) -> str:
+    """The error of a task its endpoint's owner cancelled (not its submitter)."""
+    return f"the task was cancelled by the owner of endpoint {endpoint_id}, where it was to run"
 
 
 def crash_failure(crashes: int) -> str:
@@ -199,8 +204,23 @@ class UserStore(abc.ABC):
     async def by_name(self, name: str) -> UserRecord | None: ...
 
     @abc.abstractmethod
-    async def add_token(self, token: TokenRecord) -> None:
-        """Give the user (``token.user_id``, who exists) another token."""
+    async def all(self) -> list[UserRecord]:
+        """Every user, by name (for an administrator's listing)."""
+
+    @abc.abstractmethod
+    async def add_token(self, token: TokenRecord, max_tokens: int = 0) -> bool:
+        """Give the user (``token.user_id``, who exists) another token; False, changing nothing,
+        when they hold ``max_tokens`` already (0: no limit)."""
+
+    @abc.abstractmethod
+    async def token_count(self, user_id: str) -> int:
+        """How many tokens the user holds (revoked ones are gone; a disabled user's still count)."""
+
+    @abc.abstractmethod
+    async def set_disabled(self, user_id: str, disabled: bool) -> bool:
+        """Disable the user (or enable them again); whether they exist. While disabled,
+        ``resolve_token`` knows neither their tokens nor the credentials of the endpoints they
+        own; both are kept, and work again once enabled."""
 
     @abc.abstractmethod
     async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
@@ -213,7 +233,8 @@ class UserStore(abc.ABC):
 
     @abc.abstractmethod
     async def resolve_token(self, token_hash: str) -> Principal | None:
-        """The user or endpoint a token hash belongs to (with the user token's id)."""
+        """The user or endpoint a token hash belongs to (with the user token's id); None for
+        a token of a disabled user, or the credential of an endpoint a disabled user owns."""
 
 
 class FunctionStore(abc.ABC):
@@ -388,11 +409,20 @@ class TaskStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def open_task_ids(self, user_id: str) -> list[str]:
+        """The ids of the user's tasks that are not terminal yet (an index kept where tasks are
+        created and end, so finding them costs no scan)."""
+
+    @abc.abstractmethod
     async def cancel(
-        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+        self, user_id: str | None, task_ids: list[str], only_queued: bool, at: float,
+        error: str = CANCELLED_ERROR,
     ) -> Cancelled:
-        """Cancel the user's tasks that are not terminal (with ``only_queued``: not running
-        either). A cancelled task is final: a later result for it is ignored."""
+        """Cancel tasks among ``task_ids`` that are not terminal (with ``only_queued``: not
+        running either): those ``user_id`` submitted, or that wait or run on an endpoint
+        ``user_id`` owns; with ``user_id`` None, any (the broker's own cancels). A task
+        ``user_id`` did not submit is cancelled saying so (``owner_cancelled``), else saying
+        ``error``. A cancelled task is final: a later result for it is ignored."""
 
     @abc.abstractmethod
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:
@@ -486,13 +516,15 @@ def control_channel(endpoint_id: str) -> str:
 
 
 REVOCATIONS_CHANNEL = "tokens:revoked"
+"""Token revocations, and access taken away (``protocol.control.AccessRevoked``)."""
 
 
 class PubSub(abc.ABC):
     """Frames to subscribers on every broker replica. Three kinds of channel, each with its own
     methods: a task group's results (``ResultStreamFrame`` JSON, forwarded to the group's result
     streams as it is), an endpoint's control messages (:mod:`farcall.protocol.control`, for the
-    replica holding its session), and token revocations (for every replica's token cache).
+    replica holding its session), and revocations (for every replica's caches: a revoked token,
+    access to an endpoint or function taken away).
 
     Backends only move text on named channels (``publish``/``subscribe``); frames published
     while a subscriber's connection is down are lost, so readers catch up another way.
@@ -519,11 +551,12 @@ class PubSub(abc.ABC):
         """The endpoint's control messages, as JSON text (``protocol.control.parse_control``)."""
         return await self.subscribe(control_channel(endpoint_id))
 
-    async def publish_revocation(self, revocation: TokenRevocation) -> None:
+    async def publish_revocation(self, revocation: TokenRevocation | AccessRevoked) -> None:
         await self.publish(REVOCATIONS_CHANNEL, revocation.model_dump_json())
 
     async def subscribe_revocations(self) -> Subscription:
-        """Every ``TokenRevocation``, as JSON text."""
+        """Every ``TokenRevocation`` and ``AccessRevoked``, as JSON text
+        (``protocol.control.parse_revocation``)."""
         return await self.subscribe(REVOCATIONS_CHANNEL)
 
     async def close(self) -> None:
@@ -579,13 +612,14 @@ class TimerStore(abc.ABC):
         """Forget the timer and its runs; False if there was none."""
 
     @abc.abstractmethod
-    async def pause(self, timer_id: str) -> bool:
-        """An active timer stops running until ``resume``; whether it was active."""
+    async def pause(self, timer_id: str, reason: str = "") -> bool:
+        """An active timer stops running until ``resume`` (its ``reason`` says why, when the
+        broker paused it); whether it was active."""
 
     @abc.abstractmethod
     async def resume(self, timer_id: str, next_run: float | None) -> bool:
         """A paused timer runs again from ``next_run`` (None: its schedule has ended, so it
-        is ``finished``); whether it was paused."""
+        is ``finished``), its pause's reason cleared; whether it was paused."""
 
     @abc.abstractmethod
     async def stop(self, timer_id: str, reason: str) -> bool:

@@ -53,6 +53,8 @@ class State:
     tasks: dict[str, TaskRecord] = field(default_factory=dict)
     open_tasks: dict[str, int] = field(default_factory=dict)
     """user id -> tasks not terminal yet"""
+    open_ids: dict[str, set[str]] = field(default_factory=dict)
+    """user id -> ids of their tasks not terminal yet"""
     user_groups: dict[str, dict[str, float]] = field(default_factory=dict)
     """user id -> task group id -> when last submitted to (the index of recent groups)"""
     subscribers: dict[str, set[LocalSubscription]] = field(default_factory=dict)
@@ -64,6 +66,7 @@ class State:
     def closed(self, task: TaskRecord) -> None:
         """``task`` just became terminal: it leaves its user's count of open tasks."""
         self.open_tasks[task.user_id] = max(0, self.open_tasks.get(task.user_id, 0) - 1)
+        self.open_ids.get(task.user_id, set()).discard(task.task_id)
 
     def end(self, task: TaskRecord, state: TaskState, error: str, at: float) -> TaskResult:
         """End ``task`` here (failed or cancelled by the broker); what its submitter sees of it."""

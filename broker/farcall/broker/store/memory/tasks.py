@@ -15,6 +15,7 @@ from farcall.broker.store.base import (
     Submitted,
     TaskStore,
     UnqueuedBatch,
+    owner_cancelled,
 )
 from farcall.broker.store.memory.state import State
 from farcall.protocol.channel import ResultMessage, join_task_batch
@@ -80,6 +81,7 @@ class MemoryTasks(TaskStore):
         if max_open > 0 and batch.task_ids and current + len(batch.task_ids) > max_open:
             raise OverQuota(current, max_open)
         s.open_tasks[batch.user_id] = current + len(batch.task_ids)
+        s.open_ids.setdefault(batch.user_id, set()).update(batch.task_ids)
         if batch.request_id:
             s.requests[request] = Submitted(batch.endpoint_id, batch.task_group_id,
                                             list(batch.task_ids))
@@ -126,19 +128,28 @@ class MemoryTasks(TaskStore):
                 done.append((task.task_group_id, self._s.end(task, TaskState.FAILED, error, at)))
         return done
 
+    async def open_task_ids(self, user_id: str) -> list[str]:
+        return sorted(self._s.open_ids.get(user_id, ()))
+
     async def cancel(
-        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+        self, user_id: str | None, task_ids: list[str], only_queued: bool, at: float,
+        error: str = CANCELLED_ERROR,
     ) -> Cancelled:
         results = []
         unchanged = {}
+        endpoints = self._s.endpoints
         for task_id in dict.fromkeys(task_ids):
             task = self._s.tasks.get(task_id)
-            if task is None or task.user_id != user_id:
+            ep = endpoints.get(task.endpoint_id) if task is not None else None
+            if task is None or (user_id is not None and task.user_id != user_id
+                                and (ep is None or ep.user_id != user_id)):
                 unchanged[task_id] = "not_found"
             elif task.state.terminal or (only_queued and task.state == TaskState.RUNNING):
                 unchanged[task_id] = task.state.value
             else:
-                result = self._s.end(task, TaskState.CANCELLED, CANCELLED_ERROR, at)
+                why = (owner_cancelled(task.endpoint_id)
+                       if user_id is not None and task.user_id != user_id else error)
+                result = self._s.end(task, TaskState.CANCELLED, why, at)
                 self._s.inflight.get(task.endpoint_id, {}).pop(task_id, None)
                 results.append((task.task_group_id, task.endpoint_id, result))
         return Cancelled(results, unchanged)

@@ -33,11 +33,13 @@ class MemoryTimers(TimerStore):
     async def delete(self, timer_id: str) -> bool:
         return self._timers.pop(timer_id, None) is not None
 
-    async def pause(self, timer_id: str) -> bool:
+    async def pause(self, timer_id: str, reason: str = "") -> bool:
         timer = self._timers.get(timer_id)
         if timer is None or timer.state != "active":
             return False
         timer.state, timer.next_run = "paused", None
+        if reason:
+            timer.reason = reason
         return True
 
     async def resume(self, timer_id: str, next_run: float | None) -> bool:
@@ -46,6 +48,7 @@ class MemoryTimers(TimerStore):
             return False
         timer.state, timer.next_run = ("active", next_run) if next_run is not None else (
             "finished", None)
+        timer.reason = None
         return True
 
     async def stop(self, timer_id: str, reason: str) -> bool:

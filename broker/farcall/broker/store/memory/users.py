@@ -31,10 +31,26 @@ class MemoryUsers(UserStore):
         user_id = self._s.names.get(name)
         return None if user_id is None else await self.get(user_id)
 
-    async def add_token(self, token: TokenRecord) -> None:
+    async def all(self) -> list[UserRecord]:
+        return sorted((u.model_copy() for u in self._s.users.values()), key=lambda u: u.name)
+
+    async def add_token(self, token: TokenRecord, max_tokens: int = 0) -> bool:
+        if max_tokens and await self.token_count(token.user_id) >= max_tokens:
+            return False
         self._s.user_tokens[token.token_id] = token.model_copy()
         self._s.tokens[token.token_hash] = Principal(
             "user", token.user_id, token.token_hash, token.token_id)
+        return True
+
+    async def token_count(self, user_id: str) -> int:
+        return sum(1 for t in self._s.user_tokens.values() if t.user_id == user_id)
+
+    async def set_disabled(self, user_id: str, disabled: bool) -> bool:
+        user = self._s.users.get(user_id)
+        if user is None:
+            return False
+        user.disabled = disabled
+        return True
 
     async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
         found = [t.model_copy() for t in self._s.user_tokens.values()
@@ -50,4 +66,10 @@ class MemoryUsers(UserStore):
         return token
 
     async def resolve_token(self, token_hash: str) -> Principal | None:
-        return self._s.tokens.get(token_hash)
+        found = self._s.tokens.get(token_hash)
+        if found is None:
+            return None
+        owner = found.id if found.kind == "user" else (
+            ep.user_id if (ep := self._s.endpoints.get(found.id)) else "")
+        user = self._s.users.get(owner)
+        return None if user is not None and user.disabled else found

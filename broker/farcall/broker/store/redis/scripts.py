@@ -8,7 +8,9 @@ once, by the first of result, failure or cancel, so a later one is ignored.
 Each user's count of open tasks (``<prefix>user:<id>:open``) goes up in ``tasks.CREATE_TASKS``
 and down where ``done`` is set (``CLOSE``), so exactly once per task. The scripts that end tasks
 compute that key from the prefix and the task's ``user_id`` (one Redis, not a cluster), so a
-caller need not read the tasks first.
+caller need not read the tasks first. The ids of those open tasks (``<prefix>user:<id>:open_ids``,
+a set) follow the same two places, so a user's open tasks are found without a scan (an unshare,
+a disabled user).
 """
 
 OPEN = """
@@ -23,6 +25,7 @@ local function close(k, prefix)
   if uid then
     local c = prefix .. 'user:' .. uid .. ':open'
     if redis.call('DECR', c) < 0 then redis.call('SET', c, 0) end
+    redis.call('SREM', c .. '_ids', redis.call('HGET', k, 'task_id'))
   end
 end
 """

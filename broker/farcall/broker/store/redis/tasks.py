@@ -3,6 +3,7 @@ count and index of recent groups; every batch is one Lua call or one pipeline.
 
 Keys (``p`` is the prefix): ``p tg:<id>`` hash and ``p tg:<id>:tasks`` list; ``p task:<id>``
 hash with one ``t:<state>`` field per transition; ``p user:<id>:open`` count of open tasks;
+``p user:<id>:open_ids`` set of the ids of those open tasks;
 ``p user:<id>:groups`` sorted set of task group ids by last submission (the index of recent
 groups); ``p user:<id>:request:<request id>`` what a request created (JSON, ``''`` when it was
 abandoned). A batch that counts as queued is kept in ``p unqueued`` / ``p unqueued:<batch id>``
@@ -33,6 +34,7 @@ from farcall.broker.store.base import (
     Submitted,
     TaskStore,
     ordered_transitions,
+    owner_cancelled,
 )
 from farcall.broker.store.redis.connection import RedisConnection, optional_float
 from farcall.broker.store.redis.functions import functions_from, read_function
@@ -49,13 +51,14 @@ _SUMMARY_FIELDS = ["task_id", "user_id", "task_group_id", "endpoint_id", "functi
 # KEYS[1] group hash, KEYS[2] group's task list, KEYS[3] queued counter, KEYS[4] inflight hash,
 # KEYS[5] live-session key, KEYS[6] the user's open-task counter, KEYS[7] the user's index of
 # recent groups (sorted set, scored by last submission), KEYS[8] the request's key, KEYS[9] the
-# unqueued batches (sorted set by time), KEYS[10] this batch's unqueued hash, KEYS[11..] task
-# hashes. ARGV: ttl, new group ('1'/'0'), its user id, its created_at (this batch's time), queued
-# delta, session id, the open-task limit (0: none), number of inflight pairs, the group's id, the
-# groups the index keeps, the request's record ('' without a request id), the batch id, the
-# queued message ('' to join the inflight bodies), the endpoint id, then the pairs, the number of
-# fields every task shares and those fields, then per task (in the order of KEYS[11..]) its id
-# and its function id. The index is trimmed only when a group is new.
+# unqueued batches (sorted set by time), KEYS[10] this batch's unqueued hash, KEYS[11] the user's
+# set of open task ids, KEYS[12..] task hashes. ARGV: ttl, new group ('1'/'0'), its user id, its
+# created_at (this batch's time), queued delta, session id, the open-task limit (0: none), number
+# of inflight pairs, the group's id, the groups the index keeps, the request's record ('' without
+# a request id), the batch id, the queued message ('' to join the inflight bodies), the endpoint
+# id, then the pairs, the number of fields every task shares and those fields, then per task (in
+# the order of KEYS[12..]) its id and its function id. The index is trimmed only when a group is
+# new.
 # Returns {2, record} changing nothing when the request id was used before; {-1, open tasks}
 # changing nothing when the batch would pass the limit; else {1, n} when the inflight pairs went
 # in flight (the session is the live one), {0, n} when they count as queued (and are kept among
@@ -67,7 +70,7 @@ if ARGV[11] ~= '' then
   local prior = redis.call('GET', KEYS[8])
   if prior then return {2, prior} end
 end
-local ntasks = #KEYS - 10
+local ntasks = #KEYS - 11
 local limit = tonumber(ARGV[7])
 local current = tonumber(redis.call('GET', KEYS[6]) or '0')
 if current < 0 then current = 0 end
@@ -104,13 +107,14 @@ local n = tonumber(ARGV[i])
 local shared = {unpack(ARGV, i + 1, i + n)}
 i = i + n + 1
 local ids = {}
-for k = 11, #KEYS do
+for k = 12, #KEYS do
   redis.call('HSET', KEYS[k], 'task_id', ARGV[i], 'function_id', ARGV[i + 1], unpack(shared))
   ids[#ids + 1] = ARGV[i]
   i = i + 2
 end
 for a = 1, #ids, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ids, a, math.min(a + 999, #ids)))
+  redis.call('SADD', KEYS[11], unpack(ids, a, math.min(a + 999, #ids)))
 end
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -309,6 +313,7 @@ class RedisTasks(TaskStore):
             _request_key(db, batch.user_id, batch.request_id),
             db.k("unqueued"),
             db.k("unqueued", batch.batch_id),
+            db.k("user", batch.user_id, "open_ids"),
         ]
         keys += [db.k("task", t) for t in batch.task_ids]
         shared = [
@@ -375,30 +380,45 @@ class RedisTasks(TaskStore):
         return [(group, TaskResult.ended_by_broker(t, TaskState.FAILED, error, at))
                 for t, group in zip(task_ids, groups, strict=True) if group]
 
+    async def open_task_ids(self, user_id: str) -> list[str]:
+        return sorted(await self._db.r.smembers(self._db.k("user", user_id, "open_ids")))
+
     async def cancel(
-        self, user_id: str, task_ids: list[str], only_queued: bool, at: float
+        self, user_id: str | None, task_ids: list[str], only_queued: bool, at: float,
+        error: str = CANCELLED_ERROR,
     ) -> Cancelled:
         db = self._db
         ids = list(dict.fromkeys(task_ids))
-        records = await self.get_many(ids)
-        mine = [r for r in records if r is not None and r.user_id == user_id]
+        records = [r for r in await self.summaries(ids) if r is not None]
         unchanged = {t: "not_found" for t in ids}
-        if not mine:
-            return Cancelled([], unchanged)
-        keys = [db.k("task", r.task_id) for r in mine]
-        keys += [db.k("ep", r.endpoint_id, "inflight") for r in mine]
-        args: list[Any] = ["1" if only_queued else "0", repr(at), CANCELLED_ERROR, db.result_ttl,
-                           db.prefix]
-        args += [r.task_id for r in mine]
-        outcome = await self._cancel(keys=keys, args=args)
+        others = sorted({r.endpoint_id for r in records if user_id and r.user_id != user_id})
+        owners: dict[str, str] = {}
+        if others:  # tasks not the caller's: theirs to cancel only on an endpoint they own
+            async with db.r.pipeline(transaction=False) as p:
+                for e in others:
+                    p.hget(db.k("ep", e), "user_id")
+                owners = dict(zip(others, await p.execute(), strict=True))
+        by_error: dict[str, list[TaskRecord]] = {}
+        for r in records:
+            if user_id is None or r.user_id == user_id:
+                by_error.setdefault(error, []).append(r)
+            elif owners.get(r.endpoint_id) == user_id:
+                by_error.setdefault(owner_cancelled(r.endpoint_id), []).append(r)
         results = []
-        for rec, what in zip(mine, outcome, strict=True):
-            if what == "cancelled":
-                del unchanged[rec.task_id]
-                results.append((rec.task_group_id, rec.endpoint_id, TaskResult.ended_by_broker(
-                    rec.task_id, TaskState.CANCELLED, CANCELLED_ERROR, at)))
-            else:
-                unchanged[rec.task_id] = what or "not_found"
+        for why, chosen in by_error.items():
+            keys = [db.k("task", r.task_id) for r in chosen]
+            keys += [db.k("ep", r.endpoint_id, "inflight") for r in chosen]
+            args: list[Any] = ["1" if only_queued else "0", repr(at), why, db.result_ttl,
+                               db.prefix]
+            args += [r.task_id for r in chosen]
+            outcome = await self._cancel(keys=keys, args=args)
+            for rec, what in zip(chosen, outcome, strict=True):
+                if what == "cancelled":
+                    del unchanged[rec.task_id]
+                    results.append((rec.task_group_id, rec.endpoint_id, TaskResult.ended_by_broker(
+                        rec.task_id, TaskState.CANCELLED, why, at)))
+                else:
+                    unchanged[rec.task_id] = what or "not_found"
         return Cancelled(results, unchanged)
 
     async def mark_running(self, endpoint_id: str, started: dict[str, float]) -> None:

@@ -64,12 +64,17 @@ return n
 
 # KEYS[1] the timer's hash, KEYS[2] the due set. ARGV[1] timer id, ARGV[2] the states it may
 # leave (comma-separated), ARGV[3] its new state, ARGV[4] its next_run ('' for none), ARGV[5] a
-# reason ('' for none). Pause, resume and stop: 1 if the timer was in one of those states.
+# reason ('' for none; leaving ``paused`` clears the pause's). Pause, resume and stop: 1 if the
+# timer was in one of those states.
 TIMER_SET_STATE = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st or not string.find(',' .. ARGV[2] .. ',', ',' .. st .. ',', 1, true) then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'next_run', ARGV[4])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[5]) end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'reason', ARGV[5])
+elseif st == 'paused' then
+  redis.call('HSET', KEYS[1], 'reason', '')
+end
 if ARGV[4] == '' then
   redis.call('ZREM', KEYS[2], ARGV[1])
 else
@@ -175,8 +180,8 @@ class RedisTimers(TimerStore):
             keys=[self._k("timer", timer_id), self._k("timers:due")],
             args=[timer_id, leaving, state, _num(next_run), reason]))
 
-    async def pause(self, timer_id: str) -> bool:
-        return await self._change(timer_id, "active", "paused", None)
+    async def pause(self, timer_id: str, reason: str = "") -> bool:
+        return await self._change(timer_id, "active", "paused", None, reason)
 
     async def resume(self, timer_id: str, next_run: float | None) -> bool:
         return await self._change(

@@ -4,8 +4,11 @@ Keys (``p`` is the prefix): ``p tokens`` hash sha256 -> ``user:<user id>:<token 
 ``endpoint:<id>`` (an endpoint's is written by ``endpoints``; a ``user:<id>`` written before
 tokens had ids still resolves, with no token id); ``p token:<id>`` hash (the TokenRecord);
 ``p tokens:all`` and ``p user:<id>:tokens`` sorted sets of token ids by creation;
-``p users:names`` hash name -> user id (what keeps names unique); ``p user:<id>``. Creating a
-user and revoking a token are Lua calls, so two replicas cannot both take one name.
+``p users:names`` hash name -> user id (what keeps names unique); ``p user:<id>`` (with
+``disabled`` ``1`` while an administrator disabled the user). Creating a user, adding and
+revoking a token are Lua calls, so two replicas cannot both take one name nor pass the token cap;
+resolving one is too, so a disabled owner's tokens and endpoint credentials fail in the same
+round trip.
 """
 
 from __future__ import annotations
@@ -49,15 +52,50 @@ return rec
 """
 
 
+# KEYS[1] the token's hash, KEYS[2] token-hash index, KEYS[3] the user's token ids, KEYS[4] every
+# token id; ARGV[1] token hash, ARGV[2] what the index maps it to, ARGV[3] token id, ARGV[4]
+# created_at, ARGV[5] the most tokens the user may hold (0: no limit), then the token's field
+# pairs. Returns 0, changing nothing, when the user holds that many already.
+ADD_TOKEN = """
+local limit = tonumber(ARGV[5])
+if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, #ARGV))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+return 1
+"""
+
+# KEYS[1] token-hash index; ARGV[1] token hash, ARGV[2] key prefix. What the index maps the hash
+# to, or nil for an unknown token and for one whose user (or, for an endpoint's credential, the
+# endpoint's owner) is disabled.
+RESOLVE_TOKEN = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return false end
+local kind, ident = string.match(v, '^(%a+):([^:]+)')
+local owner = ident
+if kind == 'endpoint' then owner = redis.call('HGET', ARGV[2] .. 'ep:' .. ident, 'user_id') end
+if owner and redis.call('HGET', ARGV[2] .. 'user:' .. owner, 'disabled') == '1' then
+  return false
+end
+return v
+"""
+
+
 class RedisUsers(UserStore):
     def __init__(self, db: RedisConnection) -> None:
         self._db = db
         self._create_user = db.r.register_script(CREATE_USER)
         self._revoke_token = db.r.register_script(REVOKE_TOKEN)
+        self._add_token = db.r.register_script(ADD_TOKEN)
+        self._resolve_token = db.r.register_script(RESOLVE_TOKEN)
+        self._set_if_exists = db.r.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+            "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1")
 
     async def create(self, user: UserRecord, token: TokenRecord) -> bool:
         db = self._db
-        fields = _pairs(user.model_dump())
+        fields = _pairs(user.model_dump(exclude={"disabled"}))
         keys = [db.k("users:names"), db.k("user", user.user_id), db.k("tokens"),
                 db.k("token", token.token_id), db.k("user", user.user_id, "tokens"),
                 db.k("tokens:all")]
@@ -81,14 +119,25 @@ class RedisUsers(UserStore):
         user_id = await self._db.r.hget(self._db.k("users:names"), name)
         return None if user_id is None else await self.get(user_id)
 
-    async def add_token(self, token: TokenRecord) -> None:
+    async def all(self) -> list[UserRecord]:
+        names = await self._db.r.hgetall(self._db.k("users:names"))
+        found = await self.get_many(list(names.values()))
+        return [found[names[n]] for n in sorted(names) if names[n] in found]
+
+    async def add_token(self, token: TokenRecord, max_tokens: int = 0) -> bool:
         db = self._db
-        async with db.r.pipeline(transaction=True) as p:
-            p.hset(db.k("token", token.token_id), mapping=flat(token.model_dump()))
-            p.hset(db.k("tokens"), token.token_hash, _token_value(token))
-            p.zadd(db.k("user", token.user_id, "tokens"), {token.token_id: token.created_at})
-            p.zadd(db.k("tokens:all"), {token.token_id: token.created_at})
-            await p.execute()
+        keys = [db.k("token", token.token_id), db.k("tokens"), db.k("user", token.user_id, "tokens"),
+                db.k("tokens:all")]
+        args: list[Any] = [token.token_hash, _token_value(token), token.token_id,
+                           repr(token.created_at), max_tokens, *_pairs(token.model_dump())]
+        return bool(await self._add_token(keys=keys, args=args))
+
+    async def token_count(self, user_id: str) -> int:
+        return int(await self._db.r.zcard(self._db.k("user", user_id, "tokens")))
+
+    async def set_disabled(self, user_id: str, disabled: bool) -> bool:
+        return bool(await self._set_if_exists(keys=[self._db.k("user", user_id)],
+                                              args=["disabled", "1" if disabled else "0"]))
 
     async def list_tokens(self, user_id: str | None = None) -> list[TokenRecord]:
         db = self._db
@@ -111,7 +160,8 @@ class RedisUsers(UserStore):
             dict(zip(flat_record[::2], flat_record[1::2], strict=True)))
 
     async def resolve_token(self, token_hash: str) -> Principal | None:
-        value = await self._db.r.hget(self._db.k("tokens"), token_hash)
+        value = await self._resolve_token(keys=[self._db.k("tokens")],
+                                          args=[token_hash, self._db.prefix])
         if not value:
             return None
         kind, _, ident = value.partition(":")
