@@ -290,6 +290,17 @@ def _unshared_by_owner_only(w: World, caller: Caller, response: httpx.Response) 
     return None if after == expected else f"afterwards the shared user reads it: {after}"
 
 
+LEAVE = allowed(400, 200, 404)
+"""Only a user something is shared with leaves it; its owner is told to delete it instead."""
+
+
+def _left_by_the_shared_user_only(w: World, caller: Caller, response: httpx.Response
+                                  ) -> str | None:
+    after = w.call("shared", "GET", _object_path(response)).status_code
+    expected = 404 if caller == "shared" else 200
+    return None if after == expected else f"after {caller}'s leave the shared user reads it: {after}"
+
+
 def _share_with_stranger(w: World) -> dict[str, str]:
     return {"username": w.names["stranger"]}
 
@@ -342,8 +353,8 @@ def _upload(w: World, _: Caller) -> Request:
 
 
 def _owners_blob(w: World, _: Caller) -> Request:
-    """A blob the owner uploaded: its id is the capability, so every user who holds it reads it
-    (task arguments and results name it only to those who may see the task)."""
+    """A blob the owner uploaded: only its owner reads it, even with its id (issue 20: an id
+    read by a task on a shared endpoint was enough before)."""
     return f"/v1/blobs/{_ok_created(w.call('owner', 'POST', '/v1/blobs', OPAQUE))}", None
 
 
@@ -354,6 +365,8 @@ def _ok_created(response: httpx.Response) -> str:
 
 
 def _blob_check(w: World, caller: Caller, response: httpx.Response) -> str | None:
+    if caller != "owner":
+        return None
     return None if response.content == json.dumps(OPAQUE).encode() else (
         f"{caller} read {response.content[:80]!r}")
 
@@ -363,7 +376,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     # the data plane and listings
     ("GET", "/v1/limits"): Row(_fixed("/v1/limits"), allowed()),
     ("POST", "/v1/blobs"): Row(_upload, allowed(201, 201, 201)),
-    ("GET", "/v1/blobs/{blob_id}"): Row(_owners_blob, allowed(), _blob_check),
+    ("GET", "/v1/blobs/{blob_id}"): Row(_owners_blob, SUBMITTER_ONLY, _blob_check),
     ("GET", "/v1/task_groups"): Row(_fixed("/v1/task_groups"), allowed(), _groups_check),
     ("GET", "/v1/tasks"): Row(_fixed("/v1/tasks?task_group_id={group}"), SUBMITTER_ONLY,
                               _tasks_check),
@@ -377,6 +390,8 @@ MATRIX: dict[tuple[str, str], Row] = {
         Row(_fresh_function("/unshare", _unshare_shared), OWNER_ONLY, _unshared_by_owner_only),
     ("GET", "/v1/functions/{function_id}/sharing"):
         Row(_fixed("/v1/functions/{function}/sharing"), OWNER_ONLY, _sharing_check),
+    ("POST", "/v1/functions/{function_id}/leave"):
+        Row(_fresh_function("/leave"), LEAVE, _left_by_the_shared_user_only),
     ("DELETE", "/v1/functions/{function_id}"): Row(_fresh_function(""), OWNER_ONLY,
                                                      _deleted_by_owner_only),
     # endpoints
@@ -392,6 +407,10 @@ MATRIX: dict[tuple[str, str], Row] = {
         Row(_fresh_endpoint("/unshare", _unshare_shared), OWNER_ONLY, _unshared_by_owner_only),
     ("GET", "/v1/endpoints/{endpoint_id}/sharing"):
         Row(_fixed("/v1/endpoints/{endpoint}/sharing"), OWNER_ONLY, _sharing_check),
+    ("POST", "/v1/endpoints/{endpoint_id}/credential"):
+        Row(_fresh_endpoint("/credential"), OWNER_ONLY),
+    ("POST", "/v1/endpoints/{endpoint_id}/leave"):
+        Row(_fresh_endpoint("/leave"), LEAVE, _left_by_the_shared_user_only),
     ("DELETE", "/v1/endpoints/{endpoint_id}"): Row(_fresh_endpoint(""), OWNER_ONLY,
                                                      _deleted_by_owner_only),
     # tokens: each user's own
@@ -473,11 +492,17 @@ def test_a_task_is_its_submitters_alone_even_on_the_owners_endpoint(world: World
         assert world.call(caller, "GET", f"/v1/task_groups/{group}").status_code == 404
         assert _ok(world.call(caller, "POST", "/v1/tasks/status",
                               {"task_ids": [task_id]}))["tasks"] == {}
-        assert _ok(world.call(caller, "POST", "/v1/tasks/cancel", {"task_ids": [task_id]})) == {
-            "cancelled": [], "unchanged": {task_id: "not_found"}}
         # nor can anyone add tasks to another user's task group
         assert world.submit(caller, *world.own[caller], task_group_id=group).status_code == 404
+    assert _ok(world.call("stranger", "POST", "/v1/tasks/cancel", {"task_ids": [task_id]})) == {
+        "cancelled": [], "unchanged": {task_id: "not_found"}}
     assert _ok(world.call("shared", "GET", f"/v1/tasks/{task_id}"))["state"] != "cancelled"
+    # The endpoint's owner may stop what runs on their endpoint (issue 20), still without
+    # reading it; the submitter is told who stopped it.
+    assert _ok(world.call("owner", "POST", "/v1/tasks/cancel", {"task_ids": [task_id]})) == {
+        "cancelled": [task_id], "unchanged": {}}
+    stopped = _ok(world.call("shared", "GET", f"/v1/tasks/{task_id}"))
+    assert stopped["state"] == "cancelled" and "owner" in stopped["error"], stopped
 
 
 def test_sharing_an_endpoint_shares_neither_the_owners_functions_nor_other_endpoints(
@@ -527,7 +552,7 @@ def test_unsharing_takes_access_back_but_leaves_the_users_tasks_theirs(world: Wo
 
     unshare = {"username": world.names["shared"]}
     assert _ok(world.call("owner", "POST", f"/v1/endpoints/{endpoint_id}/unshare", unshare)) == {
-        "endpoint_id": endpoint_id, "shared_with": []}
+        "endpoint_id": endpoint_id, "shared_with": [], "warning": None}
     assert _ok(world.call("owner", "POST", f"/v1/functions/{function_id}/unshare", unshare)) == {
         "function_id": function_id, "shared_with": [], "public": False}
 
@@ -538,7 +563,8 @@ def test_unsharing_takes_access_back_but_leaves_the_users_tasks_theirs(world: Wo
     assert world.submit("shared", world.own["shared"][0], function_id).status_code == 404
     endpoints = _ok(world.call("shared", "GET", "/v1/endpoints"))["endpoints"]
     assert endpoint_id not in {e["endpoint_id"] for e in endpoints}
-    assert _ok(world.call("shared", "GET", f"/v1/tasks/{task_id}"))["task_id"] == task_id
+    task = _ok(world.call("shared", "GET", f"/v1/tasks/{task_id}"))
+    assert task["state"] == "cancelled" and "stopped sharing" in task["error"], task  # theirs
 
 
 def test_sharing_names_an_existing_other_user(world: World) -> None:

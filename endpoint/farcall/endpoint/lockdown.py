@@ -78,7 +78,9 @@ def warn_user_token(registered: bool) -> None:
     need = ("it is not needed once the endpoint is registered" if registered else
             "it is needed only to register this endpoint")
     if os.environ.get(TOKEN_VARIABLE):
-        log.warning("%s is set in the agent's environment: %s. The agent drops it after "
+        # Needed to register: said, not warned; needless once registered: a warning.
+        log.log(logging.WARNING if registered else logging.INFO,
+                "%s is set in the agent's environment: %s. The agent drops it after "
                     "registration, so workers never see it; leave it out of the service's "
                     "environment once the endpoint is registered", TOKEN_VARIABLE, need)
     try:
