@@ -5,7 +5,7 @@ and a Redis restart.
 A worker's blob download or upload cut off by the fault is made again (``farcall.retry``,
 within the endpoint's ``data_retry_seconds``), so none fails: 0 failed, 0 lost, each result
 checked against the hash of the argument it was made from. Each fault waits until every
-argument and a few results are stored, so the workers are moving the rest when it strikes.
+argument is up and a few results are back, so the workers are moving the rest when it strikes.
 The broker and agent faults keep blobs in a directory (``FARCALL_BLOB_DIR``) and also wait
 until an upload is being written to it; the Redis restart keeps them in that Redis (its own,
 with AOF). ``FARCALL_FAULT_DATA_RETRY_SECONDS`` sets the endpoints' ``data_retry_seconds``
@@ -42,10 +42,12 @@ DEADLINE = 120.0
 FAULT_WHEN = 0.1
 """The scenario calls the fault once 2 of the 20 results are back; it then waits for the moment
 below."""
-STORED_FIRST = TASKS + 4
-"""The fault strikes once this many blobs are stored (every argument and 4 results: the
-arguments are all up, so the 2 workers are moving the rest) and, where it can be seen (a blob
-directory), while an upload is being written."""
+STORED_FIRST = TASKS
+"""The fault strikes once this many blobs are stored, which is when every argument is up: a
+task's argument blob is freed as its result blob is recorded (issue 20), so from then on the
+count stays at ``TASKS`` (plus results being written). The scenario calls the fault once 2
+results are back, so the 2 workers are moving the rest; where it can be seen (a blob directory)
+it also waits until an upload is being written."""
 OUTAGE = 3.0
 """Seconds the killed broker stays down before it is started again (a supervisor's restart
 delay): the transfers begun meanwhile fail too, as they would in production."""
