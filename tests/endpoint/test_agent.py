@@ -198,7 +198,7 @@ def test_refused_credential_stops_the_agent_with_a_clear_error(
 ) -> None:
     runner = start_agent(credential="fce_wrong", connect=False)
     with pytest.raises(EndpointError,
-                       match="deleted, or its credential was rotated.*rotate-credential.*again"):
+                       match="deleted, its owner was disabled.*rotated.*rotate-credential.*again"):
         runner.wait_connected(10)
     assert isinstance(runner.error, EndpointRejected)
     assert broker.rejected == 1 and not broker.of(Hello)

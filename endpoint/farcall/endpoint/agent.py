@@ -307,8 +307,9 @@ class Agent:
                 if status in (401, 403, 404):
                     raise EndpointRejected(
                         f"the broker at {self.broker_url} refused endpoint {self.endpoint_id} "
-                        f"({status}): it was deleted, or its credential was rotated and endpoint.json "
-                        "does not hold the new one (farcall-endpoint rotate-credential). To register a "
+                        f"({status}): it was deleted, its owner was disabled, or its credential "
+                        "was rotated and endpoint.json does not hold the new one (farcall-endpoint "
+                        "rotate-credential). To register a "
                         "new endpoint, start again with --register-again "
                         "(farcall-endpoint start NAME --register-again)."
                     ) from None
