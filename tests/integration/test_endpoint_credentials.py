@@ -78,7 +78,8 @@ def test_only_the_owner_rotates_a_credential(broker: Broker, client: Client) -> 
     with Client(broker_url=broker.url, token=broker.create_user(name)) as colleague:
         with pytest.raises(NotFound):
             colleague.rotate_endpoint_credential(endpoint_id)
-        client.share_endpoint(endpoint_id, name)
+        with pytest.warns(UserWarning, match="single-user endpoint"):
+            client.share_endpoint(endpoint_id, name)
         with pytest.raises(PermissionDenied, match="only its owner"):
             colleague.rotate_endpoint_credential(endpoint_id)
     with _session(broker, endpoint_id, registered["credential"]):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import pytest
+
 from farcall import Client, Executor
 from farcall.endpoint.registration import load_registration
 from tests.integration.helpers import Broker
@@ -56,7 +58,8 @@ def test_a_users_implant_never_meets_another_users_task(
     for role in ("attacker", "victim"):
         name = f"{role}-{uuid.uuid4().hex[:6]}"
         users[role] = Client(broker_url=broker.url, token=broker.create_user(name))
-        client.share_endpoint(endpoint_id, name)
+        with pytest.warns(UserWarning, match="single-user endpoint"):
+            client.share_endpoint(endpoint_id, name)
 
     def implant() -> int:
         import json
