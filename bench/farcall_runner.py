@@ -67,7 +67,7 @@ class FarcallSystem(System):
         from farcall import Client, Executor
 
         self.broker.start()
-        self.token = self.broker.create_user(f"bench-{self.ctx.run_id}")
+        self.token = self.broker.create_user(f"bench-{self.name}-{self.ctx.run_id}")
         self.client = Client(broker_url=self.broker.url, token=self.token)
         self.endpoint = Endpoint(self.ctx, self.broker, self.token, f"{self.name}-ep", self.engine_type,
                                  self.engine)
