@@ -56,10 +56,19 @@ class BrokerProcess:
             raise RuntimeError(f"the broker exited: {self.proc.output(4000)}")
         return httpx.get(f"{self.url}/v1/health", timeout=2, verify=self._verify).status_code == 200
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``farcall-broker ARGS`` against this broker's store (its environment)."""
+        return subprocess.run([str(BIN / "farcall-broker"), *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def status_of(self, token: str) -> int:
+        """The status ``GET /v1/endpoints`` answers ``token``: 200, or 401 once it is refused."""
+        return httpx.get(f"{self.url}/v1/endpoints", headers={"Authorization": f"Bearer {token}"},
+                         timeout=10, verify=self._verify).status_code
+
     def create_user(self, name: str) -> str:
         """``farcall-broker users create NAME``; the token it prints last."""
-        done = subprocess.run([str(BIN / "farcall-broker"), "users", "create", name], env=self.env,
-                              capture_output=True, text=True, timeout=60)
+        done = self.cli("users", "create", name)
         if done.returncode != 0:
             raise RuntimeError(f"farcall-broker users create failed: {done.stderr or done.stdout}")
         return done.stdout.strip().splitlines()[-1].strip()

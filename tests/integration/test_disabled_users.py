@@ -9,7 +9,6 @@ or a user whose every token ends.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from concurrent.futures import CancelledError
@@ -23,25 +22,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from farcall import Client, Executor
-from harness import BIN
 from harness.procs import wait_until
 from harness.services import REDIS_URL
-from tests.integration.helpers import Broker, Endpoint, own_broker, own_replicas
+from tests.integration.helpers import Endpoint, own_broker, own_replicas
 
 pytestmark = pytest.mark.integration
 
 WITHIN = 1.5
 """Disabling is promised within a second on every replica; the margin covers a loaded CI host."""
-
-
-def _cli(broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "farcall-broker"), *args], env=broker.env,
-                          capture_output=True, text=True, timeout=60)
-
-
-def _status(url: str, token: str) -> int:
-    return httpx.get(f"{url}/v1/endpoints", headers={"Authorization": f"Bearer {token}"},
-                     timeout=10).status_code
 
 
 def _sleeper(client: Client) -> str:
@@ -62,7 +50,7 @@ def test_a_disabled_user_is_stopped_on_every_replica(service_env: dict[str, str]
     with own_replicas(service_env, tmp_path, "disable", 2) as (first, second):
         name = f"mallory-{uuid.uuid4().hex[:6]}"
         token = first.create_user(name)
-        other = _cli(first, "users", "token", name).stdout.strip().splitlines()[-1]
+        other = first.cli("users", "token", name).stdout.strip().splitlines()[-1]
         client = Client(broker_url=first.url, token=token, retry_seconds=0)
         ep = Endpoint("mallory", dict(first.env, FARCALL_HOME=str(tmp_path / "home"),
                                       FARCALL_BROKER_URL=first.url, FARCALL_TOKEN=token))
@@ -76,20 +64,20 @@ def test_a_disabled_user_is_stopped_on_every_replica(service_env: dict[str, str]
                 wait_until(lambda: all(f.task_id for f in futures), 30, "the tasks to be sent")
                 wait_until(lambda: client.get_timer(timer_id)["run_count"] >= 1, 15,
                            "the timer's first run")
-                assert _status(second.url, other) == 200  # cached on the other replica
+                assert second.status_of(other) == 200  # cached on the other replica
 
                 group = client.create_task_group()
                 url = Client(broker_url=second.url, token=other).websocket_url(
                     f"/task_groups/{group}/results")
                 with connect(url, additional_headers={"Authorization": f"Bearer {other}"}) as s:
-                    done = _cli(first, "users", "disable", name)
+                    done = first.cli("users", "disable", name)
                     assert done.returncode == 0, done.stderr
                     assert "5 tasks cancelled" in done.stdout or "tasks cancelled" in done.stdout
                     with pytest.raises(ConnectionClosed) as closed:
                         s.recv(timeout=WITHIN)
                     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
 
-                wait_until(lambda: all(_status(b.url, t) == 401 for b in (first, second)
+                wait_until(lambda: all(b.status_of(t) == 401 for b in (first, second)
                                        for t in (token, other)), WITHIN,
                            "every token of the disabled user to be refused on both replicas")
                 for f in futures:
@@ -101,13 +89,13 @@ def test_a_disabled_user_is_stopped_on_every_replica(service_env: dict[str, str]
                        "the disabled user's agent to be refused and stop")
             assert "refused endpoint" in ep.proc.output(4000)
 
-            listed = _cli(first, "users", "list")
+            listed = first.cli("users", "list")
             assert listed.returncode == 0, listed.stderr
             row = next(line.split() for line in listed.stdout.splitlines() if line.startswith(name))
             assert row[2:] == ["yes", "2"], listed.stdout
 
-            assert _cli(first, "users", "enable", name).returncode == 0
-            wait_until(lambda: _status(second.url, other) == 200, WITHIN, "the token to work again")
+            assert first.cli("users", "enable", name).returncode == 0
+            wait_until(lambda: second.status_of(other) == 200, WITHIN, "the token to work again")
             timer = client.get_timer(timer_id)
             assert timer["state"] == "paused" and "disabled" in timer["reason"], timer
             runs = timer["run_count"]

@@ -7,17 +7,14 @@ stream that authenticated with it is closed, and it can no longer submit.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 
-import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from farcall import Client
 from farcall.errors import AuthenticationError
-from harness import BIN
 from harness.procs import wait_until
 from tests.integration.helpers import Broker
 
@@ -25,49 +22,39 @@ REVOKED_WITHIN = 1.5
 """The promise is a second; the margin covers a loaded CI machine's scheduling."""
 
 
-def _cli(broker: Broker, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "farcall-broker"), *args], env=broker.env,
-                          capture_output=True, text=True, timeout=60)
-
-
-def _status(url: str, token: str) -> int:
-    return httpx.get(f"{url}/v1/endpoints", headers={"Authorization": f"Bearer {token}"},
-                     timeout=10).status_code
-
-
 def _refused_everywhere(brokers: list[Broker], token: str) -> None:
     """Wait (at most ``REVOKED_WITHIN`` s) until every broker answers 401 to ``token``."""
-    wait_until(lambda: all(_status(b.url, token) == 401 for b in brokers), REVOKED_WITHIN,
+    wait_until(lambda: all(b.status_of(token) == 401 for b in brokers), REVOKED_WITHIN,
                "the revoked token to be refused by every broker")
 
 
 def test_cli_gives_lists_and_revokes_tokens(broker: Broker, second_broker: Broker) -> None:
     name = f"carol-{uuid.uuid4().hex[:6]}"
     first = broker.create_user(name)
-    done = _cli(broker, "users", "token", name, "--token-name", "laptop")
+    done = broker.cli("users", "token", name, "--token-name", "laptop")
     assert done.returncode == 0, done.stderr
     second = done.stdout.strip().splitlines()[-1]
     assert second.startswith("fcu_") and second != first
-    assert _status(broker.url, second) == 200
+    assert broker.status_of(second) == 200
 
-    listed = _cli(broker, "tokens", "list", "--user", name)
+    listed = broker.cli("tokens", "list", "--user", name)
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
     assert len(rows) == 2 and all(row[1] == name for row in rows)
     assert first not in listed.stdout and second not in listed.stdout  # ids, never the tokens
     laptop = next(row[0] for row in rows if row[-1] == "laptop")
 
-    assert _status(second_broker.url, second) == 200  # cached on the other replica too
-    revoked = _cli(broker, "tokens", "revoke", laptop)
+    assert second_broker.status_of(second) == 200  # cached on the other replica too
+    revoked = broker.cli("tokens", "revoke", laptop)
     assert revoked.returncode == 0, revoked.stderr
     _refused_everywhere([broker, second_broker], second)
-    assert _status(broker.url, first) == 200  # the user's other token still works
+    assert broker.status_of(first) == 200  # the user's other token still works
 
-    again = _cli(broker, "tokens", "revoke", laptop)
+    again = broker.cli("tokens", "revoke", laptop)
     assert again.returncode == 1 and "no token" in again.stderr
-    unknown = _cli(broker, "users", "token", f"nobody-{uuid.uuid4().hex[:6]}")
+    unknown = broker.cli("users", "token", f"nobody-{uuid.uuid4().hex[:6]}")
     assert unknown.returncode == 1 and "no user named" in unknown.stderr
-    taken = _cli(broker, "users", "create", name)
+    taken = broker.cli("users", "create", name)
     assert taken.returncode == 1 and "already exists" in taken.stderr
 
 
@@ -108,7 +95,7 @@ def test_revoking_closes_open_streams_and_stops_submissions(
         with Client(broker_url=broker.url, token=broker.create_user(name)) as dave:
             with pytest.raises(Exception, match="404"):
                 dave.revoke_token(other["token_id"])
-        assert _status(broker.url, other["token"]) == 200
+        assert broker.status_of(other["token"]) == 200
         owner.delete_endpoint(endpoint_id)
 
 

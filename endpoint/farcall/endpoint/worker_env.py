@@ -52,15 +52,9 @@ class WorkerEnvOptions(EngineOptions):
         default_factory=list,
         description="variables every worker gets from the agent's environment, beyond the safe base")
 
-    @field_validator("worker_env")
+    @field_validator("worker_env", "worker_env_passthrough")
     @classmethod
-    def _check_values(cls, value: dict[str, str]) -> dict[str, str]:
-        _check_names(value)
-        return value
-
-    @field_validator("worker_env_passthrough")
-    @classmethod
-    def _check_passthrough(cls, value: list[str]) -> list[str]:
+    def _valid_names(cls, value: dict[str, str] | list[str]) -> dict[str, str] | list[str]:
         _check_names(value)
         return value
 

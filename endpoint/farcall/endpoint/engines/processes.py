@@ -431,6 +431,10 @@ class ProcessPoolEngine(PolicyEngine):
     def _replace(self, w: _Worker) -> None:
         """Stop ``w`` (idle) so that a fresh worker, bound to no user yet, takes its place."""
         log.info("replacing worker %s of one user with a fresh one for another", w.pid)
+        self._kill(w)
+
+    def _kill(self, w: _Worker) -> None:
+        """Kill ``w`` on purpose (its other tasks are not suspects) and take it out of the pool."""
         w.killed = True
         try:
             w.process.kill()
@@ -507,12 +511,7 @@ class ProcessPoolEngine(PolicyEngine):
                 victims[w.pid] = w
         for w in victims.values():
             log.info("killing worker %s to stop a cancelled or timed-out task", w.pid)
-            w.killed = True
-            try:
-                w.process.kill()
-            except OSError:
-                pass
-            self._on_death(w)
+            self._kill(w)
 
     def _on_death(self, w: _Worker) -> None:
         if w.dead:
