@@ -158,6 +158,18 @@ class MPIEnvironmentError(FarcallError, RuntimeError):
     run it on an ``MPIEngine`` endpoint with a ``resource_specification``."""
 
 
+class IdentityMappingError(FarcallError):
+    """A multi-user endpoint could not map the submitting user to a local account (no rule of its
+    identity mapping matched, or the name it gave has no Unix account there): the task never ran.
+    The message names the user and what the endpoint's administrator must add."""
+
+
+class UserEndpointError(FarcallError):
+    """A multi-user endpoint could not start the submitter's user endpoint for a reason other
+    than identity mapping: its configuration template refused the ``user_endpoint_config`` (the
+    message says which value and why), or the user endpoint failed to start. The task never ran."""
+
+
 def broker_error(status: int, message: str, error: str = "", body: Any = None,
                  retry_after: float | None = None) -> BrokerError:
     """The SDK exception for a broker error answer (HTTP status and JSON body)."""

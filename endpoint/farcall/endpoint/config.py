@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farcall import config as sdk_config
 from farcall.config import farcall_home
@@ -31,6 +31,13 @@ from farcall.protocol.channel import DATA_RETRY_SECONDS
 __all__ = ["EndpointConfig", "configure", "endpoint_dir", "farcall_home", "load_config"]
 
 CONFIG_FILE = "config.yaml"
+IDENTITY_MAPPING = "identity_mapping.json"
+USER_CONFIG_TEMPLATE = "user_config_template.yaml.j2"
+USER_CONFIG_SCHEMA = "user_config_schema.json"
+USER_ENVIRONMENT = "user_environment.yaml"
+USER_ENDPOINTS_STATE = "user_endpoints.json"
+"""A manager's running user endpoints (local user, config hash, state, idle time), for
+``farcall-endpoint status`` and ``list``."""
 RUNINFO_DIR = "runinfo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -56,6 +63,25 @@ class EndpointConfig(BaseModel):
         default=DATA_RETRY_SECONDS, ge=0, allow_inf_nan=False,
         description="seconds a worker keeps retrying a big argument's download or a big result's "
                     "upload after it first failed (the broker restarting), before the task fails")
+    idle_shutdown_seconds: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="stop the agent after this many seconds with no task held or arriving "
+                    "(a multi-user endpoint's manager sets it on every user endpoint; None: never)")
+
+    # A multi-user endpoint's manager (docs/multi-user.md): it runs no task itself; it starts a
+    # user endpoint, as the submitter's own Unix account, from the files beside config.yaml
+    # (USER_CONFIG_TEMPLATE, USER_CONFIG_SCHEMA, USER_ENVIRONMENT) and its identity mapping.
+    multi_user: bool = Field(
+        default=False, description="run as a multi-user endpoint's manager (no engine of its own)")
+    identity_mapping_config_path: str | None = Field(
+        default=None, description="the identity mapping (JSON, Globus Compute's formats); "
+                                  "default: identity_mapping.json beside config.yaml")
+    audit_log_path: str | None = Field(
+        default=None, description="a multi-user endpoint's audit log: one line per task state, "
+                                  "with the local user and uid that ran it")
+    user_endpoint_idle_seconds: float = Field(
+        default=300.0, gt=0, allow_inf_nan=False,
+        description="seconds a user endpoint with no work keeps running before it stops")
 
     @field_validator("data_retry_seconds", mode="before")
     @classmethod
@@ -63,6 +89,14 @@ class EndpointConfig(BaseModel):
         if isinstance(value, bool):
             raise ValueError("must be a number of seconds, 0 or more")
         return value
+
+    @model_validator(mode="after")
+    def _manager_has_no_engine(self) -> EndpointConfig:
+        if self.multi_user and "engine" in self.model_fields_set:
+            raise ValueError(
+                "multi_user: true runs no tasks itself, so it takes no engine section: move it "
+                f"into {USER_CONFIG_TEMPLATE}, which configures each user endpoint")
+        return self
 
     @field_validator("engine")
     @classmethod

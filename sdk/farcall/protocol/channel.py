@@ -3,7 +3,8 @@ batches queued for an endpoint in RabbitMQ (the same ``TaskMessage`` JSON).
 
 Endpoint -> broker: ``Hello`` (first), ``Credit``, ``RunningFrame``, ``ResultsFrame``,
 ``HeartbeatFrame``. Broker -> endpoint: ``Welcome`` (first), ``TasksFrame``, ``ResultsAck``,
-``CancelFrame``, ``ErrorFrame``. Payload fields (``function``, ``args``, ``data``) are opaque
+``CancelFrame``, ``ErrorFrame``, and to a multi-user endpoint's manager ``StartUserEndpoint``.
+Payload fields (``function``, ``args``, ``data``) are opaque
 strings made by :mod:`farcall.serialize`: the broker never looks inside them.
 """
 
@@ -157,6 +158,13 @@ class Hello(Message):
     heartbeat: Heartbeat = Field(default_factory=Heartbeat)
     heartbeat_period: float | None = Field(default=None, gt=0)
     """Seconds between heartbeats; the broker calls the endpoint offline after a few missed."""
+    multi_user: bool = False
+    """The agent is a multi-user endpoint's manager: it runs no task itself (its credit stays 0)
+    and starts a user endpoint, as the submitter's own Unix account, for each ``StartUserEndpoint``."""
+    user_config_schema: dict[str, Any] | None = None
+    """A manager's JSON Schema for the ``user_endpoint_config`` users send (its
+    ``user_config_schema.json``): the broker checks every submission against it (422 when it does
+    not hold). None: the manager checks nothing before rendering its template."""
 
 
 class Welcome(Message):
@@ -232,6 +240,33 @@ class HeartbeatFrame(Message):
     heartbeat: Heartbeat
 
 
+class StartUserEndpoint(Message):
+    """Broker -> a multi-user endpoint's manager: start (or keep running) the user endpoint
+    ``endpoint_id`` for ``username`` with ``user_endpoint_config``; its tasks wait in its own
+    queue meanwhile. The broker sends it when tasks wait for a user endpoint that has no session,
+    again after ``START_RESEND_SECONDS`` while that lasts, so a lost one is repeated.
+
+    ``credential`` is the user endpoint's own credential (the manager hands it to the child on a
+    pipe); it is the same for every start of that user endpoint while the manager's own
+    credential stays the same. ``identities`` are what the manager's identity mapping reads:
+    each a dict with at least ``id`` (the farcall user id, also ``sub``) and ``username``.
+    ``config_hash`` names the configuration (the SHA-256 of its canonical JSON): tasks with the
+    same user and configuration share a user endpoint."""
+
+    type: Literal["start_user_endpoint"] = "start_user_endpoint"
+    endpoint_id: str
+    credential: str
+    user_id: str
+    username: str
+    identities: list[dict[str, Any]] = Field(default_factory=list)
+    user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
+    config_hash: str = ""
+
+
+START_RESEND_SECONDS = 30.0
+"""How long the broker waits for a user endpoint it asked a manager to start before asking again."""
+
+
 class ErrorFrame(Message):
     type: Literal["error"] = "error"
     message: str
@@ -242,7 +277,7 @@ EndpointFrame = Annotated[
     Field(discriminator="type"),
 ]
 BrokerFrame = Annotated[
-    Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame,
+    Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame | StartUserEndpoint,
     Field(discriminator="type"),
 ]
 
@@ -262,7 +297,7 @@ def parse_endpoint_frame(raw: str | bytes) -> Hello | Credit | RunningFrame | Re
 
 def parse_broker_frame(
     raw: str | bytes,
-) -> Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame:
+) -> Welcome | TasksFrame | ResultsAck | CancelFrame | ErrorFrame | StartUserEndpoint:
     """Parse a frame sent by the broker to an endpoint."""
     return _BrokerFrameBox.model_validate_json(b'{"frame":' + as_bytes(raw) + b"}").frame
 

@@ -3,8 +3,9 @@ session on whichever replica holds it, and every replica's token cache.
 
 An endpoint's control channel carries ``CancelTasks`` (stop these tasks), ``SessionReplaced``
 (a newer session of the endpoint took over), ``EndpointRemoved`` (the endpoint was deleted),
-``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end)
-and ``EndpointRefused`` (its owner was disabled); the revocations channel carries
+``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end),
+``EndpointRefused`` (its owner was disabled) and, to a multi-user endpoint's manager,
+``UserEndpointWanted`` (tasks wait for one of its user endpoints); the revocations channel carries
 ``TokenRevocation`` and ``AccessRevoked``. Only the broker sends and reads them, but they
 cross process boundaries like every other frame, so they are typed and pinned here too.
 """
@@ -55,7 +56,17 @@ class EndpointRefused(Message):
     reason: str
 
 
-AnyControl = CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated | EndpointRefused
+class UserEndpointWanted(Message):
+    """Tasks wait for the manager's user endpoint ``user_endpoint_id``, which has no session: the
+    manager's session (on whichever replica holds it) sends its agent a ``StartUserEndpoint``
+    built from the user endpoint's record. The credential never crosses pub/sub."""
+
+    type: Literal["user_endpoint_wanted"] = "user_endpoint_wanted"
+    user_endpoint_id: str
+
+
+AnyControl = (CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated | EndpointRefused
+              | UserEndpointWanted)
 """Any message of an endpoint's control channel."""
 ControlMessage = Annotated[AnyControl, Field(discriminator="type")]
 
