@@ -119,7 +119,8 @@ def test_a_changed_file_takes_effect_and_an_invalid_one_keeps_the_old(
 
     # same size, new inode (as editors and `mv` do): still noticed
     replacement = tmp_path / "new.json"
-    replacement.write_text(json.dumps(expressions({"source": "{username}", "match": "bob", "output": "bob2"})))
+    replacement.write_text(json.dumps(expressions(
+        {"source": "{username}", "match": "bob", "output": "bob2"})))
     os.replace(replacement, path)
     assert m.map_identity([BOB]) == "bob2"
 

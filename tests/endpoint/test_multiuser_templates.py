@@ -160,8 +160,9 @@ def test_a_missing_template_says_where_to_write_it(tmp_path: Path) -> None:
 
 
 def test_the_manager_gives_the_local_account_and_its_own_config(tmp_path: Path) -> None:
-    directory = site(tmp_path, "display_name: {{ parent_config.display_name ~ ':' ~ local_user }}\n"
-                               "endpoint_setup: {{ 'cd ' ~ local_home ~ ' ' ~ local_uid ~ ' ' ~ local_gid }}\n")
+    directory = site(
+        tmp_path, "display_name: {{ parent_config.display_name ~ ':' ~ local_user }}\n"
+                  "endpoint_setup: {{ 'cd ' ~ local_home ~ ' ' ~ local_uid ~ ' ' ~ local_gid }}\n")
     _, config = render(directory, {})
     assert config.display_name == "site:alice"
     assert config.endpoint_setup == "cd /home/alice 1234 1234"
@@ -209,11 +210,13 @@ SCHEMA = {
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"account": "abc", "max_workers": 0}, "user_endpoint_config.max_workers: 0 is less than the minimum of 1"),
+    ({"account": "abc", "max_workers": 0},
+     "user_endpoint_config.max_workers: 0 is less than the minimum of 1"),
     ({"account": "abc", "tags": ["a", 2]}, "user_endpoint_config.tags[1]: 2 is not of type 'string'"),
     ({}, "user_endpoint_config: 'account' is a required property"),
     ({"account": "abc", "acount": "x"}, "Additional properties are not allowed ('acount' was unexpected)"),
-    ({"account": "a\nmulti_user: true"}, "user_endpoint_config.account: 'a\\nmulti_user: true' does not match"),
+    ({"account": "a\nmulti_user: true"},
+     "user_endpoint_config.account: 'a\\nmulti_user: true' does not match"),
 ])
 def test_values_that_break_the_schema_get_its_own_message(
         tmp_path: Path, values: dict[str, Any], message: str) -> None:
