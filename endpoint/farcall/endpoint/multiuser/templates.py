@@ -117,6 +117,9 @@ def check_user_config(schema: dict[str, Any] | None, values: dict[str, Any]) -> 
     if not isinstance(values, dict):
         raise UserConfigError(f"{SCHEMA_ROOT} must be a mapping of names to values, "
                               f"got {type(values).__name__}")
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise UserConfigError(f"{SCHEMA_ROOT}: names must be strings, got {odd[0]!r}")
     reserved = sorted(set(values) & set(RESERVED_NAMES))
     if reserved:
         raise UserConfigError(
