@@ -241,7 +241,7 @@ def test_no_schema_file_means_no_schema_but_still_no_reserved_names(tmp_path: Pa
     with pytest.raises(UserConfigError, match="must be a mapping"):
         check_user_config(None, ["a"])  # type: ignore[arg-type]
     with pytest.raises(UserConfigError, match="names must be strings"):
-        check_user_config(None, {1: "a"})
+        check_user_config(None, {1: "a"})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(("text", "says"), [
