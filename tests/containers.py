@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -182,9 +183,11 @@ def ensure_image(env: Mapping[str, str], timeout: float = 600) -> str:
 
 
 def docker_shim(directory: Path) -> Path:
-    """A ``docker`` command in ``directory`` that runs podman with the same arguments."""
+    """A ``docker`` command in ``directory`` that runs podman with the same arguments, and
+    notes each call's first argument in ``directory/calls``."""
     directory.mkdir(parents=True, exist_ok=True)
     shim = directory / "docker"
-    shim.write_text('#!/bin/sh\nexec podman "$@"\n')
+    calls = shlex.quote(str(directory / "calls"))
+    shim.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec podman "$@"\n')
     shim.chmod(0o755)
     return shim
