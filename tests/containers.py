@@ -74,27 +74,29 @@ def _hard_limit(flag: str, most: int) -> int:
     return most if value in ("", "unlimited") else min(int(value), most)
 
 
-def _write_configs() -> dict[str, str]:
-    """podman's two config files for this machine (see ENVIRONMENT: crun refuses the cgroup
+def containers_conf(nofile: int, nproc: int) -> str:
+    """podman's containers.conf for this machine (see ENVIRONMENT: crun refuses the cgroup
     layout, the default ulimits exceed what the machine allows)."""
+    return ("[containers]\n"
+            f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "file"\n'
+            f'tmp_dir = "{PODMAN_DIR / "tmp"}"\n')
+
+
+def _write_configs() -> dict[str, str]:
     PODMAN_DIR.mkdir(parents=True, exist_ok=True)
-    nofile, nproc = _hard_limit("n", 1 << 20), _hard_limit("u", 32768)
-    containers_conf = PODMAN_DIR / "containers.conf"
-    containers_conf.write_text(
-        "[containers]\n"
-        f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]\n'
-        "[engine]\n"
-        'runtime = "runc"\n'
-        'cgroup_manager = "cgroupfs"\n'
-        'events_logger = "file"\n'
-        f'tmp_dir = "{PODMAN_DIR / "tmp"}"\n')
+    containers_path = PODMAN_DIR / "containers.conf"
+    containers_path.write_text(containers_conf(_hard_limit("n", 1 << 20), _hard_limit("u", 32768)))
     storage_conf = PODMAN_DIR / "storage.conf"
     storage_conf.write_text(
         "[storage]\n"
         'driver = "overlay"\n'
         f'graphroot = "{PODMAN_DIR / "root"}"\n'
         f'runroot = "{PODMAN_DIR / "run"}"\n')
-    return {"CONTAINERS_CONF": str(containers_conf), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
+    return {"CONTAINERS_CONF": str(containers_path), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
 
 
 def ensure_podman(timeout: float = 300) -> dict[str, str]:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +24,7 @@ from farcall.endpoint.engines.containers import (
     LAUNCH_CMD,
     RUNDIR,
     Container,
+    ContainerOptions,
     outermost,
     python_mounts,
     worker_mounts,
@@ -28,7 +32,9 @@ from farcall.endpoint.engines.containers import (
 from farcall.endpoint.engines.processes import ProcessPoolEngine
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.worker_env import exec_prefix
+from harness import REPO
 from harness.procs import wait_until
+from tests.containers import containers_conf
 from tests.endpoint.helpers import Collector, make_task, value_of
 
 WORKER_ENV = {"PATH": "/venv/bin:/usr/bin", "HOME": "/root", "OMP_NUM_THREADS": "2"}
@@ -170,7 +176,7 @@ def fake_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     yield log
 
 
-def _calls(log: Path) -> list[dict[str, object]]:
+def _calls(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -191,17 +197,17 @@ def test_process_workers_in_a_container_connect_run_and_are_removed(fake_runtime
             engine.submit(task, done.on_done)
         values = [value_of(r) for r in done.wait_results([t.task_id for t in tasks])]
         assert {v[:2] for v in values} == {("5", None)}, "the worker env, not the client's settings"
-        runs = [c for c in _calls(fake_runtime) if c["args"][0] == "run"]  # type: ignore[index]
-        assert len(runs) == 2 and all(c["env"]["CONTAINERS_CONF"] == "/etc/test/containers.conf"  # type: ignore[index]
+        runs = [c for c in _calls(fake_runtime) if c["args"][0] == "run"]
+        assert len(runs) == 2 and all(c["env"]["CONTAINERS_CONF"] == "/etc/test/containers.conf"
                                       for c in runs)
-        names = [c["args"][c["args"].index("--name") + 1] for c in runs]  # type: ignore[union-attr,index]
+        names = [c["args"][c["args"].index("--name") + 1] for c in runs]
         victim = engine._workers[0]
         victim_name = victim.container
         assert victim_name in names
         victim.process.kill()  # a lost worker: its container is removed, another starts
-        wait_until(lambda: any(c["args"][:2] == ["rm", "-f"] and victim_name in c["args"]  # type: ignore[index,operator]
+        wait_until(lambda: any(c["args"][:2] == ["rm", "-f"] and victim_name in c["args"]
                                for c in _calls(fake_runtime)), 10, "the lost worker's container removed")
-        wait_until(lambda: len([c for c in _calls(fake_runtime) if c["args"][0] == "run"]) == 3,  # type: ignore[index]
+        wait_until(lambda: len([c for c in _calls(fake_runtime) if c["args"][0] == "run"]) == 3,
                    10, "a replacement worker")
     finally:
         engine.shutdown(wait=True, timeout=10)
@@ -213,7 +219,7 @@ def test_stopping_the_engine_removes_containers_whose_workers_never_connected(
 ) -> None:
     engine = ProcessPoolEngine(max_workers=1, container_type="podman", container_uri="hang")
     engine.start()
-    wait_until(lambda: any(c["args"][0] == "run" for c in _calls(fake_runtime)), 10, "the run")  # type: ignore[index]
+    wait_until(lambda: any(c["args"][0] == "run" for c in _calls(fake_runtime)), 10, "the run")
     name = engine._workers[0].container
     started = time.monotonic()
     engine.shutdown(wait=True, timeout=5)
@@ -224,11 +230,11 @@ def test_stopping_the_engine_removes_containers_whose_workers_never_connected(
     custom = ProcessPoolEngine(max_workers=1, container_type="custom",
                                container_cmd_options=f"podman run hang {LAUNCH_CMD}")
     custom.start()
-    wait_until(lambda: sum(c["args"][0] == "run" for c in _calls(fake_runtime)) == 2, 10, "run")  # type: ignore[index]
+    wait_until(lambda: sum(c["args"][0] == "run" for c in _calls(fake_runtime)) == 2, 10, "run")
     custom.shutdown(wait=True, timeout=5)
     assert custom._workers[0].process.poll() is not None
     # custom: farcall cannot name the container; killing its command is all it can do.
-    assert sum(c["args"][0] == "rm" for c in _calls(fake_runtime)) == 1  # type: ignore[index]
+    assert sum(c["args"][0] == "rm" for c in _calls(fake_runtime)) == 1
 
 
 def test_a_parsl_pool_runs_in_the_container_and_is_removed_on_sigterm(fake_runtime: Path,
@@ -245,15 +251,52 @@ def test_a_parsl_pool_runs_in_the_container_and_is_removed_on_sigterm(fake_runti
     subprocess.run([sys.executable, *cmd[1:]], env=env, check=True, timeout=60)
     seen = json.loads(out.read_text())
     assert seen["LAB"] == "lab" and seen["OMP_NUM_THREADS"] == "3" and "SECRET" not in seen
-    run = next(c for c in _calls(fake_runtime) if c["args"][0] == "run")  # type: ignore[index]
-    assert f"{tmp_path / 'run'}:{tmp_path / 'run'}" in run["args"]  # type: ignore[operator]
-    name = run["args"][run["args"].index("--name") + 1]  # type: ignore[union-attr,index]
+    run = next(c for c in _calls(fake_runtime) if c["args"][0] == "run")
+    assert f"{tmp_path / 'run'}:{tmp_path / 'run'}" in run["args"]
+    name = run["args"][run["args"].index("--name") + 1]
     assert [c["args"] for c in _calls(fake_runtime)][-1] == ["rm", "-f", "-t", "0", name]
 
     pool = subprocess.Popen([sys.executable, *cmd[1:-3], "hang"], env=env)
-    wait_until(lambda: sum(c["args"][0] == "run" for c in _calls(fake_runtime)) == 2, 30, "2nd run")  # type: ignore[index]
+    wait_until(lambda: sum(c["args"][0] == "run" for c in _calls(fake_runtime)) == 2, 30, "2nd run")
     pool.send_signal(signal.SIGTERM)
     assert pool.wait(30) == 128 + signal.SIGTERM
-    second = [c for c in _calls(fake_runtime) if c["args"][0] == "run"][1]  # type: ignore[index]
-    name = second["args"][second["args"].index("--name") + 1]  # type: ignore[union-attr,index]
+    second = [c for c in _calls(fake_runtime) if c["args"][0] == "run"][1]
+    name = second["args"][second["args"].index("--name") + 1]
     assert ["rm", "-f", "-t", "0", name] in [c["args"] for c in _calls(fake_runtime)]
+
+
+# ------------------------------------------------------------------------- the docs
+
+
+def _containers_section() -> str:
+    text = (REPO / "docs" / "endpoints.md").read_text()
+    return text.split("### Containers\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_documented_configs_are_valid_engine_sections() -> None:
+    section = _containers_section()
+    blocks = [textwrap.dedent(b) for b in re.findall(r"```yaml\n(.*?)```", section, flags=re.S)]
+    assert len(blocks) == 2
+    kinds = set()
+    for block in blocks:
+        engine = parse_config(block).engine
+        options = ContainerOptions.model_validate(
+            {k: v for k, v in engine.items() if k.startswith("container_")})
+        container = options.container()
+        assert container is not None
+        kinds.add(container.type)
+    assert kinds == {"podman", "custom"}
+    for key in ContainerOptions.model_fields:
+        if key.startswith("container_"):
+            assert f"| `{key}` |" in section, f"docs/endpoints.md does not describe {key}"
+
+
+def test_the_documented_podman_settings_are_the_tests_own() -> None:
+    """The containers.conf the docs show has the settings the tests run podman with."""
+    section = _containers_section()
+    (toml,) = re.findall(r"```toml\n(.*?)```", section, flags=re.S)
+    documented = tomllib.loads(toml)
+    used = tomllib.loads(containers_conf(20000, 32768))
+    assert documented["engine"] == {k: v for k, v in used["engine"].items() if k != "tmp_dir"}
+    assert {u.split("=")[0] for u in documented["containers"]["default_ulimits"]} == {
+        u.split("=")[0] for u in used["containers"]["default_ulimits"]}
