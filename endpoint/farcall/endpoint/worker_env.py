@@ -89,24 +89,30 @@ def worker_environment(
 # ------------------------------------------------------------------ for Parsl's workers
 
 
-def exec_prefix(passthrough: Iterable[str] = (), values: Mapping[str, str] | None = None) -> str:
+def exec_prefix(passthrough: Iterable[str] = (), values: Mapping[str, str] | None = None,
+                container: str | None = None) -> str:
     """The shell words that run a command under ``worker_environment`` (``main`` below), for a
     command line Parsl formats with ``str.format`` (no braces in it). ``values`` travel in it,
-    so they are in the block's job script: pass secrets through by name instead."""
+    so they are in the block's job script: pass secrets through by name instead. ``container``
+    (``containers.Container.encode``) runs the command in that container."""
     words = ["python3", "-m", __name__]
     names = ",".join(passthrough)
     if names:
         words += ["--pass", names]
     if values:
         words += ["--set", base64.urlsafe_b64encode(json.dumps(dict(values)).encode()).decode()]
+    if container:
+        words += ["--container", container]
     return " ".join([*words, "--"])
 
 
 def main(argv: list[str]) -> None:
-    """``python3 -m farcall.endpoint.worker_env [--pass A,B] [--set B64JSON] -- COMMAND...``:
-    exec ``COMMAND`` with the worker environment made from this process's one."""
+    """``python3 -m farcall.endpoint.worker_env [--pass A,B] [--set B64JSON] [--container B64]
+    -- COMMAND...``: exec ``COMMAND`` with the worker environment made from this process's
+    one; with ``--container``, run it in that container (``containers.run_pool``) instead."""
     passthrough: list[str] = []
     values: dict[str, str] = {}
+    container = ""
     args = list(argv)
     while args and args[0] != "--":
         flag, value = args[0], args[1] if len(args) > 1 else ""
@@ -114,13 +120,22 @@ def main(argv: list[str]) -> None:
             passthrough = [n for n in value.split(",") if n]
         elif flag == "--set":
             values = json.loads(base64.urlsafe_b64decode(value.encode()))
+        elif flag == "--container":
+            container = value
         else:
             sys.exit(f"farcall.endpoint.worker_env: unknown argument {flag!r}")
         args = args[2:]
     command = args[1:]
     if not command:
-        sys.exit("usage: python3 -m farcall.endpoint.worker_env [--pass A,B] [--set B64] -- CMD")
-    os.execvpe(command[0], command, worker_environment(passthrough, values))
+        sys.exit("usage: python3 -m farcall.endpoint.worker_env [--pass A,B] [--set B64] "
+                 "[--container B64] -- CMD")
+    env = worker_environment(passthrough, values)
+    if container:
+        from farcall.endpoint.engines.containers import Container, run_pool
+
+        spec, run_dir = Container.decode(container)
+        sys.exit(run_pool(spec, run_dir, command, env))
+    os.execvpe(command[0], command, env)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ What a task can reach: Parsl starts its workers itself (the provider's job scrip
 with the scrubbed worker environment (``worker_env``, ``worker_env_passthrough``), made in the
 job from the job's own environment. The job script's shell above them keeps the environment
 the provider gave it (the agent's, with ``FARCALL_TOKEN`` already dropped, for a local or
-Slurm block); ``worker_env`` values travel in the job script. Parsl's workers are shared:
+Slurm block); ``worker_env`` values travel in the job script. With ``container_type`` set, the
+same prefix runs the pool inside the image (``containers.run_pool``), with the run directory
+(worker logs) mounted. Parsl's workers are shared:
 tasks of several users may run in one worker process, one after another, so on a shared
 endpoint a task can leave something behind for another user's task (``shared_caveat``).
 """
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.containers import ContainerOptions
 from farcall.endpoint.engines.parsl_config import (
     MPIOptions,
     ParslOptions,
@@ -87,9 +90,15 @@ class ParslEngine(PolicyEngine):
         max_chunk: int = 64,
         worker_env: dict[str, str] | None = None,
         worker_env_passthrough: list[str] | None = None,
+        container_type: str | None = None,
+        container_uri: str | None = None,
+        container_cmd_options: str | None = None,
         **executor_options: Any,
     ) -> None:
         super().__init__()
+        self.container = ContainerOptions(
+            container_type=container_type, container_uri=container_uri,
+            container_cmd_options=container_cmd_options).container()
         self.provider_spec = dict(provider or self.Options.model_fields["provider"].get_default(
             call_default_factory=True))
         self.address = address
@@ -138,13 +147,14 @@ class ParslEngine(PolicyEngine):
             raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
         # Set after construction: MPIExecutor's type check refuses a list here, HTEX needs one.
         self.htex.interchange_launch_cmd = interchange_cmd()
-        # Formatted by Parsl (str.format): the prefix has no braces; worker_env values are
-        # base64 in it.
-        self.htex.launch_cmd = (exec_prefix(self.worker_env_passthrough, self.worker_env) + " "
-                                + self.htex.launch_cmd)
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
-        run_dir = run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        run_dir = (run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}").absolute()
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Formatted by Parsl (str.format): the prefix has no braces; worker_env values and the
+        # container are base64 in it.
+        container = None if self.container is None else self.container.encode(str(run_dir))
+        self.htex.launch_cmd = (exec_prefix(self.worker_env_passthrough, self.worker_env, container)
+                                + " " + self.htex.launch_cmd)
         self.htex.run_id = run_dir.name
         self.htex.run_dir = str(run_dir)
         if hasattr(provider, "script_dir"):

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field, model_validator
 
+from farcall.endpoint.engines.containers import ContainerOptions
 from farcall.endpoint.errors import EndpointConfigError
-from farcall.endpoint.worker_env import WorkerEnvOptions
 
 PROVIDERS = (
     "LocalProvider",
@@ -124,7 +124,7 @@ def executor_class(name: str) -> type:
     return {"HighThroughputExecutor": HighThroughputExecutor, "MPIExecutor": MPIExecutor}[name]
 
 
-class ParslOptions(WorkerEnvOptions):
+class ParslOptions(ContainerOptions):
     """``engine:`` keys for ``type: ParslEngine``. Any other key must be an executor argument."""
 
     model_config = ConfigDict(extra="allow")

@@ -1,4 +1,6 @@
-"""A process-pool worker: ``python -m farcall.endpoint.engines.process_worker FD``.
+"""A process-pool worker: ``python -m farcall.endpoint.engines.process_worker FD`` (or
+``--connect PATH``, in a container, where no descriptor can be passed: the engine listens on a
+Unix socket in a directory mounted into the container).
 
 ``ProcessPoolEngine`` starts one per worker. It imports no more than running a
 task needs (``farcall.endpoint.worker`` and the SDK's messages), so a
@@ -12,6 +14,7 @@ from __future__ import annotations
 import multiprocessing.connection
 import queue
 import signal
+import socket
 import sys
 import threading
 
@@ -55,5 +58,15 @@ def serve_pipe(fd: int) -> None:
         conn.send_bytes(run_batch(chunk).encode())
 
 
+def connect(path: str) -> int:
+    """A descriptor connected to the engine's socket at ``path`` (for ``serve_pipe``)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock.detach()
+
+
 if __name__ == "__main__":
-    serve_pipe(int(sys.argv[1]))
+    if sys.argv[1] == "--connect":
+        serve_pipe(connect(sys.argv[2]))
+    else:
+        serve_pipe(int(sys.argv[1]))

@@ -29,6 +29,12 @@ only ever meets that same user's tasks. With one user the engine runs as if user
 exist.
 
 Workers start with a scrubbed environment (``worker_env``), never the agent's.
+
+With ``container_type`` set, each worker process runs inside the image (``containers``). No
+descriptor can be passed into a container, so such a worker connects to a Unix socket of its
+own, in a private directory mounted into the container, instead of inheriting a socketpair;
+chunks sent before it connects wait in its backlog. A worker killed (or lost) has its container
+removed too, off the dispatch thread; ``shutdown`` removes what is left before it returns.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ import math
 import multiprocessing
 import multiprocessing.connection as mpc
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -50,8 +58,14 @@ from pydantic import Field
 
 from farcall.endpoint.engines import process_worker
 from farcall.endpoint.engines.base import EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.containers import (
+    Container,
+    ContainerOptions,
+    container_name,
+    worker_mounts,
+)
 from farcall.endpoint.engines.policy import WALLTIME_GRACE, PolicyEngine, TaskDurations, TaskEntry
-from farcall.endpoint.worker_env import WorkerEnvOptions, worker_environment
+from farcall.endpoint.worker_env import worker_environment
 from farcall.protocol.channel import TaskMessage, join_task_batch
 
 log = logging.getLogger(__name__)
@@ -63,7 +77,7 @@ TURN_SECONDS = 2.0
 user before it is taken for another (a fresh worker costs a process start)."""
 
 
-class ProcessPoolOptions(WorkerEnvOptions):
+class ProcessPoolOptions(ContainerOptions):
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     max_chunk: int = Field(default=64, ge=1, description="most tasks sent to a worker at once")
     worker_idle_seconds: float = Field(
@@ -93,14 +107,25 @@ class _UserQueue:
 
 
 class _Worker:
-    """One worker process: its pipe, a pidfd that becomes readable when it exits, its chunks."""
+    """One worker process: its pipe, a pidfd that becomes readable when it exits, its chunks.
+
+    A worker in a container has no pipe at first: ``listener`` is the socket it will connect
+    to, and what is sent before it does waits in ``backlog``."""
 
     __slots__ = ("process", "conn", "pidfd", "inflight", "dead", "killed", "ready", "user",
-                 "bound_at", "idle_since", "retiring")
+                 "bound_at", "idle_since", "retiring", "listener", "socket_path", "backlog",
+                 "container")
 
-    def __init__(self, process: subprocess.Popen[bytes], conn: mpc.Connection) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], conn: mpc.Connection | None,
+                 listener: socket.socket | None = None, socket_path: str = "",
+                 container: str = "") -> None:
         self.process = process
         self.conn = conn
+        self.listener = listener
+        self.socket_path = socket_path
+        self.backlog: list[bytes] = []
+        self.container = container
+        """The name of its container (podman, docker), "" for none or an unnamed one."""
         self.pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             try:
@@ -137,10 +162,35 @@ class _Worker:
             return None
 
     def close(self) -> None:
-        self.conn.close()
+        if self.conn is not None:
+            self.conn.close()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
+
+    def accept(self) -> None:
+        """Take the connection of a worker in a container (its listener is readable) and send
+        it what waited."""
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(True)
+        self.listener.close()
+        self.listener = None
+        os.unlink(self.socket_path)
+        self.conn = mpc.Connection(sock.detach())
+        backlog, self.backlog = self.backlog, []
+        for raw in backlog:
+            self.conn.send_bytes(raw)
 
 
 class ProcessPoolEngine(PolicyEngine):
@@ -157,8 +207,19 @@ class ProcessPoolEngine(PolicyEngine):
         worker_env: dict[str, str] | None = None,
         worker_env_passthrough: list[str] | None = None,
         worker_idle_seconds: float = 1.0,
+        container_type: str | None = None,
+        container_uri: str | None = None,
+        container_cmd_options: str | None = None,
     ) -> None:
         super().__init__()
+        self.container = ContainerOptions(
+            container_type=container_type, container_uri=container_uri,
+            container_cmd_options=container_cmd_options).container()
+        self._run_dir = ""
+        """Where workers in containers find their sockets (mounted into each container)."""
+        self._removals: list[threading.Thread] = []
+        self._early_deaths = 0
+        """Workers in containers in a row that died before they connected (a bad image...)."""
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
         self.max_chunk = max_chunk
@@ -184,6 +245,9 @@ class ProcessPoolEngine(PolicyEngine):
 
     def start(self) -> None:
         self._env = worker_environment(self.worker_env_passthrough, self.worker_env)
+        if self.container is not None:
+            self.container.check_runtime()
+            self._run_dir = tempfile.mkdtemp(prefix="farcall-workers-")
         for _ in range(self.max_workers):
             self._workers.append(self._spawn())
         self._thread = threading.Thread(target=self._loop, name="farcall-dispatch", daemon=True)
@@ -256,19 +320,24 @@ class ProcessPoolEngine(PolicyEngine):
         self._watchdog.stop()
         if self._thread is not None:
             self._thread.join(5)
+        killed: list[str] = []
         for w in self._workers:
-            if not wait and w.process.poll() is None:
+            if (not wait or w.conn is None) and w.process.poll() is None:
                 w.process.kill()  # workers ignore SIGTERM (see process_worker.serve_pipe)
+                killed.append(w.container)
                 continue
             try:
-                w.conn.send_bytes(process_worker.STOP)
+                w.conn.send_bytes(process_worker.STOP)  # type: ignore[union-attr]
             except OSError:
                 pass
         for w in self._workers:
             if w.exit_code(2) is None:
                 w.process.kill()
                 w.exit_code(2)
+                killed.append(w.container)
             w.close()
+        if self.container is not None:
+            self._remove_containers(killed)
 
     # --------------------------------------------------------- dispatch thread
 
@@ -287,6 +356,8 @@ class ProcessPoolEngine(PolicyEngine):
         the caller's ``__main__`` (a script without a ``__main__`` guard, a notebook),
         and it inherits nothing but the pipe and the worker environment.
         """
+        if self.container is not None:
+            return self._spawn_in_container(self.container)
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen(
@@ -298,6 +369,45 @@ class ProcessPoolEngine(PolicyEngine):
         finally:
             theirs.close()
         return _Worker(process, mpc.Connection(ours.detach()))
+
+    def _spawn_in_container(self, container: Container) -> _Worker:
+        """Start a worker in ``container``: ``process_worker --connect PATH``, with PATH a
+        socket of its own in the run directory (mounted into the container)."""
+        if self._early_deaths >= 3:  # do not spin on a configuration that cannot start
+            time.sleep(min(0.1 * 2 ** (self._early_deaths - 3), 5.0))
+        name = container_name()
+        path = os.path.join(self._run_dir, f"{name}.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.setblocking(False)
+        argv = [sys.executable, "-m", process_worker.__name__, "--connect", path]
+        cmd, env = container.command(argv, env=self._env, name=name, run_dir=self._run_dir,
+                                     mounts=worker_mounts(self._env))
+        try:
+            process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
+        except OSError:
+            listener.close()
+            os.unlink(path)
+            raise
+        return _Worker(process, None, listener, path, name if container.named else "")
+
+    def _remove_containers(self, names: list[str], background: bool = False) -> None:
+        """Remove the containers of killed or lost workers; at shutdown, wait for every
+        removal (a killed ``podman run`` client leaves its container running)."""
+        assert self.container is not None
+        names = [n for n in names if n]
+        if background:
+            if names:
+                t = threading.Thread(target=self.container.remove, args=(names,),
+                                     name="farcall-container-rm", daemon=True)
+                t.start()
+                self._removals = [r for r in self._removals if r.is_alive()] + [t]
+            return
+        self.container.remove(names)
+        for t in self._removals:
+            t.join(30)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
 
     def _all_idle(self) -> bool:
         return all(not q.pending and not q.suspects for q in self._queues.values()) and all(
@@ -311,7 +421,7 @@ class ProcessPoolEngine(PolicyEngine):
             due = self._share_out() if len(self._queues) > 1 else None
             self._dispatch()
             live = [w for w in self._workers if not w.dead]
-            by_conn: dict[Any, _Worker] = {w.conn: w for w in live}
+            by_conn: dict[Any, _Worker] = {w.listener if w.conn is None else w.conn: w for w in live}
             by_sentinel: dict[Any, _Worker] = {w.pidfd: w for w in live if w.pidfd is not None}
             ready = mpc.wait([self._wake_r, *by_conn, *by_sentinel], due)
             for obj in ready:
@@ -323,7 +433,10 @@ class ProcessPoolEngine(PolicyEngine):
                 elif obj in by_conn:
                     w = by_conn[obj]
                     try:
-                        self._on_message(w, w.conn.recv_bytes())
+                        if w.conn is None:
+                            w.accept()
+                        else:
+                            self._on_message(w, w.conn.recv_bytes())
                     except (EOFError, OSError):
                         self._on_death(w)
             for obj in ready:
@@ -481,6 +594,9 @@ class ProcessPoolEngine(PolicyEngine):
             self._queues[w.user].served_at = w.bound_at
         w.inflight.append(chunk)
         self._started(chunk, time.time(), w)
+        if w.conn is None:  # a worker in a container that has not connected yet
+            w.backlog.append(join_task_batch([e.payload for e in chunk]))
+            return
         try:
             w.conn.send_bytes(join_task_batch([e.payload for e in chunk]))
         except OSError:
@@ -491,6 +607,7 @@ class ProcessPoolEngine(PolicyEngine):
         if raw == process_worker.READY:
             w.ready = True
             w.idle_since = time.monotonic()
+            self._early_deaths = 0
         else:
             self._durations.add(self._deliver_chunk(w.inflight.popleft(), raw))
             if not w.inflight:
@@ -517,13 +634,20 @@ class ProcessPoolEngine(PolicyEngine):
         if w.dead:
             return
         try:
-            while w.conn.poll():
+            while w.conn is not None and w.conn.poll():
                 self._on_message(w, w.conn.recv_bytes())
         except (EOFError, OSError):
             pass
         w.dead = True
         code = w.exit_code(5)
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        if self.container is not None:
+            self._remove_containers([w.container], background=True)
+            if not w.ready and not w.killed:
+                self._early_deaths += 1
+                log.error("worker in container %s exited before it was ready (%s): check "
+                          "container_type, container_uri and container_cmd_options, and the "
+                          "runtime's message above", w.container or w.pid, how)
         lost = list(w.inflight)
         w.inflight.clear()
         if w.killed:  # stopped for a task already answered: the others are not suspects
