@@ -256,7 +256,11 @@ def test_a_parsl_pool_runs_in_the_container_and_is_removed_on_sigterm(fake_runti
     name = run["args"][run["args"].index("--name") + 1]
     assert [c["args"] for c in _calls(fake_runtime)][-1] == ["rm", "-f", "-t", "0", name]
 
-    pool = subprocess.Popen([sys.executable, *cmd[1:-3], "hang"], env=env)
+    # A block whose container never ends (the stand-in runtime's "hang" image), stopped by its
+    # provider: its container is removed.
+    hanging = shlex.split(exec_prefix(["LAB"], {}, Container("podman", "hang").encode(
+        str(tmp_path / "run"))))
+    pool = subprocess.Popen([sys.executable, *hanging[1:], sys.executable, "-c", "pass"], env=env)
     wait_until(lambda: sum(c["args"][0] == "run" for c in _calls(fake_runtime)) == 2, 30, "2nd run")
     pool.send_signal(signal.SIGTERM)
     assert pool.wait(30) == 128 + signal.SIGTERM

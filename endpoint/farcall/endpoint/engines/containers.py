@@ -269,18 +269,21 @@ def run_pool(container: Container, run_dir: str, argv: Sequence[str], env: Mappi
     name = container_name()
     cmd, client_env = container.command(argv, env=env, name=name, run_dir=run_dir,
                                         mounts=worker_mounts(env))
-    proc = subprocess.Popen(cmd, env=client_env, stdin=subprocess.DEVNULL)
+    started: list[subprocess.Popen[bytes]] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         container.remove([name], env=client_env)
-        try:
-            proc.kill()
-        except OSError:
-            pass
+        for proc in started:
+            try:
+                proc.kill()
+            except OSError:
+                pass
         os._exit(128 + signum)
 
+    # Before the client starts: a stop that comes at once must still remove its container.
     for sig in STOP_SIGNALS:
         signal.signal(sig, stop)
-    code = proc.wait()
+    started.append(subprocess.Popen(cmd, env=client_env, stdin=subprocess.DEVNULL))
+    code = started[0].wait()
     container.remove([name], env=client_env)  # the client may end without its container
     return code
