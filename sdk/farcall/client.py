@@ -346,9 +346,10 @@ class Client:
 
         The answer is its sharing: ``{"endpoint_id", "shared_with": [user names], "warning"}``.
         Its ``allowed_functions`` still apply to them; only you may change, share or delete it,
-        and each user sees only the tasks they submitted. A single-user endpoint (every endpoint
-        today) runs every task as your Unix account, so they can act as you there and see each
-        other's work on it: the broker's ``warning`` says so, raised here as a ``UserWarning``.
+        and each user sees only the tasks they submitted. A single-user endpoint runs every task
+        as your Unix account, so they can act as you there and see each other's work on it: the
+        broker's ``warning`` says so, raised here as a ``UserWarning``. A multi-user endpoint
+        (once its manager has connected) runs each user's tasks as their own account: no warning.
         """
         body = _share_request("share_endpoint", username, False, allow_public=False)
         answer = dict(self.request("POST", f"/endpoints/{endpoint_id}/share", body))

@@ -222,3 +222,13 @@ async def test_deleting_user_endpoints_and_their_manager_cleans_up(store: Store)
     assert await store.endpoints.claim_start("c1", 60) is True, "no claim left behind"
     await store.endpoints.delete("m")
     assert await store.endpoints.children("m") == []
+
+
+async def test_a_session_ending_after_its_endpoint_was_deleted_brings_nothing_back(
+    store: Store,
+) -> None:
+    await store.endpoints.put(endpoint_record("a"), "cred-a")
+    await store.endpoints.connect_session("a", "s", None, now())
+    await store.endpoints.delete("a")
+    await store.endpoints.disconnect_session("a", "s", now())
+    assert await store.endpoints.get("a") is None

@@ -78,6 +78,9 @@ class RedisEndpoints(EndpointStore):
         self._ensure_child = db.r.register_script(ENSURE_USER_ENDPOINT)
         self._set_multi_user = db.r.register_script(SET_MULTI_USER)
         self._claim_start = db.r.register_script(CLAIM_START)
+        self._seen_if_exists = db.r.register_script(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'last_seen', "
+            "ARGV[1]) end")
         self._del_if_equal = db.r.register_script(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end")
 
@@ -110,7 +113,7 @@ class RedisEndpoints(EndpointStore):
         for rec, sessions, queued, shared, inflight in zip(
             raw[::5], raw[1::5], raw[2::5], raw[3::5], raw[4::5], strict=True
         ):
-            out.append(None if not rec else EndpointRecord(
+            out.append(None if "endpoint_id" not in rec else EndpointRecord(
                 endpoint_id=rec["endpoint_id"],
                 user_id=rec["user_id"],
                 name=rec["name"],
@@ -202,10 +205,10 @@ class RedisEndpoints(EndpointStore):
 
     async def disconnect_session(self, endpoint_id: str, session_id: str, at: float) -> None:
         db = self._db
-        async with db.r.pipeline(transaction=True) as p:
-            p.srem(db.k("ep", endpoint_id, "sessions"), session_id)
-            p.hset(db.k("ep", endpoint_id), "last_seen", repr(at))
-            await p.execute()
+        await db.r.srem(db.k("ep", endpoint_id, "sessions"), session_id)
+        # Not a plain HSET: a session ends after its endpoint was deleted, and must not leave a
+        # stray hash behind under the deleted endpoint's key.
+        await self._seen_if_exists(keys=[db.k("ep", endpoint_id)], args=[repr(at)])
         await self._del_if_equal(keys=[db.k("ep", endpoint_id, "live")], args=[session_id])
 
     async def live_session(self, endpoint_id: str) -> str | None:
