@@ -35,9 +35,11 @@ class CountingClient(Client):
         return super().register_function_payload(*args, **kwargs)
 
     def submit_tasks(self, endpoint_id: str, tasks: Any, task_group_id: str | None = None,
-                     request_id: str | None = None) -> Any:
+                     request_id: str | None = None,
+                     user_endpoint_config: dict[str, Any] | None = None) -> Any:
         self.http_posts += 1
-        return super().submit_tasks(endpoint_id, tasks, task_group_id, request_id)
+        return super().submit_tasks(endpoint_id, tasks, task_group_id, request_id,
+                                    user_endpoint_config)
 
 
 class CountingExecutor(Executor):
@@ -45,11 +47,11 @@ class CountingExecutor(Executor):
 
     client: CountingClient
 
-    def _submit(self, chunk: Any) -> Any:
+    def _submit(self, chunk: Any, config: dict[str, Any] | None = None) -> Any:
         self.client.posting.set()
         assert self.client.hold.wait(30)
         self.client.posts.append(len(chunk))
-        return super()._submit(chunk)
+        return super()._submit(chunk, config)
 
 
 def stream_connection(ex: Executor) -> ClientConnection:

@@ -223,9 +223,11 @@ def test_an_executor_waits_for_its_open_task_quota_on_the_stream(
             submit_tasks = client.submit_tasks
 
             def counting(endpoint_id: str, tasks: Any, task_group_id: str | None = None,
-                         request_id: str | None = None) -> Any:
+                         request_id: str | None = None,
+                         user_endpoint_config: dict[str, Any] | None = None) -> Any:
                 by_http.append(len(tasks))
-                return submit_tasks(endpoint_id, tasks, task_group_id, request_id)
+                return submit_tasks(endpoint_id, tasks, task_group_id, request_id,
+                                    user_endpoint_config)
 
             client.submit_tasks = counting  # type: ignore[method-assign]
             with Executor(endpoint_id=endpoint.endpoint_id, client=client, batch_size=1) as ex:

@@ -15,6 +15,7 @@ from farcall.protocol.common import (
     RetriesField,
     SpecField,
     TaskState,
+    UserConfigField,
     Username,
     Versions,
     WalltimeField,
@@ -57,7 +58,7 @@ class BatchSubmission(Message):
         "the submitter's name for this submission, unique per user; the same request sent again "
         "(a retry after a lost answer) gets the same task ids and creates no tasks (kept as long "
         "as the results, FARCALL_RESULT_TTL)"))
-    user_endpoint_config: dict[str, Any] | None = Field(default=None, description=(
+    user_endpoint_config: UserConfigField = Field(default=None, description=(
         "for a multi-user endpoint: the values its administrator's template of the user "
         "endpoint's configuration takes (account, partition, image...), checked against the "
         "schema the endpoint published (422 when they do not fit). Tasks of one user with the "
@@ -196,6 +197,11 @@ class EndpointInfo(Message):
         default="owner", description="'owner', or 'shared' when another user shared it with you")
     shared_by: str | None = Field(default=None, description=(
         "the user name of its owner, who shared it (None when it is yours)"))
+    multi_user: bool = Field(default=False, description=(
+        "a multi-user endpoint's manager: submit to it with user_endpoint_config, and your tasks "
+        "run on a user endpoint it starts as your own account"))
+    parent_id: str | None = Field(default=None, description=(
+        "for a user endpoint: the multi-user endpoint that started it (None for any other)"))
 
 
 class EndpointList(Message):
@@ -217,6 +223,9 @@ class EndpointStatus(Message):
     engine: str
     details: dict[str, Any]
     versions: Versions | None
+    multi_user: bool = Field(default=False, description="a multi-user endpoint's manager")
+    parent_id: str | None = Field(default=None, description=(
+        "for a user endpoint: the multi-user endpoint that started it (None for any other)"))
 
 
 class CredentialIssued(Message):
