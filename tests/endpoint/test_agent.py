@@ -480,7 +480,7 @@ def test_arriving_tasks_keep_an_agent_from_its_idle_stop(
 ) -> None:
     runner = start_agent(idle_shutdown_seconds=1.0)
     started = time.monotonic()
-    sent = []
+    sent: list[str] = []
     while time.monotonic() - started < 3.0:  # a quick task every 0.3 s for 3 idle periods
         task = make_task(double, len(sent))
         sent.append(task.task_id)

@@ -77,7 +77,11 @@ def test_the_drop_is_for_good_and_takes_the_users_groups() -> None:
 
 
 def test_root_is_refused_before_anything_changes() -> None:
-    found = in_child(lambda: drop_privileges("root", 0, 0) or os.getresuid())
+    def drop() -> object:
+        drop_privileges("root", 0, 0)
+        return os.getresuid()
+
+    found = in_child(drop)
     assert "LaunchError" in str(found["error"]) and "root" in str(found["error"])
     with pytest.raises(ValueError):
         LaunchUser(name="root", uid=0, gid=0, home="/root")

@@ -55,11 +55,7 @@ from farcall.endpoint.multiuser.events import AuditLog, parse_events
 from farcall.endpoint.multiuser.identity import IdentityMapper, LocalUser, local_user
 from farcall.endpoint.multiuser.launch import LaunchSpec, LaunchUser
 from farcall.endpoint.multiuser.state import write_user_endpoints
-from farcall.endpoint.multiuser.templates import (
-    check_user_config,
-    load_user_config_schema,
-    render_user_config,
-)
+from farcall.endpoint.multiuser.templates import load_user_config_schema, render_user_config
 from farcall.endpoint.outcomes import failed_result
 from farcall.endpoint.registration import confirm, ensure_registered, refused, stored_credential
 from farcall.errors import IdentityMappingError, UserEndpointError
@@ -220,8 +216,10 @@ class UserEndpointManager:
     docstring). ``request_start`` is the agent's ``on_start_user_endpoint``."""
 
     def __init__(self, name: str, directory: Path, config: EndpointConfig, broker_url: str,
-                 *, python: str = sys.executable) -> None:
+                 *, endpoint_id: str = "", python: str = sys.executable) -> None:
         self.name = name
+        self.endpoint_id = endpoint_id
+        """The manager's own id (what an external identity mapping program gets after ``-s``)."""
         self.directory = directory
         self.config = config
         self.broker_url = broker_url
@@ -265,9 +263,9 @@ class UserEndpointManager:
         timeout = self.config.stop_timeout if timeout is None else timeout
         self._stopping.set()
         self._starts.put(None)
-        starts, *watchers = self._threads or [None]
-        if starts is not None:
-            starts.join(30)
+        starts, watchers = self._threads[:1], self._threads[1:]
+        for thread in starts:
+            thread.join(30)
         with self._lock:
             endpoints = list(self._endpoints.values())
             for ep in endpoints:
@@ -311,7 +309,7 @@ class UserEndpointManager:
 
     def mapper(self) -> IdentityMapper:
         if self._mapper is None:
-            self._mapper = IdentityMapper(self.mapping_path)
+            self._mapper = IdentityMapper(self.mapping_path, self.endpoint_id)
         return self._mapper
 
     def _start_loop(self) -> None:
@@ -362,12 +360,10 @@ class UserEndpointManager:
                 f"for this user to {self.mapping_path}")
         try:
             user = local_user(name)
-        except LookupError:
+        except LookupError as e:
             raise IdentityMappingError(
-                f"user {who} maps to the local account {name!r} on multi-user endpoint "
-                f"{self.name}, but there is no such account on that host. The endpoint's "
-                f"administrator must create the account {name!r}, or change the rule in "
-                f"{self.mapping_path}") from None
+                f"user {who} cannot run on multi-user endpoint {self.name}: {e} "
+                f"({self.mapping_path})") from None
         if user.uid == 0 or user.uid == os.getuid():
             raise UserEndpointError(
                 f"multi-user endpoint {self.name} maps user {who} to {user.name} (uid {user.uid}),"
@@ -375,7 +371,6 @@ class UserEndpointManager:
                 f"administrator must map this user to their own account in {self.mapping_path}")
         values = frame.user_endpoint_config
         try:
-            check_user_config(self.schema, values)
             text, _ = render_user_config(self.directory, values, user, self.config)
             environment = load_user_environment(self.directory)
             config = self.child_config(text)
@@ -395,9 +390,6 @@ class UserEndpointManager:
             raise EndpointConfigError(f"the rendered template is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise EndpointConfigError("the rendered template is not a mapping of keys")
-        if values.get("multi_user"):
-            raise EndpointConfigError("the rendered template sets multi_user: a user endpoint "
-                                      "cannot be a manager")
         values.update(broker_url=self.broker_url,
                       idle_shutdown_seconds=self.config.user_endpoint_idle_seconds)
         text = yaml.safe_dump(values, sort_keys=False)
@@ -609,7 +601,8 @@ def start(name: str, directory: Path, config: EndpointConfig, broker_url: str, *
             nonlocal registration
             registration = confirm(directory, registration, welcome.broker_id)
 
-        manager = UserEndpointManager(name, directory, config, broker_url)
+        manager = UserEndpointManager(name, directory, config, broker_url,
+                                      endpoint_id=registration.endpoint_id)
         agent = Agent(
             broker_url, registration.endpoint_id, registration.credential, ManagerEngine(),
             heartbeat_period=config.heartbeat_period, stop_timeout=config.stop_timeout,
