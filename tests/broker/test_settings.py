@@ -35,6 +35,7 @@ EVERY_VARIABLE = {
     "FARCALL_BODY_TIMEOUT": ("1.5", "body_timeout", 1.5),
     "FARCALL_MAX_UPLOADS_PER_USER": ("3", "max_uploads_per_user", 3),
     "FARCALL_MAX_BLOB_BYTES_PER_USER": (str(5 << 20), "max_blob_bytes_per_user", 5 << 20),
+    "FARCALL_USER_ENDPOINT_START_SECONDS": ("0.5", "user_endpoint_start_seconds", 0.5),
 }
 
 

@@ -94,13 +94,16 @@ async def withdraw(svc: Services, user: str, endpoint_id: str, why: str) -> Canc
     has waiting or running there are cancelled, saying ``why``.
 
     A submission another replica accepted in the same instant may still land: the one task the
-    withdrawal cannot see (its owner can cancel it, ``POST /v1/tasks/cancel``).
+    withdrawal cannot see (its owner can cancel it, ``POST /v1/tasks/cancel``). For a
+    multi-user endpoint, the user's tasks on its user endpoints are cancelled too.
     """
     await svc.store.pubsub.publish_revocation(AccessRevoked(type="access", endpoint_id=endpoint_id))
     svc.endpoint_access.pop(endpoint_id)
+    places = {endpoint_id} | {c.endpoint_id for c in await svc.store.endpoints.children(endpoint_id)
+                              if c.for_user == user}
     open_ids = await svc.store.tasks.open_task_ids(user)
     there = [r.task_id for r in await svc.store.tasks.summaries(open_ids)
-             if r is not None and r.endpoint_id == endpoint_id]
+             if r is not None and r.endpoint_id in places]
     return await cancel_tasks(svc, None, there, error=why)
 
 

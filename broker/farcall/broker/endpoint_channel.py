@@ -17,6 +17,10 @@ not the tasks the old session would have sent into a dead socket.
 The control channel (pub/sub group ``endpoint:<id>``) also carries cancels to
 whichever replica holds the session, and the endpoint's deletion; ``endpoint_control``
 sends them, and ``results`` stores and publishes what the endpoint sends back.
+
+A multi-user endpoint's manager (its hello says ``multi_user``) takes no tasks: its session
+turns ``UserEndpointWanted`` into ``StartUserEndpoint`` frames, and at its hello and each
+heartbeat asks again for user endpoints with open work and no session (``user_endpoints``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from farcall.backoff import Backoff
-from farcall.broker import auth, endpoint_control, grants
+from farcall.broker import auth, endpoint_control, grants, user_endpoints
 from farcall.broker.asgi import over_limit
 from farcall.broker.errors import (
     BACKEND_ERRORS,
@@ -60,6 +64,7 @@ from farcall.protocol.channel import (
     ResultsAck,
     ResultsFrame,
     RunningFrame,
+    StartUserEndpoint,
     Welcome,
     join_task_batch,
     parse_endpoint_frame,
@@ -67,11 +72,13 @@ from farcall.protocol.channel import (
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
 from farcall.protocol.control import (
+    AccessRevoked,
     CancelTasks,
     CredentialRotated,
     EndpointRefused,
     EndpointRemoved,
     SessionReplaced,
+    UserEndpointWanted,
     parse_control,
 )
 from farcall.recent import RecentIds
@@ -151,6 +158,8 @@ class EndpointSession:
         self._control: Subscription | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._closing: asyncio.Task[None] | None = None
+        self.multi_user = False
+        """A multi-user endpoint's manager: it takes no tasks, and is told to start user endpoints."""
 
     async def run(self) -> None:
         try:
@@ -183,6 +192,7 @@ class EndpointSession:
         )
         try:
             await endpoint_control.replace_session(self.svc, self.endpoint_id, self, previous)
+            await self._say_multi_user(hello)
             await self.store.endpoints.set_heartbeat(self.endpoint_id, hello.heartbeat, now())
             await self.queue.declare(self.endpoint_id)  # RabbitMQ may have lost it
             await self._reconcile(set(hello.held_task_ids), set(hello.crashed_task_ids))
@@ -193,6 +203,7 @@ class EndpointSession:
                 max_task_bytes=self.svc.settings.max_task_bytes,
                 broker_id=await self.svc.broker_id()).model_dump_json())
             await self._add_credit(hello.credit)
+            await self._resend_starts()
             await self._run_loops()
         except WebSocketDisconnect:
             pass
@@ -204,6 +215,48 @@ class EndpointSession:
             await self._close(1011, f"broker error: {type(e).__name__}")
         finally:
             await asyncio.shield(self._cleanup())
+
+    async def _say_multi_user(self, hello: Hello) -> None:
+        """Record whether the endpoint is a multi-user endpoint's manager, and its schema; every
+        replica reads them anew (a manager's schema may have changed with its restart)."""
+        self.multi_user = hello.multi_user
+        changed = await self.store.endpoints.set_multi_user(
+            self.endpoint_id, hello.multi_user, hello.user_config_schema)
+        if changed or hello.multi_user:
+            self.svc.endpoint_access.pop(self.endpoint_id)
+            user_endpoints.forget(self.svc, self.endpoint_id)
+            await self.store.pubsub.publish_revocation(
+                AccessRevoked(type="access", endpoint_id=self.endpoint_id))
+
+    async def _resend_starts(self) -> None:
+        """A manager: ask again for its user endpoints with work waiting and no session."""
+        if not self.multi_user:
+            return
+        sent = await user_endpoints.resend_starts(
+            self.svc, self.endpoint_id, self.credential_hash, self._send_start)
+        if sent:
+            log.info("endpoint %s: asked again to start %d user endpoints", self.endpoint_id, sent)
+
+    async def _send_start(self, frame: StartUserEndpoint) -> None:
+        await self.send(frame.model_dump_json())
+
+    async def _start_user_endpoint(self, child_id: str) -> None:
+        """A manager: tell its agent to start the user endpoint ``child_id``; if that fails, the
+        start claim is given up, so the next heartbeat asks again."""
+        frame = await user_endpoints.start_frame(self.svc, self.endpoint_id, self.credential_hash,
+                                                 child_id)
+        if frame is None:
+            log.warning("endpoint %s: asked to start %s, not one of its user endpoints",
+                        self.endpoint_id, clip(child_id))
+            return
+        try:
+            await self._send_start(frame)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.store.endpoints.release_start(child_id)
+            raise
+        log.info("endpoint %s: asked to start user endpoint %s for user %s", self.endpoint_id,
+                 child_id, frame.user_id)
 
     async def _end_early(self, error: BaseException | None, code: int = 1011,
                          why: str = "broker's store is not answering; reconnect later") -> None:
@@ -257,6 +310,12 @@ class EndpointSession:
                 f"protocol {frame.protocol} is not spoken here (broker speaks {PROTOCOL_VERSION}); "
                 "upgrade farcall on the endpoint or the broker"
             )
+            return None
+        problem = user_endpoints.schema_problem(frame.user_config_schema)
+        if problem:
+            await self._error_and_close(
+                f"user_config_schema is not a valid JSON Schema: {problem}; fix the endpoint's "
+                "user_config_schema.json")
             return None
         return frame
 
@@ -365,6 +424,7 @@ class EndpointSession:
                 if await self.store.endpoints.live_session(self.endpoint_id) != self.session_id:
                     self.end()
                     return
+                await self._resend_starts()
                 continue
             if at - self._last_touch > TOUCH_EVERY:
                 self._last_touch = at
@@ -407,7 +467,7 @@ class EndpointSession:
                         self.endpoint_id, len(blob_ids), e)
 
     async def _add_credit(self, n: int) -> None:
-        if n > 0:
+        if n > 0 and not self.multi_user:  # a manager runs no task itself
             self.credit += n
             self.credit_changed.set()
             if self.waiting:
@@ -484,6 +544,8 @@ class EndpointSession:
                 elif isinstance(message, EndpointRefused):
                     self.end(REFUSED, f"ended: {message.reason}")
                     return
+                elif isinstance(message, UserEndpointWanted) and self.multi_user:
+                    await self._start_user_endpoint(message.user_endpoint_id)
             # The subscription ended (pub/sub reconnecting); a missed message is caught by the
             # liveness check at the next heartbeat.
             self._control = None

@@ -75,11 +75,16 @@ async def replace_session(
 
 async def delete_endpoint(svc: Services, endpoint_id: str) -> None:
     """Delete the endpoint: its credential stops working, its session ends, every task still
-    waiting for it (queued or in flight) fails saying why, and its queue goes."""
+    waiting for it (queued or in flight) fails saying why, and its queue goes. A multi-user
+    endpoint's user endpoints go first, each the same way."""
+    for child in await svc.store.endpoints.children(endpoint_id):
+        await delete_endpoint(svc, child.endpoint_id)
     waiting = queued_task_ids(await svc.queue.drain(endpoint_id))  # 503 here changes nothing yet
     waiting += list(await svc.store.inflight.get(endpoint_id))
     await svc.store.endpoints.delete(endpoint_id)
     svc.endpoint_access.pop(endpoint_id)
+    svc.managers.pop(endpoint_id)
+    svc.user_endpoints.pop(endpoint_id)
     await send_control(svc, endpoint_id, EndpointRemoved())
     waiting += queued_task_ids(await svc.queue.drain(endpoint_id))  # queued while we deleted
     error = (f"endpoint {endpoint_id} was deleted before this task finished; submit it to "

@@ -168,6 +168,20 @@ class InvalidRequest(ApiError):
     status, code = 400, "invalid_request"
 
 
+class Unprocessable(ApiError):
+    """A well-formed request whose values the broker cannot take (as pydantic's own 422): the
+    message says which and why; ``detail`` lists the problems as ``{"type", "loc", "msg"}``."""
+
+    status, code = 422, "invalid_request"
+
+    def __init__(self, message: str, detail: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+    def extra(self) -> dict[str, Any]:
+        return {} if self.detail is None else {"detail": self.detail}
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

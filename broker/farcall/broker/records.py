@@ -88,8 +88,23 @@ class EndpointRecord(_Record):
     """Whether any channel session of the endpoint is open, on any broker replica."""
     queued_tasks: int = 0
     """Tasks in its queue, not yet taken by a channel session."""
+    inflight_tasks: int = 0
+    """Tasks handed to a channel session whose results have not come back."""
     shared_with: list[str] = Field(default_factory=list)
     """Ids of the users (besides the owner) who may submit to it and read its status."""
+    multi_user: bool = False
+    """A multi-user endpoint's manager, as its agent said in its last hello: it runs no task
+    itself; each user's tasks go to a user endpoint it starts as that user (``user_endpoints``)."""
+    user_config_schema: dict[str, Any] | None = None
+    """A manager's JSON Schema for ``user_endpoint_config`` (from its last hello), or None."""
+    parent_id: str = ""
+    """For a user endpoint: its manager's id (it is owned by the manager's owner)."""
+    for_user: str = ""
+    """For a user endpoint: the user whose tasks it runs (the one user it is shared with)."""
+    user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
+    """For a user endpoint: the values its manager renders its configuration with."""
+    config_hash: str = ""
+    """For a user endpoint: the SHA-256 of ``user_endpoint_config`` as canonical JSON."""
 
     def usable_by(self, user_id: str) -> bool:
         """Whether ``user_id`` may submit to this endpoint and read its status."""
@@ -97,11 +112,12 @@ class EndpointRecord(_Record):
 
     @property
     def isolates_users(self) -> bool:
-        """Whether the endpoint runs each user's tasks apart, as that user (a multi-user
-        endpoint). Every endpoint is single-user today: it runs every task as its owner's Unix
-        account, so the users it is shared with can act as the owner and see each other's work
-        on it; sharing it answers with a warning that says so (``sharing.SINGLE_USER_WARNING``)."""
-        return False
+        """Whether the endpoint runs each user's tasks apart, as that user: a multi-user
+        endpoint's manager and its user endpoints do. Any other endpoint runs every task as its
+        owner's Unix account, so the users it is shared with can act as the owner and see each
+        other's work on it; sharing it answers with a warning that says so
+        (``sharing.SINGLE_USER_WARNING``)."""
+        return self.multi_user or bool(self.parent_id)
 
     def offline_after(self, default: float) -> float:
         """Silence after which the endpoint counts as offline: a few missed heartbeats

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -23,6 +23,9 @@ from farcall.broker.sessions import Sessions
 from farcall.broker.settings import Settings
 from farcall.broker.store.base import BlobStore, Principal, Store, Subscription
 from farcall.protocol.control import AccessRevoked, parse_revocation
+
+if TYPE_CHECKING:
+    from farcall.broker.user_endpoints import Manager
 
 TOKEN_CACHE_SECONDS = 1.0
 """A revoked token stops working on every replica within this time even if the revocation's
@@ -75,6 +78,11 @@ def make_blobs(settings: Settings) -> BlobStore:
     return MemoryBlobs()
 
 
+EndpointAccess = tuple[str, frozenset[str], bool, str]
+"""What a submission needs to know of an endpoint (``SubmissionContext``): its owner, whom it is
+shared with, whether it is a multi-user endpoint's manager, and (a user endpoint) its manager."""
+
+
 def _owner_cache() -> TTLCache[str, str]:
     return TTLCache[str, str](OWNER_CACHE_SECONDS)
 
@@ -92,9 +100,15 @@ class Services:
         default_factory=lambda: TTLCache[str, Principal](TOKEN_CACHE_SECONDS)
     )
     """Token hash -> who holds it: every REST request asks."""
-    endpoint_access: TTLCache[str, tuple[str, frozenset[str]]] = field(
-        default_factory=lambda: TTLCache[str, tuple[str, frozenset[str]]](OWNER_CACHE_SECONDS))
-    """Endpoint id -> its owner's user id and the ids of the users it is shared with."""
+    endpoint_access: TTLCache[str, EndpointAccess] = field(
+        default_factory=lambda: TTLCache[str, EndpointAccess](OWNER_CACHE_SECONDS))
+    """Endpoint id -> its owner's user id, the ids of the users it is shared with, whether it is
+    a multi-user endpoint's manager, and the manager of a user endpoint."""
+    managers: TTLCache[str, Manager] = field(
+        default_factory=lambda: TTLCache[str, "Manager"](OWNER_CACHE_SECONDS))
+    """Multi-user endpoint id -> its record and schema (``user_endpoints``)."""
+    user_endpoints: TTLCache[str, str] = field(default_factory=_owner_cache)
+    """User endpoint id -> its manager's id, for those known to exist (``user_endpoints``)."""
     group_owners: TTLCache[str, str] = field(default_factory=_owner_cache)
     """Task group id -> its owner's user id."""
     functions: TTLCache[str, FunctionRecord] = field(
@@ -227,6 +241,8 @@ class Services:
         if isinstance(revoked, AccessRevoked):
             if revoked.endpoint_id:
                 self.endpoint_access.pop(revoked.endpoint_id)
+                self.managers.pop(revoked.endpoint_id)
+                self.user_endpoints.pop(revoked.endpoint_id)
             if revoked.function_id:
                 self.functions.pop(revoked.function_id)
             return

@@ -19,6 +19,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from farcall.protocol.channel import START_RESEND_SECONDS
 from farcall.serialize import INLINE_BYTES
 
 MB = 1024 * 1024
@@ -88,6 +89,9 @@ class Settings(BaseSettings):
     (the uploading user, or for a worker's upload the task's submitter) until it expires or
     is freed (an argument blob when its task ends). Past it, uploads answer 403
     ``quota_exceeded``."""
+    user_endpoint_start_seconds: float = Field(default=START_RESEND_SECONDS, gt=0)
+    """Seconds the broker waits for a user endpoint it asked a multi-user endpoint's manager to
+    start before asking again (while tasks wait for it and it has not connected)."""
     blob_dir: str | None = None
     """Keep blobs as files in this directory (shared by every replica, e.g. an NFS or volume
     mount) instead of in Redis (or in memory, embedded)."""

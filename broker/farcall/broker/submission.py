@@ -10,6 +10,11 @@ sweep (``requeue``) queues a batch left there. A queue that is down leaves the b
 sweep too, so an accepted task is never failed for an outage. A submission with a
 ``request_id`` creates its tasks once: sent again (the answer was lost), it gets the same ids.
 
+A batch for a multi-user endpoint goes to the submitter's user endpoint for its
+``user_endpoint_config`` instead (``user_endpoints``): recorded and queued there, and, when that
+user endpoint has no session, its manager is asked to start it. An ordinary endpoint's batch
+pays nothing for this: whether an endpoint is a manager comes with its access lists.
+
 When the endpoint's channel session is on this replica with credit to spare
 (``Services.sessions``, seen as a ``sessions.LiveSession``), the batch skips the
 queue: its tasks are recorded in flight with their records (the same store round
@@ -24,7 +29,16 @@ from __future__ import annotations
 import logging
 import uuid
 
-from farcall.broker.errors import Conflict, ObjectNotFound, TooManyRequests, Unavailable, clip
+from farcall.broker import user_endpoints
+from farcall.broker.errors import (
+    Conflict,
+    InvalidRequest,
+    ObjectNotFound,
+    TooManyRequests,
+    Unavailable,
+    Unprocessable,
+    clip,
+)
 from farcall.broker.queue.base import QueueMissing
 from farcall.broker.records import NewTasks
 from farcall.broker.results import publish_results
@@ -81,6 +95,20 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
     function_ids = list(dict.fromkeys(t.function_id for t in batch.tasks))
     context = await authorize(svc, user, batch.endpoint_id, function_ids, batch.task_group_id)
     functions = context.functions
+    endpoint_id = batch.endpoint_id
+    if context.endpoint_multi_user:
+        endpoint_id = await user_endpoints.route(svc, user, batch.endpoint_id,
+                                                 batch.user_endpoint_config or {})
+    elif context.endpoint_parent:
+        raise InvalidRequest(
+            f"endpoint {clip(endpoint_id)} is a user endpoint of multi-user endpoint "
+            f"{context.endpoint_parent}: submit to {context.endpoint_parent} with the same "
+            "user_endpoint_config instead")
+    elif batch.user_endpoint_config is not None:
+        raise Unprocessable(
+            f"endpoint {clip(endpoint_id)} is not a multi-user endpoint (or its agent has not "
+            "connected since it became one), so it takes no user_endpoint_config; leave "
+            "user_endpoint_config out")
 
     messages = [
         TaskMessage.model_construct(
@@ -101,7 +129,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
         request_id=batch.request_id or "",
         user_id=user,
         task_group_id=batch.task_group_id or str(uuid.uuid4()),
-        endpoint_id=batch.endpoint_id,
+        endpoint_id=endpoint_id,
         task_ids=task_ids,
         function_ids=[m.function_id for m in messages],
         received_at=received,
@@ -110,7 +138,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
         new_group=not batch.task_group_id,
     )
     answer = BatchSubmitted(task_group_id=new.task_group_id, task_ids=task_ids)
-    session = svc.sessions.get(batch.endpoint_id)
+    session = svc.sessions.get(endpoint_id)
     direct = None
     if session is not None and session.can_take(len(messages)):
         direct = [(m.task_id, m.function_id, m.model_dump_json()) for m in messages]
@@ -121,7 +149,7 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
             new, inflight=inflight, session_id=session.session_id if session else "",
             max_open=svc.settings.max_open_tasks, queued_body=queued)
     except AlreadySubmitted as e:
-        return _answered_before(batch, e.prior)
+        return _answered_before(batch, endpoint_id, e.prior)
     except OverQuota as e:
         raise TooManyRequests(
             f"you have {e.open_tasks} tasks waiting or running and this batch of {len(task_ids)} "
@@ -133,36 +161,39 @@ async def submit_batch(svc: Services, user: str, batch: BatchSubmission) -> Batc
         try:
             await session.send_direct(direct, {f: functions[f].function for f in function_ids})
         except Exception as e:  # noqa: BLE001 - reconcile at the next hello queues them again
-            log.info("direct send to endpoint %s failed: %r", batch.endpoint_id, e)
+            log.info("direct send to endpoint %s failed: %r", endpoint_id, e)
         return answer
     if direct:
         queued = join_task_batch([body for _, _, body in direct])
     try:
-        await svc.queue.publish(batch.endpoint_id, [queued])
+        await svc.queue.publish(endpoint_id, [queued])
     except QueueMissing:
         # The endpoint's queue is gone (the endpoint was deleted): the tasks are final.
         failed = await svc.store.tasks.fail(
             task_ids, "the broker could not queue this task; submit it again", now()
         )
-        await svc.store.endpoints.count_queued(batch.endpoint_id, -len(task_ids))
+        await svc.store.endpoints.count_queued(endpoint_id, -len(task_ids))
         await svc.store.unqueued.done([new.batch_id])
         await publish_results(svc, failed)
         raise
     except Unavailable as e:
         log.warning("endpoint %s: the queue is down (%s); %d tasks wait for the sweep to queue "
-                    "them", batch.endpoint_id, e, len(task_ids))
-        return answer
-    await svc.store.unqueued.done([new.batch_id])
+                    "them", endpoint_id, e, len(task_ids))
+    else:
+        await svc.store.unqueued.done([new.batch_id])
+    if endpoint_id != batch.endpoint_id and session is None:
+        await user_endpoints.want(svc, batch.endpoint_id, endpoint_id)
     return answer
 
 
-def _answered_before(batch: BatchSubmission, prior: Submitted) -> BatchSubmitted:
+def _answered_before(batch: BatchSubmission, endpoint_id: str, prior: Submitted
+                     ) -> BatchSubmitted:
     """The answer to a submission sent again under its ``request_id``."""
     rid = clip(batch.request_id or "")
     if prior.abandoned:
         raise Conflict(f"request_id {rid!r} was given up on (its submission never completed, "
                        "and the broker said so); submit with a new request_id")
-    if prior.endpoint_id != batch.endpoint_id or len(prior.task_ids) != len(batch.tasks):
+    if prior.endpoint_id != endpoint_id or len(prior.task_ids) != len(batch.tasks):
         raise Conflict(f"request_id {rid!r} submitted {len(prior.task_ids)} tasks to endpoint "
                        f"{prior.endpoint_id} before; use a new request_id for a new submission")
     return BatchSubmitted(task_group_id=prior.task_group_id, task_ids=list(prior.task_ids))
@@ -178,11 +209,12 @@ async def _submission_context(
     if access is not None and len(functions) == len(function_ids) and (
         not task_group_id or group_owner is not None
     ):
-        return SubmissionContext(access[0], access[1], functions, group_owner)
+        return SubmissionContext(access[0], access[1], functions, group_owner, access[2], access[3])
     context = await svc.store.tasks.submission_context(endpoint_id, function_ids, task_group_id)
     if context.endpoint_owner is not None:
-        svc.endpoint_access.put(endpoint_id,
-                                (context.endpoint_owner, context.endpoint_shared_with))
+        svc.endpoint_access.put(endpoint_id, (
+            context.endpoint_owner, context.endpoint_shared_with, context.endpoint_multi_user,
+            context.endpoint_parent))
     if task_group_id and context.group_owner is not None:
         svc.group_owners.put(task_group_id, context.group_owner)
     for f, rec in context.functions.items():

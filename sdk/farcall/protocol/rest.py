@@ -196,6 +196,11 @@ class EndpointInfo(Message):
         default="owner", description="'owner', or 'shared' when another user shared it with you")
     shared_by: str | None = Field(default=None, description=(
         "the user name of its owner, who shared it (None when it is yours)"))
+    multi_user: bool = Field(default=False, description=(
+        "a multi-user endpoint's manager: submit to it with user_endpoint_config, and your tasks "
+        "run on a user endpoint it starts as your own account"))
+    parent_id: str | None = Field(default=None, description=(
+        "for a user endpoint: the multi-user endpoint that started it (None for any other)"))
 
 
 class EndpointList(Message):
@@ -217,6 +222,9 @@ class EndpointStatus(Message):
     engine: str
     details: dict[str, Any]
     versions: Versions | None
+    multi_user: bool = Field(default=False, description="a multi-user endpoint's manager")
+    parent_id: str | None = Field(default=None, description=(
+        "for a user endpoint: the multi-user endpoint that started it (None for any other)"))
 
 
 class CredentialIssued(Message):

@@ -51,14 +51,17 @@ async def _endpoint_infos(svc: Services, eps: list[EndpointRecord], user: str
                          status=_status(svc, ep), created_at=ep.created_at,
                          last_heartbeat=ep.last_heartbeat,
                          role="owner" if ep.user_id == user else "shared",
-                         shared_by=owner.name if (owner := owners.get(ep.user_id)) else None)
+                         shared_by=owner.name if (owner := owners.get(ep.user_id)) else None,
+                         multi_user=ep.multi_user, parent_id=ep.parent_id or None)
             for ep in eps]
 
 
 @router.post("/endpoints", responses=USER_ERRORS)
 async def register_endpoint(body: EndpointRegistration, user: User, svc: Svc) -> EndpointRegistered:
     limit = svc.settings.max_endpoints
-    if limit and sum(ep.user_id == user for ep in await svc.store.endpoints.list(user)) >= limit:
+    owned = [ep for ep in await svc.store.endpoints.list(user)
+             if ep.user_id == user and not ep.parent_id]  # user endpoints are the site's, not more
+    if limit and len(owned) >= limit:
         raise QuotaExceeded(
             f"you own {limit} endpoints, the most this broker allows (FARCALL_MAX_ENDPOINTS); "
             "delete one you no longer use (farcall-endpoint delete, or Client.delete_endpoint)")
@@ -104,6 +107,8 @@ async def endpoint_status(endpoint_id: str, user: User, svc: Svc) -> EndpointSta
         engine=hb.engine,
         details=hb.details,
         versions=hb.versions,
+        multi_user=ep.multi_user,
+        parent_id=ep.parent_id or None,
     )
 
 

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import contextlib
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from farcall.broker.records import (
     ActionRecord,
@@ -181,6 +182,10 @@ class SubmissionContext:
     functions: dict[str, FunctionRecord]
     """The functions that exist among those asked for, by id (with whom they are shared)."""
     group_owner: str | None
+    endpoint_multi_user: bool = False
+    """The endpoint is a multi-user endpoint's manager: tasks go to user endpoints."""
+    endpoint_parent: str = ""
+    """The endpoint is a user endpoint of this manager (tasks reach it only through it)."""
 
     def endpoint_usable_by(self, user_id: str) -> bool:
         return user_id == self.endpoint_owner or user_id in self.endpoint_shared_with
@@ -322,6 +327,39 @@ class EndpointStore(abc.ABC):
     async def count_queued(self, endpoint_id: str, delta: int) -> None:
         """Adjust the endpoint's queued-task count (tasks queued again, or never queued)."""
 
+    # ---- multi-user endpoints: a manager and its user endpoints (``farcall.broker.user_endpoints``)
+
+    @abc.abstractmethod
+    async def set_multi_user(
+        self, endpoint_id: str, multi_user: bool, schema: dict[str, Any] | None
+    ) -> bool:
+        """Record what the endpoint's agent said of itself in its hello: whether it is a
+        multi-user endpoint's manager, and its ``user_config_schema``. Whether ``multi_user``
+        changed (False, changing nothing, for an unknown endpoint)."""
+
+    @abc.abstractmethod
+    async def ensure_user_endpoint(self, child: EndpointRecord, credential_hash: str) -> bool:
+        """Create the user endpoint ``child`` (its ``parent_id``, ``for_user``, configuration;
+        shared with ``for_user`` unless that is its owner) with its credential, and list it among
+        its manager's ``children``, unless it exists. Idempotent, and atomic however many
+        replicas race. Whether the user endpoint exists now: False (creating nothing) when its
+        manager is gone."""
+
+    @abc.abstractmethod
+    async def children(self, endpoint_id: str) -> builtins.list[EndpointRecord]:
+        """A manager's user endpoints, by id (with sessions, queued and in-flight counts)."""
+
+    @abc.abstractmethod
+    async def claim_start(self, endpoint_id: str, seconds: float) -> bool:
+        """Claim asking for a start of the user endpoint: True unless it has a live session or
+        a claim holds (then nothing changes). A claim holds for ``seconds``, until the endpoint
+        connects (``connect_session``), or until ``release_start``: so however many
+        submissions and replicas ask, its manager hears once per ``seconds``."""
+
+    @abc.abstractmethod
+    async def release_start(self, endpoint_id: str) -> None:
+        """End the endpoint's start claim, if it has one."""
+
 
 class TaskStore(abc.ABC):
     """Task groups and tasks. Completion is idempotent: the first result for a task id wins."""
@@ -354,7 +392,8 @@ class TaskStore(abc.ABC):
     async def submission_context(
         self, endpoint_id: str, function_ids: list[str], task_group_id: str | None
     ) -> SubmissionContext:
-        """The endpoint's owner, the functions, and the task group's owner, in one round trip."""
+        """The endpoint's owner (whom it is shared with, whether it is a manager or a user
+        endpoint), the functions, and the task group's owner, in one round trip."""
 
     @abc.abstractmethod
     async def create(

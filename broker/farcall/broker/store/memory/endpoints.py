@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import copy
+import time
+from typing import Any
+
 from farcall.broker.records import EndpointRecord
 from farcall.broker.store.base import EndpointStore, Principal
 from farcall.broker.store.memory.state import State, shared_with
@@ -26,6 +31,7 @@ class MemoryEndpoints(EndpointStore):
         return ep.model_copy(deep=True, update={
             "connected": bool(self._s.sessions.get(endpoint_id)),
             "queued_tasks": max(0, self._s.queued.get(endpoint_id, 0)),
+            "inflight_tasks": len(self._s.inflight.get(endpoint_id, {})),
         })
 
     async def list(self, user_id: str) -> list[EndpointRecord]:
@@ -37,7 +43,11 @@ class MemoryEndpoints(EndpointStore):
 
     async def delete(self, endpoint_id: str) -> None:
         s = self._s
-        s.endpoints.pop(endpoint_id, None)
+        ep = s.endpoints.pop(endpoint_id, None)
+        if ep is not None and ep.parent_id:
+            s.children.get(ep.parent_id, set()).discard(endpoint_id)
+        s.children.pop(endpoint_id, None)
+        s.starting.pop(endpoint_id, None)
         s.tokens.pop(s.credentials.pop(endpoint_id, ""), None)
         s.sessions.pop(endpoint_id, None)
         s.live.pop(endpoint_id, None)
@@ -63,6 +73,7 @@ class MemoryEndpoints(EndpointStore):
         self, endpoint_id: str, session_id: str, heartbeat_period: float | None, at: float
     ) -> str | None:
         self._s.sessions.setdefault(endpoint_id, set()).add(session_id)
+        self._s.starting.pop(endpoint_id, None)
         previous = self._s.live.get(endpoint_id)
         self._s.live[endpoint_id] = session_id
         ep = self._s.endpoints.get(endpoint_id)
@@ -93,3 +104,39 @@ class MemoryEndpoints(EndpointStore):
 
     async def count_queued(self, endpoint_id: str, delta: int) -> None:
         self._s.queued[endpoint_id] = self._s.queued.get(endpoint_id, 0) + delta
+
+    async def set_multi_user(
+        self, endpoint_id: str, multi_user: bool, schema: dict[str, Any] | None
+    ) -> bool:
+        ep = self._s.endpoints.get(endpoint_id)
+        if ep is None:
+            return False
+        changed = ep.multi_user != multi_user
+        ep.multi_user = multi_user
+        ep.user_config_schema = copy.deepcopy(schema)
+        return changed
+
+    async def ensure_user_endpoint(self, child: EndpointRecord, credential_hash: str) -> bool:
+        s, eid = self._s, child.endpoint_id
+        if eid in s.endpoints:
+            return True
+        if child.parent_id not in s.endpoints:
+            return False
+        shared = [child.for_user] if child.for_user and child.for_user != child.user_id else []
+        await self.put(child.model_copy(update={"shared_with": shared}), credential_hash)
+        s.children.setdefault(child.parent_id, set()).add(eid)
+        return True
+
+    async def children(self, endpoint_id: str) -> builtins.list[EndpointRecord]:
+        ids = sorted(self._s.children.get(endpoint_id, ()))
+        return [r for e in ids if (r := await self.get(e)) is not None]
+
+    async def claim_start(self, endpoint_id: str, seconds: float) -> bool:
+        s, at = self._s, time.monotonic()
+        if s.live.get(endpoint_id) or s.starting.get(endpoint_id, 0.0) > at:
+            return False
+        s.starting[endpoint_id] = at + seconds
+        return True
+
+    async def release_start(self, endpoint_id: str) -> None:
+        self._s.starting.pop(endpoint_id, None)

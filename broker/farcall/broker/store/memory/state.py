@@ -46,6 +46,10 @@ class State:
     live: dict[str, str] = field(default_factory=dict)
     """endpoint id -> its live session id"""
     crashes: dict[str, int] = field(default_factory=dict)
+    children: dict[str, set[str]] = field(default_factory=dict)
+    """manager endpoint id -> its user endpoints' ids"""
+    starting: dict[str, float] = field(default_factory=dict)
+    """user endpoint id -> when its start claim ends (``time.monotonic``)"""
     queued: dict[str, int] = field(default_factory=dict)
     inflight: dict[str, dict[str, str]] = field(default_factory=dict)
     groups: dict[str, TaskGroupRecord] = field(default_factory=dict)

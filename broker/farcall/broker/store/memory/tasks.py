@@ -67,7 +67,8 @@ class MemoryTasks(TaskStore):
         owner = None if task_group_id is None else await self.group_owner(task_group_id)
         return SubmissionContext(ep.user_id if ep else None,
                                  frozenset(ep.shared_with) if ep else frozenset(),
-                                 functions, owner)
+                                 functions, owner, bool(ep and ep.multi_user),
+                                 ep.parent_id if ep else "")
 
     async def create(
         self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",

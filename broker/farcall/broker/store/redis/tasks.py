@@ -283,15 +283,16 @@ class RedisTasks(TaskStore):
     ) -> SubmissionContext:
         db = self._db
         async with db.r.pipeline(transaction=False) as p:
-            p.hget(db.k("ep", endpoint_id), "user_id")
+            p.hmget(db.k("ep", endpoint_id), ["user_id", "multi_user", "parent_id"])
             p.smembers(db.k("ep", endpoint_id, "shared"))
             p.hget(db.k("tg", task_group_id or "-"), "user_id")
             for f in function_ids:
                 read_function(p, db, f)
-            owner, endpoint_shared, group_owner, *found = await p.execute()
+            (owner, multi_user, parent), endpoint_shared, group_owner, *found = await p.execute()
         return SubmissionContext(
             owner, frozenset(endpoint_shared) if owner else frozenset(),
-            functions_from(function_ids, found), group_owner if task_group_id else None)
+            functions_from(function_ids, found), group_owner if task_group_id else None,
+            multi_user == "1", parent or "")
 
     async def create(
         self, batch: NewTasks, inflight: dict[str, str] | None = None, session_id: str = "",
