@@ -35,6 +35,7 @@ from farcall.protocol.common import (
     TaskState,
     Versions,
     check_resource_specification,
+    check_user_endpoint_config,
 )
 from farcall.protocol.rest import (
     BatchSubmission,
@@ -83,6 +84,9 @@ class Batch:
 
     ``resource_specification``, ``walltime`` and ``max_retries`` go with every task
     added (``add`` may set ``walltime`` and ``max_retries`` per task instead).
+    ``user_endpoint_config``, for a multi-user endpoint, goes with the whole batch: the values
+    its administrator's template takes (account, partition, ...), so the tasks run on the
+    submitter's user endpoint for those values.
     """
 
     def __init__(
@@ -91,9 +95,11 @@ class Batch:
         resource_specification: dict[str, Any] | None = None,
         walltime: float | None = None,
         max_retries: int = 0,
+        user_endpoint_config: dict[str, Any] | None = None,
     ) -> None:
         self.task_group_id = task_group_id
         self.resource_specification = check_resource_specification(resource_specification)
+        self.user_endpoint_config = check_user_endpoint_config(user_endpoint_config)
         self.walltime, self.max_retries = check_task_options(walltime, max_retries)
         self.tasks: list[TaskSpec] = []
         self.sizes: list[int] = []
@@ -427,16 +433,19 @@ class Client:
         resource_specification: dict[str, Any] | None = None,
         walltime: float | None = None,
         max_retries: int = 0,
+        user_endpoint_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> str:
         """Run a registered function once with ``args``/``kwargs``; the new task's id.
 
         ``walltime``: seconds the task may run on a worker (past it, it fails with
         :class:`~farcall.errors.TaskTimeout`); ``max_retries``: times it is run again
-        when a system failure (a lost worker) cuts it short.
+        when a system failure (a lost worker) cuts it short; ``user_endpoint_config``: for a
+        multi-user endpoint, the values of your user endpoint's configuration.
         """
         batch = self.create_batch(resource_specification=resource_specification,
-                                  walltime=walltime, max_retries=max_retries)
+                                  walltime=walltime, max_retries=max_retries,
+                                  user_endpoint_config=user_endpoint_config)
         batch.add(function_id, args, kwargs)
         return str(self.batch_run(endpoint_id, batch)["task_ids"][0])
 
@@ -446,9 +455,12 @@ class Client:
         resource_specification: dict[str, Any] | None = None,
         walltime: float | None = None,
         max_retries: int = 0,
+        user_endpoint_config: dict[str, Any] | None = None,
     ) -> Batch:
-        """An empty :class:`Batch`; the options go with every task added to it."""
-        return Batch(task_group_id, resource_specification, walltime, max_retries)
+        """An empty :class:`Batch`; the options go with every task added to it
+        (``user_endpoint_config``: for a multi-user endpoint, see :class:`Batch`)."""
+        return Batch(task_group_id, resource_specification, walltime, max_retries,
+                     user_endpoint_config)
 
     def batch_run(self, endpoint_id: str, batch: Batch) -> dict[str, Any]:
         """Submit a batch; ``{"task_group_id", "endpoint_id", "task_ids", "tasks"}``.
@@ -462,7 +474,8 @@ class Client:
         group = batch.task_group_id
         task_ids: list[str] = []
         for chunk in split_batch(batch.tasks):
-            answer = self.submit_tasks(endpoint_id, chunk, group)
+            answer = self.submit_tasks(endpoint_id, chunk, group,
+                                       user_endpoint_config=batch.user_endpoint_config)
             group = answer.task_group_id
             task_ids += answer.task_ids
         by_function: dict[str, list[str]] = {}
@@ -489,7 +502,7 @@ class Client:
 
     def submit_tasks(
         self, endpoint_id: str, tasks: list[TaskSpec], task_group_id: str | None = None,
-        request_id: str | None = None,
+        request_id: str | None = None, user_endpoint_config: dict[str, Any] | None = None,
     ) -> BatchSubmitted:
         """One ``POST /v1/tasks``; callers keep it under the body limit (see :func:`split_batch`).
 
@@ -498,7 +511,8 @@ class Client:
         """
         body = BatchSubmission.model_construct(
             endpoint_id=endpoint_id, tasks=tasks, task_group_id=task_group_id, submitter=SUBMITTER,
-            request_id=request_id or new_request_id())
+            request_id=request_id or new_request_id(),
+            user_endpoint_config=check_user_endpoint_config(user_endpoint_config))
         answer = self.request("POST", "/tasks", content=body.model_dump_json().encode())
         return BatchSubmitted.model_validate(answer)
 

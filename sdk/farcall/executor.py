@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import queue
 import threading
@@ -38,7 +39,12 @@ from farcall.client import (
 )
 from farcall.errors import ExecutorShutdown
 from farcall.outcome import Outcome, cancel_future, needs_fetch, outcome_of
-from farcall.protocol.common import TaskState, check_resource_specification, version_mismatch
+from farcall.protocol.common import (
+    TaskState,
+    check_resource_specification,
+    check_user_endpoint_config,
+    version_mismatch,
+)
 from farcall.protocol.rest import BatchSubmission, BatchSubmitted, TaskSpec
 from farcall.protocol.stream import TaskResult
 from farcall.serialize import Frames, serialize_function
@@ -157,6 +163,8 @@ class _Call:
     function_id: str | None = None
     frames: Frames | None = None
     """Arguments too big to travel inline: uploaded as a blob by the submitter thread."""
+    config: str | None = None
+    """The Executor's ``user_endpoint_config`` when the call was submitted, as canonical JSON."""
 
     @classmethod
     def packed(cls, future: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -180,6 +188,10 @@ class Executor(concurrent.futures.Executor):
     the open-task quota reached) is sent again when the broker says, within
     the client's ``retry_seconds``; past that its futures fail with
     :class:`~farcall.errors.RateLimited`.
+
+    ``user_endpoint_config`` (also an attribute, to change between submissions): for a
+    multi-user endpoint, the values of the configuration your tasks' user endpoint is made
+    with (account, partition, image...); each task takes the value set when it was submitted.
     """
 
     def __init__(
@@ -191,11 +203,13 @@ class Executor(concurrent.futures.Executor):
         task_group_id: str | None = None,
         walltime: float | None = None,
         max_retries: int = 0,
+        user_endpoint_config: dict[str, Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.walltime, self.max_retries = check_task_options(walltime, max_retries)
         self.resource_specification = check_resource_specification(resource_specification)
+        self.user_endpoint_config = user_endpoint_config
         self.endpoint_id = endpoint_id
         self.client = client or Client()
         self._own_client = client is None
@@ -225,6 +239,16 @@ class Executor(concurrent.futures.Executor):
             f"task_group_id={self.task_group_id!r})"
         )
 
+    @property
+    def user_endpoint_config(self) -> dict[str, Any] | None:
+        """For a multi-user endpoint: the values of the user endpoint's configuration that the
+        tasks submitted from now on run with (None: the endpoint's defaults)."""
+        return self._user_endpoint_config
+
+    @user_endpoint_config.setter
+    def user_endpoint_config(self, config: dict[str, Any] | None) -> None:
+        self._user_endpoint_config = check_user_endpoint_config(config)
+
     # ------------------------------------------------------------ public API
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -236,7 +260,8 @@ class Executor(concurrent.futures.Executor):
         """
         self._check_open()
         function = self._functions.get(fn)
-        return self._enqueue(_Call.packed(TaskFuture(self), args, kwargs, function=function))
+        return self._enqueue(_Call.packed(TaskFuture(self), args, kwargs, function=function,
+                                          config=self._config_now()))
 
     def submit_to_registered_function(
         self,
@@ -247,7 +272,7 @@ class Executor(concurrent.futures.Executor):
         """Queue a call of a function registered with ``Client.register_function``."""
         self._check_open()
         return self._enqueue(_Call.packed(TaskFuture(self), tuple(args or ()), dict(kwargs or {}),
-                                          function_id=function_id))
+                                          function_id=function_id, config=self._config_now()))
 
     def map(
         self,
@@ -361,6 +386,12 @@ class Executor(concurrent.futures.Executor):
                 "no endpoint: create the Executor with endpoint_id=... (see Client.get_endpoints())"
             )
 
+    def _config_now(self) -> str | None:
+        """The ``user_endpoint_config`` as it is now (canonical JSON: a later change of the dict
+        in place does not reach calls already submitted)."""
+        config = self._user_endpoint_config
+        return None if config is None else json.dumps(config, sort_keys=True)
+
     def _enqueue(self, call: _Call) -> TaskFuture:
         with self._lock:
             if self._shutdown:
@@ -422,21 +453,27 @@ class Executor(concurrent.futures.Executor):
             if not live:
                 return
             self._ensure_stream()
-            specs = [
-                TaskSpec.model_construct(
-                    function_id=self._function_id(c),
-                    args=c.args,
-                    resource_specification=self.resource_specification,
-                    walltime=self.walltime,
-                    max_retries=self.max_retries,
-                )
-                for c in live
-            ]
+            by_config: dict[str | None, list[_Call]] = {}
+            for c in live:  # one submission never mixes configurations
+                by_config.setdefault(c.config, []).append(c)
+            live = [c for calls in by_config.values() for c in calls]
             assert self.endpoint_id is not None
-            for chunk in split_batch(specs, max_tasks=self.batch_size):
-                answer = self._submit(chunk)
-                self._record(live[sent : sent + len(chunk)], answer.task_ids)
-                sent += len(chunk)
+            for config, calls in by_config.items():
+                specs = [
+                    TaskSpec.model_construct(
+                        function_id=self._function_id(c),
+                        args=c.args,
+                        resource_specification=self.resource_specification,
+                        walltime=self.walltime,
+                        max_retries=self.max_retries,
+                    )
+                    for c in calls
+                ]
+                values = None if config is None else json.loads(config)
+                for chunk in split_batch(specs, max_tasks=self.batch_size):
+                    answer = self._submit(chunk, values)
+                    self._record(live[sent : sent + len(chunk)], answer.task_ids)
+                    sent += len(chunk)
         except BaseException as e:  # noqa: BLE001 - every future of the batch must hear of it
             log.warning("submitting %d task(s) failed: %s", len(live) - sent, e)
             for c in live[sent:]:
@@ -478,7 +515,8 @@ class Executor(concurrent.futures.Executor):
                 self._sent.notify_all()
         return ready
 
-    def _submit(self, chunk: list[TaskSpec]) -> BatchSubmitted:
+    def _submit(self, chunk: list[TaskSpec], config: dict[str, Any] | None = None
+                ) -> BatchSubmitted:
         """On the result stream when it is up (no HTTP request per batch), else by POST."""
         assert self.endpoint_id is not None
         request_id = new_request_id()  # the same on the stream and by HTTP: taken once
@@ -486,11 +524,12 @@ class Executor(concurrent.futures.Executor):
         if stream is not None:
             answer = stream.submit(BatchSubmission.model_construct(
                 endpoint_id=self.endpoint_id, tasks=chunk, task_group_id=self.task_group_id,
-                submitter=SUBMITTER, request_id=request_id,
+                submitter=SUBMITTER, request_id=request_id, user_endpoint_config=config,
             ))
             if answer is not None:
                 return answer
-        return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id, request_id)
+        return self.client.submit_tasks(self.endpoint_id, chunk, self.task_group_id, request_id,
+                                        user_endpoint_config=config)
 
     def _function_id(self, call: _Call) -> str:
         if call.function_id is not None:

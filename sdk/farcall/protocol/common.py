@@ -117,21 +117,41 @@ def check_resource_specification(spec: dict[str, Any] | None) -> dict[str, Any] 
     Every hop (submission, the broker's queue reader, the agent) parses task JSON with
     these limits, so a task the broker accepts is one every later parser can read.
     """
-    if spec is None:
+    return _check_options(spec, "resource_specification",
+                          "it holds scheduler options such as num_nodes, not data",
+                          "pass data as arguments, not in the resource specification")
+
+
+def check_user_endpoint_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config`` if it is a JSON object within the limits of a ``resource_specification``;
+    ``ValueError`` (or ``TypeError`` for a value that is not a dict) otherwise."""
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"user_endpoint_config must be a dict of the values the multi-user "
+                        f"endpoint's template takes, got {type(config).__name__}")
+    try:
+        return _check_options(config, "user_endpoint_config",
+                              "it holds the values of a configuration such as account or nodes",
+                              "pass data as arguments, not in the user endpoint's configuration")
+    except TypeError as e:  # json.dumps: a value JSON has no form for
+        raise ValueError(f"user_endpoint_config must hold only JSON values (str, numbers, "
+                         f"bools, None, lists and dicts): {e}") from None
+
+
+def _check_options(value: dict[str, Any] | None, name: str, what: str, instead: str
+                   ) -> dict[str, Any] | None:
+    if value is None:
         return None
-    if _depth(spec, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
-        raise ValueError(
-            f"resource_specification is nested deeper than {MAX_SPEC_DEPTH} levels; "
-            "flatten it (it holds scheduler options such as num_nodes, not data)")
-    size = len(json.dumps(spec))
+    if _depth(value, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
+        raise ValueError(f"{name} is nested deeper than {MAX_SPEC_DEPTH} levels; flatten it ({what})")
+    size = len(json.dumps(value))
     if size > MAX_SPEC_BYTES:
-        raise ValueError(
-            f"resource_specification is {size} bytes as JSON, over the limit of {MAX_SPEC_BYTES}; "
-            "pass data as arguments, not in the resource specification")
-    return spec
+        raise ValueError(f"{name} is {size} bytes as JSON, over the limit of {MAX_SPEC_BYTES}; "
+                         f"{instead}")
+    return value
 
 
 SpecField = Annotated[dict[str, Any] | None, AfterValidator(check_resource_specification)]
+UserConfigField = Annotated[dict[str, Any] | None, AfterValidator(check_user_endpoint_config)]
 WalltimeField = Annotated[float | None, Field(default=None, gt=0, le=MAX_WALLTIME, description=(
     "seconds the task may run on a worker; past it the task fails with TaskTimeout"))]
 RetriesField = Annotated[int, Field(default=0, ge=0, le=MAX_RETRIES, description=(

@@ -15,6 +15,7 @@ from farcall.protocol.common import (
     RetriesField,
     SpecField,
     TaskState,
+    UserConfigField,
     Username,
     Versions,
     WalltimeField,
@@ -57,7 +58,7 @@ class BatchSubmission(Message):
         "the submitter's name for this submission, unique per user; the same request sent again "
         "(a retry after a lost answer) gets the same task ids and creates no tasks (kept as long "
         "as the results, FARCALL_RESULT_TTL)"))
-    user_endpoint_config: dict[str, Any] | None = Field(default=None, description=(
+    user_endpoint_config: UserConfigField = Field(default=None, description=(
         "for a multi-user endpoint: the values its administrator's template of the user "
         "endpoint's configuration takes (account, partition, image...), checked against the "
         "schema the endpoint published (422 when they do not fit). Tasks of one user with the "

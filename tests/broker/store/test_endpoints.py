@@ -3,12 +3,16 @@ in-process store and the real Redis."""
 
 from __future__ import annotations
 
+import time
+
+import anyio
 import pytest
 
+from farcall.broker.records import EndpointRecord
 from farcall.broker.store.base import Store
 from farcall.protocol.channel import Heartbeat
 from farcall.protocol.common import now
-from tests.broker.records import endpoint_record, new_id, submitted
+from tests.broker.records import endpoint_record, function_record, new_id, new_tasks, submitted
 
 pytestmark = pytest.mark.anyio
 
@@ -114,3 +118,107 @@ async def test_endpoint_sharing_lists_and_delete_cleanup(store: Store) -> None:
     await store.endpoints.put(endpoint_record("a", "u1"), "cred-a2")  # the id again: no old shares
     ep = await store.endpoints.get("a")
     assert ep is not None and ep.shared_with == [] and await _listed(store, "u3") == []
+
+
+# ---- multi-user endpoints: a manager and its user endpoints
+
+
+async def test_a_manager_says_it_is_one_at_hello_with_its_schema(store: Store) -> None:
+    await store.endpoints.put(endpoint_record("m"), "cred-m")
+    schema = {"type": "object", "properties": {"account": {"type": "string"}}}
+    assert await store.endpoints.set_multi_user("m", True, schema) is True
+    assert await store.endpoints.set_multi_user("m", True, schema) is False, "no change"
+    ep = await store.endpoints.get("m")
+    assert ep is not None and ep.multi_user and ep.user_config_schema == schema
+    assert ep.isolates_users
+    ctx = await store.tasks.submission_context("m", [], None)
+    assert ctx.endpoint_multi_user and ctx.endpoint_parent == ""
+    assert await store.endpoints.set_multi_user("m", False, None) is True
+    ep = await store.endpoints.get("m")
+    assert ep is not None and not ep.multi_user and ep.user_config_schema is None
+    assert not ep.isolates_users
+    assert await store.endpoints.set_multi_user("gone", True, None) is False
+    assert await store.endpoints.get("gone") is None, "nothing made for an unknown endpoint"
+
+
+def _child(child_id: str, parent: str = "m", for_user: str = "u2") -> EndpointRecord:
+    return endpoint_record(child_id, "u1", parent_id=parent, for_user=for_user,
+                           user_endpoint_config={"account": "abc", "nodes": 2},
+                           config_hash="h" * 64)
+
+
+async def test_a_user_endpoint_is_made_once_listed_under_its_manager_and_shared(store: Store) -> None:
+    await store.endpoints.put(endpoint_record("m"), "cred-m")
+    assert await store.endpoints.ensure_user_endpoint(_child("c1"), "cred-c1") is True
+    assert await store.endpoints.ensure_user_endpoint(_child("c1"), "other") is True, "idempotent"
+    assert await store.endpoints.credential_hash("c1") == "cred-c1", "the first one stays"
+    assert await store.users.resolve_token("other") is None
+    principal = await store.users.resolve_token("cred-c1")
+    assert principal is not None and (principal.kind, principal.id) == ("endpoint", "c1")
+    child = await store.endpoints.get("c1")
+    assert child is not None
+    assert (child.user_id, child.parent_id, child.for_user) == ("u1", "m", "u2")
+    assert child.user_endpoint_config == {"account": "abc", "nodes": 2}
+    assert child.config_hash == "h" * 64 and child.shared_with == ["u2"] and child.isolates_users
+    ctx = await store.tasks.submission_context("c1", [], None)
+    assert ctx.endpoint_parent == "m" and not ctx.endpoint_multi_user
+    assert await _listed(store, "u2") == ["c1"], "its user sees it"
+    # the manager's owner submitting to their own manager: not shared with themselves
+    assert await store.endpoints.ensure_user_endpoint(_child("c2", for_user="u1"), "cred-c2")
+    c2 = await store.endpoints.get("c2")
+    assert c2 is not None and c2.shared_with == []
+    assert [c.endpoint_id for c in await store.endpoints.children("m")] == ["c1", "c2"]
+    assert await store.endpoints.children("c1") == []
+
+
+async def test_no_user_endpoint_for_a_manager_that_is_gone(store: Store) -> None:
+    assert await store.endpoints.ensure_user_endpoint(_child("c1", parent="gone"), "cred") is False
+    assert await store.endpoints.get("c1") is None
+    assert await store.users.resolve_token("cred") is None
+
+
+async def test_children_carry_their_open_work(store: Store) -> None:
+    await store.endpoints.put(endpoint_record("m"), "cred-m")
+    await store.endpoints.ensure_user_endpoint(_child("c1"), "cred-c1")
+    await store.functions.put(function_record())
+    await store.tasks.create(new_tasks(3, endpoint="c1", user="u2"))
+    (child,) = await store.endpoints.children("m")
+    assert (child.queued_tasks, child.inflight_tasks, child.connected) == (3, 0, False)
+    await store.endpoints.connect_session("c1", "s", None, now())
+    ids = (await store.tasks.recent_groups("u2", 1))[0].task_group_id
+    task_ids = await store.tasks.group_tasks(ids)
+    await store.inflight.add("c1", "s", {t: "body" for t in task_ids[:2]}, taken=2)
+    (child,) = await store.endpoints.children("m")
+    assert (child.queued_tasks, child.inflight_tasks, child.connected) == (1, 2, True)
+
+
+async def test_a_start_is_claimed_once_per_period_and_never_while_connected(store: Store) -> None:
+    await store.endpoints.put(endpoint_record("m"), "cred-m")
+    await store.endpoints.ensure_user_endpoint(_child("c1"), "cred-c1")
+    assert await store.endpoints.claim_start("c1", 60) is True
+    assert await store.endpoints.claim_start("c1", 60) is False, "debounced"
+    await store.endpoints.release_start("c1")
+    assert await store.endpoints.claim_start("c1", 0.2) is True, "released when asked"
+    deadline = time.monotonic() + 5
+    while not await store.endpoints.claim_start("c1", 60):
+        assert time.monotonic() < deadline, "the claim never expired"
+        await anyio.sleep(0.05)
+    await store.endpoints.connect_session("c1", "s", None, now())
+    await store.endpoints.release_start("c1")
+    assert await store.endpoints.claim_start("c1", 60) is False, "connected: nothing to start"
+    await store.endpoints.disconnect_session("c1", "s", now())
+    assert await store.endpoints.claim_start("c1", 60) is True, "the connect ended the claim"
+
+
+async def test_deleting_user_endpoints_and_their_manager_cleans_up(store: Store) -> None:
+    await store.endpoints.put(endpoint_record("m"), "cred-m")
+    await store.endpoints.ensure_user_endpoint(_child("c1"), "cred-c1")
+    await store.endpoints.ensure_user_endpoint(_child("c2"), "cred-c2")
+    await store.endpoints.claim_start("c1", 60)
+    await store.endpoints.delete("c1")
+    assert [c.endpoint_id for c in await store.endpoints.children("m")] == ["c2"]
+    assert await store.users.resolve_token("cred-c1") is None
+    await store.endpoints.ensure_user_endpoint(_child("c1"), "cred-c1")
+    assert await store.endpoints.claim_start("c1", 60) is True, "no claim left behind"
+    await store.endpoints.delete("m")
+    assert await store.endpoints.children("m") == []
