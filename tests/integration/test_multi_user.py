@@ -199,7 +199,7 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             site = Site(broker, venv, home, dict(env, FARCALL_TOKEN=""), manager,
                         registration.endpoint_id, names, local, clients)
             for key, client in clients.items():
-                site.functions[key] = client.register_function(report)
+                site.functions[key] = client.register_function(report, strategy="source")
             try:
                 yield site
             finally:
@@ -260,10 +260,13 @@ def test_the_audit_log_names_the_local_user_and_uid(site: Site) -> None:
     for user in ("ada", "bob"):
         account = pwd.getpwnam(site.accounts[user])
         wanted = f"user={account.pw_name} uid={account.pw_uid} "
-        lines = wait_until(lambda: [line for line in path.read_text().splitlines()  # noqa: B023
-                                    if wanted in line], 10, f"audit lines of {user}")
-        states = {line.rsplit("state=", 1)[1] for line in lines}
-        assert {"received", "running", "success"} <= states
+
+        def states(wanted: str = wanted) -> set[str]:
+            return {line.rsplit("state=", 1)[1] for line in path.read_text().splitlines()
+                    if wanted in line}
+
+        wait_until(lambda: {"received", "running", "success"} <= states(), 10,  # noqa: B023
+                   f"audit lines of {user}")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -335,7 +338,7 @@ def test_a_user_endpoint_killed_with_kill_9_is_replaced_and_its_task_answered(si
         return os.getuid()
 
     client = site.clients["ada"]
-    function_id = client.register_function(slow)
+    function_id = client.register_function(slow, strategy="source")
     task_id = client.run(3.0, endpoint_id=site.manager_id, function_id=function_id,
                          user_endpoint_config={})
     wait_until(lambda: client.get_task(task_id)["state"] == "running", 30, "the slow task to run")

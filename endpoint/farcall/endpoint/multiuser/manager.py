@@ -48,6 +48,7 @@ from farcall.endpoint.config import (
     parse_config,
 )
 from farcall.endpoint.embedded import BackgroundAgent
+from farcall.endpoint.engines import engine_class
 from farcall.endpoint.engines.base import Engine, EngineStatus, OnDone, OnStart
 from farcall.endpoint.errors import EndpointConfigError, EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.environment import load_user_environment
@@ -373,17 +374,18 @@ class UserEndpointManager:
         try:
             text, _ = render_user_config(self.directory, values, user, self.config)
             environment = load_user_environment(self.directory)
-            config = self.child_config(text)
+            config = self.child_config(text, environment)
         except EndpointConfigError as e:
             raise UserEndpointError(
                 f"multi-user endpoint {self.name} cannot start a user endpoint for {who} with "
                 f"user_endpoint_config {json.dumps(values)}: {e}") from None
         return Prepared(user, config, environment)
 
-    def child_config(self, rendered: str) -> str:
+    def child_config(self, rendered: str, environment: dict[str, str] | None = None) -> str:
         """The user endpoint's ``config.yaml``: the rendered template with what the manager
-        fixes (its broker, the idle stop); ``EndpointConfigError`` if it is not a valid
-        single-user configuration."""
+        fixes (its broker, the idle stop), and the names of ``user_environment.yaml`` passed
+        through to its workers (they serve that one user); ``EndpointConfigError`` if it is not
+        a valid single-user configuration."""
         try:
             values = yaml.safe_load(rendered) or {}
         except yaml.YAMLError as e:
@@ -392,6 +394,13 @@ class UserEndpointManager:
             raise EndpointConfigError("the rendered template is not a mapping of keys")
         values.update(broker_url=self.broker_url,
                       idle_shutdown_seconds=self.config.user_endpoint_idle_seconds)
+        engine = values.setdefault("engine", {"type": "ProcessPoolEngine"}) if environment else None
+        if environment and isinstance(engine, dict):
+            options = engine_class(str(engine.get("type", "ProcessPoolEngine"))).Options
+            if "worker_env_passthrough" in options.model_fields:
+                listed = list(engine.get("worker_env_passthrough") or [])
+                engine["worker_env_passthrough"] = listed + [
+                    name for name in environment if name not in listed]
         text = yaml.safe_dump(values, sort_keys=False)
         parse_config(text, "the user endpoint's config.yaml")
         return text
