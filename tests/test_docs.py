@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,54 @@ def test_deploy_md_says_what_every_setting_does() -> None:
     missing = [f"{ENV_PREFIX}{f.upper()}" for f in Settings.model_fields
                if f"{ENV_PREFIX}{f.upper()}" not in text]
     assert not missing, f"docs/deploy.md does not say what {missing} do"
+
+
+def _file_blocks(page: str) -> dict[str, str]:
+    """The code blocks of a page whose info string names a file or output: ```json name.json"""
+    text = (REPO / "docs" / page).read_text()
+    return dict((name, body) for name, body in
+                re.findall(r"^```\w+ ([\w.]+)\n(.*?)^```", text, flags=re.M | re.S))
+
+
+def test_multi_user_md_example_files_render_as_shown(tmp_path: Path) -> None:
+    """docs/multi-user.md's five files, put where configure --multi-user writes them, give the
+    output the page shows through its own render-user-config command."""
+    import os
+    import pwd
+    import shlex
+
+    blocks = _file_blocks("multi-user.md")
+    files = ["config.yaml", "identity_mapping.json", "user_config_template.yaml.j2",
+             "user_config_schema.json", "user_environment.yaml"]
+    assert set(files) | {"output"} == set(blocks)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
+    env["FARCALL_HOME"] = str(tmp_path)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "farcall.endpoint", *args], env=env,
+                              capture_output=True, text=True, timeout=90)
+
+    assert cli("configure", "hpc", "--multi-user").returncode == 0
+    for name in files:
+        (tmp_path / "endpoints" / "hpc" / name).write_text(blocks[name])
+    text = (REPO / "docs" / "multi-user.md").read_text()
+    command = re.search(r"^farcall-endpoint (render-user-config hpc --user alice .*)$", text, flags=re.M)
+    assert command is not None
+    me = pwd.getpwuid(os.getuid()).pw_name  # alice has no account here: render for this one
+    args = [me if a == "alice" else a for a in shlex.split(command.group(1))]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == blocks["output"].replace("(alice)", f"({me})")
+
+    from farcall.endpoint.multiuser.environment import load_user_environment
+    from farcall.endpoint.multiuser.identity import IdentityMapper
+
+    directory = tmp_path / "endpoints" / "hpc"
+    assert load_user_environment(directory) == {"MODULEPATH": "/opt/modules/all", "OMP_NUM_THREADS": "1"}
+    mapper = IdentityMapper(directory / "identity_mapping.json")
+    assert mapper.map_identity([{"id": "u", "sub": "u", "username": "alice@example.org"}]) == "alice"
+    assert mapper.map_identity([{"id": "u", "sub": "u", "username": "bob"}]) == "bob"
+
+    refused = cli("render-user-config", "hpc", "--user", me, "--user-config",
+                  '{"account": "x\\nmulti_user: true"}')
+    assert refused.returncode == 1 and "user_endpoint_config.account" in refused.stderr

@@ -5,6 +5,8 @@ time, or with ``--register-again``) and runs the agent in the foreground, or as
 a daemon with ``--detach``; ``stop NAME`` stops it gracefully; ``restart``,
 ``list``, ``status NAME`` and ``delete NAME`` do what their names say;
 ``rotate-credential NAME`` replaces the endpoint's credential (the old one is refused at once).
+``configure NAME --multi-user`` writes a multi-user endpoint's files, and ``render-user-config
+NAME`` renders its user endpoint template offline, so the administrator can try it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pwd
 import shutil
 import sys
 import time
@@ -78,7 +82,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-url", help="default: $FARCALL_BROKER_URL at start")
     p.add_argument("--max-workers", type=int, help="workers (per node for ParslEngine)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p.add_argument("--multi-user", action="store_true",
+                   help="a multi-user endpoint: a manager (run as root) that runs each user's tasks "
+                        "as their own Unix account; also writes identity_mapping.json, "
+                        "user_config_template.yaml.j2, user_config_schema.json and "
+                        "user_environment.yaml (docs/multi-user.md)")
     p.set_defaults(func=cmd_configure)
+
+    p = sub.add_parser("render-user-config", help=(
+        "render a multi-user endpoint's user endpoint config for some values, offline, and print "
+        "it (exit 1 with the reason if the values or the template are refused)"))
+    p.add_argument("name")
+    p.add_argument("--user-config", default="{}", metavar="JSON",
+                   help="the values a user would send as user_endpoint_config (default: {})")
+    p.add_argument("--user", metavar="LOCAL_NAME",
+                   help="the local account to render for (default: the account running this)")
+    p.set_defaults(func=cmd_render_user_config)
 
     p = sub.add_parser("start", help="register (first time) and run, in the foreground or --detach")
     p.add_argument("name")
@@ -135,9 +154,35 @@ def cmd_configure(args: argparse.Namespace) -> int:
         print("error: --max-workers must be at least 1", file=sys.stderr)
         return 2
     path = configure(args.name, args.engine, args.broker_url, args.max_workers, args.force,
-                     args.provider)
+                     args.provider, multi_user=args.multi_user)
     print(f"wrote {path}")
+    if args.multi_user:
+        print(f"and, beside it, the files that configure its user endpoints; edit them, try the "
+              f"template with: farcall-endpoint render-user-config {args.name} --user-config "
+              f"'{{...}}' --user SOMEONE")
+        print(f"then run as root: farcall-endpoint start {args.name}")
+        return 0
     print(f"edit it if needed, then run: farcall-endpoint start {args.name}")
+    return 0
+
+
+def cmd_render_user_config(args: argparse.Namespace) -> int:
+    from farcall.endpoint.multiuser.identity import local_user
+    from farcall.endpoint.multiuser.templates import UserConfigError, render_user_config
+
+    config = load_config(args.name)
+    if not config.multi_user:
+        raise EndpointError(f"endpoint {args.name!r} is not a multi-user endpoint (its config.yaml "
+                            "does not say multi_user: true); see docs/multi-user.md")
+    try:
+        values = json.loads(args.user_config)
+    except ValueError as e:
+        raise UserConfigError(f"--user-config is not valid JSON: {e}") from None
+    user = local_user(args.user or pwd.getpwuid(os.getuid()).pw_name)
+    text, _ = render_user_config(endpoint_dir(args.name), values, user, config)
+    print(f"rendered for local user {user.name} (uid {user.uid}); the config is valid",
+          file=sys.stderr)
+    sys.stdout.write(text)
     return 0
 
 

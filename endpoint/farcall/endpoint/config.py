@@ -264,8 +264,22 @@ def configure(
     max_workers: int | None = None,
     force: bool = False,
     provider: str | None = None,
+    multi_user: bool = False,
 ) -> Path:
-    """Write a commented ``config.yaml`` for a new endpoint and return its path."""
+    """Write a commented ``config.yaml`` for a new endpoint and return its path.
+
+    ``multi_user``: a multi-user endpoint's manager (no engine), with the files beside it that
+    configure its user endpoints (``multiuser/defaults.py``).
+    """
+    if multi_user:
+        if engine != "ProcessPoolEngine" or provider is not None or max_workers is not None:
+            raise EndpointConfigError(
+                "a multi-user endpoint runs no tasks itself, so --engine, --provider and "
+                f"--max-workers do not apply: its user endpoints' engine is in {USER_CONFIG_TEMPLATE}, "
+                "which configure writes with a commented example")
+        from farcall.endpoint.multiuser.defaults import write_multi_user_files
+
+        return write_multi_user_files(endpoint_dir(name), name, broker_url, force)
     if engine not in ENGINES:
         raise EndpointConfigError(
             f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}"

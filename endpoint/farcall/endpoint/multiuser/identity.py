@@ -86,9 +86,9 @@ def local_user(name: str) -> LocalUser:
         entry = pwd.getpwnam(name)
     except (KeyError, ValueError):
         raise NoLocalAccount(
-            f"the identity mapping gave the local name {name!r}, but {socket.gethostname()} has no "
-            f"account of that name: the administrator must create it (for example `useradd -m "
-            f"{name}`) or change the rule in identity_mapping.json that gave it") from None
+            f"{socket.gethostname()} has no local account named {name!r}: the administrator must "
+            f"create it (for example `useradd -m {name}`), or change the identity mapping "
+            "(identity_mapping.json) so that it gives an existing account") from None
     return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
 

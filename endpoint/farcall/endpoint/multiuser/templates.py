@@ -181,6 +181,8 @@ def yaml_value(value: Any) -> str:
 
 def shell_escape(value: Any) -> str:
     """``value`` quoted as one shell word (a list: as quoted words), for commands in the config."""
+    if isinstance(value, Undefined):
+        str(value)  # an undefined variable is an error naming it, as in {{ }}
     if isinstance(value, list | tuple):
         return " ".join(shell_escape(v) for v in value)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
