@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from farcall import Client
 from farcall.endpoint.registration import load_registration
@@ -172,18 +173,22 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
             admin_token = broker.create_user(f"site-admin-{run}")
             clients = {key: Client(broker_url=broker.url, token=broker.create_user(name))
                        for key, name in names.items()}
+            env = dict(broker.env, FARCALL_HOME=str(home), FARCALL_TOKEN=admin_token)
+            configured = subprocess.run(
+                [str(venv / "bin" / "farcall-endpoint"), "configure", "site", "--multi-user",
+                 "--broker-url", broker.url], env=env, capture_output=True, text=True, timeout=60)
+            assert configured.returncode == 0, configured.stderr
             directory = home / "endpoints" / "site"
-            directory.mkdir(parents=True, mode=0o700)
-            (directory / "config.yaml").write_text(
-                f"display_name: site\nbroker_url: {broker.url}\nmulti_user: true\n"
-                f"heartbeat_period: 1\nstop_timeout: 5\nuser_endpoint_idle_seconds: {IDLE}\n"
-                f"audit_log_path: {home / 'audit.log'}\n")
+            config = yaml.safe_load((directory / "config.yaml").read_text())
+            assert config["multi_user"] is True and "engine" not in config
+            config.update(heartbeat_period=1, stop_timeout=5, user_endpoint_idle_seconds=IDLE,
+                          audit_log_path=str(home / "audit.log"))
+            (directory / "config.yaml").write_text(yaml.safe_dump(config))
             _write_json(directory / "identity_mapping.json", [_expression_mapping(
                 {names["ada"]: local["ada"], names["bob"]: local["bob"]})])
             (directory / "user_config_template.yaml.j2").write_text(TEMPLATE)
             (directory / "user_config_schema.json").write_text(json.dumps(SCHEMA))
             (directory / "user_environment.yaml").write_text("SITE_SCRATCH: /scratch/site\n")
-            env = dict(broker.env, FARCALL_HOME=str(home), FARCALL_TOKEN=admin_token)
             manager = ManagedProcess("manager", [str(venv / "bin" / "farcall-endpoint"), "start",
                                                  "site"], env, logs / "manager.log")
             manager.start()
