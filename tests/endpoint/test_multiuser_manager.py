@@ -204,3 +204,27 @@ def test_status_and_list_show_the_user_endpoints(tmp_path: Path, monkeypatch: py
     (directory / "endpoint.pid").unlink()  # stopped: the file is stale
     assert cli.main(["status", "site", "--json"]) == 0
     assert "user_endpoints" not in json.loads(capsys.readouterr().out)
+
+
+def test_a_user_endpoint_that_dies_before_connecting_is_reported_on_the_next_start(
+    site: Path
+) -> None:
+    broker = FakeBroker()
+    manager = UserEndpointManager(
+        "site", site, EndpointConfig(multi_user=True, user_endpoint_idle_seconds=2,
+                                     heartbeat_period=0.2), broker.url, python="/bin/false")
+    start = frame("ada", endpoint_id=ENDPOINT_ID).model_copy(update={"credential": CREDENTIAL})
+    try:
+        manager.begin()
+        manager.request_start(start)  # the "launch" exits 1 at once
+        wait_until(lambda: manager._failed_starts, 10, "the failed start to be seen")
+        manager.request_start(start)  # the broker asks again: now its tasks learn why
+        broker.wait(lambda: broker.hello(1), 10, "the refusing user endpoint's hello")
+        task = make_task(abs, -3)
+        broker.send_tasks([task])
+        broker.wait(lambda: task.task_id in broker.result_ids(), 10, "the refusal")
+        with pytest.raises(UserEndpointError, match=r"exited before it connected \(exit code 1\)"):
+            value_of(broker.results()[0])
+    finally:
+        manager.shutdown(5)
+        broker.close()

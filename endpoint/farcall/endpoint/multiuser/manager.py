@@ -230,6 +230,9 @@ class UserEndpointManager:
         self._mapper: IdentityMapper | None = None
         self.audit = AuditLog(Path(config.audit_log_path)) if config.audit_log_path else None
         self._endpoints: dict[str, UserEndpoint] = {}
+        self._failed_starts: dict[str, str] = {}
+        """User endpoints that exited before they ever connected, and why: their next start
+        answers their tasks with that instead of failing again unseen."""
         self._lock = threading.Lock()
         self._starts: queue.Queue[StartUserEndpoint | None] = queue.Queue()
         self._watched: queue.Queue[UserEndpoint] = queue.Queue()
@@ -330,6 +333,9 @@ class UserEndpointManager:
             return
         try:
             prepared = self.prepare(frame)
+            failed = self._failed_starts.pop(frame.endpoint_id, None)
+            if failed is not None:
+                raise UserEndpointError(failed)
         except (IdentityMappingError, UserEndpointError) as e:
             if current is not None and current.alive():
                 return  # already answering its tasks with the reason
@@ -433,7 +439,7 @@ class UserEndpointManager:
             environment=prepared.environment, events_fd=events_w, manager_pid=os.getpid())
         launch_log = self.directory / LAUNCH_LOGS / f"{directory_name}.log"
         try:
-            with open(launch_log, "ab") as out:
+            with open(launch_log, "wb") as out:
                 # From this thread, which lives as long as the manager runs: the launch asks
                 # for SIGTERM when its parent thread ends (PR_SET_PDEATHSIG).
                 process = subprocess.Popen(
@@ -442,6 +448,15 @@ class UserEndpointManager:
                     pass_fds=(spec_r, events_w), close_fds=True, stdin=subprocess.DEVNULL,
                     stdout=out, stderr=subprocess.STDOUT, cwd="/", start_new_session=True,
                     env={"PATH": CHILD_PATH, "LANG": "C.UTF-8"})
+        except OSError as e:
+            os.close(spec_w)
+            os.close(events_r)
+            log.error("cannot start the launch of user endpoint %s: %s", frame.endpoint_id, e)
+            self._refuse(frame, UserEndpointError(
+                f"multi-user endpoint {self.name} could not start a user endpoint for "
+                f"{frame.username or frame.user_id}: {e}. The endpoint's administrator must fix "
+                "its installation (see its log)"))
+            return
         finally:
             os.close(spec_r)
             os.close(events_w)
@@ -520,6 +535,8 @@ class UserEndpointManager:
                 except (KeyError, ValueError):
                     pass
                 self._drain_events(ep)
+            if ep.process is not None and ep.state == "starting" and ep.process.returncode:
+                self._failed_starts[ep.endpoint_id] = self._start_failure(ep)
             if ep.process is not None:
                 code = ep.process.returncode
                 how = ("stopped" if code == 0 else f"exited with code {code}" if code > 0
@@ -531,6 +548,22 @@ class UserEndpointManager:
                         f"{self.name}.{ep.endpoint_id[:8]}/endpoint.log")
             else:
                 log.info("no longer answering for user endpoint %s", ep.endpoint_id)
+
+    def _start_failure(self, ep: UserEndpoint) -> str:
+        """Why ``ep`` never connected, for its user: the launch's last words, where to look."""
+        directory_name = f"{self.name}.{ep.endpoint_id[:8]}"
+        try:
+            said = (self.directory / LAUNCH_LOGS / f"{directory_name}.log").read_text(
+                errors="replace").strip().splitlines()[-1:]
+        except OSError:
+            said = []
+        return (f"the user endpoint of multi-user endpoint {self.name} for {ep.username} "
+                f"(local account {ep.local_user}) exited before it connected (exit code "
+                f"{ep.process.returncode if ep.process else '?'})"
+                + (f": {said[0][:500]}" if said else "")
+                + f". The endpoint's administrator can read why in {self.directory / LAUNCH_LOGS}"
+                f" and in ~{ep.local_user}/.farcall/endpoints/{directory_name}/endpoint.log; "
+                "submit again once it is fixed")
 
     def _drain_events(self, ep: UserEndpoint) -> None:
         """Take what an ended user endpoint wrote last, then close its pipe."""
