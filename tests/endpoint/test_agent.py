@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,14 @@ from farcall.endpoint.embedded import BackgroundAgent
 from farcall.endpoint.engines.threads import ThreadPoolEngine
 from farcall.endpoint.errors import EndpointError, EndpointRejected, ProtocolError
 from farcall.endpoint.journal import read_crashed
-from farcall.protocol.channel import Credit, HeartbeatFrame, Hello, ResultsFrame, Welcome
+from farcall.protocol.channel import (
+    Credit,
+    HeartbeatFrame,
+    Hello,
+    ResultsFrame,
+    StartUserEndpoint,
+    Welcome,
+)
 from harness.procs import wait_until
 from tests.endpoint.fake_broker import BROKER_ID, CREDENTIAL, ENDPOINT_ID, FakeBroker
 from tests.endpoint.helpers import Agents, ipv6_first, make_task, value_of
@@ -441,3 +449,101 @@ def test_a_task_that_kills_the_agent_is_reported_by_the_next_agent(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+# ------------------------------------------------------------------ idle stop, manager mode, task states
+
+
+def test_an_idle_agent_stops_by_itself_but_not_while_a_task_runs(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent], tmp_path: Path
+) -> None:
+    runner = start_agent(idle_shutdown_seconds=0.8)
+    marker, gate = tmp_path / "runs", tmp_path / "gate"
+    task = make_task(hold, str(marker), str(gate))
+    broker.send_tasks([task])
+    broker.wait(lambda: task.task_id in broker.started_ids(), 10, "task running")
+    held_since = time.monotonic()
+    # Three idle periods with a task running: the agent keeps going.
+    wait_until(lambda: time.monotonic() - held_since > 2.4 or not runner.alive, 10, "a while")
+    assert runner.alive and not runner.agent.idle_stopped
+    gate.touch()
+    broker.wait(lambda: task.task_id in broker.result_ids(), 10, "the task's result")
+    done_at = time.monotonic()
+    wait_until(lambda: not runner.alive, 10, "the idle agent to stop")
+    assert time.monotonic() - done_at >= 0.8
+    assert runner.agent.idle_stopped and runner.error is None
+    assert value_of(broker.results()[0]) == "done"
+
+
+def test_arriving_tasks_keep_an_agent_from_its_idle_stop(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    runner = start_agent(idle_shutdown_seconds=1.0)
+    started = time.monotonic()
+    sent: list[str] = []
+    while time.monotonic() - started < 3.0:  # a quick task every 0.3 s for 3 idle periods
+        task = make_task(double, len(sent))
+        sent.append(task.task_id)
+        broker.send_tasks([task])
+        broker.wait(lambda: set(sent) <= broker.result_ids(), 10, "a result")
+        wait_until(lambda: time.monotonic() - started > 0.3 * len(sent), 5, "the next tick")
+    assert runner.alive
+    wait_until(lambda: not runner.alive, 10, "the idle stop once tasks stop coming")
+    assert broker.result_ids() == set(sent)
+
+
+def test_a_manager_says_so_in_its_hello_and_gets_the_start_frames(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    schema = {"type": "object", "properties": {"account": {"type": "string"}}}
+    starts: list[StartUserEndpoint] = []
+    start_agent(multi_user=True, user_config_schema=schema, on_start_user_endpoint=starts.append)
+    hello = broker.wait(lambda: broker.hello(1), 10, "hello")
+    assert hello.multi_user is True and hello.user_config_schema == schema
+    frame = StartUserEndpoint(endpoint_id="ue-1", credential="fce_child", user_id="u1",
+                              username="ada", identities=[{"id": "u1", "username": "ada"}],
+                              user_endpoint_config={"account": "abc"}, config_hash="f" * 64)
+    broker.send_raw(frame.model_dump_json())
+    wait_until(lambda: starts, 10, "the start frame")
+    assert starts == [frame]
+
+
+def test_an_ordinary_agent_ignores_start_frames_and_keeps_serving(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent],
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    start_agent()
+    hello = broker.wait(lambda: broker.hello(1), 10, "hello")
+    assert hello.multi_user is False and hello.user_config_schema is None
+    broker.send_raw(StartUserEndpoint(endpoint_id="ue-1", credential="c", user_id="u1",
+                                      username="ada").model_dump_json())
+    task = make_task(double, 21)
+    broker.send_tasks([task])
+    broker.wait(lambda: task.task_id in broker.result_ids(), 10, "a result")
+    assert value_of(broker.results()[0]) == 42
+    assert "not a multi-user endpoint" in caplog.text
+
+
+def test_task_states_are_reported_in_batches(
+    broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
+) -> None:
+    batches: list[list[tuple[str, str]]] = []
+    start_agent(on_task_states=batches.append)
+    wait_until(lambda: batches, 10, "the connected event")
+    assert batches[0] == [("", "connected")]
+
+    def fail() -> None:
+        raise ValueError("no")
+
+    tasks = [make_task(double, i) for i in range(20)] + [make_task(fail)]
+    broker.send_tasks(tasks)
+    broker.wait(lambda: len(broker.result_ids()) == len(tasks), 10, "results")
+    wanted = {(t.task_id, "received") for t in tasks} | {(t.task_id, "success") for t in tasks[:-1]}
+    wanted |= {(tasks[-1].task_id, "failed")}
+    wait_until(lambda: wanted <= {s for b in batches for s in b}, 10, "every state")
+    states = [s for b in batches for s in b]
+    assert {s for _, s in states} <= {"connected", "received", "running", "success", "failed"}
+    assert len(batches) < len(states) / 2, "states should come in batches"
+    received = [i for i, (_, s) in enumerate(states) if s == "received"]
+    finished = [i for i, (_, s) in enumerate(states) if s in ("success", "failed")]
+    assert max(received) < min(finished)

@@ -29,6 +29,14 @@ holds and sends results. What a caller may rely on (see docs/protocol.md, "Endpo
   that die right after their welcome are retried further and further apart.
 - With ``journal_path`` set, tasks that were running when the agent process
   died are reported once in the next ``Hello.crashed_task_ids`` (``journal.py``).
+- With ``idle_shutdown_seconds`` set, the agent stops by itself (as ``request_stop`` does)
+  once that long has passed with no task running, no result held and no task arriving.
+- ``on_task_states`` (if given) gets, once per batch, the ``(task_id, state)`` of every task
+  received, started and finished (``received``, ``running``, ``success``, ``failed``), and
+  ``("", "connected")`` at each session's welcome: a multi-user endpoint's audit log.
+- A multi-user endpoint's manager (``multi_user=True``) says so in its ``Hello`` with its
+  ``user_config_schema``; each ``StartUserEndpoint`` the broker sends goes to
+  ``on_start_user_endpoint`` (an ordinary agent logs and ignores it).
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ from farcall.protocol.channel import (
     Hello,
     ResultMessage,
     ResultsAck,
+    StartUserEndpoint,
     TasksFrame,
     Welcome,
     parse_broker_frame,
@@ -85,6 +94,8 @@ CREDENTIAL_ROTATED = 4005
 """The broker's close code for a session opened with a credential that was since rotated."""
 RUNNING_REPORT_PERIOD = 0.2
 """Seconds between reports of tasks that started and are still running."""
+IDLE_CHECKS = 4
+"""An idle shutdown is checked this many times per ``idle_shutdown_seconds`` (at most once a second)."""
 HEALTHY_SESSION = 5.0
 """Seconds a session must last before the reconnect backoff starts again from its shortest delay.
 
@@ -134,6 +145,11 @@ class Agent:
         journal_path: Path | None = None,
         data_retry_seconds: float = DATA_RETRY_SECONDS,
         reload_credential: Callable[[], str | None] | None = None,
+        idle_shutdown_seconds: float | None = None,
+        multi_user: bool = False,
+        user_config_schema: dict[str, Any] | None = None,
+        on_start_user_endpoint: Callable[[StartUserEndpoint], None] | None = None,
+        on_task_states: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.endpoint_id = endpoint_id
@@ -155,6 +171,16 @@ class Agent:
         """Reads the endpoint's credential as stored now (``endpoint.json``): when the broker
         refuses the one in use or ends the session because it was rotated, the agent reconnects
         with the stored one if it changed (``farcall-endpoint rotate-credential``)."""
+        self.idle_shutdown_seconds = idle_shutdown_seconds
+        """Stop after this many seconds with nothing running, held or arriving; None: never."""
+        self.multi_user = multi_user
+        self.user_config_schema = user_config_schema
+        self.on_start_user_endpoint = on_start_user_endpoint
+        """Called on the event loop with each ``StartUserEndpoint``: must return at once."""
+        self.on_task_states = on_task_states
+        """Called on the event loop with a batch of ``(task_id, state)``: must return at once."""
+        self.idle_stopped = False
+        """The agent stopped because it was idle for ``idle_shutdown_seconds``."""
         self._credential = credential
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
@@ -182,7 +208,9 @@ class Agent:
         # Filled by engine threads, drained on the loop.
         self._done_q: collections.deque[tuple[str, bytes]] = collections.deque()
         self._start_q: collections.deque[tuple[str, float]] = collections.deque()
+        self._state_q: collections.deque[tuple[str, str]] = collections.deque()
         self._wake_pending = False
+        self._last_activity = 0.0
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requests = 0
@@ -223,6 +251,8 @@ class Agent:
         log.info("engine %s started (capacity %d)", self.engine.name, self.engine.capacity)
         connection = asyncio.create_task(self._connect_loop(), name="farcall-connection")
         stop = asyncio.create_task(self._stop_event.wait())
+        idle = (asyncio.create_task(self._idle_watch(self.idle_shutdown_seconds))
+                if self.idle_shutdown_seconds else None)
         try:
             await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
             if connection.done():
@@ -233,7 +263,9 @@ class Agent:
         finally:
             connection.cancel()
             stop.cancel()
-            await asyncio.gather(connection, stop, return_exceptions=True)
+            if idle is not None:
+                idle.cancel()
+            await asyncio.gather(connection, stop, *([idle] if idle else []), return_exceptions=True)
             self.connected.clear()
             await asyncio.to_thread(self.engine.shutdown, False)
             if self._journal is not None:
@@ -261,6 +293,23 @@ class Agent:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()  # a normal close (1000), so the broker sees a clean goodbye
+
+    async def _idle_watch(self, idle: float) -> None:
+        """Stop the agent once ``idle`` seconds pass with nothing running, held or arriving."""
+        assert self._loop is not None
+        loop, intake, outbox = self._loop, self._intake, self._outbox
+        self._last_activity = loop.time()
+        period = min(1.0, idle / IDLE_CHECKS)
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            if intake.running or outbox.held:
+                self._last_activity = now
+            elif now - self._last_activity >= idle:
+                log.info("no task for %.0f s (idle_shutdown_seconds): stopping", idle)
+                self.idle_stopped = True
+                self.request_stop()
+                return
 
     async def _wait_for(self, condition: Callable[[], bool], deadline: float) -> bool:
         assert self._loop is not None and self._changed is not None
@@ -369,6 +418,8 @@ class Agent:
             credit=credit,
             heartbeat=self._last_heartbeat,
             heartbeat_period=self.heartbeat_period,
+            multi_user=self.multi_user,
+            user_config_schema=self.user_config_schema,
         )
         await ws.send(hello.model_dump_json())
         async with asyncio.timeout(WELCOME_TIMEOUT):
@@ -399,6 +450,7 @@ class Agent:
         self.connections += 1
         self.connected.set()
         self._report()
+        self._states([("", "connected")])
         log.info("connected to %s as endpoint %s (credit %d, %d running, %d results to resend)",
                  self.broker_url, self.endpoint_id, credit, len(intake.running), resend)
         return True
@@ -433,6 +485,10 @@ class Agent:
                               len(raw), str(e)[:2000])
                 continue
             if isinstance(frame, TasksFrame):
+                if frame.tasks:
+                    self._last_activity = self._loop.time() if self._loop else 0.0
+                    if self.on_task_states is not None:
+                        self._states([(t.task_id, "received") for t in frame.tasks])
                 if intake.take(frame.tasks, frame.functions):
                     self._kick()  # the skipped tasks' credit goes back to the broker
             elif isinstance(frame, ResultsAck):
@@ -441,8 +497,28 @@ class Agent:
                 self._changed.set()
             elif isinstance(frame, CancelFrame):
                 await self._on_cancel(frame.task_ids)
+            elif isinstance(frame, StartUserEndpoint):
+                self._on_start_user_endpoint(frame)
             elif isinstance(frame, ErrorFrame):
                 log.error("broker: %s", frame.message)
+
+    def _on_start_user_endpoint(self, frame: StartUserEndpoint) -> None:
+        if self.on_start_user_endpoint is None:
+            log.warning("ignoring the broker's request to start user endpoint %s: this endpoint "
+                        "is not a multi-user endpoint (multi_user: true)", frame.endpoint_id)
+            return
+        try:
+            self.on_start_user_endpoint(frame)
+        except Exception:
+            log.exception("starting user endpoint %s failed", frame.endpoint_id)
+
+    def _states(self, states: list[tuple[str, str]]) -> None:
+        if self.on_task_states is None or not states:
+            return
+        try:
+            self.on_task_states(states)
+        except Exception:
+            log.exception("task state callback failed")
 
     async def _on_cancel(self, task_ids: list[str]) -> None:
         """Stop the tasks the engine still runs; a finished one's result stands (the broker
@@ -468,6 +544,8 @@ class Agent:
 
     def _on_done(self, result: ResultMessage) -> None:
         # Encoded here, once, off the loop; a result too big for any frame fails at once.
+        if self.on_task_states is not None:
+            self._state_q.append((result.task_id, str(result.state)))
         self._done_q.append((result.task_id, self._outbox.encode(result)))
         self._wake()
 
@@ -489,10 +567,16 @@ class Agent:
     def _take_starts(self) -> None:
         started, running = self._start_q, self._intake.running
         reports = self._outbox.running_reports
+        audit = self.on_task_states is not None
+        states: list[tuple[str, str]] = []
         while started:
             task_id, at = started.popleft()
             if task_id in running:
                 reports[task_id] = at
+            if audit:
+                states.append((task_id, "running"))
+        if states:
+            self._states(states)
 
     def _take_engine_events(self) -> None:
         self._wake_pending = False
@@ -505,6 +589,9 @@ class Agent:
             finished.append(item)
         # Each result carries its started_at: its running report, if not sent yet, is dropped.
         self._outbox.put(finished)
+        state_q = self._state_q
+        if state_q:
+            self._states([state_q.popleft() for _ in range(len(state_q))])
         if self._journal is not None and finished:
             self._journal.finished([task_id for task_id, _ in finished])
         assert self._changed is not None

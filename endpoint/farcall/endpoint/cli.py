@@ -34,6 +34,8 @@ from farcall.endpoint.config import (
 )
 from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
+from farcall.endpoint.multiuser.events import EventWriter
+from farcall.endpoint.multiuser.state import read_user_endpoints
 from farcall.endpoint.registration import (
     CREDENTIALS_FILE,
     confirm,
@@ -192,6 +194,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(name)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
+    if config.multi_user:
+        from farcall.endpoint.multiuser import manager
+
+        return manager.start(name, directory, config, broker_url, detach=args.detach,
+                             wait=args.wait, register_again=args.register_again)
     engine_spec = config.engine_spec(directory)
     build_engine(engine_spec)  # a bad engine section fails here, before anything starts
     if args.detach:
@@ -231,6 +238,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             on_status=lambda snapshot: daemon.write_status(directory, snapshot),
             on_welcome=on_welcome,
             reload_credential=lambda: stored_credential(directory, registration.endpoint_id),
+            idle_shutdown_seconds=config.idle_shutdown_seconds,
+            on_task_states=EventWriter.from_environment(),
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
         if engine.shared_caveat:
@@ -293,6 +302,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         heartbeat = (status or {}).get("heartbeat") or {}
         workers = str(heartbeat.get("workers", "-")) if state != "stopped" else "-"
         rows.append((directory.name, endpoint_id, state, workers))
+        for ep in read_user_endpoints(directory) or []:
+            rows.append((f"  {directory.name} > {ep.get('local_user') or ep.get('username')}",
+                         str(ep.get("endpoint_id")), str(ep.get("state")),
+                         f"idle {ep.get('idle_seconds', 0):.0f} s"))
     if len(rows) == 1:
         print(f"no endpoints in {root}; create one with: farcall-endpoint configure NAME")
         return 0
@@ -319,6 +332,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status and state != "stopped":
         out.update({k: status.get(k) for k in ("broker_url", "connected", "connections", "updated_at")})
         out["heartbeat"] = status.get("heartbeat")
+    user_endpoints = read_user_endpoints(directory)
+    if user_endpoints is not None:
+        out["user_endpoints"] = user_endpoints
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -339,7 +355,27 @@ def cmd_status(args: argparse.Namespace) -> int:
                     "min_blocks", "max_blocks", "worker_python"):
             if key in details:
                 print(f"{key:<10} {details[key]}")
+    if user_endpoints is not None:
+        _print_user_endpoints(user_endpoints)
     return 0
+
+
+def _print_user_endpoints(user_endpoints: list[dict[str, Any]]) -> None:
+    """A multi-user endpoint's user endpoints, one line each."""
+    print(f"user endpoints: {len(user_endpoints)}")
+    if not user_endpoints:
+        return
+    rows = [("LOCAL USER", "UID", "CONFIG", "STATE", "IDLE", "ENDPOINT ID")]
+    for ep in user_endpoints:
+        rows.append((str(ep.get("local_user") or "-"), str(ep.get("uid") or "-"),
+                     str(ep.get("config_hash") or "-")[:12], str(ep.get("state")),
+                     f"{ep.get('idle_seconds', 0):.0f} s", str(ep.get("endpoint_id"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  " + "  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=True)).rstrip())
+    for ep in user_endpoints:
+        if ep.get("reason"):
+            print(f"  {ep.get('endpoint_id')}: {ep['reason']}")
 
 
 # ------------------------------------------------------------------ rotate-credential
