@@ -80,6 +80,34 @@ def _file_blocks(page: str) -> dict[str, str]:
                 re.findall(r"^```\w+ ([\w.]+)\n(.*?)^```", text, flags=re.M | re.S))
 
 
+def test_multi_user_md_per_user_image_renders_into_the_engine(tmp_path: Path) -> None:
+    """docs/multi-user.md's per-user image: the user's pick lands in container_uri, an image the
+    schema does not list is refused, and the result is a valid container engine section."""
+    import os
+    import pwd
+
+    from farcall.endpoint.config import EndpointConfig
+    from farcall.endpoint.engines import engine_class
+    from farcall.endpoint.errors import EndpointConfigError
+    from farcall.endpoint.multiuser.identity import local_user
+    from farcall.endpoint.multiuser.templates import render_user_config
+
+    blocks = _file_blocks("multi-user.md")
+    (tmp_path / "user_config_template.yaml.j2").write_text(blocks["image_template.yaml.j2"])
+    (tmp_path / "user_config_schema.json").write_text(blocks["image_schema.json"])
+    user = local_user(pwd.getpwuid(os.getuid()).pw_name)
+    parent = EndpointConfig(multi_user=True)
+    _, config = render_user_config(tmp_path, {"image": "localhost/site/chem:2"}, user, parent)
+    options = engine_class(config.engine["type"]).Options.model_validate(
+        {k: v for k, v in config.engine.items() if k != "type"})
+    assert (options.container_type, options.container_uri) == ("podman", "localhost/site/chem:2")
+    assert config.engine["container_cmd_options"] == f"-v {user.home}/scratch:/scratch"
+    _, default = render_user_config(tmp_path, {}, user, parent)
+    assert default.engine["container_uri"] == "localhost/site/python:3.11"
+    with pytest.raises(EndpointConfigError, match="image"):
+        render_user_config(tmp_path, {"image": "docker.io/evil/miner"}, user, parent)
+
+
 def test_multi_user_md_example_files_render_as_shown(tmp_path: Path) -> None:
     """docs/multi-user.md's five files, put where configure --multi-user writes them, give the
     output the page shows through its own render-user-config command."""
@@ -87,7 +115,8 @@ def test_multi_user_md_example_files_render_as_shown(tmp_path: Path) -> None:
     import pwd
     import shlex
 
-    blocks = _file_blocks("multi-user.md")
+    blocks = {name: body for name, body in _file_blocks("multi-user.md").items()
+              if not name.startswith("image_")}
     files = ["config.yaml", "identity_mapping.json", "user_config_template.yaml.j2",
              "user_config_schema.json", "user_environment.yaml"]
     assert set(files) | {"output"} == set(blocks)

@@ -29,7 +29,7 @@ import yaml
 
 from farcall import Client
 from farcall.endpoint.registration import load_registration
-from farcall.errors import BrokerError, IdentityMappingError, TaskPending
+from farcall.errors import BrokerError, IdentityMappingError, TaskPending, UserEndpointError
 from harness.procs import ManagedProcess, wait_until
 from harness.shared_venv import shared_venv
 from tests.integration.helpers import Broker, own_broker
@@ -77,6 +77,7 @@ class Site:
     accounts: dict[str, str]
     """ada, bob, cyd -> their local accounts."""
     clients: dict[str, Client]
+    admin_token: str
     functions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -202,7 +203,7 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
                 for name in names.values():
                     admin.share_endpoint(registration.endpoint_id, name)
             site = Site(broker, venv, home, dict(env, FARCALL_TOKEN=""), manager,
-                        registration.endpoint_id, names, local, clients)
+                        registration.endpoint_id, names, local, clients, admin_token)
             for key, client in clients.items():
                 site.functions[key] = client.register_function(report, strategy="source")
             try:
@@ -351,6 +352,50 @@ def test_a_user_endpoint_killed_with_kill_9_is_replaced_and_its_task_answered(si
     assert site.result("ada", task_id, timeout=60) == pwd.getpwnam(site.accounts["ada"]).pw_uid
     after = site.result("ada", site.submit("ada", {}, "after-kill"))
     assert after["agent"] != before["agent"] and _running(after["agent"])
+
+
+def test_tasks_queued_before_an_endpoint_became_multi_user_fail_saying_so(site: Site) -> None:
+    """An endpoint that ran as a single-user one, then restarts as a manager: the tasks queued for
+    it meanwhile were meant for its owner's account; the manager fails them, saying to submit
+    again, instead of leaving them waiting for ever, and new ones run as their submitter."""
+    env = dict(site.env, FARCALL_TOKEN=site.admin_token)
+    cli = [str(site.venv / "bin" / "farcall-endpoint")]
+    done = subprocess.run([*cli, "configure", "conv", "--engine", "ThreadPoolEngine",
+                           "--broker-url", site.broker.url], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    directory = site.home / "endpoints" / "conv"
+    agent = ManagedProcess("conv", [*cli, "start", "conv"], env, directory / "agent.log").start()
+    wait_until(lambda: load_registration(directory) is not None, 30, f"conv\n{agent.output(2000)}")
+    registration = load_registration(directory)
+    assert registration is not None
+    conv = registration.endpoint_id
+    with Client(broker_url=site.broker.url, token=site.admin_token) as admin:
+        wait_until(lambda: admin.get_endpoint_status(conv)["status"] == "online", 30, "conv online")
+        agent.stop(20)
+        with pytest.warns(UserWarning, match="single-user"):
+            admin.share_endpoint(conv, site.names["ada"])
+    client = site.clients["ada"]
+    early = client.run("early", endpoint_id=conv, function_id=site.functions["ada"])
+
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    del config["engine"]
+    config.update(multi_user=True, heartbeat_period=1, user_endpoint_idle_seconds=IDLE)
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    for name in ("identity_mapping.json", "user_config_template.yaml.j2",
+                 "user_config_schema.json", "user_environment.yaml"):
+        (directory / name).write_bytes((site.dir / name).read_bytes())
+    manager = ManagedProcess("conv-manager", [*cli, "start", "conv"], env,
+                             directory / "manager.log").start()
+    try:
+        with pytest.raises(UserEndpointError, match="before it first connected"):
+            site.result("ada", early, timeout=30)
+        later = site.result("ada", client.run("later", endpoint_id=conv,
+                                              function_id=site.functions["ada"],
+                                              user_endpoint_config={}))
+        assert later["uid"] == pwd.getpwnam(site.accounts["ada"]).pw_uid
+    finally:
+        manager.stop(20)
 
 
 def test_stopping_the_manager_stops_its_user_endpoints(site: Site) -> None:

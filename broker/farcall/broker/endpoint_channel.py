@@ -18,8 +18,9 @@ The control channel (pub/sub group ``endpoint:<id>``) also carries cancels to
 whichever replica holds the session, and the endpoint's deletion; ``endpoint_control``
 sends them, and ``results`` stores and publishes what the endpoint sends back.
 
-A multi-user endpoint's manager (its hello says ``multi_user``) takes no tasks: its session
-turns ``UserEndpointWanted`` into ``StartUserEndpoint`` frames, and at its hello and each
+A multi-user endpoint's manager (its hello says ``multi_user``) runs no tasks (tasks for it go
+to its user endpoints; it gets only those queued before its first hello, and fails them): its
+session turns ``UserEndpointWanted`` into ``StartUserEndpoint`` frames, and at its hello and each
 heartbeat asks again for user endpoints with open work and no session (``user_endpoints``).
 """
 
@@ -467,7 +468,7 @@ class EndpointSession:
                         self.endpoint_id, len(blob_ids), e)
 
     async def _add_credit(self, n: int) -> None:
-        if n > 0 and not self.multi_user:  # a manager runs no task itself
+        if n > 0:  # a manager gets only tasks queued before the broker knew it is one
             self.credit += n
             self.credit_changed.set()
             if self.waiting:

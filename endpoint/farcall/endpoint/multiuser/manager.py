@@ -1,6 +1,6 @@
 """A multi-user endpoint's manager: ``farcall-endpoint start NAME`` with ``multi_user: true``.
 
-The manager is an agent that runs no task (credit 0, ``ManagerEngine``) and says in its
+The manager is an agent that runs no task (``ManagerEngine``) and says in its
 ``Hello`` that it is a manager, with its ``user_config_schema.json``. For every
 ``StartUserEndpoint`` the broker sends it (tasks wait in that user endpoint's own queue):
 
@@ -112,8 +112,12 @@ def check_privileges() -> None:
 
 
 class ManagerEngine(Engine):
-    """The manager's engine: it asks for no task (capacity 0); one the broker sends anyway
-    fails at once, saying that a multi-user endpoint needs a ``user_endpoint_config``."""
+    """The manager's engine: it runs no task. The broker routes every task for a manager to one
+    of its user endpoints once it knows the endpoint is one (its first hello); a task submitted
+    before that waits in the manager's own queue, and is failed here at once, saying to submit
+    it again (a small capacity, so such tasks come and nothing waits for ever)."""
+
+    CAPACITY = 16
 
     @property
     def name(self) -> str:
@@ -124,16 +128,16 @@ class ManagerEngine(Engine):
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
         on_done(failed_result(task.task_id, UserEndpointError(
-            "this is a multi-user endpoint: it runs tasks only in user endpoints, which a "
-            "submission with user_endpoint_config={...} starts (Executor(endpoint_id=..., "
-            "user_endpoint_config={...}))")))
+            "this task was submitted to a multi-user endpoint before it first connected, when "
+            "the broker did not know it runs tasks only in user endpoints; submit it again "
+            "(with user_endpoint_config={...} if the endpoint's administrator asks for values)")))
 
     def status(self) -> EngineStatus:
         return EngineStatus(details={"multi_user": True})
 
     @property
     def capacity(self) -> int:
-        return 0
+        return self.CAPACITY
 
     def cancel(self, task_ids: Collection[str], reason: BaseException) -> None:
         pass
