@@ -223,7 +223,7 @@ def test_stopping_the_engine_removes_containers_whose_workers_never_connected(
     name = engine._workers[0].container
     started = time.monotonic()
     engine.shutdown(wait=True, timeout=5)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30, "the stop must not wait on a worker that never connected"
     assert engine._workers[0].process.poll() is not None
     assert [c["args"] for c in _calls(fake_runtime)][-1] == ["rm", "-f", "-t", "0", name]
 

@@ -103,7 +103,7 @@ def test_two_replicas_fire_each_run_once(stage: Stage, tmp_path: Path) -> None:
 def test_a_timer_survives_a_restart_and_fires_missed_runs_once(stage: Stage, tmp_path: Path) -> None:
     client = stage.client
     timer_id = client.create_timer(stage.endpoint_id, stage.function_id,
-                                   (str(tmp_path / "marks"), "run"), interval=1, stop_after_runs=3)
+                                   (str(tmp_path / "marks"), "run"), interval=1, stop_after_runs=4)
     wait_until(lambda: client.get_timer(timer_id)["run_count"] >= 1, 10, "the first run")
     for broker in stage.replicas:  # killed, as a crash would; the first run is just done
         broker.proc.stop(timeout=10, sig=signal.SIGKILL)
@@ -114,14 +114,19 @@ def test_a_timer_survives_a_restart_and_fires_missed_runs_once(stage: Stage, tmp
         broker.start()  # the same port, as a supervisor would
 
     timer = _finished(client, timer_id, 20)
-    first, missed, last = timer["runs"]
-    assert first["at"] < down and missed["at"] >= up
+    runs = timer["runs"]
+    # A first run that fired late (a busy machine) may be followed at once by the second, before
+    # the kill: one or two runs come before it, and none while no broker is up.
+    before = [r for r in runs if r["at"] < down]
+    after = [r for r in runs if r["at"] >= up]
+    assert 1 <= len(before) <= 2 and len(before) + len(after) == 4, runs
+    missed, last = after[0], after[1]
     grid = timer["schedule"]["start"] + math.ceil(missed["at"] - timer["schedule"]["start"])
     assert last["at"] >= grid - 0.01, (
         "the runs missed while no broker was up fire once; the next keeps to the schedule")
-    task_ids = [r["task_id"] for r in timer["runs"]]
-    assert _results(client, task_ids) == ["run"] * 3
-    assert (tmp_path / "marks").read_text().splitlines() == ["run"] * 3
+    task_ids = [r["task_id"] for r in runs]
+    assert _results(client, task_ids) == ["run"] * 4
+    assert (tmp_path / "marks").read_text().splitlines() == ["run"] * 4
 
 
 # ---- on the session's broker, without an agent (runs only queue tasks)
