@@ -99,8 +99,8 @@ def test_multi_user_md_per_user_image_renders_into_the_engine(tmp_path: Path) ->
     parent = EndpointConfig(multi_user=True)
     _, config = render_user_config(tmp_path, {"image": "localhost/site/chem:2"}, user, parent)
     options = engine_class(config.engine["type"]).Options.model_validate(
-        {k: v for k, v in config.engine.items() if k != "type"})
-    assert (options.container_type, options.container_uri) == ("podman", "localhost/site/chem:2")
+        {k: v for k, v in config.engine.items() if k != "type"}).model_dump()
+    assert (options["container_type"], options["container_uri"]) == ("podman", "localhost/site/chem:2")
     assert config.engine["container_cmd_options"] == f"-v {user.home}/scratch:/scratch"
     _, default = render_user_config(tmp_path, {}, user, parent)
     assert default.engine["container_uri"] == "localhost/site/python:3.11"

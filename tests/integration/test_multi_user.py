@@ -16,7 +16,6 @@ import pwd
 import signal
 import stat
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
