@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,7 +164,10 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     names = {"ada": f"ada-{run}", "bob": f"bob-{run}", "cyd": f"cyd-{run}"}
     local = {"ada": f"fcmu{run}a", "bob": f"fcmu{run}b", "cyd": f"fcmu{run}c"}
     logs = tmp_path_factory.mktemp("multi-user")
-    home = logs / "manager-home"
+    # Where every account may pass, as /etc/farcall of a site: what keeps users out of the
+    # manager's files is their own modes, not a private parent directory of the test.
+    home = Path(tempfile.mkdtemp(prefix="farcall-mu-", dir="/var/tmp"))
+    home.chmod(0o755)
     made: list[str] = []
     try:
         for account in local.values():
@@ -214,6 +219,7 @@ def site(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     finally:
         for account in made:
             _userdel(account)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _running(pid: int) -> bool:
@@ -258,6 +264,42 @@ def test_two_users_run_as_their_own_accounts_through_one_manager(site: Site) -> 
     assert listed.returncode == 0 and site.accounts["ada"] in listed.stdout, listed.stdout
     shown = site.cli("status", "site")
     assert "user endpoints: 2" in shown.stdout and site.accounts["bob"] in shown.stdout
+
+
+def probe(paths: list[str]) -> dict[str, str]:
+    """What a task gets when it tries to read each path, and to become root."""
+    import os
+
+    seen = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+            seen[path] = "read"
+        except OSError as e:
+            seen[path] = type(e).__name__
+    try:
+        os.setuid(0)
+        seen["setuid(0)"] = "became root"
+    except OSError as e:
+        seen["setuid(0)"] = type(e).__name__
+    return seen
+
+
+def test_a_task_cannot_reach_the_manager_or_another_user(site: Site) -> None:
+    """ada's task tries the manager's credential, its environment and audit log, and bob's user
+    endpoint's credential: every one is refused, and so is becoming root."""
+    bob_home = Path(pwd.getpwnam(site.accounts["bob"]).pw_dir)
+    bobs = sorted((bob_home / ".farcall" / "endpoints").glob("site.*/endpoint.json"))
+    assert bobs, "bob's user endpoint ran in the first test"
+    paths = [str(site.dir / "endpoint.json"), str(site.dir / "config.yaml"),
+             f"/proc/{site.manager.pid}/environ", str(site.home / "audit.log"), str(bobs[0])]
+    client = site.clients["ada"]
+    function_id = client.register_function(probe, strategy="source")
+    task_id = client.run(paths, endpoint_id=site.manager_id, function_id=function_id,
+                         user_endpoint_config={})
+    seen = site.result("ada", task_id)
+    assert seen == {**dict.fromkeys(paths, "PermissionError"), "setuid(0)": "PermissionError"}
 
 
 def test_the_audit_log_names_the_local_user_and_uid(site: Site) -> None:
