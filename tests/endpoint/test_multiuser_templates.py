@@ -23,6 +23,7 @@ from farcall.endpoint.multiuser.templates import (
     shell_escape,
     yaml_value,
 )
+from farcall.protocol.common import RESERVED_USER_CONFIG_NAMES
 
 USER = LocalUser("alice", 1234, 1234, "/home/alice", "/bin/bash")
 PARENT = EndpointConfig(multi_user=True, display_name="site")
@@ -166,6 +167,11 @@ def test_the_manager_gives_the_local_account_and_its_own_config(tmp_path: Path) 
     _, config = render(directory, {})
     assert config.display_name == "site:alice"
     assert config.endpoint_setup == "cd /home/alice 1234 1234"
+
+
+def test_the_broker_refuses_the_same_reserved_names() -> None:
+    """What the manager reserves, the SDK and the broker refuse at submission."""
+    assert set(RESERVED_NAMES) == set(RESERVED_USER_CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", sorted(RESERVED_NAMES))

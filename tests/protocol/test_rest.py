@@ -31,6 +31,14 @@ def test_a_task_out_of_bounds_is_refused(fields: dict[str, Any], says: str) -> N
         TaskSpec(**{"function_id": "f", "args": "11\nAAAA", **fields})
 
 
+def test_a_batch_may_not_set_what_a_multi_user_endpoint_sets() -> None:
+    """The broker answers 422 (before a user endpoint could refuse the task later)."""
+    task = {"function_id": "f", "args": "11\nAAAA"}
+    with pytest.raises(ValidationError, match="may not set local_user: the multi-user endpoint"):
+        BatchSubmission.model_validate({"endpoint_id": "e", "tasks": [task],
+                                        "user_endpoint_config": {"local_user": "root"}})
+
+
 def test_a_batch_holds_at_least_one_task() -> None:
     with pytest.raises(ValidationError, match="at least 1 item"):
         BatchSubmission(endpoint_id="e", tasks=[])

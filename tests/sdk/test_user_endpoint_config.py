@@ -66,6 +66,8 @@ def test_the_executors_config_is_checked_when_set(fake: FakeBroker) -> None:
     with pytest.raises(ValueError, match="user_endpoint_config is nested deeper than 16 levels"):
         Executor(endpoint_id="site", client=fake.client(),
                  user_endpoint_config=_nested(20))
+    with pytest.raises(ValueError, match="may not set local_uid, local_home: the multi-user"):
+        ex.user_endpoint_config = {"account": "abc", "local_uid": 0, "local_home": "/root"}
     assert fake.calls("/tasks") == []
     ex.shutdown(wait=False)
 

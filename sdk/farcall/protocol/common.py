@@ -122,12 +122,23 @@ def check_resource_specification(spec: dict[str, Any] | None) -> dict[str, Any] 
                           "pass data as arguments, not in the resource specification")
 
 
+RESERVED_USER_CONFIG_NAMES = ("local_user", "local_uid", "local_gid", "local_home", "parent_config")
+"""Names a multi-user endpoint's manager gives its template itself (the local account, its own
+configuration): a ``user_endpoint_config`` may not use them."""
+
+
 def check_user_endpoint_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``config`` if it is a JSON object within the limits of a ``resource_specification``;
-    ``ValueError`` (or ``TypeError`` for a value that is not a dict) otherwise."""
+    """``config`` if it is a JSON object within the limits of a ``resource_specification``
+    without a reserved name; ``ValueError`` (or ``TypeError`` for a value that is not a dict)
+    otherwise."""
     if config is not None and not isinstance(config, dict):
         raise TypeError(f"user_endpoint_config must be a dict of the values the multi-user "
                         f"endpoint's template takes, got {type(config).__name__}")
+    reserved = [name for name in RESERVED_USER_CONFIG_NAMES if config and name in config]
+    if reserved:
+        raise ValueError(f"user_endpoint_config may not set {', '.join(reserved)}: the multi-user "
+                         "endpoint sets these itself (the local account it runs your tasks as, "
+                         "its own configuration); remove them")
     try:
         return _check_options(config, "user_endpoint_config",
                               "it holds the values of a configuration such as account or nodes",
