@@ -315,6 +315,11 @@ class UserEndpointManager:
 
     # -------------------------------------------------------------- starting
 
+    def directory_name(self, endpoint_id: str) -> str:
+        """A user endpoint's directory under the user's ``~/.farcall/endpoints`` (and the name of
+        its launch's log in the manager's ``LAUNCH_LOGS``): ``<manager>.<first 8 of its id>``."""
+        return f"{self.name}.{endpoint_id[:8]}"
+
     def mapper(self) -> IdentityMapper:
         if self._mapper is None:
             self._mapper = IdentityMapper(self.mapping_path, self.endpoint_id)
@@ -432,7 +437,7 @@ class UserEndpointManager:
 
     def _launch(self, frame: StartUserEndpoint, prepared: Prepared) -> None:
         user = prepared.user
-        directory_name = f"{self.name}.{frame.endpoint_id[:8]}"
+        directory_name = self.directory_name(frame.endpoint_id)
         events_r, events_w = os.pipe()
         spec_r, spec_w = os.pipe()
         spec = LaunchSpec(
@@ -549,13 +554,13 @@ class UserEndpointManager:
                 log.log(level, "user endpoint %s (%s, pid %d) %s%s", ep.endpoint_id, ep.local_user,
                         ep.process.pid, how, "" if code == 0 else
                         f"; see {self.directory / LAUNCH_LOGS} and the user's ~/.farcall/endpoints/"
-                        f"{self.name}.{ep.endpoint_id[:8]}/endpoint.log")
+                        f"{self.directory_name(ep.endpoint_id)}/endpoint.log")
             else:
                 log.info("no longer answering for user endpoint %s", ep.endpoint_id)
 
     def _start_failure(self, ep: UserEndpoint) -> str:
         """Why ``ep`` never connected, for its user: the launch's last words, where to look."""
-        directory_name = f"{self.name}.{ep.endpoint_id[:8]}"
+        directory_name = self.directory_name(ep.endpoint_id)
         try:
             said = (self.directory / LAUNCH_LOGS / f"{directory_name}.log").read_text(
                 errors="replace").strip().splitlines()[-1:]
