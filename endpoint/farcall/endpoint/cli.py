@@ -32,6 +32,7 @@ from farcall.endpoint.config import (
     farcall_home,
     load_config,
 )
+from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.events import EventWriter
@@ -98,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--user", metavar="LOCAL_NAME",
                    help="the local account to render for (default: the account running this)")
     p.set_defaults(func=cmd_render_user_config)
+
+    p = sub.add_parser("check", help=(
+        "check config.yaml: every problem at once (exit 1), else build the engine, provider "
+        "and executor without starting them and say what was built"))
+    p.add_argument("name")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("start", help="register (first time) and run, in the foreground or --detach")
     p.add_argument("name")
@@ -189,18 +196,25 @@ def cmd_render_user_config(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ start
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    for line in check_endpoint(args.name).lines():
+        print(line)
+    return 0
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     name = args.name
     config = load_config(name)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
+    for warning in check_config(name, config, directory).warnings:
+        log.warning("endpoint %s: %s", name, warning)
     if config.multi_user:
         from farcall.endpoint.multiuser import manager
 
         return manager.start(name, directory, config, broker_url, detach=args.detach,
                              wait=args.wait, register_again=args.register_again)
     engine_spec = config.engine_spec(directory)
-    build_engine(engine_spec)  # a bad engine section fails here, before anything starts
     if args.detach:
         started = daemon.start_detached(name, directory, args.wait,
                                         register_again=args.register_again)

@@ -19,12 +19,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from farcall import config as sdk_config
 from farcall.config import farcall_home
 from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
-from farcall.endpoint.errors import EndpointConfigError, format_validation_error
+from farcall.endpoint import problems
+from farcall.endpoint.errors import EndpointConfigError, validation_problems
 from farcall.errors import ConfigurationError
 from farcall.protocol.channel import DATA_RETRY_SECONDS
 
@@ -83,6 +92,14 @@ class EndpointConfig(BaseModel):
         default=300.0, gt=0, allow_inf_nan=False,
         description="seconds a user endpoint with no work keeps running before it stops")
 
+    _warnings: list[problems.Problem] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[problems.Problem]:
+        """Keys taken but not acted on as Globus Compute would, each with what farcall does
+        instead; the endpoint logs each once, as a WARNING, when it starts."""
+        return self._warnings
+
     @field_validator("data_retry_seconds", mode="before")
     @classmethod
     def _check_seconds(cls, value: Any) -> Any:
@@ -101,7 +118,10 @@ class EndpointConfig(BaseModel):
     @field_validator("engine")
     @classmethod
     def _check_engine(cls, value: dict[str, Any]) -> dict[str, Any]:
-        validate_engine(value)
+        try:
+            validate_engine(value)
+        except EndpointConfigError as e:  # recorded, so the other keys are checked too
+            problems.error("", str(e))
         return value
 
     @field_validator("broker_url")
@@ -160,6 +180,9 @@ def load_config(name: str) -> EndpointConfig:
 
 
 def parse_config(text: str, source: str = CONFIG_FILE) -> EndpointConfig:
+    """Validate a ``config.yaml``'s text; :class:`~farcall.endpoint.problems.ConfigProblems`
+    (an ``EndpointConfigError``) names every problem of the file at once, each with its
+    dotted key. The config's ``warnings`` hold the keys taken but not acted on."""
     import yaml
 
     try:
@@ -170,13 +193,19 @@ def parse_config(text: str, source: str = CONFIG_FILE) -> EndpointConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise EndpointConfigError(f"{source}: expected a mapping of keys, got {type(raw).__name__}")
-    try:
-        return EndpointConfig.model_validate(raw)
-    except ValidationError as e:
-        valid = list(EndpointConfig.model_fields)
-        raise EndpointConfigError(f"{source}: {format_validation_error(e, '', valid)}") from None
-    except EndpointConfigError as e:
-        raise EndpointConfigError(f"{source}: {e}") from None
+    with problems.collecting(problems.Report()) as report:
+        config = None
+        try:
+            config = EndpointConfig.model_validate(raw)
+        except ValidationError as e:
+            for problem in validation_problems(e, "", list(EndpointConfig.model_fields)):
+                report.error(problem.key, problem.message)
+        except EndpointConfigError as e:
+            report.error("", str(e))
+    report.raise_if_errors(source)
+    assert config is not None
+    config._warnings = list(report.warnings)
+    return config
 
 
 PARSL_ENGINES = ("ParslEngine", "MPIEngine", "GlobusComputeEngine", "GlobusMPIEngine")

@@ -9,6 +9,8 @@ from farcall.errors import ConfigurationError, FarcallError
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from farcall.endpoint.problems import Problem
+
 
 class EndpointError(FarcallError):
     """Base class of the endpoint's own errors."""
@@ -48,6 +50,26 @@ class WorkerLost(EndpointError):
     """
 
 
+def validation_problems(
+    error: ValidationError, prefix: str = "", valid_keys: list[str] | None = None
+) -> list[Problem]:
+    """One :class:`~farcall.endpoint.problems.Problem` per bad key of a pydantic error:
+    ``engine.max_workers: Input should be greater than 0 (got 0)``; an unknown key lists the
+    valid ones."""
+    from farcall.endpoint.problems import Problem
+
+    found = []
+    for item in error.errors():
+        key = prefix + ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            valid = f" (valid keys: {', '.join(valid_keys)})" if valid_keys else ""
+            found.append(Problem(key, f"unknown key{valid}"))
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            found.append(Problem(key, f"{message} (got {item.get('input')!r})"))
+    return found
+
+
 def format_validation_error(
     error: ValidationError, prefix: str = "", valid_keys: list[str] | None = None
 ) -> str:
@@ -55,12 +77,4 @@ def format_validation_error(
 
     Config errors use it so they name every key at fault and, for an unknown key, the valid ones.
     """
-    lines = []
-    for item in error.errors():
-        key = prefix + ".".join(str(p) for p in item["loc"])
-        if item["type"] == "extra_forbidden":
-            valid = f" (valid keys: {', '.join(valid_keys)})" if valid_keys else ""
-            lines.append(f"{key}: unknown key{valid}")
-        else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return "; ".join(lines)
+    return "; ".join(str(p) for p in validation_problems(error, prefix, valid_keys))

@@ -67,6 +67,15 @@ class Engine(abc.ABC):
     def name(self) -> str:
         return type(self).__name__
 
+    def prepare(self) -> dict[str, str]:
+        """Build what :meth:`start` would build (a Parsl provider with its launcher, the
+        executor) without starting, submitting or connecting anything, and say what was built:
+        ``{"engine": ..., "executor": ..., "provider": ..., "launcher": ...}`` (the keys that
+        apply). ``farcall-endpoint check`` and ``start`` call it first, so a provider's missing
+        package or a missing Kubernetes config is an ``EndpointConfigError`` before the
+        endpoint connects."""
+        return {"engine": self.name}
+
     @abc.abstractmethod
     def start(self) -> None:
         """Start workers. Called once, before the first ``submit``."""

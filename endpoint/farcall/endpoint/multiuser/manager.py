@@ -44,6 +44,7 @@ from farcall.endpoint import daemon, lockdown
 from farcall.endpoint.agent import Agent
 from farcall.endpoint.config import (
     IDENTITY_MAPPING,
+    USER_CONFIG_TEMPLATE,
     EndpointConfig,
     parse_config,
 )
@@ -629,6 +630,15 @@ def _kill_group(pid: int) -> None:
 
 
 # ------------------------------------------------------------------ farcall-endpoint start
+
+
+def check_manager(name: str, directory: Path, config: EndpointConfig) -> dict[str, str]:
+    """``farcall-endpoint check`` for a manager: load what it would load at start (the identity
+    mapping, the user config template and schema), starting nothing; what it found."""
+    manager = UserEndpointManager(name, directory, config, "http://127.0.0.1", endpoint_id="")
+    return {"engine": ManagerEngine().name,
+            "user endpoints": f"rendered from {USER_CONFIG_TEMPLATE} for each user",
+            "schema": "yes" if manager.schema else "none"}
 
 
 def start(name: str, directory: Path, config: EndpointConfig, broker_url: str, *,
