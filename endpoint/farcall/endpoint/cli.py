@@ -25,6 +25,7 @@ from typing import Any
 
 from farcall.endpoint import daemon, lockdown
 from farcall.endpoint.agent import Agent
+from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.config import (
     PROVIDER_TEMPLATES,
     configure,
@@ -32,7 +33,6 @@ from farcall.endpoint.config import (
     farcall_home,
     load_config,
 )
-from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.events import EventWriter
@@ -62,10 +62,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if getattr(args, "name", None) and args.command in BY_NAME_OR_ID:
+            args.name = endpoint_name(args.name)
         return int(args.func(args))
     except FarcallError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+BY_NAME_OR_ID = ("render-user-config", "check", "start", "stop", "restart", "status",
+                 "rotate-credential", "delete")
+"""Verbs that, as Globus Compute's do, take the endpoint's name or its id."""
+
+
+def endpoint_name(name_or_id: str) -> str:
+    """The local endpoint a verb means: a configured name, else the endpoint whose registration
+    has this id (an operator may type the id ``list`` shows, as with Globus Compute)."""
+    root = farcall_home() / "endpoints"
+    if (root / name_or_id).is_dir() or not root.is_dir():
+        return name_or_id
+    for directory in sorted(root.iterdir()):
+        try:
+            stored = load_registrations(directory)
+        except EndpointError:
+            continue
+        if stored is not None and any(r.endpoint_id == name_or_id for r in stored.registrations):
+            return directory.name
+    return name_or_id
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("version", help="print farcall's version")
+    p.set_defaults(func=cmd_version)
 
     p = sub.add_parser("configure", help="write $FARCALL_HOME/endpoints/NAME/config.yaml")
     p.add_argument("name")
@@ -93,9 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render-user-config", help=(
         "render a multi-user endpoint's user endpoint config for some values, offline, and print "
         "it (exit 1 with the reason if the values or the template are refused)"))
-    p.add_argument("name")
-    p.add_argument("--user-config", default="{}", metavar="JSON",
+    p.add_argument("name", nargs="?", help="the endpoint's name or id (or -e/--endpoint)")
+    p.add_argument("-e", "--endpoint", dest="endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--user-config", default=None, metavar="JSON",
                    help="the values a user would send as user_endpoint_config (default: {})")
+    p.add_argument("-o", "--user-options", metavar="FILE",
+                   help="read the values from a JSON file instead ('-': standard input), as "
+                        "Globus Compute's render-user-config does")
     p.add_argument("--user", metavar="LOCAL_NAME",
                    help="the local account to render for (default: the account running this)")
     p.set_defaults(func=cmd_render_user_config)
@@ -147,8 +177,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="stop, deregister from the broker and remove the files")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--local-only", action="store_true",
-                   help="remove the local files even when the broker cannot be told")
+    p.add_argument("--local-only", "--force", dest="local_only", action="store_true",
+                   help="remove the local files even when the broker cannot be told "
+                        "(--force: Globus Compute's name)")
     p.set_defaults(func=cmd_delete)
     return parser
 
@@ -173,10 +204,34 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_version(args: argparse.Namespace) -> int:
+    from farcall.version import __version__
+
+    print(f"farcall-endpoint {__version__}")
+    return 0
+
+
 def cmd_render_user_config(args: argparse.Namespace) -> int:
     from farcall.endpoint.multiuser.identity import local_user
     from farcall.endpoint.multiuser.templates import UserConfigError, render_user_config
 
+    if args.endpoint and args.name and endpoint_name(args.endpoint) != args.name:
+        raise UserConfigError("give the endpoint once: as NAME or as -e/--endpoint")
+    if not args.name and not args.endpoint:
+        raise UserConfigError("which endpoint? give its name: farcall-endpoint render-user-config "
+                              "NAME --user-config '{...}'")
+    args.name = args.name or endpoint_name(args.endpoint)
+    if args.user_options is not None and args.user_config is not None:
+        raise UserConfigError("give the values once: --user-config JSON or -o/--user-options FILE")
+    if args.user_options is not None:
+        try:
+            args.user_config = (sys.stdin.read() if args.user_options == "-"
+                                else open(args.user_options).read())
+        except OSError as e:
+            raise UserConfigError(f"-o/--user-options: cannot read {args.user_options}: "
+                                  f"{e.strerror}") from None
+    if args.user_config is None:
+        args.user_config = "{}"
     config = load_config(args.name)
     if not config.multi_user:
         raise EndpointError(f"endpoint {args.name!r} is not a multi-user endpoint (its config.yaml "
