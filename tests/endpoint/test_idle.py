@@ -124,10 +124,10 @@ def test_hard_stops_an_agent_that_never_got_a_task(
 def test_arriving_tasks_keep_the_agent_running(
     broker: FakeBroker, start_agent: Callable[..., BackgroundAgent]
 ) -> None:
-    runner = start_agent(idle_heartbeats_soft=3, idle_heartbeats_hard=4)
+    runner = start_agent(idle_heartbeats_soft=10, idle_heartbeats_hard=11)
     sent: list[str] = []
     began = time.monotonic()
-    while time.monotonic() - began < 8 * PERIOD * 3:  # a task every half period, for 24 periods
+    while time.monotonic() - began < 30 * PERIOD:  # a task every half period, for 30 periods
         task = make_task(double, len(sent))
         sent.append(task.task_id)
         broker.send_tasks([task])
