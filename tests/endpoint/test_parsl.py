@@ -59,11 +59,13 @@ def _run(engine: ParslEngine, fn: Callable[..., Any], *args: Any, timeout: float
     ("spec", "message"),
     [
         ({"provider": {"type": "SlurmProvder"}}, "engine.provider.type: 'SlurmProvder' is not a Parsl "
-                                                 "provider; valid choices: LocalProvider, SlurmProvider"),
+                                                 "provider of the installed Parsl; valid choices: "
+                                                 "LocalProvider, CondorProvider"),
         ({"provider": {"type": "SlurmProvider", "partiton": "x"}},
          "engine.provider.partiton: not an option of SlurmProvider; valid options: partition"),
         ({"provider": {"type": "SlurmProvider", "launcher": {"type": "Srun"}}},
-         "engine.provider.launcher.type: 'Srun' is not a Parsl launcher; valid choices: SimpleLauncher"),
+         "engine.provider.launcher.type: 'Srun' is not a Parsl launcher of the installed Parsl; "
+         "valid choices: SimpleLauncher"),
         ({"provider": {"type": "LocalProvider", "launcher": {"type": "SrunLauncher", "x": 1}}},
          "engine.provider.launcher.x: not an option of SrunLauncher"),
         ({"max_workers_per_nod": 2}, "engine.max_workers_per_nod: unknown key; valid keys: type"),

@@ -34,6 +34,7 @@ from farcall.endpoint.config import (
 )
 from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.engines import ENGINES, build_engine
+from farcall.endpoint.engines.addresses import resolving_here
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.events import EventWriter
 from farcall.endpoint.multiuser.state import read_user_endpoints
@@ -207,7 +208,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = load_config(name)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
-    for warning in check_config(name, config, directory).warnings:
+    with resolving_here():  # the engine starts here: its address must resolve here
+        checked = check_config(name, config, directory)
+    for warning in checked.warnings:
         log.warning("endpoint %s: %s", name, warning)
     if config.multi_user:
         from farcall.endpoint.multiuser import manager
