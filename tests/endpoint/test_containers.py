@@ -274,7 +274,7 @@ def test_a_parsl_pool_runs_in_the_container_and_is_removed_on_sigterm(fake_runti
 
 def _containers_section() -> str:
     text = (REPO / "docs" / "endpoints.md").read_text()
-    return text.split("### Containers\n", 1)[1].split("\n## ", 1)[0]
+    return text.split("### Containers\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
 
 
 def test_the_documented_configs_are_valid_engine_sections() -> None:
