@@ -281,7 +281,7 @@ class PolicyEngine(Engine):
             "at walltime or scale-in); check the endpoint's log and the machine's memory, then "
             "submit the task again"
             + ("." if entry.max_retries else ", or with max_retries= to run it again after a "
-               "lost worker.")
+               "lost worker (for every task: the engine's max_retries_on_system_failure).")
         )))
 
     @staticmethod
