@@ -91,9 +91,9 @@ def test_podman_removes_at_once_and_docker_kills_then_removes() -> None:
 
 @pytest.mark.parametrize(("section", "error"), [
     ("container_uri: img", r"engine.container_type: container_uri and container_cmd_options need a "
-                           r"container_type \(podman, docker, apptainer, singularity, custom\)"),
+                           r"container_type \(podman, podman-hpc, docker, apptainer, singularity, custom\)"),
     ("container_type: lxc\n  container_uri: img", r"'lxc' is not a container type; valid choices: "
-                                                  r"podman, docker"),
+                                                  r"podman, podman-hpc, docker"),
     ("container_type: podman", r"engine.container_uri: container_type podman needs the image"),
     ("container_type: custom\n  container_cmd_options: podman run img",
      r"container_cmd_options: container_type custom needs the whole command here, with "
@@ -274,7 +274,7 @@ def test_a_parsl_pool_runs_in_the_container_and_is_removed_on_sigterm(fake_runti
 
 def _containers_section() -> str:
     text = (REPO / "docs" / "endpoints.md").read_text()
-    return text.split("### Containers\n", 1)[1].split("\n## ", 1)[0]
+    return text.split("### Containers\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
 
 
 def test_the_documented_configs_are_valid_engine_sections() -> None:

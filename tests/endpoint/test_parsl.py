@@ -6,11 +6,8 @@ provider is Parsl's LocalProvider, and KubernetesProvider talks to a stand-in AP
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from farcall.endpoint.errors import EndpointConfigError, WorkerLost
 from farcall.protocol.channel import ResultMessage
 from harness.procs import wait_until
 from tests.endpoint.helpers import Collector, make_task, value_of
+from tests.endpoint.kube_fake import FakeKubeAPI
 
 FAST = {"strategy_period": 0.2, "heartbeat_period": 1, "heartbeat_threshold": 5}
 
@@ -59,11 +57,13 @@ def _run(engine: ParslEngine, fn: Callable[..., Any], *args: Any, timeout: float
     ("spec", "message"),
     [
         ({"provider": {"type": "SlurmProvder"}}, "engine.provider.type: 'SlurmProvder' is not a Parsl "
-                                                 "provider; valid choices: LocalProvider, SlurmProvider"),
+                                                 "provider of the installed Parsl; valid choices: "
+                                                 "LocalProvider, CondorProvider"),
         ({"provider": {"type": "SlurmProvider", "partiton": "x"}},
          "engine.provider.partiton: not an option of SlurmProvider; valid options: partition"),
         ({"provider": {"type": "SlurmProvider", "launcher": {"type": "Srun"}}},
-         "engine.provider.launcher.type: 'Srun' is not a Parsl launcher; valid choices: SimpleLauncher"),
+         "engine.provider.launcher.type: 'Srun' is not a Parsl launcher of the installed Parsl; "
+         "valid choices: SimpleLauncher"),
         ({"provider": {"type": "LocalProvider", "launcher": {"type": "SrunLauncher", "x": 1}}},
          "engine.provider.launcher.x: not an option of SrunLauncher"),
         ({"max_workers_per_nod": 2}, "engine.max_workers_per_nod: unknown key; valid keys: type"),
@@ -213,72 +213,20 @@ def test_short_tasks_share_parsl_tasks_and_a_crash_costs_only_its_own(
 # ------------------------------------------------------------------ Kubernetes
 
 
-class _FakeKubeAPI(ThreadingHTTPServer):
-    """Answers the pod calls KubernetesProvider makes, and records them."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _KubeHandler)
-        self.created: list[dict[str, Any]] = []
-        self.deleted: list[str] = []
-        self.lock = threading.Lock()
-
-
-class _KubeHandler(BaseHTTPRequestHandler):
-    server: _FakeKubeAPI
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _reply(self, code: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        pod = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        pod["metadata"]["namespace"] = self.path.split("/")[4]
-        with self.server.lock:
-            self.server.created.append(pod)
-        self._reply(201, {**pod, "status": {"phase": "Pending"}})
-
-    def do_GET(self) -> None:  # noqa: N802
-        name = self.path.rstrip("/").split("/")[-1].split("?")[0]
-        self._reply(200, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-                          "status": {"phase": "Pending"}})
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        name = self.path.rstrip("/").split("/")[-1].split("?")[0]
-        with self.server.lock:
-            self.server.deleted.append(name)
-        self._reply(200, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-                          "status": {"phase": "Running"}})
-
-
 @pytest.fixture
-def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeKubeAPI]:
-    server = _FakeKubeAPI()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "test",
-        "clusters": [{"name": "test", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "test", "user": {"token": "not-a-real-token"}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
-    }))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    from kubernetes.config import kube_config
+def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as server:
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        from kubernetes.config import kube_config
 
-    # The kubernetes package reads KUBECONFIG once, when first imported.
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-    yield server
-    server.shutdown()
+        # The kubernetes package reads KUBECONFIG once, when first imported.
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        yield server
 
 
 def test_kubernetes_provider_asks_for_the_configured_pod(
-    make_engine: Callable[..., ParslEngine], kube_api: _FakeKubeAPI
+    make_engine: Callable[..., ParslEngine], kube_api: FakeKubeAPI
 ) -> None:
     engine = make_engine(provider={
         "type": "KubernetesProvider", "image": "python:3.11-slim", "namespace": "science",

@@ -35,6 +35,7 @@ from farcall.endpoint.config import (
     load_config,
 )
 from farcall.endpoint.engines import ENGINES, build_engine
+from farcall.endpoint.engines.addresses import resolving_here
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.events import EventWriter
 from farcall.endpoint.multiuser.state import read_user_endpoints
@@ -304,7 +305,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
-    for warning in check_config(name, config, directory).warnings:
+    with resolving_here():  # the engine starts here: its address must resolve here
+        checked = check_config(name, config, directory)
+    for warning in checked.warnings:
         log.warning("endpoint %s: %s", name, warning)
     if config.multi_user:
         from farcall.endpoint.multiuser import manager

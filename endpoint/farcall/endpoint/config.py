@@ -176,7 +176,8 @@ class EndpointConfig(BaseModel):
         try:
             validate_engine(value)
         except EndpointConfigError as e:  # recorded, so the other keys are checked too
-            problems.error("", str(e))
+            for problem in getattr(e, "problems", None) or [problems.Problem("", str(e))]:
+                problems.error(problem.key, problem.message)
         return value
 
     @field_validator("broker_url")

@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from farcall.endpoint import problems
 from farcall.endpoint.engines.base import Engine, EngineOptions, EngineStatus
-from farcall.endpoint.errors import EndpointConfigError, format_validation_error
+from farcall.endpoint.errors import EndpointConfigError, validation_problems
 
 __all__ = ["ENGINES", "Engine", "EngineStatus", "build_engine", "engine_class", "validate_engine"]
 
@@ -42,24 +43,46 @@ def engine_class(type_name: str) -> type[Engine]:
 
 
 def validate_engine(spec: Mapping[str, Any]) -> tuple[type[Engine], EngineOptions]:
-    """Check an ``engine`` section without starting anything; errors name the bad key."""
+    """Check an ``engine`` section without starting anything.
+
+    Every problem is found before this raises :class:`~farcall.endpoint.problems.ConfigProblems`
+    (its ``problems`` each name their dotted key); warnings go to the report being collected
+    (``problems.collecting``), or to the log.
+    """
+    report = problems.Report()
+    with problems.collecting(report):
+        found = _validate(spec)
+    for warning in report.warnings:
+        problems.warn(warning.key, warning.message)
+    if report.errors or found is None:
+        raise problems.ConfigProblems("engine section", report.errors)
+    return found
+
+
+def _validate(spec: Mapping[str, Any]) -> tuple[type[Engine], EngineOptions] | None:
     if not isinstance(spec, Mapping):
-        raise EndpointConfigError(
-            f"engine: expected a mapping like {{type: ProcessPoolEngine}}, got {spec!r}"
-        )
+        problems.error("engine", f"expected a mapping like {{type: ProcessPoolEngine}}, got {spec!r}")
+        return None
     options = dict(spec)
-    type_name = options.pop("type", "ProcessPoolEngine")
-    cls = engine_class(str(type_name))
+    type_name = str(options.pop("type", "ProcessPoolEngine"))
+    if type_name not in ENGINES:
+        problems.error("engine.type", f"unknown engine {type_name!r}; valid choices: "
+                                      f"{', '.join(ENGINES)}")
+        return None
+    cls = engine_class(type_name)
     try:
         return cls, cls.Options.model_validate(options)
     except ValidationError as e:
-        raise EndpointConfigError(
-            f"engine ({type_name}): "
-            + format_validation_error(e, "engine.", ["type", *cls.Options.model_fields])
-        ) from None
+        for problem in validation_problems(e, "engine.", ["type", *cls.Options.model_fields]):
+            problems.error(problem.key, problem.message)
+        return None
 
 
 def build_engine(spec: Mapping[str, Any]) -> Engine:
-    """A new, not yet started engine from the config's ``engine`` section."""
-    cls, options = validate_engine(spec)
+    """A new, not yet started engine from the config's ``engine`` section.
+
+    Its warnings were given when the config was read, so they are not repeated here.
+    """
+    with problems.collecting(problems.Report()):
+        cls, options = validate_engine(spec)
     return cls.from_options(options)

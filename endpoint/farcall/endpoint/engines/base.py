@@ -14,8 +14,9 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from farcall.endpoint import problems
 from farcall.protocol.channel import ResultMessage, TaskMessage
 
 OnDone = Callable[[ResultMessage], None]
@@ -24,16 +25,49 @@ OnStart = Callable[[str, float], None]
 """Called with ``(task_id, started_at)`` when a worker gets the task, from an engine thread."""
 
 
+GLOBUS_KEYS: dict[str, str] = {
+    "endpoint_id": "farcall's endpoint id comes from its registration (endpoint.json); this "
+                   "key is ignored",
+    "working_dir": "farcall runs each task in its worker's current directory (a process pool's "
+                   "workers: the agent's; a Parsl block's: the job's) and makes no task "
+                   "directory; a function that needs one can os.chdir itself",
+    "run_in_sandbox": "farcall makes no directory per task (and sets no GC_TASK_SANDBOX_DIR); a "
+                      "function that needs one can make it (tempfile.mkdtemp) and os.chdir there",
+}
+"""Keys of every Globus Compute engine that farcall takes without acting on them: what farcall
+does instead (each is one WARNING when the config is read)."""
+
+
 class EngineOptions(BaseModel):
-    """Options every engine accepts; subclasses add their own. Unknown keys are errors."""
+    """Options every engine accepts; subclasses add their own. Unknown keys are errors.
+
+    A Globus Compute key the engine does not act on (``GLOBUS_KEYS``, and the class's own
+    ``globus_keys``) is taken with one warning that says what farcall does instead.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    globus_keys: ClassVar[dict[str, str]] = {}
+    """This engine's own Globus Compute keys that it takes without acting on them."""
 
     prefetch: int = Field(
         default=128,
         ge=1,
         description="tasks the endpoint asks for per worker, so workers never wait on the network",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _globus_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        ignored = {**GLOBUS_KEYS, **cls.globus_keys}
+        kept = {}
+        for key, value in data.items():
+            if key in ignored and key not in cls.model_fields:
+                problems.warn(f"engine.{key}", f"a Globus Compute key: {ignored[key]}")
+            else:
+                kept[key] = value
+        return kept
 
 
 @dataclass(frozen=True)

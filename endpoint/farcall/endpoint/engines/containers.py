@@ -4,7 +4,8 @@
 pool command (through ``worker_env``, in the job), so both engines run their workers the same
 way, from the same three ``engine:`` keys (Globus Compute's names):
 
-- ``container_type``: ``podman``, ``docker``, ``apptainer``, ``singularity`` or ``custom``;
+- ``container_type``: ``podman``, ``podman-hpc`` (NERSC's podman, same syntax), ``docker``,
+  ``apptainer``, ``singularity`` or ``custom``;
 - ``container_uri``: the image (for ``custom`` it is part of the template instead);
 - ``container_cmd_options``: more options for the runtime's ``run``/``exec``, or, for
   ``custom``, the whole command as a template in which ``{EXECUTOR_LAUNCH_CMD}`` is the
@@ -41,12 +42,16 @@ from types import FrameType
 
 from pydantic import Field, model_validator
 
+from farcall.endpoint import problems
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.worker_env import WorkerEnvOptions
 
 log = logging.getLogger(__name__)
 
-CONTAINER_TYPES = ("podman", "docker", "apptainer", "singularity", "custom")
+CONTAINER_TYPES = ("podman", "podman-hpc", "docker", "apptainer", "singularity", "custom")
+PODMAN_TYPES = ("podman", "podman-hpc")
+NAMED_TYPES = (*PODMAN_TYPES, "docker")
+"""Runtimes whose containers farcall names, and so can remove by name."""
 RUNDIR = "{EXECUTOR_RUNDIR}"
 """In a ``custom`` template: the engine's run directory (mount it at the same path)."""
 LAUNCH_CMD = "{EXECUTOR_LAUNCH_CMD}"
@@ -73,7 +78,7 @@ class Container:
     @property
     def named(self) -> bool:
         """Its containers have names the engine gives, and can be removed by name."""
-        return self.type in ("podman", "docker")
+        return self.type in NAMED_TYPES
 
     @property
     def program(self) -> str:
@@ -98,7 +103,7 @@ class Container:
                       if k in RUNTIME_NAMES or k.startswith(RUNTIME_PREFIXES)}
         client_env.update(env)
         extra = shlex.split(self.options)
-        if self.type in ("podman", "docker"):
+        if self.type in NAMED_TYPES:
             words = [self.type, "run", "--rm", "--init", "--network", "host", "--name", name]
             for path in mounts:
                 words += ["-v", f"{path}:{path}:ro"]
@@ -123,8 +128,8 @@ class Container:
         killing their command stops them)."""
         if not names or not self.named:
             return []
-        if self.type == "podman":
-            return [["podman", "rm", "-f", "-t", "0", *names]]
+        if self.type in PODMAN_TYPES:
+            return [[self.type, "rm", "-f", "-t", "0", *names]]
         # docker's rm -f takes no timeout; kill (SIGKILL) is immediate, and --rm removes it.
         return [["docker", "kill", *names], ["docker", "rm", "-f", *names]]
 
@@ -169,7 +174,7 @@ class ContainerOptions(WorkerEnvOptions):
     """``engine:`` keys of engines that can start their workers in a container."""
 
     container_type: str | None = Field(
-        default=None, description="podman, docker, apptainer, singularity or custom")
+        default=None, description="podman, podman-hpc, docker, apptainer, singularity or custom")
     container_uri: str | None = Field(default=None, description="the image the workers run in")
     container_cmd_options: str | None = Field(
         default=None, description="more options for the runtime; for custom, the whole command "
@@ -177,39 +182,45 @@ class ContainerOptions(WorkerEnvOptions):
 
     @model_validator(mode="after")
     def _check_container(self) -> ContainerOptions:
-        self.container()
+        found = self._container_problem()
+        if found is not None:
+            problems.error(*found)
         return self
 
     def container(self) -> Container | None:
         """The container the workers run in, or None; ``EndpointConfigError`` for a bad set."""
+        found = self._container_problem()
+        if found is not None:
+            raise EndpointConfigError(f"{found[0]}: {found[1]}")
+        if self.container_type is None:
+            return None
+        return Container(self.container_type, self.container_uri, self.container_cmd_options or "")
+
+    def _container_problem(self) -> tuple[str, str] | None:
+        """The first problem of the three container keys: (dotted key, what to write)."""
         kind, uri, options = self.container_type, self.container_uri, self.container_cmd_options
         if kind is None:
             if uri is not None or options is not None:
-                raise EndpointConfigError(
-                    "engine.container_type: container_uri and container_cmd_options need a "
-                    f"container_type ({', '.join(CONTAINER_TYPES)})")
+                return ("engine.container_type", "container_uri and container_cmd_options need "
+                        f"a container_type ({', '.join(CONTAINER_TYPES)})")
             return None
         if kind not in CONTAINER_TYPES:
-            raise EndpointConfigError(
-                f"engine.container_type: {kind!r} is not a container type; valid choices: "
-                f"{', '.join(CONTAINER_TYPES)}")
+            return ("engine.container_type", f"{kind!r} is not a container type; valid choices: "
+                    f"{', '.join(CONTAINER_TYPES)}")
         try:
             shlex.split(options or "")
         except ValueError as e:
-            raise EndpointConfigError(
-                f"engine.container_cmd_options: not valid shell words ({e}): {options!r}") from None
+            return ("engine.container_cmd_options", f"not valid shell words ({e}): {options!r}")
         if kind == "custom":
             if not options or LAUNCH_CMD not in options:
-                raise EndpointConfigError(
-                    f"engine.container_cmd_options: container_type custom needs the whole "
-                    f"command here, with {LAUNCH_CMD} where the worker's command goes (and "
-                    f"{RUNDIR} for the run directory to mount), e.g. 'podman run --rm "
-                    f"-v {RUNDIR}:{RUNDIR} IMAGE {LAUNCH_CMD}'")
+                return ("engine.container_cmd_options", "container_type custom needs the whole "
+                        f"command here, with {LAUNCH_CMD} where the worker's command goes (and "
+                        f"{RUNDIR} for the run directory to mount), e.g. 'podman run --rm "
+                        f"-v {RUNDIR}:{RUNDIR} IMAGE {LAUNCH_CMD}'")
         elif not uri:
-            raise EndpointConfigError(
-                f"engine.container_uri: container_type {kind} needs the image to run the workers "
-                "in (e.g. docker.io/library/python:3.11 or, for apptainer, a .sif file)")
-        return Container(kind, uri, options or "")
+            return ("engine.container_uri", f"container_type {kind} needs the image to run the "
+                    "workers in (e.g. docker.io/library/python:3.11 or, for apptainer, a .sif file)")
+        return None
 
 
 # ------------------------------------------------------------------- what is mounted

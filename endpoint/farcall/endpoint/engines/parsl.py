@@ -47,12 +47,19 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, ClassVar
 
+from farcall.endpoint import problems
+from farcall.endpoint.engines import addresses
 from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
 from farcall.endpoint.engines.containers import ContainerOptions
+from farcall.endpoint.engines.parsl_components import (
+    BUILT_AT_START,
+    build_launcher,
+    build_provider,
+    describe,
+)
 from farcall.endpoint.engines.parsl_config import (
     MPIOptions,
     ParslOptions,
-    build_provider,
     executor_class,
     interchange_cmd,
 )
@@ -81,7 +88,8 @@ class ParslEngine(PolicyEngine):
     def __init__(
         self,
         provider: Mapping[str, Any] | None = None,
-        address: str = "127.0.0.1",
+        address: str | Mapping[str, Any] = "127.0.0.1",
+        label: str = "farcall",
         strategy: str = "htex_auto_scale",
         strategy_period: float = 1.0,
         max_idletime: float = 120.0,
@@ -93,15 +101,18 @@ class ParslEngine(PolicyEngine):
         container_type: str | None = None,
         container_uri: str | None = None,
         container_cmd_options: str | None = None,
+        max_retries_on_system_failure: int = 0,
+        allowed_serializers: list[str] | None = None,
         **executor_options: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(max_retries_on_system_failure, allowed_serializers)
         self.container = ContainerOptions(
             container_type=container_type, container_uri=container_uri,
             container_cmd_options=container_cmd_options).container()
         self.provider_spec = dict(provider or self.Options.model_fields["provider"].get_default(
             call_default_factory=True))
         self.address = address
+        self.label = label
         self.strategy = strategy
         self.strategy_period = strategy_period
         self.max_idletime = max_idletime
@@ -128,27 +139,79 @@ class ParslEngine(PolicyEngine):
 
     # ----------------------------------------------------------------- set-up
 
-    def start(self) -> None:
-        from parsl.jobs.job_status_poller import JobStatusPoller
-
-        provider = build_provider(self.provider_spec)
+    def _build(self, *, starting: bool, provider: Any = None) -> tuple[Any, Any, str | None]:
+        """The provider (with its launcher; ``provider`` instead when given), the executor and
+        the resolved address: built, not started. When ``starting``, the address must resolve
+        here, by any form; otherwise (``prepare``) only ``start``'s check requires it
+        (``addresses.resolving_here``), and ``address_by_query`` is not asked."""
+        address = addresses.resolve(
+            self.address, on_this_host=starting or addresses.must_resolve_here(),
+            networked=starting)
+        if provider is None:
+            provider = build_provider(self.provider_spec)
         executor_options = dict(self.executor_options)
         executor_options.setdefault("heartbeat_period", 5)
         executor_options.setdefault("heartbeat_threshold", 20)
         executor_options.setdefault("poll_period", 10)
         try:
-            self.htex = executor_class(self.executor_name)(
-                label="farcall",
+            executor = executor_class(self.executor_name)(
+                label=self.label,
                 provider=provider,
-                address=self.address,
+                # A stand-in for an address resolved only at start: HTEX probes every address
+                # (a web service too) when it has none.
+                address=address or "127.0.0.1",
                 **executor_options,
             )
         except Exception as e:  # noqa: BLE001 - typeguard and Parsl raise many kinds
             raise EndpointConfigError(f"engine: {self.executor_name} refused the options: {e}") from None
+        return provider, executor, address
+
+    def prepare(self) -> dict[str, str]:
+        """Build the provider, its launcher and the executor as ``start`` does, starting nothing.
+
+        A cloud provider (AWS, Google Cloud, Azure) acts on the cloud when constructed, so its
+        options and packages are checked (when the config is read) but it is built at start.
+        """
+        spec = dict(self.provider_spec)
+        kind = str(spec.get("type"))
+        built = {"engine": self.name, "executor": self.executor_name}
+        if kind in BUILT_AT_START:
+            from parsl.providers import LocalProvider
+
+            launcher = spec.get("launcher")
+            _, _, address = self._build(starting=False, provider=LocalProvider())
+            built["provider"] = (f"{kind} (checked; built when the endpoint starts, since "
+                                 "constructing it creates cloud resources)")
+            if isinstance(launcher, Mapping):
+                built["launcher"] = describe("launcher", build_launcher(launcher))
+        else:
+            provider, _, address = self._build(starting=False)
+            built["provider"] = describe("provider", provider)
+            if getattr(provider, "launcher", None) is not None:
+                built["launcher"] = describe("launcher", provider.launcher)
+        if kind != "LocalProvider" and address is not None and address.startswith("127."):
+            problems.warn("engine.address", f"is {address}, which only this host can reach, but "
+                          f"{kind} starts workers on other machines: they will not connect. "
+                          "Set the address of this host on the network the workers are on, e.g. "
+                          "address: {type: address_by_interface, ifname: ib0} or {type: "
+                          "address_by_route}")
+        written = addresses.describe(self.address)
+        built["address"] = (address if address == written else
+                            f"{address} ({written})" if address else
+                            f"{written}, resolved when the endpoint starts")
+        built["strategy"] = (f"{self.strategy}, every {self.strategy_period:g} s; blocks idle "
+                             f"{self.max_idletime:g} s are released")
+        return built
+
+    def start(self) -> None:
+        from parsl.jobs.job_status_poller import JobStatusPoller
+
+        provider, self.htex, _ = self._build(starting=True)
         # Set after construction: MPIExecutor's type check refuses a list here, HTEX needs one.
         self.htex.interchange_launch_cmd = interchange_cmd()
         run_dir = Path(self.run_dir or os.path.join(os.getcwd(), "parsl-runinfo"))
-        run_dir = (run_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}").absolute()
+        run_dir = (run_dir / f"{self.label}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                             f"{uuid.uuid4().hex[:6]}").absolute()
         run_dir.mkdir(parents=True, exist_ok=True)
         # Formatted by Parsl (str.format): the prefix has no braces; worker_env values and the
         # container are base64 in it.
@@ -178,6 +241,8 @@ class ParslEngine(PolicyEngine):
     # -------------------------------------------------------------- tasks
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        if self._refuse(task, on_done):
+            return
         spec = dict(task.resource_specification or {})
         try:
             if spec or self.executor_name == "MPIExecutor":

@@ -21,11 +21,14 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from farcall.endpoint.engines.base import Engine, OnDone, OnStart
+from pydantic import Field, field_validator
+
+from farcall.endpoint.engines.base import Engine, EngineOptions, OnDone, OnStart
+from farcall.endpoint.engines.serializers import parse_allowlist
 from farcall.endpoint.engines.watchdog import WalltimeWatchdog
 from farcall.endpoint.errors import WorkerLost
 from farcall.endpoint.outcomes import failed_result, walltime_exceeded
@@ -94,13 +97,34 @@ class TaskEntry:
     """Who submitted it (``TaskMessage.user_id``): engines that keep users apart place it by it."""
 
 
+class PolicyOptions(EngineOptions):
+    """``engine:`` keys of the policy every engine shares (Globus Compute's names)."""
+
+    max_retries_on_system_failure: int = Field(
+        default=0, ge=0, description="runs again of a task lost with its worker (a crash, a node "
+                                     "lost), for every task, beyond the task's own max_retries")
+    allowed_serializers: list[str] | None = Field(
+        default=None, description="Globus Compute serialization strategies whose payloads this "
+                                  "endpoint accepts (engines/serializers.py); None: all")
+
+    @field_validator("allowed_serializers", mode="before")
+    @classmethod
+    def _check_allowlist(cls, value: Any) -> Any:
+        parse_allowlist(value)  # records its problems; a bad list is never used
+        return value if not isinstance(value, str) else None
+
+
 class PolicyEngine(Engine):
     """An engine under the one failure policy (this module's docstring); engines subclass it."""
 
     walltime_grace: ClassVar[float] = 0.0
     """Seconds past a task's walltime before the engine stops it (see ``WALLTIME_GRACE``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_retries_on_system_failure: int = 0,
+                 allowed_serializers: Sequence[str] | None = None) -> None:
+        self.max_retries_on_system_failure = max_retries_on_system_failure
+        """Runs again of any task lost with its worker, when the task asks for fewer."""
+        self.allowlist = parse_allowlist(allowed_serializers)
         self._live: dict[str, TaskEntry] = {}
         """Unanswered tasks by id: whoever pops an entry from here answers it (exactly once)."""
         self._watchdog: WalltimeWatchdog[TaskEntry] = WalltimeWatchdog(
@@ -132,11 +156,24 @@ class PolicyEngine(Engine):
 
     # ------------------------------------------------ for subclasses: tasks in, answers out
 
+    def _refuse(self, task: TaskMessage, on_done: OnDone) -> bool:
+        """Answer ``task`` at once with a failure, and return True, if this engine may not run
+        it (``allowed_serializers``); engines call it first in ``submit``."""
+        why = self.allowlist.refusal(task) if self.allowlist is not None else None
+        if why is None:
+            return False
+        log.warning("refusing task %s: %s", task.task_id, why)
+        self._deliver(on_done, failed_result(task.task_id, why))
+        return True
+
     def _admit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None, *,
                payload: str = "", spec: dict[str, Any] | None = None) -> TaskEntry:
-        """The entry for a submitted task, registered so that ``cancel`` finds it."""
+        """The entry for a submitted task, registered so that ``cancel`` finds it. A task lost
+        with its worker runs again up to its ``max_retries`` or the engine's
+        ``max_retries_on_system_failure``, whichever is more."""
+        retries = max(task.max_retries, self.max_retries_on_system_failure)
         entry = TaskEntry(task.task_id, payload, on_done, on_start, spec,
-                          task.walltime is not None, task.walltime, task.max_retries,
+                          task.walltime is not None, task.walltime, retries,
                           user=task.user_id)
         if self._live.setdefault(task.task_id, entry) is not entry:
             raise ValueError(f"task {task.task_id} is already in {self.name}; submit each task "
@@ -244,7 +281,7 @@ class PolicyEngine(Engine):
             "at walltime or scale-in); check the endpoint's log and the machine's memory, then "
             "submit the task again"
             + ("." if entry.max_retries else ", or with max_retries= to run it again after a "
-               "lost worker.")
+               "lost worker (for every task: the engine's max_retries_on_system_failure).")
         )))
 
     @staticmethod

@@ -64,7 +64,14 @@ from farcall.endpoint.engines.containers import (
     container_name,
     worker_mounts,
 )
-from farcall.endpoint.engines.policy import WALLTIME_GRACE, PolicyEngine, TaskDurations, TaskEntry
+from farcall.endpoint.engines.policy import (
+    WALLTIME_GRACE,
+    PolicyEngine,
+    PolicyOptions,
+    TaskDurations,
+    TaskEntry,
+)
+from farcall.endpoint.engines.threads import POOL_KEYS
 from farcall.endpoint.worker_env import worker_environment
 from farcall.protocol.channel import TaskMessage, join_task_batch
 
@@ -77,7 +84,15 @@ TURN_SECONDS = 2.0
 user before it is taken for another (a fresh worker costs a process start)."""
 
 
-class ProcessPoolOptions(ContainerOptions):
+class ProcessPoolOptions(ContainerOptions, PolicyOptions):
+    globus_keys = {
+        **POOL_KEYS,
+        "mp_context": "farcall's workers are always fresh interpreters of their own (like "
+                      "'spawn'), started with the worker environment",
+        "max_tasks_per_child": "farcall keeps a worker until it is lost, stopped to end a task, "
+                               "or retired to serve another user",
+    }
+
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     max_chunk: int = Field(default=64, ge=1, description="most tasks sent to a worker at once")
     worker_idle_seconds: float = Field(
@@ -210,8 +225,10 @@ class ProcessPoolEngine(PolicyEngine):
         container_type: str | None = None,
         container_uri: str | None = None,
         container_cmd_options: str | None = None,
+        max_retries_on_system_failure: int = 0,
+        allowed_serializers: list[str] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(max_retries_on_system_failure, allowed_serializers)
         self.container = ContainerOptions(
             container_type=container_type, container_uri=container_uri,
             container_cmd_options=container_cmd_options).container()
@@ -254,6 +271,8 @@ class ProcessPoolEngine(PolicyEngine):
         self._thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        if self._refuse(task, on_done):
+            return
         entry = self._admit(task, on_done, on_start, payload=task.model_dump_json())
         queue = self._queues.get(entry.user) or self._new_queue(entry.user)
         queue.pending.append(entry)

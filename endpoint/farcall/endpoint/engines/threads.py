@@ -24,8 +24,8 @@ import time
 
 from pydantic import Field
 
-from farcall.endpoint.engines.base import EngineOptions, EngineStatus, OnDone, OnStart
-from farcall.endpoint.engines.policy import PolicyEngine, TaskEntry
+from farcall.endpoint.engines.base import EngineStatus, OnDone, OnStart
+from farcall.endpoint.engines.policy import PolicyEngine, PolicyOptions, TaskEntry
 from farcall.endpoint.outcomes import failed_result
 from farcall.endpoint.worker import execute
 from farcall.protocol.channel import TaskMessage
@@ -34,7 +34,23 @@ _DROPPED = object()
 """``TaskEntry.worker`` of a queued task that was cancelled: counted out of the queue once."""
 
 
-class ThreadPoolOptions(EngineOptions):
+INITIALIZER = ("farcall runs no initializer in its workers: do the set-up in the function "
+               "(once per worker, e.g. behind a module-level flag), or in endpoint_setup for "
+               "shell commands")
+POOL_KEYS = {
+    "label": "it names the engine in Globus Compute's logs; farcall's log names the engine by "
+             "its type, so the label is not used",
+    "initializer": INITIALIZER,
+    "initargs": INITIALIZER,
+}
+"""Globus Compute keys of its pool engines (``concurrent.futures`` arguments) that farcall's
+pools do not act on, and what they do instead."""
+
+
+class ThreadPoolOptions(PolicyOptions):
+    globus_keys = {**POOL_KEYS,
+                   "thread_name_prefix": "farcall names its worker threads farcall-thread-N"}
+
     max_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
 
 
@@ -58,8 +74,10 @@ class ThreadPoolEngine(PolicyEngine):
                      "everything the agent holds (its endpoint credential, its environment, its "
                      "memory) and every other user's tasks and results")
 
-    def __init__(self, max_workers: int | None = None, prefetch: int = 128) -> None:
-        super().__init__()
+    def __init__(self, max_workers: int | None = None, prefetch: int = 128,
+                 max_retries_on_system_failure: int = 0,
+                 allowed_serializers: list[str] | None = None) -> None:
+        super().__init__(max_retries_on_system_failure, allowed_serializers)
         self.max_workers = max_workers or os.cpu_count() or 1
         self.prefetch = prefetch
         self._queue: queue.SimpleQueue[TaskEntry | None] = queue.SimpleQueue()
@@ -85,6 +103,8 @@ class ThreadPoolEngine(PolicyEngine):
         slot.thread.start()
 
     def submit(self, task: TaskMessage, on_done: OnDone, on_start: OnStart | None = None) -> None:
+        if self._refuse(task, on_done):
+            return
         entry = self._admit(task, on_done, on_start)
         entry.task = task
         with self._lock:
