@@ -25,6 +25,7 @@ from typing import Any
 
 from farcall.endpoint import daemon, lockdown
 from farcall.endpoint.agent import Agent
+from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.config import (
     PROVIDER_TEMPLATES,
     configure,
@@ -32,7 +33,6 @@ from farcall.endpoint.config import (
     farcall_home,
     load_config,
 )
-from farcall.endpoint.check import check_config, check_endpoint
 from farcall.endpoint.engines import ENGINES, build_engine
 from farcall.endpoint.errors import EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.events import EventWriter

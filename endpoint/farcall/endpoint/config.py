@@ -31,8 +31,8 @@ from pydantic import (
 
 from farcall import config as sdk_config
 from farcall.config import farcall_home
-from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
 from farcall.endpoint import problems
+from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
 from farcall.endpoint.errors import EndpointConfigError, validation_problems
 from farcall.errors import ConfigurationError
 from farcall.protocol.channel import DATA_RETRY_SECONDS
