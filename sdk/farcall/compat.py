@@ -19,7 +19,7 @@ STREAM = ("farcall sends tasks and streams results over the broker's one HTTPS/W
           "(FARCALL_BROKER_URL); there is no AMQP connection to configure")
 BURST = ("farcall sends every task queued while a request is in flight as one batch, and waits "
          "and retries when the broker answers 429 (within Client(retry_seconds=...))")
-RESULTS = ("the endpoint picks how to serialize each result (pickle, cloudpickle, then dill) "
+RESULTS = ("farcall's endpoint picks how to serialize each result (pickle, cloudpickle, then dill) "
            "and the submitter reads whichever it picked")
 DATA = ("farcall picks how to serialize each argument (pickle, cloudpickle, then dill; JSON for "
         "flows) and falls back by itself")

@@ -392,6 +392,12 @@ class Executor(concurrent.futures.Executor):
             function.payload = ""
         return function.function_id
 
+    def register_source_code(self, source: str, function_name: str, **register_kwargs: Any) -> str:
+        """Register the function ``function_name`` defined in the Python ``source`` text
+        (:meth:`Client.register_source_code`); its id, for :meth:`submit_to_registered_function`."""
+        self._check_open(need_endpoint=False)
+        return self.client.register_source_code(source, function_name, **register_kwargs)
+
     def get_worker_hardware_details(self) -> str:
         """A report of the machine a worker of the endpoint runs on (host, CPUs, memory,
         accelerators), run there as a task; waits for it."""
