@@ -112,7 +112,7 @@ class Batch:
 
     def add(
         self,
-        function_id: str,
+        function_id: str | uuid.UUID,
         args: Iterable[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,

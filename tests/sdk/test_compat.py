@@ -97,7 +97,7 @@ def test_globus_compute_positional_order_and_uuids(fake: FakeBroker) -> None:
     assert ex.user_endpoint_config == {"account": "a1"}
     assert (ex.label, ex.batch_size) == ("sweep", 7)
     assert "label='sweep'" in repr(ex)
-    ex.endpoint_id = ep  # type: ignore[assignment]
+    ex.endpoint_id = ep
     assert ex.endpoint_id == str(ep)
     ex.shutdown()
 
@@ -277,6 +277,7 @@ def test_get_task_has_globus_computes_keys_beside_farcalls(stack: Stack) -> None
     assert task["state"] == "success" and task["completion_t"] == task["completed_at"]
     failed = client.get_task(bad)
     assert failed["status"] == "failed" and isinstance(failed["exception"], ValueError)
+    assert isinstance(failed["exception"], TaskExecutionFailed)
     with pytest.raises(TaskExecutionFailed) as info:
         failed["exception"].reraise()
     assert "no good: 3" in info.value.remote_data

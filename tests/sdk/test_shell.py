@@ -231,8 +231,9 @@ def test_globus_computes_arguments_in_its_order(tmp_path: Path) -> None:
     fn = ShellFunction("echo {word}; echo oops >&2", str(out), str(err), 30, 5, "shout", True)
     assert (fn.stdout, fn.stderr, fn.walltime, fn.snippet_lines, fn.__name__, fn.return_dict) == (
         str(out), str(err), 30.0, 5, "shout", True)
-    assert fn(word="one")["stdout"] == "one\n"
-    second = fn(word="two")
+    first, second = fn(word="one"), fn(word="two")
+    assert isinstance(first, dict) and isinstance(second, dict)
+    assert first["stdout"] == "one\n"
     assert (second["stdout"], second["stderr"]) == ("one\ntwo\n", "oops\noops\n")  # appended
     assert (out.read_text(), err.read_text()) == ("one\ntwo\n", "oops\noops\n")
     mpi = MPIFunction("hostname", stdout=str(out), snippet_lines=3)

@@ -51,7 +51,7 @@ def test_a_data_strategy_is_accepted_with_one_warning_and_not_as_code() -> None:
     assert [str(w.message) for w in caught if w.category is CompatibilityWarning] == [
         f"ComputeSerializer(strategy_data=...) is accepted and not used: {compat.DATA}"]
     with pytest.raises(TypeError, match="strategy_code must be one of CombinedCode"):
-        fs.ComputeSerializer(strategy_code=fs.JSONData())  # type: ignore[arg-type]
+        fs.ComputeSerializer(strategy_code=fs.JSONData())
     with pytest.raises(TypeError, match="strategy_data must be a data strategy"):
         fs.ComputeSerializer(strategy_data=fs.DillCode())
 
