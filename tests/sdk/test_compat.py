@@ -53,7 +53,7 @@ def fails(x: int) -> int:
 @pytest.mark.parametrize(("name", "value"), [
     ("amqp_port", 443), ("api_burst_limit", 4), ("api_burst_window_s", 16),
     ("result_serializers", ["farcall.serialize.DillCode"]), ("batch_interval", 0.5),
-    ("batch_enabled", True), ("container_id", str(uuid.uuid4())),
+    ("batch_enabled", True), ("container_id", "4b116d3c-1703-4f8f-9f6f-39921e5864df"),
 ])
 def test_each_unused_executor_argument_warns_once_saying_what_farcall_does(
         fake: FakeBroker, name: str, value: Any) -> None:
