@@ -59,8 +59,9 @@ def test_configure_start_list_stop(broker: FakeBroker, env: dict[str, str], tmp_
         broker.wait(lambda: broker.result_ids() == {task.task_id}, 30, "result")
         assert value_of(broker.results()[0]) == 27
 
-        stopped = cli(env, "stop", "ep")
+        stopped = cli(env, "stop", ENDPOINT_ID)  # by id, as Globus Compute operators may
         assert stopped.returncode == 0, stopped.stderr
+        assert "stopped endpoint ep" in stopped.stdout
         assert proc.wait(30) == 0, log.read_text()
     finally:
         if proc.poll() is None:

@@ -404,3 +404,31 @@ def test_configure_parsl_engine_with_slurm_provider(
     assert refused.returncode == 1
     assert "--provider SlurmProvider needs --engine ParslEngine" in refused.stderr, refused.stderr
     assert not (endpoint_dir(env, "cpu") / "config.yaml").exists()
+
+
+def test_detached_start_logs_where_log_dir_stdout_and_stderr_say_with_debug(
+    broker: FakeBroker, env: dict[str, str], daemons: Daemons
+) -> None:
+    """Globus Compute's log_dir, stdout, stderr and debug keys, honoured by start --detach; the
+    warnings of the file are printed by the start."""
+    directory = set_up(env, broker, "ep", log_dir="logs", stdout="out.log", stderr="err.log",
+                       debug=True, amqp_port=443)
+    started = start_detached(env, "ep")
+    assert "amqp_port: ignored" in started.stderr, started.stderr
+    assert str(directory / "logs" / "err.log") in started.stdout  # "log: ..." names it
+    pid = daemons.pid(directory)
+    log = directory / "logs" / "err.log"
+    assert " DEBUG " in log.read_text() and "connected to" in log.read_text()
+    assert (directory / "logs" / "out.log").is_file()
+    assert not (directory / "endpoint.log").exists()
+    stop(env, "ep")
+    assert not alive(pid)
+
+
+def test_a_detached_start_that_fails_shows_the_tail_of_its_stderr_file(
+    broker: FakeBroker, env: dict[str, str], daemons: Daemons
+) -> None:
+    set_up(env, broker, "ep", stderr="err.log", endpoint_setup="echo no scratch; exit 3")
+    done = cli(env, "start", "ep", "--detach", "--wait", str(WAIT))
+    assert done.returncode == 1, done.stdout
+    assert "err.log" in done.stderr and "endpoint_setup failed (exit code 3)" in done.stderr

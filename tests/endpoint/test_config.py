@@ -8,6 +8,7 @@ import pytest
 
 from farcall.endpoint.config import configure, endpoint_dir, load_config, parse_config
 from farcall.endpoint.errors import EndpointConfigError
+from farcall.endpoint.problems import ConfigProblems
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +90,75 @@ def test_bad_config_names_file_and_key(home: Path, text: str, pattern: str) -> N
 def test_missing_config_says_how_to_create_it() -> None:
     with pytest.raises(EndpointConfigError, match="farcall-endpoint configure ghost"):
         load_config("ghost")
+
+
+# ------------------------------------------------------------------ Globus Compute's keys
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("idle_heartbeats_soft: -1", r"idle_heartbeats_soft: Input should be greater than or equal to 0"),
+        ("idle_heartbeats_soft: 2.5", r"idle_heartbeats_soft: Input should be a valid integer"),
+        ("idle_heartbeats_hard: yes", r"idle_heartbeats_hard: must be a number .*not true or false"),
+        ("heartbeat_threshold: 0", r"heartbeat_threshold: Input should be greater than 0"),
+        ("heartbeat_threshold: true", r"heartbeat_threshold: must be a number"),
+        ("debug: 3", r"debug: Input should be a valid boolean"),
+        ("stdout: [a]", r"stdout: Input should be a valid string"),
+    ],
+)
+def test_bad_globus_compute_values_name_the_key(text: str, pattern: str) -> None:
+    with pytest.raises(EndpointConfigError, match=pattern):
+        parse_config(text)
+
+
+def test_every_bad_top_level_key_is_reported_at_once_in_the_files_order() -> None:
+    text = """\
+display_name: ok
+heartbeat_period: -1
+amqp_port: 5671
+idle_heartbeats_soft: x
+heartbeat_perod: 5
+engine: {type: Nope}
+executors: [{type: HighThroughputExecutor}]
+broker_url: ftp://x
+heartbeat_threshold: 0
+"""
+    with pytest.raises(ConfigProblems) as caught:
+        parse_config(text, "gc/config.yaml")
+    found = caught.value.problems
+    assert [p.key or str(p).split(":")[0] for p in found] == [
+        "heartbeat_period", "idle_heartbeats_soft", "heartbeat_perod", "engine.type", "executors",
+        "broker_url", "heartbeat_threshold"]
+    message = str(caught.value)
+    assert message.startswith("gc/config.yaml: 7 problems:")
+    for part in ("(got -1)", "(got 'x')", "valid keys:", "unknown engine 'Nope'; valid choices",
+                 "write one engine section instead", "must start with http", "(got 0)"):
+        assert part in message, part
+    assert "amqp_port" not in message  # a warning, not a problem
+
+
+def test_globus_compute_values_load_as_globus_compute_reads_them() -> None:
+    config = parse_config("display_name: None\nidle_heartbeats_soft: 3\nheartbeat_threshold: 90\n"
+                          "debug: true\nlog_dir: /var/log/ep\nstdout: out.log")
+    assert config.display_name is None  # Globus Compute once wrote the text None for "unset"
+    assert (config.idle_heartbeats_soft, config.idle_heartbeats_hard) == (3, 5760)
+    assert (config.heartbeat_threshold, config.debug) == (90, True)
+    assert (config.log_dir, config.stdout, config.stderr) == ("/var/log/ep", "out.log", None)
+    assert config.warnings == []
+    default = parse_config("")
+    assert (default.heartbeat_threshold, default.idle_heartbeats_soft, default.debug) == (None, 0, False)
+
+
+def test_idle_heartbeats_hard_without_soft_warns_it_does_nothing() -> None:
+    [warning] = parse_config("idle_heartbeats_hard: 100").warnings
+    assert warning.key == "idle_heartbeats_hard"
+    assert "no effect while idle_heartbeats_soft is 0" in warning.message
+    assert "set idle_heartbeats_soft" in warning.message
+    assert parse_config("idle_heartbeats_hard: 100\nidle_heartbeats_soft: 1").warnings == []
+
+
+def test_configure_sets_the_display_name(home: Path) -> None:
+    configure("lab", display_name="Lab server: GPUs")
+    assert load_config("lab").display_name == "Lab server: GPUs"
+    assert load_config("lab").warnings == []

@@ -74,3 +74,15 @@ def test_a_detached_start_passes_register_again_on(
         daemon.start_detached("ep", tmp_path / "ep", 30, register_again=register_again)
     flag = " --register-again" if register_again else ""
     assert f"argv: -m farcall.endpoint start ep{flag}\n" in str(caught.value) + "\n"
+
+
+def test_log_files_follow_log_dir_stdout_and_stderr(tmp_path: Path) -> None:
+    """Globus Compute's keys: log_dir relative to the endpoint's directory, the files to it."""
+    ep = tmp_path / "ep"
+    assert daemon.log_files(ep) == (ep / "endpoint.log", ep / "endpoint.log")
+    assert daemon.log_files(ep, "logs") == (ep / "logs/endpoint.log", ep / "logs/endpoint.log")
+    assert daemon.log_files(ep, "/var/log/x", "./out.log", "err.log") == (
+        Path("/var/log/x/out.log"), Path("/var/log/x/err.log"))
+    assert daemon.log_files(ep, None, None, "/tmp/e.log") == (ep / "endpoint.log",
+                                                              Path("/tmp/e.log"))
+    assert daemon.log_files(ep, "~/logs")[0] == Path.home() / "logs" / "endpoint.log"

@@ -31,6 +31,14 @@ holds and sends results. What a caller may rely on (see docs/protocol.md, "Endpo
   died are reported once in the next ``Hello.crashed_task_ids`` (``journal.py``).
 - With ``idle_shutdown_seconds`` set, the agent stops by itself (as ``request_stop`` does)
   once that long has passed with no task running, no result held and no task arriving.
+- With ``idle_heartbeats_soft`` > 0 it also stops by Globus Compute's rule, counted in
+  heartbeat periods (``idle.py``): after some work, that many periods idle with nothing
+  outstanding; or ``idle_heartbeats_hard`` periods with nothing moving even with tasks held.
+  Either is the same graceful stop; tasks still held then are in flight at the broker, which
+  hands them out again.
+- With ``heartbeat_threshold`` set, a connection on which the broker has not been heard for
+  that many seconds is deemed lost and the agent reconnects (WebSocket pings every half of it,
+  each answered within the other half); unset, the pings' defaults (20 s, 20 s) apply.
 - ``on_task_states`` (if given) gets, once per batch, the ``(task_id, state)`` of every task
   received, started and finished (``received``, ``running``, ``success``, ``failed``), and
   ``("", "connected")`` at each session's welcome: a multi-user endpoint's audit log.
@@ -62,6 +70,7 @@ from farcall import tls
 from farcall.backoff import Backoff
 from farcall.endpoint.engines.base import Engine
 from farcall.endpoint.errors import EndpointRejected, ProtocolError
+from farcall.endpoint.idle import IdleHeartbeats, Verdict
 from farcall.endpoint.intake import Intake
 from farcall.endpoint.journal import CrashJournal
 from farcall.endpoint.outbox import Outbox
@@ -97,6 +106,8 @@ RUNNING_REPORT_PERIOD = 0.2
 """Seconds between reports of tasks that started and are still running."""
 IDLE_CHECKS = 4
 """An idle shutdown is checked this many times per ``idle_shutdown_seconds`` (at most once a second)."""
+PING_PERIOD = 20.0
+"""Without ``heartbeat_threshold``: seconds between pings, and to answer one (websockets' own)."""
 HEALTHY_SESSION = 5.0
 """Seconds a session must last before the reconnect backoff starts again from its shortest delay.
 
@@ -151,6 +162,9 @@ class Agent:
         user_config_schema: dict[str, Any] | None = None,
         on_start_user_endpoint: Callable[[StartUserEndpoint], None] | None = None,
         on_task_states: Callable[[list[tuple[str, str]]], None] | None = None,
+        heartbeat_threshold: float | None = None,
+        idle_heartbeats_soft: int = 0,
+        idle_heartbeats_hard: int = 5760,
     ) -> None:
         self.broker_url = broker_url
         self.endpoint_id = endpoint_id
@@ -180,8 +194,12 @@ class Agent:
         """Called on the event loop with each ``StartUserEndpoint``: must return at once."""
         self.on_task_states = on_task_states
         """Called on the event loop with a batch of ``(task_id, state)``: must return at once."""
+        self.heartbeat_threshold = heartbeat_threshold
+        """Seconds without hearing from the broker before the connection is deemed lost."""
+        self.idle_heartbeats = IdleHeartbeats(idle_heartbeats_soft, idle_heartbeats_hard)
         self.idle_stopped = False
-        """The agent stopped because it was idle for ``idle_shutdown_seconds``."""
+        """The agent stopped because it was idle (``idle_shutdown_seconds`` or the idle
+        heartbeats)."""
         self._credential = credential
         self._url = websocket_url(broker_url, f"/endpoints/{endpoint_id}/connect")
         self._headers = {"Authorization": f"Bearer {credential}"}
@@ -212,6 +230,8 @@ class Agent:
         self._state_q: collections.deque[tuple[str, str]] = collections.deque()
         self._wake_pending = False
         self._last_activity = 0.0
+        self._moved = 0
+        """Tasks received, finished and acknowledged so far (the idle heartbeats' movement)."""
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requests = 0
@@ -252,8 +272,11 @@ class Agent:
         log.info("engine %s started (capacity %d)", self.engine.name, self.engine.capacity)
         connection = asyncio.create_task(self._connect_loop(), name="farcall-connection")
         stop = asyncio.create_task(self._stop_event.wait())
-        idle = (asyncio.create_task(self._idle_watch(self.idle_shutdown_seconds))
-                if self.idle_shutdown_seconds else None)
+        watches: list[asyncio.Task[None]] = []
+        if self.idle_shutdown_seconds:
+            watches.append(asyncio.create_task(self._idle_watch(self.idle_shutdown_seconds)))
+        if self.idle_heartbeats.enabled:
+            watches.append(asyncio.create_task(self._idle_heartbeats_watch()))
         try:
             await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
             if connection.done():
@@ -264,9 +287,9 @@ class Agent:
         finally:
             connection.cancel()
             stop.cancel()
-            if idle is not None:
-                idle.cancel()
-            await asyncio.gather(connection, stop, *([idle] if idle else []), return_exceptions=True)
+            for watch in watches:
+                watch.cancel()
+            await asyncio.gather(connection, stop, *watches, return_exceptions=True)
             self.connected.clear()
             await asyncio.to_thread(self.engine.shutdown, False)
             if self._journal is not None:
@@ -312,6 +335,34 @@ class Agent:
                 self.request_stop()
                 return
 
+    async def _idle_heartbeats_watch(self) -> None:
+        """Stop the agent by Globus Compute's idle rule, checked once per heartbeat period."""
+        rule, intake, outbox = self.idle_heartbeats, self._intake, self._outbox
+        seen = self._moved
+        while True:
+            await asyncio.sleep(self.heartbeat_period)
+            moved, seen = self._moved != seen, self._moved
+            outstanding = len(intake.running) + outbox.held
+            counts = rule.soft_count, rule.hard_count
+            verdict = rule.tick(moved=moved, worked=self._moved > 0, outstanding=bool(outstanding))
+            if verdict == "soft":
+                log.info("idle for %d heartbeat periods with nothing outstanding "
+                         "(idle_heartbeats_soft): stopping", rule.soft_count)
+            elif verdict == "hard":
+                log.warning("no task or result moved for %d heartbeat periods "
+                            "(idle_heartbeats_hard) with %d task(s) or result(s) outstanding: "
+                            "stopping; the broker hands out again the tasks still held",
+                            rule.hard_count, outstanding)
+            elif counts[0] == 0 < rule.soft_count or counts[1] == rule.soft < rule.hard_count:
+                which: Verdict = "soft" if counts[0] == 0 < rule.soft_count else "hard"
+                log.info("idle: stopping in %.0f s unless a task or result moves "
+                         "(idle_heartbeats_%s)", rule.seconds_left(which, self.heartbeat_period),
+                         which)
+            if verdict is not None:
+                self.idle_stopped = True
+                self.request_stop()
+                return
+
     async def _wait_for(self, condition: Callable[[], bool], deadline: float) -> bool:
         assert self._loop is not None and self._changed is not None
         while True:
@@ -342,6 +393,8 @@ class Agent:
                     open_timeout=WELCOME_TIMEOUT,
                     close_timeout=2,
                     ssl=self._ssl,
+                    ping_interval=self._ping_every,
+                    ping_timeout=self._ping_every,
                 ) as ws:
                     session_ws = ws
                     welcomed = await self._hello(ws)
@@ -396,6 +449,12 @@ class Agent:
             delay = backoff.next_delay()
             log.info("reconnecting in %.1f s", delay)
             await asyncio.sleep(delay)
+
+    @property
+    def _ping_every(self) -> float:
+        """The WebSocket pings that tell a silent broker from a live one: one every this many
+        seconds, each to be answered within as many (``heartbeat_threshold``: half of it each)."""
+        return PING_PERIOD if self.heartbeat_threshold is None else self.heartbeat_threshold / 2
 
     def _credential_changed(self) -> bool:
         """Take up the stored credential if it is not the one in use (True: reconnect with it)."""
@@ -491,12 +550,14 @@ class Agent:
                 continue
             if isinstance(frame, TasksFrame):
                 if frame.tasks:
+                    self._moved += len(frame.tasks)
                     self._last_activity = self._loop.time() if self._loop else 0.0
                     if self.on_task_states is not None:
                         self._states([(t.task_id, "received") for t in frame.tasks])
                 if intake.take(frame.tasks, frame.functions):
                     self._kick()  # the skipped tasks' credit goes back to the broker
             elif isinstance(frame, ResultsAck):
+                self._moved += len(frame.task_ids)
                 self._outbox.acked(frame.task_ids)
                 assert self._changed is not None
                 self._changed.set()
@@ -594,6 +655,7 @@ class Agent:
             finished.append(item)
         # Each result carries its started_at: its running report, if not sent yet, is dropped.
         self._outbox.put(finished)
+        self._moved += len(finished)
         state_q = self._state_q
         if state_q:
             self._states([state_q.popleft() for _ in range(len(state_q))])

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from farcall.endpoint import daemon, lockdown
@@ -62,10 +63,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if getattr(args, "name", None) and args.command in BY_NAME_OR_ID:
+            args.name = endpoint_name(args.name)
         return int(args.func(args))
     except FarcallError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+BY_NAME_OR_ID = ("render-user-config", "check", "start", "stop", "restart", "status",
+                 "rotate-credential", "delete")
+"""Verbs that, as Globus Compute's do, take the endpoint's name or its id."""
+
+
+def endpoint_name(name_or_id: str) -> str:
+    """The local endpoint a verb means: a configured name, else the endpoint whose registration
+    has this id (an operator may type the id ``list`` shows, as with Globus Compute)."""
+    root = farcall_home() / "endpoints"
+    if (root / name_or_id).is_dir() or not root.is_dir():
+        return name_or_id
+    for directory in sorted(root.iterdir()):
+        try:
+            stored = load_registrations(directory)
+        except EndpointError:
+            continue
+        if stored is not None and any(r.endpoint_id == name_or_id for r in stored.registrations):
+            return directory.name
+    return name_or_id
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,9 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("version", help="print farcall's version")
+    p.set_defaults(func=cmd_version)
+
     p = sub.add_parser("configure", help="write $FARCALL_HOME/endpoints/NAME/config.yaml")
     p.add_argument("name")
-    p.add_argument("--engine", default="ProcessPoolEngine", choices=list(ENGINES))
+    p.add_argument("--engine", choices=list(ENGINES), help="default: ProcessPoolEngine")
     p.add_argument("--provider", choices=list(PROVIDER_TEMPLATES),
                    help="for ParslEngine/MPIEngine: the scheduler to get workers from")
     p.add_argument("--broker-url", help="default: $FARCALL_BROKER_URL at start")
@@ -88,14 +115,23 @@ def _parser() -> argparse.ArgumentParser:
                         "as their own Unix account; also writes identity_mapping.json, "
                         "user_config_template.yaml.j2, user_config_schema.json and "
                         "user_environment.yaml (docs/multi-user.md)")
+    p.add_argument("--display-name", help="the name users see (default: NAME)")
+    p.add_argument("--from", dest="source", metavar="GC_ENDPOINT_DIR", type=Path,
+                   help="copy a Globus Compute endpoint's configuration (such as "
+                        "~/.globus_compute/NAME: config.yaml and its user config template, schema, "
+                        "environment and identity mapping), checked first; never its registration")
     p.set_defaults(func=cmd_configure)
 
     p = sub.add_parser("render-user-config", help=(
         "render a multi-user endpoint's user endpoint config for some values, offline, and print "
         "it (exit 1 with the reason if the values or the template are refused)"))
-    p.add_argument("name")
-    p.add_argument("--user-config", default="{}", metavar="JSON",
+    p.add_argument("name", nargs="?", help="the endpoint's name or id (or -e/--endpoint)")
+    p.add_argument("-e", "--endpoint", dest="endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--user-config", default=None, metavar="JSON",
                    help="the values a user would send as user_endpoint_config (default: {})")
+    p.add_argument("-o", "--user-options", metavar="FILE",
+                   help="read the values from a JSON file instead ('-': standard input), as "
+                        "Globus Compute's render-user-config does")
     p.add_argument("--user", metavar="LOCAL_NAME",
                    help="the local account to render for (default: the account running this)")
     p.set_defaults(func=cmd_render_user_config)
@@ -109,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("start", help="register (first time) and run, in the foreground or --detach")
     p.add_argument("name")
     p.add_argument("--detach", action="store_true",
-                   help="run as a daemon; log to endpoint.log in the endpoint's directory")
+                   help="run as a daemon; log to endpoint.log in the endpoint's directory (or "
+                        "where config.yaml's log_dir, stdout and stderr say)")
     p.add_argument("--register-again", action="store_true",
                    help="register a new endpoint with the configured broker (needs your token), "
                         "for a broker this endpoint is not registered with; endpoint.json keeps "
@@ -147,8 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("delete", help="stop, deregister from the broker and remove the files")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--local-only", action="store_true",
-                   help="remove the local files even when the broker cannot be told")
+    p.add_argument("--local-only", "--force", dest="local_only", action="store_true",
+                   help="remove the local files even when the broker cannot be told "
+                        "(--force: Globus Compute's name)")
     p.set_defaults(func=cmd_delete)
     return parser
 
@@ -160,8 +198,11 @@ def cmd_configure(args: argparse.Namespace) -> int:
     if args.max_workers is not None and args.max_workers < 1:
         print("error: --max-workers must be at least 1", file=sys.stderr)
         return 2
-    path = configure(args.name, args.engine, args.broker_url, args.max_workers, args.force,
-                     args.provider, multi_user=args.multi_user)
+    if args.source is not None:
+        return _configure_from(args)
+    path = configure(args.name, args.engine or "ProcessPoolEngine", args.broker_url,
+                     args.max_workers, args.force, args.provider, multi_user=args.multi_user,
+                     display_name=args.display_name)
     print(f"wrote {path}")
     if args.multi_user:
         print(f"and, beside it, the files that configure its user endpoints; edit them, try the "
@@ -173,10 +214,64 @@ def cmd_configure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_version(args: argparse.Namespace) -> int:
+    from farcall.version import __version__
+
+    print(f"farcall-endpoint {__version__}")
+    return 0
+
+
+def _configure_from(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("--engine", args.engine), ("--provider", args.provider),
+                                      ("--max-workers", args.max_workers),
+                                      ("--multi-user", args.multi_user)) if value]
+    if given:
+        print(f"error: {', '.join(given)} cannot go with --from: the copied config.yaml says what "
+              "runs the tasks; edit it after the copy", file=sys.stderr)
+        return 2
+    from farcall.endpoint.migrate import GLOBUS_REGISTRATION, configure_from
+
+    done = configure_from(args.name, args.source, display_name=args.display_name,
+                          broker_url=args.broker_url, force=args.force)
+    for file_name, origin in done.copied.items():
+        print(f"copied {origin} -> {done.directory / file_name}")
+    for key, value in done.built.items():
+        print(f"  {key}: {value}")
+    for warning in done.warnings:
+        print(f"WARNING {warning}")
+    registration = [n for n in done.left if n in GLOBUS_REGISTRATION]
+    others = [n for n in done.left if n not in GLOBUS_REGISTRATION]
+    if registration:
+        print(f"not copied: {', '.join(registration)} (Globus Compute's registration: never)")
+    if others:
+        print(f"not copied: {', '.join(others)}")
+    print(f"endpoint {args.name} registers anew with farcall's broker at its first start, with a "
+          "new endpoint id: give your users that id (farcall-endpoint status "
+          f"{args.name} shows it). Run: farcall-endpoint start {args.name}")
+    return 0
+
+
 def cmd_render_user_config(args: argparse.Namespace) -> int:
     from farcall.endpoint.multiuser.identity import local_user
     from farcall.endpoint.multiuser.templates import UserConfigError, render_user_config
 
+    if args.endpoint and args.name and endpoint_name(args.endpoint) != args.name:
+        raise UserConfigError("give the endpoint once: as NAME or as -e/--endpoint")
+    if not args.name and not args.endpoint:
+        raise UserConfigError("which endpoint? give its name: farcall-endpoint render-user-config "
+                              "NAME --user-config '{...}'")
+    args.name = args.name or endpoint_name(args.endpoint)
+    if args.user_options is not None and args.user_config is not None:
+        raise UserConfigError("give the values once: --user-config JSON or -o/--user-options FILE")
+    if args.user_options is not None:
+        try:
+            args.user_config = (sys.stdin.read() if args.user_options == "-"
+                                else open(args.user_options).read())
+        except OSError as e:
+            raise UserConfigError(f"-o/--user-options: cannot read {args.user_options}: "
+                                  f"{e.strerror}") from None
+    if args.user_config is None:
+        args.user_config = "{}"
     config = load_config(args.name)
     if not config.multi_user:
         raise EndpointError(f"endpoint {args.name!r} is not a multi-user endpoint (its config.yaml "
@@ -205,6 +300,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_start(args: argparse.Namespace) -> int:
     name = args.name
     config = load_config(name)
+    if config.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
     directory = endpoint_dir(name)
     broker_url = config.resolved_broker_url()
     for warning in check_config(name, config, directory).warnings:
@@ -216,8 +313,9 @@ def cmd_start(args: argparse.Namespace) -> int:
                              wait=args.wait, register_again=args.register_again)
     engine_spec = config.engine_spec(directory)
     if args.detach:
-        started = daemon.start_detached(name, directory, args.wait,
-                                        register_again=args.register_again)
+        started = daemon.start_detached(
+            name, directory, args.wait, register_again=args.register_again,
+            logs=daemon.log_files(directory, config.log_dir, config.stdout, config.stderr))
         if started.endpoint_id is None:
             print(f"endpoint {name} runs as pid {started.pid} but is not connected to the broker "
                   f"yet; see {started.log}")
@@ -254,6 +352,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             reload_credential=lambda: stored_credential(directory, registration.endpoint_id),
             idle_shutdown_seconds=config.idle_shutdown_seconds,
             on_task_states=EventWriter.from_environment(),
+            heartbeat_threshold=config.heartbeat_threshold,
+            idle_heartbeats_soft=config.idle_heartbeats_soft,
+            idle_heartbeats_hard=config.idle_heartbeats_hard,
         )
         log.info("starting endpoint %s (%s) with %s", name, registration.endpoint_id, engine.name)
         if engine.shared_caveat:

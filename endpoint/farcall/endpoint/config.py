@@ -14,6 +14,7 @@ Layout under ``$FARCALL_HOME`` (default ``~/.farcall``)::
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -31,7 +32,7 @@ from pydantic import (
 
 from farcall import config as sdk_config
 from farcall.config import farcall_home
-from farcall.endpoint import problems
+from farcall.endpoint import compat, problems
 from farcall.endpoint.engines import ENGINES, engine_class, validate_engine
 from farcall.endpoint.errors import EndpointConfigError, validation_problems
 from farcall.errors import ConfigurationError
@@ -76,6 +77,30 @@ class EndpointConfig(BaseModel):
         default=None, gt=0, allow_inf_nan=False,
         description="stop the agent after this many seconds with no task held or arriving "
                     "(a multi-user endpoint's manager sets it on every user endpoint; None: never)")
+    # Globus Compute's keys with the same meaning there (compat.py has the table of every key).
+    heartbeat_threshold: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False,
+        description="seconds without hearing from the broker before the connection is deemed "
+                    "lost and the agent reconnects (None: WebSocket pings every 20 s, 20 s to "
+                    "answer)")
+    idle_heartbeats_soft: int = Field(
+        default=0, ge=0,
+        description="after at least one task, stop once this many heartbeat periods pass idle "
+                    "with nothing outstanding; 0: never")
+    idle_heartbeats_hard: int = Field(
+        default=5760, ge=0,
+        description="stop once this many heartbeat periods pass with no task or result moving, "
+                    "even with some outstanding (only when idle_heartbeats_soft > 0)")
+    debug: bool = Field(default=False, description="DEBUG logging, as farcall-endpoint -v")
+    log_dir: str | None = Field(
+        default=None, description="with start --detach: the log's directory (default: the "
+                                  "endpoint's directory, which a relative path starts from)")
+    stdout: str | None = Field(
+        default=None, description="with start --detach: the daemon's output file, relative to "
+                                  "log_dir (default: endpoint.log)")
+    stderr: str | None = Field(
+        default=None, description="with start --detach: the daemon's log file, relative to "
+                                  "log_dir (default: the same file as stdout)")
 
     # A multi-user endpoint's manager (docs/multi-user.md): it runs no task itself; it starts a
     # user endpoint, as the submitter's own Unix account, from the files beside config.yaml
@@ -99,6 +124,36 @@ class EndpointConfig(BaseModel):
         """Keys taken but not acted on as Globus Compute would, each with what farcall does
         instead; the endpoint logs each once, as a WARNING, when it starts."""
         return self._warnings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _globus_compute_keys(cls, data: Any) -> Any:
+        """Globus Compute keys farcall takes without acting on them: a warning each, gone."""
+        return compat.take_globus_keys(data) if isinstance(data, dict) else data
+
+    @field_validator("heartbeat_threshold", "idle_heartbeats_soft", "idle_heartbeats_hard",
+                     mode="before")
+    @classmethod
+    def _no_bool_counts(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's yes/true would pass as 1
+            raise ValueError("must be a number (of seconds for heartbeat_threshold, of heartbeat "
+                             "periods for idle_heartbeats_*), not true or false")
+        return value
+
+    @field_validator("display_name", mode="before")
+    @classmethod
+    def _none_text_is_unset(cls, value: Any) -> Any:
+        # Globus Compute wrote `display_name: None` into configs for a while; it means unset.
+        return None if value == "None" else value
+
+    @model_validator(mode="after")
+    def _hard_needs_soft(self) -> EndpointConfig:
+        if "idle_heartbeats_hard" in self.model_fields_set and not self.idle_heartbeats_soft:
+            problems.warn("idle_heartbeats_hard", (
+                "has no effect while idle_heartbeats_soft is 0 (as in Globus Compute): the endpoint "
+                "never stops by itself; set idle_heartbeats_soft to a number of heartbeat periods "
+                "to enable both"))
+        return self
 
     @field_validator("data_retry_seconds", mode="before")
     @classmethod
@@ -202,10 +257,20 @@ def parse_config(text: str, source: str = CONFIG_FILE) -> EndpointConfig:
                 report.error(problem.key, problem.message)
         except EndpointConfigError as e:
             report.error("", str(e))
+    report.errors.sort(key=lambda p: _file_position(p, raw))
     report.raise_if_errors(source)
     assert config is not None
-    config._warnings = list(report.warnings)
+    config._warnings = sorted(report.warnings, key=lambda p: _file_position(p, raw))
     return config
+
+
+def _file_position(problem: problems.Problem, raw: dict[str, Any]) -> int:
+    """Where the top-level key a problem is about sits in the file (its problems in that order;
+    problems of the whole file last)."""
+    key = problem.key or re.split(r"[.:\s]", problem.message, maxsplit=1)[0]
+    order = list(raw)
+    top = key.split(".", 1)[0]
+    return order.index(top) if top in order else len(order)
 
 
 PARSL_ENGINES = ("ParslEngine", "MPIEngine", "GlobusComputeEngine", "GlobusMPIEngine")
@@ -294,6 +359,7 @@ def configure(
     force: bool = False,
     provider: str | None = None,
     multi_user: bool = False,
+    display_name: str | None = None,
 ) -> Path:
     """Write a commented ``config.yaml`` for a new endpoint and return its path.
 
@@ -306,9 +372,13 @@ def configure(
                 "a multi-user endpoint runs no tasks itself, so --engine, --provider and "
                 f"--max-workers do not apply: its user endpoints' engine is in {USER_CONFIG_TEMPLATE}, "
                 "which configure writes with a commented example")
+        from farcall.endpoint.migrate import set_top_level
         from farcall.endpoint.multiuser.defaults import write_multi_user_files
 
-        return write_multi_user_files(endpoint_dir(name), name, broker_url, force)
+        path = write_multi_user_files(endpoint_dir(name), name, broker_url, force)
+        if display_name is not None:
+            path.write_text(set_top_level(path.read_text(), "display_name", display_name))
+        return path
     if engine not in ENGINES:
         raise EndpointConfigError(
             f"unknown engine {engine!r}; valid choices: {', '.join(ENGINES)}"
@@ -325,7 +395,7 @@ def configure(
             f"endpoint {name!r} is already configured ({path}); edit that file, "
             "or pass --force to overwrite it"
         )
-    text = config_template(name, engine, broker_url, max_workers, provider)
+    text = config_template(name, engine, broker_url, max_workers, provider, display_name)
     parse_config(text, str(path))  # never write a file that `start` would refuse
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(text)
@@ -338,7 +408,9 @@ def config_template(
     broker_url: str | None,
     max_workers: int | None,
     provider: str | None = None,
+    display_name: str | None = None,
 ) -> str:
+    shown = json.dumps(display_name) if display_name is not None else name
     url_line = f"broker_url: {broker_url}" if broker_url else "# broker_url: https://broker.example.org"
     return f"""\
 # farcall endpoint "{name}"
@@ -346,7 +418,7 @@ def config_template(
 # `farcall-endpoint start {name}`. Unknown keys are errors.
 
 # Name shown to users in Client.get_endpoints().
-display_name: {name}
+display_name: {shown}
 
 # The broker to connect to. When absent: $FARCALL_BROKER_URL, then broker_url
 # in $FARCALL_HOME/config.
@@ -359,6 +431,12 @@ heartbeat_period: 10
 # On stop (SIGTERM, Ctrl-C, `farcall-endpoint stop`): seconds to let running
 # tasks finish before they are abandoned (the broker hands them out again).
 stop_timeout: 10
+
+# Stop by itself once idle, counted in heartbeat periods as Globus Compute does:
+# after at least one task, this many periods with nothing running or unsent
+# (0: never); idle_heartbeats_hard: this many with nothing moving at all.
+# idle_heartbeats_soft: 0
+# idle_heartbeats_hard: 5760
 
 # Only these registered functions may run here (ids from Client.register_function);
 # a task for any other function fails with FunctionNotAllowed and never runs.

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,13 +183,26 @@ class Detached:
 
     pid: int
     log: Path
+    """Where its log goes (its stderr)."""
     endpoint_id: str | None
 
 
+def log_files(directory: Path, log_dir: str | None = None, stdout: str | None = None,
+              stderr: str | None = None) -> tuple[Path, Path]:
+    """Where a daemon writes its output and its log (stderr), from Globus Compute's ``log_dir``,
+    ``stdout`` and ``stderr`` keys: ``log_dir`` relative to the endpoint's ``directory``, the
+    files relative to it; by default both ``endpoint.log`` in the endpoint's directory."""
+    base = directory / Path(log_dir).expanduser() if log_dir else directory
+    out = base / Path(stdout or LOG_FILE).expanduser()
+    return out, (base / Path(stderr).expanduser() if stderr else out)
+
+
 def start_detached(name: str, directory: Path, wait: float, *,
-                   register_again: bool = False) -> Detached:
+                   register_again: bool = False,
+                   logs: tuple[Path, Path] | None = None) -> Detached:
     """Start ``farcall-endpoint start NAME`` as a daemon (with ``--register-again`` if asked);
-    return once it connects or ``wait`` ends.
+    return once it connects or ``wait`` ends. ``logs``: its stdout and stderr files (default:
+    :func:`log_files`).
 
     Raises ``EndpointError`` if the endpoint already runs, or if the daemon exits
     at start (the message carries the end of its log).
@@ -199,17 +212,21 @@ def start_detached(name: str, directory: Path, wait: float, *,
         raise EndpointError(f"endpoint {name} is already running (pid {pid}); "
                             f"stop it with: farcall-endpoint stop {name}")
     directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / LOG_FILE
+    out_path, log_path = logs or log_files(directory)
+    for path in {out_path, log_path}:
+        path.parent.mkdir(parents=True, exist_ok=True)
     (directory / STATUS_FILE).unlink(missing_ok=True)
     # The daemon runs in the endpoint's directory: a relative FARCALL_HOME must not move with it.
     env = {**os.environ, "FARCALL_HOME": str(farcall_home().absolute())}
     if not register_again and _registered(directory):
         env.pop(TOKEN_VARIABLE, None)  # it needs only its credential: the token stays here
-    with open(log_path, "ab") as out:
+    with open(out_path, "ab") as out, ExitStack() as files:
+        err = (subprocess.STDOUT if log_path == out_path
+               else files.enter_context(open(log_path, "ab")))
         child = subprocess.Popen(
             [sys.executable, "-m", "farcall.endpoint", "start", name,
              *(["--register-again"] if register_again else [])],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=err,
             start_new_session=True, cwd=directory, env=env,
         )
     deadline = time.monotonic() + wait
