@@ -326,3 +326,14 @@ def test_worker_hardware_details_run_on_the_endpoint(stack: Stack) -> None:
     task_id = client.get_worker_hardware_details(stack.endpoint_id)
     assert "memory:" in wait_batch(client, [task_id])[task_id]["result"]
     client.close()
+
+
+def test_docs_migrating_names_every_argument_farcall_accepts_without_using() -> None:
+    """The Programs section of docs/migrating.md lists each argument of the tables here."""
+    from harness import REPO
+
+    page = (REPO / "docs" / "migrating.md").read_text()
+    programs = page[page.index("## Programs"):page.index("## Endpoint configuration")]
+    for table in (compat.EXECUTOR, compat.CLIENT, compat.REGISTER, compat.BATCH):
+        for name in table:
+            assert f"`{name}" in programs or f" {name}=" in programs or f"{name}=..." in programs, name
