@@ -91,6 +91,26 @@ def accept(where: str, table: dict[str, str], given: dict[str, Any], stacklevel:
                       f"{table[name]}", stacklevel)
 
 
+class Unused:
+    """An attribute Globus Compute programs may read and set, that farcall does not use: setting
+    it to anything but None warns once (as passing it to the constructor does); it reads back
+    what was set."""
+
+    def __init__(self, where: str, table: dict[str, str]) -> None:
+        self.where, self.table = where, table
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        return self if obj is None else vars(obj).get(f"_unused_{self.name}")
+
+    def __set__(self, obj: object, value: Any) -> None:
+        accept(self.where, self.table, {self.name: value}, stacklevel=5)
+        vars(obj)[f"_unused_{self.name}"] = value
+
+
 def reset() -> None:
     """Forget which warnings were given (for tests)."""
     with _lock:

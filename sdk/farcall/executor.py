@@ -40,7 +40,7 @@ from farcall.client import (
     pack_call,
     split_batch,
 )
-from farcall.compat import accept, warn_once
+from farcall.compat import Unused, accept, warn_once
 from farcall.errors import ExecutorShutdown
 from farcall.outcome import Outcome, cancel_future, needs_fetch, outcome_of
 from farcall.protocol.common import (
@@ -210,6 +210,12 @@ class Executor(concurrent.futures.Executor):
     with (account, partition, image...); each task takes the value set when it was submitted.
     """
 
+    amqp_port = Unused("Executor", compat.EXECUTOR)
+    api_burst_limit = Unused("Executor", compat.EXECUTOR)
+    api_burst_window_s = Unused("Executor", compat.EXECUTOR)
+    result_serializers = Unused("Executor", compat.EXECUTOR)
+    container_id = Unused("Executor", compat.EXECUTOR)
+
     def __init__(
         self,
         endpoint_id: str | uuid.UUID | None = None,
@@ -237,9 +243,7 @@ class Executor(concurrent.futures.Executor):
         if unknown:
             raise TypeError(f"Executor got unexpected keyword argument(s) {', '.join(unknown)}; "
                             f"it takes: {', '.join(_PARAMETERS)}")
-        accept("Executor", compat.EXECUTOR, {"api_burst_limit": api_burst_limit,
-                                             "api_burst_window_s": api_burst_window_s,
-                                             "result_serializers": result_serializers, **kwargs})
+        accept("Executor", compat.EXECUTOR, {k: v for k, v in kwargs.items() if k != "container_id"})
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
         if funcx_client is not None:
@@ -255,10 +259,10 @@ class Executor(concurrent.futures.Executor):
         self.task_group_id = task_group_id
         self.label = label
         """A name for this Executor in its ``repr`` and log lines (Globus Compute's ``label``)."""
-        self._amqp_port: int | None = None
         self.amqp_port = amqp_port
         self.api_burst_limit, self.api_burst_window_s = api_burst_limit, api_burst_window_s
         self.result_serializers = result_serializers
+        self.container_id = kwargs.get("container_id")
         self._serializer: ComputeSerializer | None = None
         if serializer is not None:
             self.serializer = serializer
@@ -316,16 +320,6 @@ class Executor(concurrent.futures.Executor):
     @resource_specification.setter
     def resource_specification(self, spec: dict[str, Any] | None) -> None:
         self._resource_specification = check_resource_specification(spec)
-
-    @property
-    def amqp_port(self) -> int | None:
-        """Accepted for Globus Compute programs and not used (:data:`farcall.compat.STREAM`)."""
-        return self._amqp_port
-
-    @amqp_port.setter
-    def amqp_port(self, port: int | None) -> None:
-        accept("Executor", compat.EXECUTOR, {"amqp_port": port})
-        self._amqp_port = port
 
     @property
     def serializer(self) -> ComputeSerializer | None:

@@ -73,13 +73,19 @@ def test_executor_arguments_not_passed_do_not_warn(fake: FakeBroker) -> None:
         Executor(endpoint_id="ep", client=fake.client(), label="sweep", batch_size=7).shutdown()
 
 
-def test_setting_amqp_port_later_warns_once_and_is_kept(fake: FakeBroker) -> None:
+@pytest.mark.parametrize("name", ["amqp_port", "api_burst_limit", "api_burst_window_s",
+                                  "result_serializers", "container_id"])
+def test_setting_an_unused_attribute_later_warns_once_and_reads_back(
+        fake: FakeBroker, name: str) -> None:
     ex = Executor(endpoint_id="ep", client=fake.client())
+    assert getattr(ex, name) is None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ex.amqp_port = 5671
-        ex.amqp_port = 443
-    assert len(compat_warnings(caught)) == 1 and ex.amqp_port == 443
+        setattr(ex, name, 5671)
+        setattr(ex, name, 443)
+    assert compat_warnings(caught) == [
+        f"Executor({name}=...) is accepted and not used: {compat.EXECUTOR[name]}"]
+    assert getattr(ex, name) == 443
     ex.shutdown()
 
 
