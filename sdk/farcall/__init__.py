@@ -12,18 +12,19 @@ from farcall.version import __version__
 
 if TYPE_CHECKING:
     from farcall.client import Batch, Client
-    from farcall.executor import Executor, TaskFuture
+    from farcall.executor import ComputeFuture, Executor, TaskFuture
     from farcall.progress import as_completed
     from farcall.shell import MPIFunction, ShellFunction, ShellResult
 
-__all__ = ["Batch", "Client", "Executor", "TaskFuture", "__version__", "as_completed",
-           "ShellFunction", "MPIFunction", "ShellResult"]
+__all__ = ["Batch", "Client", "ComputeFuture", "Executor", "TaskFuture", "__version__",
+           "as_completed", "ShellFunction", "MPIFunction", "ShellResult"]
 
 _LAZY = {
     "Batch": "farcall.client",
     "Client": "farcall.client",
     "Executor": "farcall.executor",
     "TaskFuture": "farcall.executor",
+    "ComputeFuture": "farcall.executor",
     "as_completed": "farcall.progress",
     "ShellFunction": "farcall.shell",
     "MPIFunction": "farcall.shell",

@@ -7,6 +7,7 @@ subclass with the broker's message when the broker refuses it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import numbers
@@ -20,11 +21,12 @@ from urllib.parse import urlencode
 
 from pydantic import ValidationError
 
-from farcall import blobs, config
+from farcall import blobs, compat, config
 from farcall.errors import (
     BrokerError,
     TaskPending,
     TaskTooLarge,
+    VersionMismatch,
     broker_error,
 )
 from farcall.outcome import outcome_of
@@ -54,7 +56,8 @@ from farcall.protocol.timers import TimerRequest
 from farcall.quietlog import QuietLog
 from farcall.retry import RATE_WARNING_EVERY, RETRY_WARNING_EVERY, Retry, server_error
 from farcall.retry import exchange as send_with_retry
-from farcall.serialize import INLINE_BYTES, Frames, pack, serialize_function
+from farcall.serialize import INLINE_BYTES, Frames, pack, serialize_function, serialize_source
+from farcall.strategies import code_strategy_of
 from farcall.transport import Response, Transport, TransportError
 from farcall.urls import websocket_url
 from farcall.version import __version__, local_versions
@@ -91,13 +94,13 @@ class Batch:
 
     def __init__(
         self,
-        task_group_id: str | None = None,
+        task_group_id: str | uuid.UUID | None = None,
         resource_specification: dict[str, Any] | None = None,
         walltime: float | None = None,
         max_retries: int = 0,
         user_endpoint_config: dict[str, Any] | None = None,
     ) -> None:
-        self.task_group_id = task_group_id
+        self.task_group_id = None if task_group_id is None else str(task_group_id)
         self.resource_specification = check_resource_specification(resource_specification)
         self.user_endpoint_config = check_user_endpoint_config(user_endpoint_config)
         self.walltime, self.max_retries = check_task_options(walltime, max_retries)
@@ -109,7 +112,7 @@ class Batch:
 
     def add(
         self,
-        function_id: str,
+        function_id: str | uuid.UUID,
         args: Iterable[Any] | None = None,
         kwargs: dict[str, Any] | None = None,
         *,
@@ -120,6 +123,8 @@ class Batch:
 
         ``walltime`` / ``max_retries``: for this task instead of the batch's (None: the batch's).
         """
+        if isinstance(function_id, uuid.UUID):
+            function_id = str(function_id)
         if not isinstance(function_id, str):
             raise TypeError(
                 f"Batch.add takes a function_id string, got {type(function_id).__name__}; "
@@ -172,7 +177,32 @@ class Client:
         *,
         timeout: float = 60.0,
         retry_seconds: float | None = None,
+        do_version_check: bool = False,
+        code_serialization_strategy: Any = None,
+        environment: str | None = None,
+        local_compute_services: bool | None = None,
+        data_serialization_strategy: Any = None,
+        app: Any = None,
+        authorizer: Any = None,
+        login_manager: Any = None,
+        **kwargs: Any,
     ) -> None:
+        """``do_version_check`` asks the broker's version at once (:meth:`version_check`);
+        ``code_serialization_strategy`` (``farcall.serialize.DillCode()``...) is how
+        :meth:`register_function` and Executors on this client send functions. The other
+        Globus Compute arguments are accepted with a warning (:mod:`farcall.compat`), as is
+        an unknown one (as Globus Compute does)."""
+        compat.accept("Client", compat.CLIENT, {
+            "environment": environment, "local_compute_services": local_compute_services,
+            "data_serialization_strategy": data_serialization_strategy, "app": app,
+            "authorizer": authorizer, "login_manager": login_manager})
+        for name in kwargs:
+            compat.warn_once(f"Client({name}=)", (
+                f"Client({name}=...) is not an argument farcall knows, nor one of Globus Compute's "
+                "current Client: it is ignored"))
+        self.code_strategy = "auto" if code_serialization_strategy is None else code_strategy_of(
+            code_serialization_strategy, "code_serialization_strategy")
+        """How this client's functions are serialized (``farcall.serialize.STRATEGIES``)."""
         self.broker_url = config.broker_url(broker_url)
         self.token = config.token(token)
         self.retry_seconds = config.retry_seconds(retry_seconds)
@@ -185,6 +215,8 @@ class Client:
         self._rate_warning = _rate_warning()
         self._retry_warning = _retry_warning()
         self._limits: Limits | None = None
+        if do_version_check:
+            self.version_check()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -240,6 +272,18 @@ class Client:
             self._limits = Limits.model_validate(self.request("GET", "/limits"))
         return self._limits
 
+    def version_check(self, endpoint_version: str | None = None) -> None:
+        """Raise :class:`~farcall.errors.VersionMismatch` if the broker (and, given its farcall
+        version, an endpoint) runs a release this SDK cannot work with: another major version
+        (another minor one before 1.0). ``GET /v1/health`` answers without a token."""
+        broker = str(self.request("GET", "/health").get("version", ""))
+        for side, version in (("the broker", broker), ("the endpoint", endpoint_version)):
+            if version and _series(version) != _series(__version__):
+                raise VersionMismatch(
+                    f"{side} runs farcall {version} and this SDK is farcall {__version__}: they "
+                    f"cannot work together. Install the SDK of the same release here "
+                    f"(pip install 'farcall=={version}'), or ask the operator to upgrade")
+
     def upload_blob(self, frames: Frames, what: str = "the task") -> str:
         """Store big arguments (``serialize.pack``) on the broker's data plane; the reference
         payload to send as a task's ``args``. ``TaskTooLarge`` (naming ``what``) past
@@ -257,14 +301,47 @@ class Client:
         self,
         function: Callable[..., Any],
         function_name: str | None = None,
-        description: str = "",
-        strategy: str = "auto",
+        description: str | None = None,
+        strategy: str | None = None,
+        *,
+        public: bool = False,
+        metadata: dict[str, Any] | None = None,
+        group: str | None = None,
+        searchable: bool | None = None,
+        ha_endpoint_id: str | None = None,
+        container_uuid: str | None = None,
     ) -> str:
-        """Serialize ``function`` (dill, falling back to its source) and register it; its id."""
-        payload = serialize_function(function, strategy)
-        return self.register_function_payload(
+        """Serialize ``function`` and register it; its id.
+
+        ``strategy``: ``"auto"`` (cloudpickle, then dill, then its source), one of those
+        three, or None for this client's ``code_strategy``. ``description`` defaults to the
+        function's docstring. ``public`` shares it with every user at once
+        (:meth:`share_function`). The other Globus Compute arguments are accepted with a warning
+        (:mod:`farcall.compat`).
+        """
+        compat.accept("Client.register_function", compat.REGISTER, {
+            "metadata": metadata, "group": group, "searchable": searchable,
+            "ha_endpoint_id": ha_endpoint_id, "container_uuid": container_uuid})
+        payload = serialize_function(function, strategy or self.code_strategy)
+        if description is None:
+            description = inspect.getdoc(function) or ""
+        function_id = self.register_function_payload(
             payload, function_name or str(getattr(function, "__name__", "")), description
         )
+        if public:
+            self.share_function(function_id, public=True)
+        return function_id
+
+    def register_source_code(self, source: str, function_name: str, description: str = "",
+                             **register_kwargs: Any) -> str:
+        """Register the function ``function_name`` defined in the Python ``source`` text (run
+        as a module on the worker); its id. ``register_kwargs`` as :meth:`register_function`."""
+        function_id = self.register_function_payload(
+            serialize_source(source, function_name), function_name, description)
+        if register_kwargs.pop("public", False):
+            self.share_function(function_id, public=True)
+        compat.accept("Client.register_source_code", compat.REGISTER, register_kwargs)
+        return function_id
 
     def register_function_payload(
         self, payload: str, function_name: str = "", description: str = ""
@@ -276,9 +353,11 @@ class Client:
         return str(self.request("POST", "/functions", body.model_dump())["function_id"])
 
     def get_function(self, function_id: str) -> dict[str, Any]:
+        """``function_id``, ``function_name``, ``description`` and the serialized ``function``."""
         return dict(self.request("GET", f"/functions/{function_id}"))
 
     def delete_function(self, function_id: str) -> dict[str, Any]:
+        """Delete your function: it can no longer be run. ``{"function_id", "deleted"}``."""
         return dict(self.request("DELETE", f"/functions/{function_id}"))
 
     def share_function(
@@ -319,12 +398,27 @@ class Client:
         body = EndpointRegistration(name=name, description=description)
         return dict(self.request("POST", "/endpoints", body.model_dump()))
 
-    def get_endpoints(self) -> list[dict[str, Any]]:
-        """Your endpoints: ``endpoint_id``, ``name``, ``status`` (online/offline), ..."""
-        return list(self.request("GET", "/endpoints")["endpoints"])
+    def get_endpoints(self, role: str | None = None) -> list[dict[str, Any]]:
+        """Your endpoints and those shared with you: ``endpoint_id``, ``name``, ``status``
+        (online/offline), ``role`` (``owner`` or ``shared``), ... With ``role="owner"`` only
+        yours (``"any"`` or None: all)."""
+        if role not in (None, "any", "owner", "shared"):
+            raise ValueError(f"get_endpoints: role must be 'owner', 'shared' or 'any', got {role!r}")
+        found = list(self.request("GET", "/endpoints")["endpoints"])
+        return found if role in (None, "any") else [e for e in found if e.get("role") == role]
 
     def get_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """The endpoint as :meth:`get_endpoints` lists it (also ``get_endpoint_metadata``)."""
         return dict(self.request("GET", f"/endpoints/{endpoint_id}"))
+
+    get_endpoint_metadata = get_endpoint
+
+    def stop_endpoint(self, endpoint_id: str) -> dict[str, Any]:
+        """Ask your endpoint's agent to stop: it takes no new task, lets running ones finish
+        (its ``stop_timeout``), sends their results and exits; tasks submitted meanwhile wait
+        in its queue until it is started again (``farcall-endpoint start NAME``).
+        ``{"endpoint_id", "stopping"}``: ``stopping`` is False when it was not connected."""
+        return dict(self.request("POST", f"/endpoints/{endpoint_id}/stop"))
 
     def get_endpoint_status(self, endpoint_id: str) -> dict[str, Any]:
         """``status`` plus workers, idle workers, pending/running/queued tasks and engine details."""
@@ -447,35 +541,54 @@ class Client:
         batch = self.create_batch(resource_specification=resource_specification,
                                   walltime=walltime, max_retries=max_retries,
                                   user_endpoint_config=user_endpoint_config)
-        batch.add(function_id, args, kwargs)
+        batch.add(str(function_id), args, kwargs)
         return str(self.batch_run(endpoint_id, batch)["task_ids"][0])
+
+    def get_worker_hardware_details(self, endpoint_id: str) -> str:
+        """Run a report of a worker's machine (host, CPUs, memory, accelerators) on the endpoint;
+        the task's id (its result is the report: :meth:`get_result`)."""
+        from farcall.hardware import hardware_report
+
+        return self.run(endpoint_id=endpoint_id, function_id=self.register_function(hardware_report))
 
     def create_batch(
         self,
-        task_group_id: str | None = None,
+        task_group_id: str | uuid.UUID | None = None,
         resource_specification: dict[str, Any] | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
+        create_websocket_queue: bool | None = None,
+        result_serializers: Any = None,
+        *,
         walltime: float | None = None,
         max_retries: int = 0,
-        user_endpoint_config: dict[str, Any] | None = None,
     ) -> Batch:
         """An empty :class:`Batch`; the options go with every task added to it
-        (``user_endpoint_config``: for a multi-user endpoint, see :class:`Batch`)."""
-        return Batch(task_group_id, resource_specification, walltime, max_retries,
-                     user_endpoint_config)
+        (``user_endpoint_config``: for a multi-user endpoint, see :class:`Batch`). The
+        arguments and their order are Globus Compute's; ``create_websocket_queue`` and
+        ``result_serializers`` are accepted with a warning (:mod:`farcall.compat`)."""
+        compat.accept("Client.create_batch", compat.BATCH, {
+            "create_websocket_queue": create_websocket_queue or None,
+            "result_serializers": result_serializers})
+        return Batch(task_group_id, resource_specification, walltime=walltime,
+                     max_retries=max_retries, user_endpoint_config=user_endpoint_config)
 
-    def batch_run(self, endpoint_id: str, batch: Batch) -> dict[str, Any]:
-        """Submit a batch; ``{"task_group_id", "endpoint_id", "task_ids", "tasks"}``.
+    def batch_run(self, endpoint_id: str | uuid.UUID, batch: Batch) -> dict[str, Any]:
+        """Submit a batch; ``{"request_id", "task_group_id", "endpoint_id", "task_ids", "tasks"}``.
 
         ``task_ids`` follows the order of ``batch.add`` calls; ``tasks`` maps each
-        function id to its task ids (as Globus Compute's ``batch_run`` does).
+        function id to its task ids (as Globus Compute's ``batch_run`` does). ``request_id``
+        names the (first) submission: sent again, it creates no tasks twice.
         """
         if not batch.tasks:
             raise ValueError("the batch is empty; add tasks with batch.add(function_id, args)")
+        endpoint_id = str(endpoint_id)
         self._upload_arguments(batch)
         group = batch.task_group_id
         task_ids: list[str] = []
+        request_ids: list[str] = []
         for chunk in split_batch(batch.tasks):
-            answer = self.submit_tasks(endpoint_id, chunk, group,
+            request_ids.append(new_request_id())
+            answer = self.submit_tasks(endpoint_id, chunk, group, request_ids[-1],
                                        user_endpoint_config=batch.user_endpoint_config)
             group = answer.task_group_id
             task_ids += answer.task_ids
@@ -483,6 +596,7 @@ class Client:
         for spec, task_id in zip(batch.tasks, task_ids, strict=True):
             by_function.setdefault(spec.function_id, []).append(task_id)
         return {
+            "request_id": request_ids[0],
             "task_group_id": group,
             "endpoint_id": endpoint_id,
             "task_ids": task_ids,
@@ -518,13 +632,33 @@ class Client:
         return BatchSubmitted.model_validate(answer)
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        """The task record: ``state``, ``transitions`` (state -> timestamp), versions, ..."""
+        """The task record: ``state``, ``transitions`` (state -> timestamp), versions, ...; with
+        Globus Compute's keys too: ``task_id``, ``pending``, ``status`` (the state) and, once
+        finished, ``completion_t`` and ``result`` or ``exception`` (as
+        :meth:`get_batch_result` gives them)."""
+        record = self._task_record(task_id)
+        return {**record, **self._outcome_keys(record)}
+
+    def _task_record(self, task_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/tasks/{task_id}"))
+
+    def _outcome_keys(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Globus Compute's view of a task record: ``task_id``, ``pending``, ``status`` and, once
+        finished, ``completion_t`` and ``result`` or ``exception`` (a cancelled task's is a
+        ``CancelledError``)."""
+        pending = not TaskState(record["state"]).terminal
+        keys: dict[str, Any] = {"task_id": record.get("task_id"), "pending": pending,
+                                "status": record["state"]}
+        if not pending:
+            outcome = outcome_of(record, self.download_blob)
+            keys["result" if outcome.ok else "exception"] = outcome.value
+            keys["completion_t"] = record.get("completed_at")
+        return keys
 
     def get_result(self, task_id: str) -> Any:
         """The task's return value; raises its remote exception, ``concurrent.futures.CancelledError``
         if it was cancelled, or ``TaskPending`` if unfinished."""
-        record = self.get_task(task_id)
+        record = self._task_record(task_id)
         if not TaskState(record["state"]).terminal:
             raise TaskPending(task_id, record["state"])
         return outcome_of(record, self.download_blob).unwrap()  # cancelled: CancelledError
@@ -568,13 +702,9 @@ class Client:
         are left out of the answer.
         """
         out: dict[str, dict[str, Any]] = {}
-        for task_id, record in self.get_tasks(task_ids).items():
-            entry: dict[str, Any] = {"pending": not TaskState(record["state"]).terminal,
-                                     "status": record["state"]}
-            if not entry["pending"]:
-                outcome = outcome_of(record, self.download_blob)
-                entry["result" if outcome.ok else "exception"] = outcome.value
-                entry["completion_t"] = record.get("completed_at")
+        for task_id, record in self.get_tasks(map(str, task_ids)).items():
+            entry = self._outcome_keys(record)
+            del entry["task_id"]
             out[task_id] = entry
         return out
 
@@ -655,6 +785,13 @@ class Client:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _series(version: str) -> tuple[str, ...]:
+    """The part of a version that must match for two releases to work together: the major
+    version (and the minor one before 1.0, as semantic versioning has it)."""
+    parts = version.split(".")
+    return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
 
 
 def new_request_id() -> str:

@@ -134,10 +134,12 @@ def result(task_id: str, out: TextIO, err: TextIO | None = None) -> int:
     task's state (``PENDING``)."""
     err = err or sys.stderr
     with client() as c:
-        record = c.get_task(task_id)
+        record = c.get_task(task_id)  # the result is loaded once, here
         state = TaskState(record["state"])
         if state == TaskState.SUCCESS:
-            print(repr(c.get_result(task_id)), file=out)
+            if "exception" in record:  # a result that cannot be loaded here: as get_result raises
+                raise record["exception"]
+            print(repr(record["result"]), file=out)
             return 0
     if not state.terminal:
         print(f"task {task_id} has not finished: it is {state.value}; ask again later", file=err)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import numbers
+import types
 from typing import Any
 
 
 class FarcallError(Exception):
     """Base class of all farcall errors."""
+
+
+ComputeError = FarcallError
+"""Globus Compute's name for the base class of its errors."""
 
 
 class ConfigurationError(FarcallError):
@@ -104,16 +109,35 @@ class TaskTooLarge(FarcallError, ValueError):
 
 
 class TaskPending(FarcallError):
-    """``Client.get_result`` was asked for a task that has not finished yet."""
+    """``Client.get_result`` was asked for a task that has not finished yet.
+
+    ``reason`` is its state, as Globus Compute's ``TaskPending.reason`` names it."""
 
     def __init__(self, task_id: str, state: str) -> None:
         super().__init__(f"task {task_id} is not finished yet (state: {state}); ask again later")
         self.task_id = task_id
         self.state = state
 
+    @property
+    def reason(self) -> str:
+        return self.state
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.task_id, self.state)
+
 
 class SerializationError(FarcallError):
-    """An object could not be serialized or a payload could not be loaded."""
+    """An object could not be serialized or a payload could not be loaded.
+
+    Also importable as ``SerdeError``, Globus Compute's base of both directions."""
+
+    @property
+    def reason(self) -> str:
+        """The message (Globus Compute's attribute name)."""
+        return str(self)
+
+
+SerdeError = SerializationError
 
 
 class DeserializationError(SerializationError):
@@ -125,15 +149,126 @@ class DeserializationError(SerializationError):
 
 
 class TaskExecutionFailed(FarcallError):
-    """A task failed remotely and its exception could not be rebuilt here.
+    """A task failed remotely.
 
-    ``remote_traceback`` holds the traceback text from the worker.
+    Every exception a task raised is re-raised here as an instance of its own class *and* of
+    this one (:func:`as_task_failure`), so ``except ValueError`` and Globus Compute's
+    ``except TaskExecutionFailed`` both catch it. Raised as itself when the remote exception
+    could not be rebuilt here. ``remote_traceback`` (also ``remote_data``, Globus Compute's
+    name) is the traceback text from the worker.
     """
+
+    remote_traceback: str = ""
+    task_id: str = ""
+    completion_t: float | None = None
+    """When the task finished (seconds since the epoch), where known."""
 
     def __init__(self, message: str, remote_traceback: str = "", task_id: str = "") -> None:
         super().__init__(message if not remote_traceback else f"{message}\n\n{remote_traceback}")
         self.remote_traceback = remote_traceback
         self.task_id = task_id
+
+    @property
+    def remote_data(self) -> str:
+        """The remote traceback text (Globus Compute's attribute name)."""
+        return self.remote_traceback
+
+    def reraise(self) -> None:
+        """Raise this exception (what older Globus Compute programs call on ``task['exception']``)."""
+        raise self
+
+
+_REMOTE_FIELDS = ("remote_traceback", "task_id", "completion_t")
+_FAILURE_CLASSES: dict[type[BaseException], type[BaseException] | None] = {}
+
+
+def as_task_failure(exc: BaseException, remote_traceback: str = "", task_id: str = ""
+                    ) -> BaseException:
+    """``exc`` as an instance of its own class and of :class:`TaskExecutionFailed`.
+
+    The copy keeps the arguments, attributes, traceback, cause, context and notes, and
+    formats, compares by name, pickles and unpickles as the original class does. An exception
+    that is not an ``Exception`` (``SystemExit``...) or whose class cannot take a second base is
+    returned as it is.
+    """
+    cls = type(exc)
+    if isinstance(exc, TaskExecutionFailed) or not isinstance(exc, Exception):
+        return exc
+    if cls not in _FAILURE_CLASSES:
+        _FAILURE_CLASSES[cls] = _failure_class(cls)
+    both = _FAILURE_CLASSES[cls]
+    if both is None:
+        return exc
+    try:
+        copy = both.__new__(both, *exc.args)
+        _copy_builtin_fields(exc, copy)
+        copy.__dict__.update(exc.__dict__)
+    except Exception:  # noqa: BLE001 - an odd __new__: keep the original, it still carries all
+        return exc
+    copy.args = exc.args
+    copy.__traceback__ = exc.__traceback__
+    copy.__cause__, copy.__context__ = exc.__cause__, exc.__context__
+    copy.__suppress_context__ = exc.__suppress_context__
+    for name, value in zip(_REMOTE_FIELDS, (remote_traceback, task_id, None), strict=True):
+        if name not in copy.__dict__:
+            try:
+                setattr(copy, name, value)
+            except AttributeError:  # the class has a read-only property of that name: keep it
+                pass
+    return copy
+
+
+def _copy_builtin_fields(exc: BaseException, copy: BaseException) -> None:
+    """The fields built-in exception classes keep outside ``args`` and ``__dict__``
+    (``OSError.filename``, ``StopIteration.value``, ``UnicodeError.start``...)."""
+    for klass in type(exc).__mro__:
+        if klass.__module__ != "builtins" or klass in (BaseException, object):
+            continue
+        for name, field in vars(klass).items():
+            if name.startswith("__") or not isinstance(
+                    field, types.MemberDescriptorType | types.GetSetDescriptorType):
+                continue
+            try:
+                value = getattr(exc, name)
+                if value is not None:  # None is what the copy has: setting it may show it
+                    setattr(copy, name, value)
+            except (AttributeError, TypeError):  # unset, or read-only: nothing to carry
+                pass
+
+
+def _failure_class(cls: type[BaseException]) -> type[BaseException] | None:
+    def __reduce__(self: BaseException) -> Any:  # noqa: N807 - pickled as the original class
+        reduced = cls.__reduce__(self)
+        if not isinstance(reduced, tuple) or reduced[0] is not type(self):
+            return reduced
+        state = reduced[2] if len(reduced) > 2 else None
+        if isinstance(state, dict):
+            state = {k: v for k, v in state.items() if k not in _REMOTE_FIELDS} or None
+        return (cls, reduced[1], state) if state else (cls, reduced[1])
+
+    try:
+        return type(cls.__name__, (cls, TaskExecutionFailed), {
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__reduce__": __reduce__, "__str__": cls.__str__, "__repr__": cls.__repr__,
+            "__init__": cls.__init__})
+    except TypeError:  # a layout conflict (a C type with slots of its own): leave it as it is
+        return None
+
+
+class MaxResultSizeExceeded(FarcallError, ValueError):
+    """A task's result was bigger than the broker takes; the task failed with this (the
+    endpoint's ``ResultTooLarge`` is one). The message names the size and the limit."""
+
+
+class VersionMismatch(FarcallError):
+    """This SDK and the broker (or an endpoint) are of releases that cannot work together.
+
+    ``version_message`` (Globus Compute's attribute) is the message, which names both versions
+    and what to install."""
+
+    def __init__(self, version_message: str) -> None:
+        super().__init__(version_message)
+        self.version_message = version_message
 
 
 class TaskTimeout(FarcallError, TimeoutError):
@@ -168,6 +303,11 @@ class UserEndpointError(FarcallError):
     """A multi-user endpoint could not start the submitter's user endpoint for a reason other
     than identity mapping: its configuration template refused the ``user_endpoint_config`` (the
     message says which value and why), or the user endpoint failed to start. The task never ran."""
+
+
+class CompatibilityWarning(UserWarning):
+    """An argument a Globus Compute program passes that farcall accepts but has no use for; the
+    message says what farcall does instead. Given once per process for each argument."""
 
 
 def broker_error(status: int, message: str, error: str = "", body: Any = None,

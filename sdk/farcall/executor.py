@@ -17,18 +17,21 @@ downloaded by a small pool, never on the result stream's thread.
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
 import json
 import logging
 import queue
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from farcall import compat
 from farcall.client import (
     SUBMITTER,
     Client,
@@ -37,6 +40,7 @@ from farcall.client import (
     pack_call,
     split_batch,
 )
+from farcall.compat import Unused, accept, warn_once
 from farcall.errors import ExecutorShutdown
 from farcall.outcome import Outcome, cancel_future, needs_fetch, outcome_of
 from farcall.protocol.common import (
@@ -48,6 +52,7 @@ from farcall.protocol.common import (
 from farcall.protocol.rest import BatchSubmission, BatchSubmitted, TaskSpec
 from farcall.protocol.stream import TaskResult
 from farcall.serialize import Frames, serialize_function
+from farcall.strategies import ComputeSerializer, check_serializer
 from farcall.stream import TaskGroupStream
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,11 @@ DOWNLOADS = 2
 """Big results downloaded at once per Executor (each is held whole in memory once loaded)."""
 CANCEL_WAIT = 60.0
 """How long ``TaskFuture.cancel`` waits for a task being sent to get its id (then gives up)."""
+_PARAMETERS = ("endpoint_id", "client", "task_group_id", "resource_specification",
+               "user_endpoint_config", "label", "batch_size", "walltime", "max_retries",
+               "amqp_port", "api_burst_limit", "api_burst_window_s", "serializer",
+               "result_serializers", "funcx_client", "batch_interval", "batch_enabled",
+               "container_id")
 
 
 class TaskFuture(concurrent.futures.Future[Any]):
@@ -116,6 +126,10 @@ class TaskFuture(concurrent.futures.Future[Any]):
             return super().set_running_or_notify_cancel()
 
 
+ComputeFuture = TaskFuture
+"""Globus Compute's name for the Executor's futures."""
+
+
 @dataclass(slots=True)
 class _Function:
     """A function as this Executor sends it; ``payload`` is needed only until ``function_id`` is known."""
@@ -138,14 +152,14 @@ class _Functions:
         self._by_object: weakref.WeakKeyDictionary[Any, _Function] = weakref.WeakKeyDictionary()
         self._by_digest: dict[str, _Function] = {}
 
-    def get(self, fn: Callable[..., Any]) -> _Function:
+    def get(self, fn: Callable[..., Any], strategy: str = "auto") -> _Function:
         try:
             found = self._by_object.get(fn)
         except TypeError:  # not weakly referenceable
             found = None
         if found is not None:
             return found
-        payload = serialize_function(fn)
+        payload = serialize_function(fn, strategy)
         digest = hashlib.sha256(payload.encode()).hexdigest()
         found = self._by_digest.setdefault(digest, _Function(payload, getattr(fn, "__name__", "")))
         try:
@@ -165,6 +179,8 @@ class _Call:
     """Arguments too big to travel inline: uploaded as a blob by the submitter thread."""
     config: str | None = None
     """The Executor's ``user_endpoint_config`` when the call was submitted, as canonical JSON."""
+    spec: dict[str, Any] | None = None
+    """The Executor's ``resource_specification`` when the call was submitted."""
 
     @classmethod
     def packed(cls, future: TaskFuture, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -194,27 +210,64 @@ class Executor(concurrent.futures.Executor):
     with (account, partition, image...); each task takes the value set when it was submitted.
     """
 
+    amqp_port = Unused("Executor", compat.EXECUTOR)
+    api_burst_limit = Unused("Executor", compat.EXECUTOR)
+    api_burst_window_s = Unused("Executor", compat.EXECUTOR)
+    result_serializers = Unused("Executor", compat.EXECUTOR)
+    container_id = Unused("Executor", compat.EXECUTOR)
+
     def __init__(
         self,
-        endpoint_id: str | None = None,
+        endpoint_id: str | uuid.UUID | None = None,
         client: Client | None = None,
-        batch_size: int = 128,
+        task_group_id: str | uuid.UUID | None = None,
         resource_specification: dict[str, Any] | None = None,
-        task_group_id: str | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
+        label: str = "",
+        batch_size: int = 128,
+        amqp_port: int | None = None,
+        api_burst_limit: int | None = None,
+        api_burst_window_s: int | None = None,
+        serializer: ComputeSerializer | None = None,
+        result_serializers: Any = None,
+        *,
         walltime: float | None = None,
         max_retries: int = 0,
-        user_endpoint_config: dict[str, Any] | None = None,
+        funcx_client: Client | None = None,
+        **kwargs: Any,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        """The arguments and their order are Globus Compute's (``walltime`` and ``max_retries``
+        are farcall's own); those farcall has no use for are accepted with a
+        :class:`~farcall.errors.CompatibilityWarning` (see :mod:`farcall.compat`)."""
+        unknown = sorted(set(kwargs) - {"batch_interval", "batch_enabled", "container_id"})
+        if unknown:
+            raise TypeError(f"Executor got unexpected keyword argument(s) {', '.join(unknown)}; "
+                            f"it takes: {', '.join(_PARAMETERS)}")
+        accept("Executor", compat.EXECUTOR, {k: v for k, v in kwargs.items() if k != "container_id"})
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if funcx_client is not None:
+            warn_once("Executor(funcx_client=)", "Executor(funcx_client=...) is Globus Compute's "
+                      "old name of client=...: it is used as the client")
         self.walltime, self.max_retries = check_task_options(walltime, max_retries)
-        self.resource_specification = check_resource_specification(resource_specification)
+        self.resource_specification = resource_specification
         self.user_endpoint_config = user_endpoint_config
-        self.endpoint_id = endpoint_id
-        self.client = client or Client()
-        self._own_client = client is None
+        self.endpoint_id = endpoint_id  # a UUID is kept as its text
+        self.client = client or funcx_client or Client()
+        self._own_client = client is None and funcx_client is None
         self.batch_size = batch_size
         self.task_group_id = task_group_id
+        self.label = label
+        """A name for this Executor in its ``repr`` and log lines (Globus Compute's ``label``)."""
+        self.amqp_port = amqp_port
+        self.api_burst_limit, self.api_burst_window_s = api_burst_limit, api_burst_window_s
+        self.result_serializers = result_serializers
+        self.container_id = kwargs.get("container_id")
+        self._serializer: ComputeSerializer | None = None
+        if serializer is not None:
+            self.serializer = serializer
+        self.task_count_submitted = 0
+        """Tasks the broker has taken from this Executor (each future then has its task_id)."""
 
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -234,10 +287,51 @@ class Executor(concurrent.futures.Executor):
         self._start_lock = threading.Lock()
 
     def __repr__(self) -> str:
+        label = f"label={self.label!r}, " if self.label else ""
         return (
-            f"Executor(endpoint_id={self.endpoint_id!r}, broker={self.client.broker_url!r}, "
+            f"Executor({label}endpoint_id={self.endpoint_id!r}, broker={self.client.broker_url!r}, "
             f"task_group_id={self.task_group_id!r})"
         )
+
+    @property
+    def endpoint_id(self) -> str | None:
+        """Where tasks submitted from now on run (a UUID given is kept as its text)."""
+        return self._endpoint_id
+
+    @endpoint_id.setter
+    def endpoint_id(self, endpoint_id: str | uuid.UUID | None) -> None:
+        self._endpoint_id = None if endpoint_id is None else str(endpoint_id)
+
+    @property
+    def task_group_id(self) -> str | None:
+        """The task group of this Executor's tasks (made at the first submission if None)."""
+        return self._task_group_id
+
+    @task_group_id.setter
+    def task_group_id(self, task_group_id: str | uuid.UUID | None) -> None:
+        self._task_group_id = None if task_group_id is None else str(task_group_id)
+
+    @property
+    def resource_specification(self) -> dict[str, Any] | None:
+        """What each task submitted from now on asks of the endpoint's engine (``num_nodes``,
+        ``ranks_per_node``... on an MPIEngine); each task keeps the value set at its submission."""
+        return self._resource_specification
+
+    @resource_specification.setter
+    def resource_specification(self, spec: dict[str, Any] | None) -> None:
+        self._resource_specification = check_resource_specification(spec)
+
+    @property
+    def serializer(self) -> ComputeSerializer | None:
+        """How functions are serialized (``farcall.serialize.ComputeSerializer``; None: farcall's
+        choice, cloudpickle then dill then source). Only its code strategy is used."""
+        return self._serializer
+
+    @serializer.setter
+    def serializer(self, serializer: ComputeSerializer | None) -> None:
+        if serializer is not None:
+            serializer = check_serializer(serializer)
+        self._serializer = serializer
 
     @property
     def user_endpoint_config(self) -> dict[str, Any] | None:
@@ -259,9 +353,9 @@ class Executor(concurrent.futures.Executor):
         not copied): change such an array in place only once the future is running.
         """
         self._check_open()
-        function = self._functions.get(fn)
+        function = self._functions.get(fn, self._code_strategy())
         return self._enqueue(_Call.packed(TaskFuture(self), args, kwargs, function=function,
-                                          config=self._config_now()))
+                                          **self._options_now()))
 
     def submit_to_registered_function(
         self,
@@ -272,7 +366,38 @@ class Executor(concurrent.futures.Executor):
         """Queue a call of a function registered with ``Client.register_function``."""
         self._check_open()
         return self._enqueue(_Call.packed(TaskFuture(self), tuple(args or ()), dict(kwargs or {}),
-                                          function_id=function_id, config=self._config_now()))
+                                          function_id=str(function_id), **self._options_now()))
+
+    def register_function(self, fn: Callable[..., Any], function_id: str | None = None,
+                          **register_kwargs: Any) -> str:
+        """Register ``fn`` now (``submit`` does it at its first use) and return its id.
+
+        With ``function_id``, ``fn`` is taken to be that registered function and nothing is
+        sent. ``register_kwargs`` go to :meth:`Client.register_function` (``description``,
+        ``public``...). A function already registered by this Executor keeps its id.
+        """
+        self._check_open(need_endpoint=False)
+        function = self._functions.get(fn, self._code_strategy())
+        if function_id is not None:
+            function.function_id, function.payload = str(function_id), ""
+        elif function.function_id is None:
+            register_kwargs.setdefault("strategy", self._code_strategy())
+            function.function_id = self.client.register_function(fn, **register_kwargs)
+            function.payload = ""
+        return function.function_id
+
+    def register_source_code(self, source: str, function_name: str, **register_kwargs: Any) -> str:
+        """Register the function ``function_name`` defined in the Python ``source`` text
+        (:meth:`Client.register_source_code`); its id, for :meth:`submit_to_registered_function`."""
+        self._check_open(need_endpoint=False)
+        return self.client.register_source_code(source, function_name, **register_kwargs)
+
+    def get_worker_hardware_details(self) -> str:
+        """A report of the machine a worker of the endpoint runs on (host, CPUs, memory,
+        accelerators), run there as a task; waits for it."""
+        from farcall.hardware import hardware_report
+
+        return str(self.submit(hardware_report).result())
 
     def map(
         self,
@@ -312,7 +437,7 @@ class Executor(concurrent.futures.Executor):
 
         return results()
 
-    def reload_tasks(self) -> list[TaskFuture]:
+    def reload_tasks(self, task_group_id: str | uuid.UUID | None = None) -> list[TaskFuture]:
         """Futures for every task of this Executor's ``task_group_id``, in submission order.
 
         For coming back later: a new process (after a kernel restart, say) recovers what an
@@ -322,6 +447,8 @@ class Executor(concurrent.futures.Executor):
         """
         from farcall.errors import NotFound
 
+        if task_group_id is not None:
+            self.task_group_id = task_group_id
         if self.task_group_id is None:
             raise ValueError("reload_tasks needs the task group: create the Executor with "
                              "task_group_id=... (the earlier Executor's .task_group_id)")
@@ -378,19 +505,27 @@ class Executor(concurrent.futures.Executor):
 
     # ------------------------------------------------------------ submission
 
-    def _check_open(self) -> None:
+    def _check_open(self, need_endpoint: bool = True) -> None:
         if self._shutdown:
             raise ExecutorShutdown("this Executor was shut down; create a new one to submit more")
-        if not self.endpoint_id:
+        if need_endpoint and not self.endpoint_id:
             raise ValueError(
                 "no endpoint: create the Executor with endpoint_id=... (see Client.get_endpoints())"
             )
 
-    def _config_now(self) -> str | None:
-        """The ``user_endpoint_config`` as it is now (canonical JSON: a later change of the dict
-        in place does not reach calls already submitted)."""
-        config = self._user_endpoint_config
-        return None if config is None else json.dumps(config, sort_keys=True)
+    def _options_now(self) -> dict[str, Any]:
+        """The ``user_endpoint_config`` (canonical JSON) and ``resource_specification`` as they
+        are now: a later change, or a change of the dicts in place, does not reach calls already
+        submitted."""
+        config, spec = self._user_endpoint_config, self._resource_specification
+        return {"config": None if config is None else json.dumps(config, sort_keys=True),
+                "spec": None if spec is None else copy.deepcopy(spec)}
+
+    def _code_strategy(self) -> str:
+        """The serializer's code strategy, else the client's (``Client(code_serialization_strategy=)``)."""
+        if self._serializer is not None:
+            return self._serializer.code_strategy
+        return str(getattr(self.client, "code_strategy", "auto"))
 
     def _enqueue(self, call: _Call) -> TaskFuture:
         with self._lock:
@@ -463,7 +598,7 @@ class Executor(concurrent.futures.Executor):
                     TaskSpec.model_construct(
                         function_id=self._function_id(c),
                         args=c.args,
-                        resource_specification=self.resource_specification,
+                        resource_specification=c.spec,
                         walltime=self.walltime,
                         max_retries=self.max_retries,
                     )
@@ -546,6 +681,7 @@ class Executor(concurrent.futures.Executor):
     def _record(self, calls: list[_Call], task_ids: list[str]) -> None:
         early: list[tuple[TaskFuture, TaskResult]] = []
         with self._lock:
+            self.task_count_submitted += len(calls)
             for call, task_id in zip(calls, task_ids, strict=True):
                 call.future.task_id = task_id
                 result = self._early.pop(task_id, None)

@@ -32,6 +32,7 @@ remote traceback shows the user's source lines where it is formatted.
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -145,6 +146,22 @@ def serialize_function(fn: Callable[..., Any], strategy: str = "auto") -> str:
         + "). Define it at the top level of your script or notebook and make every "
         "object it uses picklable."
     )
+
+
+def serialize_source(source: str, name: str) -> str:
+    """A function payload made of Python ``source`` text that defines function ``name``; the
+    worker runs the text as a module and calls ``name``. ``SerializationError`` if it does not
+    parse or defines no such function."""
+    try:
+        tree = ast.parse(source, f"<farcall source of {name}>")
+    except SyntaxError as e:
+        raise SerializationError(f"the source of {name!r} does not parse: {e}") from None
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    if name not in defined:
+        raise SerializationError(
+            f"the source defines no top-level function {name!r} (it defines: "
+            f"{', '.join(sorted(defined)) or 'none'}); pass the name of the function to call")
+    return _wrap(FUNCTION_SOURCE, json.dumps({"name": name, "source": source, "line": 1}).encode())
 
 
 def deserialize_function(payload: str) -> Callable[..., Any]:
@@ -423,8 +440,10 @@ def serialize_exception(exc: BaseException) -> tuple[str, str]:
 
 
 def rebuild_exception(data: str, text: str, task_id: str = "") -> BaseException:
-    """The remote exception with its remote traceback attached, or ``TaskExecutionFailed``."""
-    from farcall.errors import TaskExecutionFailed
+    """The remote exception with its remote traceback attached, also an instance of
+    ``TaskExecutionFailed`` (``errors.as_task_failure``); ``TaskExecutionFailed`` itself when it
+    cannot be rebuilt."""
+    from farcall.errors import TaskExecutionFailed, as_task_failure
 
     if data:
         try:
@@ -436,8 +455,18 @@ def rebuild_exception(data: str, text: str, task_id: str = "") -> BaseException:
                         exc = exc.with_traceback(rebuild_traceback(tb))
                     elif text:
                         exc.add_note(f"Remote traceback (task {task_id}):\n{text}".rstrip())
-                    return exc
+                    return as_task_failure(exc, text, task_id)
         except Exception:  # noqa: BLE001 - fall through to the text form
             pass
     first = text.strip().splitlines()[-1] if text.strip() else "task failed remotely"
     return TaskExecutionFailed(first, remote_traceback=text, task_id=task_id)
+
+
+def __getattr__(name: str) -> Any:
+    """Globus Compute's strategy names (``ComputeSerializer``, ``DillCode``...), found where a
+    program's changed ``from globus_compute_sdk.serialize import ...`` looks for them."""
+    from farcall import strategies
+
+    if name in strategies.NAMES:
+        return getattr(strategies, name)
+    raise AttributeError(f"module 'farcall.serialize' has no attribute {name!r}")

@@ -54,24 +54,54 @@ class ShellResult:
         """The fields as a JSON-compatible dict (what ``return_dict=True`` returns)."""
         return asdict(self)
 
+    def __str__(self) -> str:
+        """The exit status and the end of the output, to print: the last ``SHOWN_LINES`` lines of
+        stdout, and of stderr when the command failed (the fields hold all the snippet)."""
+        text = f"exit code: {self.returncode}\n  stdout:\n{_last_lines(self.stdout)}"
+        if self.returncode:
+            text += f"\n  stderr:\n{_last_lines(self.stderr)}"
+            if self.exception_name:
+                text += f"\n  exception: {self.exception_name}"
+        return text
+
+
+SHOWN_LINES = 10
+"""Lines of each stream ``str(ShellResult)`` shows."""
+
+
+def _last_lines(text: str) -> str:
+    lines = text.strip("\n").splitlines()
+    shown = "\n".join(f"    {line}" for line in lines[-SHOWN_LINES:])
+    return shown if len(lines) <= SHOWN_LINES else (
+        f"    [{len(lines) - SHOWN_LINES} earlier lines: see .stdout / .stderr]\n{shown}")
+
 
 class ShellFunction:
     """Run ``cmd`` with bash; ``{name}`` placeholders are filled from the call's keyword arguments.
 
+    ``stdout`` / ``stderr``: files (on the endpoint; made with their directories if missing)
+    the command's output is appended to, and its snippet read from (None: a temporary file).
     ``walltime``: seconds before the command's process group is stopped (None: no limit).
     ``snippet_lines``: how many of the last lines of stdout and stderr the result keeps.
     ``name``: the function's name when registered (default: the class name).
     ``return_dict``: return ``ShellResult.as_dict()`` instead (plain JSON, for flows).
+    The arguments and their order are Globus Compute's.
 
     Values are put into the line as they are, not quoted: quote untrusted ones yourself
     (``shlex.quote``). Literal braces (``awk '{print $1}'``, ``${HOME}``) are written
     doubled: ``{{`` and ``}}``.
     """
 
-    def __init__(self, cmd: str, walltime: float | None = None, snippet_lines: int = 1000,
-                 name: str | None = None, *, return_dict: bool = False) -> None:
+    def __init__(self, cmd: str, stdout: str | None = None, stderr: str | None = None,
+                 walltime: float | None = None, snippet_lines: int = 1000,
+                 name: str | None = None, return_dict: bool = False) -> None:
         if not isinstance(cmd, str) or not cmd.strip():
             raise ShellCommandError(f"cmd must be a non-empty command line, got {cmd!r}")
+        for what, path in (("stdout", stdout), ("stderr", stderr)):
+            if path is not None and (not isinstance(path, str | os.PathLike) or not str(path)):
+                raise ShellCommandError(
+                    f"{what} must be the path of a file on the endpoint to append the command's "
+                    f"{what} to, or None for none kept; got {path!r}")
         if walltime is not None and (isinstance(walltime, bool) or not isinstance(walltime, (int, float))
                                      or not walltime > 0):
             raise ShellCommandError(
@@ -83,14 +113,24 @@ class ShellFunction:
         self.walltime = None if walltime is None else float(walltime)
         self.snippet_lines = snippet_lines
         self.return_dict = return_dict
+        self.stdout = None if stdout is None else os.fspath(stdout)
+        self.stderr = None if stderr is None else os.fspath(stderr)
         self.__name__ = name or type(self).__name__
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Instances pickled before ``stdout``/``stderr`` existed load with neither."""
+        self.__dict__.update({"stdout": None, "stderr": None, **state})
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.cmd!r}, walltime={self.walltime!r}, name={self.__name__!r})"
+        files = "".join(f", {k}={v!r}" for k, v in (("stdout", self.stdout), ("stderr", self.stderr))
+                        if v is not None)
+        return (f"{type(self).__name__}({self.cmd!r}{files}, walltime={self.walltime!r}, "
+                f"name={self.__name__!r})")
 
     def __call__(self, *args: Any, **kwargs: Any) -> ShellResult | dict[str, Any]:
         """Run the command with its placeholders filled from ``kwargs`` (on the worker)."""
-        result = run_command(self.command_line(*args, **kwargs), self.walltime, self.snippet_lines)
+        result = run_command(self.command_line(*args, **kwargs), self.walltime, self.snippet_lines,
+                             stdout=self.stdout, stderr=self.stderr)
         return result.as_dict() if self.return_dict else result
 
     def command_line(self, *args: Any, **kwargs: Any) -> str:
@@ -154,16 +194,18 @@ def _placeholders(cmd: str) -> list[str]:
     return names
 
 
-def run_command(cmd: str, walltime: float | None = None, snippet_lines: int = 1000) -> ShellResult:
-    """Run ``cmd`` with bash in a new process group; its output goes to temporary files (no pipe
-    to fill up), of which the last ``snippet_lines`` lines are kept.
+def run_command(cmd: str, walltime: float | None = None, snippet_lines: int = 1000, *,
+                stdout: str | None = None, stderr: str | None = None) -> ShellResult:
+    """Run ``cmd`` with bash in a new process group; its output goes to files (no pipe to fill
+    up), of which the last ``snippet_lines`` lines are kept: temporary ones, or ``stdout`` and
+    ``stderr`` opened to append (the snippet then ends with what the file held before).
 
     Past ``walltime`` seconds, or when this call is interrupted (the task's own walltime,
     Ctrl-C), the whole process group is stopped: SIGTERM, then SIGKILL after ``KILL_GRACE``
     seconds; so it is when this process dies first (``_Guard``: an engine kills the worker
     to cancel its task). A command that ends by itself may leave background processes running.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with _output(stdout) as out, _output(stderr) as err:
         child = _Command(cmd, out, err)
         guard = _Guard(child.pid)
         try:
@@ -186,6 +228,17 @@ def run_command(cmd: str, walltime: float | None = None, snippet_lines: int = 10
     code = child.returncode
     assert code is not None  # wait() returned True: the shell was reaped
     return ShellResult(cmd, stdout, stderr, code, "subprocess.CalledProcessError" if code else None)
+
+
+def _output(path: str | None) -> IO[bytes]:
+    """A file for one of the command's streams: ``path`` to append to (its directory made if
+    missing), or a temporary file that goes when closed."""
+    if path is None:
+        return tempfile.TemporaryFile()
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    return open(path, "a+b")  # noqa: SIM115 - closed by run_command's with
 
 
 _DEFAULT_SIGNALS = [s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)]

@@ -32,6 +32,7 @@ from farcall.protocol.channel import (
     RunningFrame,
 )
 from farcall.protocol.common import TaskState, now
+from farcall.protocol.control import STOPPED_CLOSE_CODE
 from harness.procs import wait_until
 from tests.broker.helpers import FakeEndpoint, on_loop
 from tests.broker.records import new_tasks
@@ -397,6 +398,23 @@ def test_deleting_an_endpoint_fails_its_waiting_tasks(setup: Setup) -> None:
         assert rec["state"] == "failed" and "was deleted" in rec["error"], rec
     with pytest.raises(InvalidStatus):
         setup.connect()
+
+
+def test_stopping_an_endpoint_ends_its_session_and_keeps_its_tasks(setup: Setup) -> None:
+    _, ids = setup.submit(2)
+    ep = setup.connect()
+    ep.hello(credit=1)
+    (sent,) = ep.tasks(1)
+    r = setup.http.post(f"/v1/endpoints/{setup.endpoint_id}/stop")
+    assert r.json() == {"endpoint_id": setup.endpoint_id, "stopping": True}, r.text
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            ep.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == STOPPED_CLOSE_CODE
+    assert {setup.task(t)["state"] for t in ids} == {"waiting-for-endpoint"}
+    again = setup.connect()  # started again later: its tasks are there
+    again.hello(credit=2, held=[sent.task_id])
+    assert {t.task_id for t in again.tasks(1)} == set(ids) - {sent.task_id}
 
 
 def test_a_session_whose_credential_is_rotated_while_it_starts_is_ended(

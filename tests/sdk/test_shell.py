@@ -224,3 +224,39 @@ def test_pickled_by_reference_and_run_after_a_round_trip() -> None:
     assert ShellFunction("echo {word}").__name__ == "ShellFunction"
     result = run(deserialize_function(serialize_function(ShellFunction("echo {word}"))), word="hi")
     assert pickle.loads(pickle.dumps(result)) == result  # results travel with plain pickle
+
+
+def test_globus_computes_arguments_in_its_order(tmp_path: Path) -> None:
+    out, err = tmp_path / "logs" / "out.txt", tmp_path / "logs" / "err.txt"
+    fn = ShellFunction("echo {word}; echo oops >&2", str(out), str(err), 30, 5, "shout", True)
+    assert (fn.stdout, fn.stderr, fn.walltime, fn.snippet_lines, fn.__name__, fn.return_dict) == (
+        str(out), str(err), 30.0, 5, "shout", True)
+    first, second = fn(word="one"), fn(word="two")
+    assert isinstance(first, dict) and isinstance(second, dict)
+    assert first["stdout"] == "one\n"
+    assert (second["stdout"], second["stderr"]) == ("one\ntwo\n", "oops\noops\n")  # appended
+    assert (out.read_text(), err.read_text()) == ("one\ntwo\n", "oops\noops\n")
+    mpi = MPIFunction("hostname", stdout=str(out), snippet_lines=3)
+    assert (mpi.stdout, mpi.stderr, mpi.snippet_lines) == (str(out), None, 3)
+
+
+def test_a_bad_output_path_says_what_it_takes() -> None:
+    with pytest.raises(ShellCommandError, match="stdout must be the path of a file on the endpoint"):
+        ShellFunction("true", stdout=3)  # type: ignore[arg-type]
+
+
+def test_a_shell_function_pickled_before_output_files_existed_still_loads() -> None:
+    fn = ShellFunction("echo old")
+    state = {k: v for k, v in vars(fn).items() if k not in ("stdout", "stderr")}
+    old = ShellFunction.__new__(ShellFunction)
+    old.__setstate__(state)
+    assert run(old).stdout == "old\n" and old.stdout is None
+
+
+def test_str_shows_the_exit_status_and_the_end_of_the_output() -> None:
+    ok = ShellResult("seq 12", "".join(f"{i}\n" for i in range(1, 13)), "", 0)
+    assert str(ok) == ("exit code: 0\n  stdout:\n    [2 earlier lines: see .stdout / .stderr]\n"
+                       + "\n".join(f"    {i}" for i in range(3, 13)))
+    failed = ShellResult("false", "", "bad\n", 1, "subprocess.CalledProcessError")
+    assert str(failed) == ("exit code: 1\n  stdout:\n\n  stderr:\n    bad\n"
+                           "  exception: subprocess.CalledProcessError")

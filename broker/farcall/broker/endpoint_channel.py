@@ -73,11 +73,13 @@ from farcall.protocol.channel import (
 )
 from farcall.protocol.common import PROTOCOL_VERSION, TaskState, now
 from farcall.protocol.control import (
+    STOPPED_CLOSE_CODE,
     AccessRevoked,
     CancelTasks,
     CredentialRotated,
     EndpointRefused,
     EndpointRemoved,
+    EndpointStopRequested,
     SessionReplaced,
     UserEndpointWanted,
     parse_control,
@@ -544,6 +546,9 @@ class EndpointSession:
                         return
                 elif isinstance(message, EndpointRefused):
                     self.end(REFUSED, f"ended: {message.reason}")
+                    return
+                elif isinstance(message, EndpointStopRequested):
+                    self.end(STOPPED_CLOSE_CODE, "ended: the endpoint's owner asked it to stop")
                     return
                 elif isinstance(message, UserEndpointWanted) and self.multi_user:
                     await self._start_user_endpoint(message.user_endpoint_id)

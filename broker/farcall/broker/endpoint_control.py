@@ -1,5 +1,5 @@
-"""Where an endpoint is told to cancel, to give way to a newer session, that it was deleted, or
-that its credential was replaced.
+"""Where an endpoint is told to cancel, to give way to a newer session, that it was deleted, that
+its credential was replaced, or to stop.
 
 Each is a typed message (``farcall.protocol.control``) on the endpoint's pub/sub control
 channel, so it reaches the live channel session on whichever replica holds it. Cancelling
@@ -22,6 +22,7 @@ from farcall.protocol.control import (
     ControlMessage,
     CredentialRotated,
     EndpointRemoved,
+    EndpointStopRequested,
     SessionReplaced,
 )
 
@@ -91,6 +92,13 @@ async def delete_endpoint(svc: Services, endpoint_id: str) -> None:
              "another endpoint")
     await publish_results(svc, await svc.store.tasks.fail(waiting, error, now()))
     await svc.queue.delete(endpoint_id)
+
+
+async def stop_endpoint(svc: Services, endpoint_id: str) -> None:
+    """Ask the endpoint's agent to stop: its session ends (``STOPPED_CLOSE_CODE``) on whichever
+    replica holds it, and the agent finishes its running tasks, sends their results and exits.
+    Its queue stays: tasks submitted meanwhile wait for its next start."""
+    await send_control(svc, endpoint_id, EndpointStopRequested())
 
 
 async def rotate_credential(svc: Services, endpoint_id: str) -> str | None:

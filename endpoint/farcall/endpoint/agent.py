@@ -90,6 +90,7 @@ from farcall.protocol.channel import (
     Welcome,
     parse_broker_frame,
 )
+from farcall.protocol.control import STOPPED_CLOSE_CODE
 from farcall.urls import websocket_url
 
 __all__ = ["Agent", "ProtocolError"]
@@ -435,6 +436,10 @@ class Agent:
             refused = session_ws.protocol.close_rcvd if session_ws is not None else None
             if refused is not None and refused.code == CloseCode.MESSAGE_TOO_BIG:
                 self._outbox.shrink()
+            if refused is not None and refused.code == STOPPED_CLOSE_CODE:
+                log.warning("the endpoint's owner asked it to stop (Client.stop_endpoint): "
+                            "stopping; start it again with farcall-endpoint start")
+                self.request_stop()  # results of running tasks still go out on a new session
             if refused is not None and refused.code == CREDENTIAL_ROTATED:
                 log.warning("the broker ended the session: this endpoint's credential was rotated")
                 if self._credential_changed():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from farcall.errors import ConfigurationError, FarcallError
+from farcall.errors import ConfigurationError, FarcallError, MaxResultSizeExceeded
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -36,7 +36,7 @@ class ProtocolError(EndpointError):
     the one task concerned (a task whose function body never came)."""
 
 
-class ResultTooLarge(EndpointError, ValueError):
+class ResultTooLarge(EndpointError, MaxResultSizeExceeded):
     """A task's result is bigger than the broker takes (``FARCALL_MAX_TASK_BYTES``), or than
     any frame it reads; the task fails with this (its message names the size and the limit),
     the worker and the endpoint carry on."""

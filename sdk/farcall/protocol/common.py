@@ -117,6 +117,9 @@ def check_resource_specification(spec: dict[str, Any] | None) -> dict[str, Any] 
     Every hop (submission, the broker's queue reader, the agent) parses task JSON with
     these limits, so a task the broker accepts is one every later parser can read.
     """
+    if spec is not None and not isinstance(spec, dict):
+        raise TypeError(f"resource_specification must be a dict such as {{'num_nodes': 2, "
+                        f"'ranks_per_node': 4}}, got {type(spec).__name__}")
     return _check_options(spec, "resource_specification",
                           "it holds scheduler options such as num_nodes, not data",
                           "pass data as arguments, not in the resource specification")
@@ -139,13 +142,9 @@ def check_user_endpoint_config(config: dict[str, Any] | None) -> dict[str, Any] 
         raise ValueError(f"user_endpoint_config may not set {', '.join(reserved)}: the multi-user "
                          "endpoint sets these itself (the local account it runs your tasks as, "
                          "its own configuration); remove them")
-    try:
-        return _check_options(config, "user_endpoint_config",
-                              "it holds the values of a configuration such as account or nodes",
-                              "pass data as arguments, not in the user endpoint's configuration")
-    except TypeError as e:  # json.dumps: a value JSON has no form for
-        raise ValueError(f"user_endpoint_config must hold only JSON values (str, numbers, "
-                         f"bools, None, lists and dicts): {e}") from None
+    return _check_options(config, "user_endpoint_config",
+                          "it holds the values of a configuration such as account or nodes",
+                          "pass data as arguments, not in the user endpoint's configuration")
 
 
 def _check_options(value: dict[str, Any] | None, name: str, what: str, instead: str
@@ -154,7 +153,11 @@ def _check_options(value: dict[str, Any] | None, name: str, what: str, instead: 
         return None
     if _depth(value, MAX_SPEC_DEPTH) > MAX_SPEC_DEPTH:
         raise ValueError(f"{name} is nested deeper than {MAX_SPEC_DEPTH} levels; flatten it ({what})")
-    size = len(json.dumps(value))
+    try:
+        size = len(json.dumps(value))
+    except TypeError as e:  # a value JSON has no form for
+        raise ValueError(f"{name} must hold only JSON values (str, numbers, bools, None, lists "
+                         f"and dicts): {e}") from None
     if size > MAX_SPEC_BYTES:
         raise ValueError(f"{name} is {size} bytes as JSON, over the limit of {MAX_SPEC_BYTES}; "
                          f"{instead}")

@@ -4,7 +4,8 @@ session on whichever replica holds it, and every replica's token cache.
 An endpoint's control channel carries ``CancelTasks`` (stop these tasks), ``SessionReplaced``
 (a newer session of the endpoint took over), ``EndpointRemoved`` (the endpoint was deleted),
 ``CredentialRotated`` (the endpoint has a new credential: sessions opened with the old one end),
-``EndpointRefused`` (its owner was disabled) and, to a multi-user endpoint's manager,
+``EndpointRefused`` (its owner was disabled), ``EndpointStopRequested`` (its owner asked it to
+stop) and, to a multi-user endpoint's manager,
 ``UserEndpointWanted`` (tasks wait for one of its user endpoints); the revocations channel carries
 ``TokenRevocation`` and ``AccessRevoked``. Only the broker sends and reads them, but they
 cross process boundaries like every other frame, so they are typed and pinned here too.
@@ -56,6 +57,18 @@ class EndpointRefused(Message):
     reason: str
 
 
+STOPPED_CLOSE_CODE = 4006
+"""The close code of a session whose endpoint's owner asked it to stop: its agent stops (it
+does not reconnect to take more tasks)."""
+
+
+class EndpointStopRequested(Message):
+    """The endpoint's owner asked it to stop (``Client.stop_endpoint``): its session ends with
+    ``STOPPED_CLOSE_CODE``, and its agent finishes what it runs and exits."""
+
+    type: Literal["stop"] = "stop"
+
+
 class UserEndpointWanted(Message):
     """Tasks wait for the manager's user endpoint ``user_endpoint_id``, which has no session: the
     manager's session (on whichever replica holds it) sends its agent a ``StartUserEndpoint``
@@ -66,7 +79,7 @@ class UserEndpointWanted(Message):
 
 
 AnyControl = (CancelTasks | SessionReplaced | EndpointRemoved | CredentialRotated | EndpointRefused
-              | UserEndpointWanted)
+              | EndpointStopRequested | UserEndpointWanted)
 """Any message of an endpoint's control channel."""
 ControlMessage = Annotated[AnyControl, Field(discriminator="type")]
 

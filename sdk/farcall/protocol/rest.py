@@ -241,6 +241,14 @@ class EndpointDeleted(Message):
     deleted: bool
 
 
+class EndpointStopping(Message):
+    """``POST /v1/endpoints/{id}/stop``: the endpoint was asked to stop (``stopping``), or was
+    not connected (False: nothing to stop)."""
+
+    endpoint_id: str
+    stopping: bool
+
+
 class TokenCreated(Message):
     token_id: str
     token: str = Field(description="the token itself, shown only this once")

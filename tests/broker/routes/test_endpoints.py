@@ -53,3 +53,14 @@ def test_a_user_owns_at_most_max_endpoints(make_api: MakeApi) -> None:
     api.endpoint(alice)
     r = api.client.post("/v1/endpoints", json={"name": "two"}, headers=alice)
     assert r.status_code == 403 and "FARCALL_MAX_ENDPOINTS" in r.json()["message"]
+
+
+def test_stop_is_for_the_owner_and_says_when_there_was_nothing_to_stop(api: Api) -> None:
+    alice, bob = api.user("alice"), api.user("bob")
+    eid = api.endpoint(alice)["endpoint_id"]
+    r = api.client.post(f"/v1/endpoints/{eid}/stop", headers=alice)
+    assert r.json() == {"endpoint_id": eid, "stopping": False}, "never connected: nothing to stop"
+    api.client.post(f"/v1/endpoints/{eid}/share", json={"username": "bob"}, headers=alice)
+    r = api.client.post(f"/v1/endpoints/{eid}/stop", headers=bob)
+    assert r.status_code == 403 and "only its owner" in r.json()["message"]
+    assert api.client.post("/v1/endpoints/no-such/stop", headers=alice).status_code == 404

@@ -1,4 +1,4 @@
-"""``/v1/endpoints``: registering endpoints, reading them and their status, deleting them
+"""``/v1/endpoints``: registering endpoints, reading them and their status, stopping and deleting them
 (sharing them: ``sharing``; their WebSocket channel: ``endpoint_channel``)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from farcall.protocol.rest import (
     EndpointRegistered,
     EndpointRegistration,
     EndpointStatus,
+    EndpointStopping,
 )
 
 router = APIRouter(prefix="/v1")
@@ -122,6 +123,18 @@ async def rotate_credential(endpoint_id: str, user: User, svc: Svc) -> Credentia
     if credential is None:  # deleted meanwhile
         raise ObjectNotFound(f"endpoint {clip(endpoint_id)} not found; list yours with GET /v1/endpoints")
     return CredentialIssued(endpoint_id=endpoint_id, credential=credential)
+
+
+@router.post("/endpoints/{endpoint_id}/stop", responses=OBJECT_ERRORS)
+async def stop_endpoint(endpoint_id: str, user: User, svc: Svc) -> EndpointStopping:
+    """Ask your endpoint's agent to stop (Globus Compute's ``stop_endpoint``): it takes no new
+    task, finishes the running ones and exits; queued tasks wait for its next start.
+    ``stopping`` is False when it was not connected (nothing to stop)."""
+    ep = await find_endpoint(svc, user, endpoint_id, owner=True)
+    online = _status(svc, ep) == "online"
+    if online:
+        await endpoint_control.stop_endpoint(svc, endpoint_id)
+    return EndpointStopping(endpoint_id=endpoint_id, stopping=online)
 
 
 @router.delete("/endpoints/{endpoint_id}", responses=OBJECT_ERRORS)
