@@ -348,3 +348,15 @@ def test_a_rendered_configs_warnings_are_the_checks_naming_the_template(
     report = check(site, True, monkeypatch)
     assert [str(w) for w in report.warnings] == [
         "user_config_template.yaml.j2: engine.some_key: farcall does this instead"]
+
+
+def test_an_account_without_a_password_entry_is_named_by_its_uid(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(uid: int) -> None:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(manager_module.pwd, "getpwuid", missing)
+    monkeypatch.setenv("HOME", "/work/home")
+    me = own_account()
+    assert (me.name, me.uid, me.gid, me.home) == (str(os.getuid()), os.getuid(), os.getgid(),
+                                                  "/work/home")

@@ -656,8 +656,13 @@ def _kill_group(pid: int) -> None:
 
 
 def own_account() -> LocalUser:
-    """The account this process runs as."""
-    entry = pwd.getpwuid(os.getuid())
+    """The account this process runs as (a uid without a password entry, as in some containers:
+    named by its number, at home in ``$HOME``)."""
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return LocalUser(str(os.getuid()), os.getuid(), os.getgid(),
+                         os.environ.get("HOME") or "/", "/bin/sh")
     return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
 
 
