@@ -1,4 +1,5 @@
-"""The launch of a user endpoint: the privilege drop, its environment, its files, its refusals.
+"""The launch of a user endpoint: the privilege drop (or, for a manager run by an ordinary
+account, staying that account), its environment, its files, its refusals.
 
 The whole path (as real accounts, exec'ing the agent) is tests/integration/test_multi_user.py's.
 """
@@ -15,14 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from farcall.endpoint.multiuser import launch as launch_module
 from farcall.endpoint.multiuser.events import EVENTS_FD_VARIABLE
 from farcall.endpoint.multiuser.launch import (
     LaunchSpec,
     LaunchUser,
+    become,
     drop_privileges,
     user_environment,
     write_files,
 )
+from farcall.endpoint.multiuser.privileges import CAP_SETUID
 from farcall.endpoint.registration import load_registration
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
@@ -74,6 +78,34 @@ def test_the_drop_is_for_good_and_takes_the_users_groups() -> None:
     found = in_child(drop)
     uid, gid = nobody.pw_uid, nobody.pw_gid
     assert found == {"value": [[uid] * 3, [gid] * 3, sorted(os.getgrouplist("nobody", gid)), False]}
+
+
+@needs_root
+def test_an_ordinary_account_launching_itself_changes_no_id() -> None:
+    """A manager run by an ordinary account starts its owner's user endpoint as that account:
+    the launch neither calls setresuid nor initgroups (which would fail without privilege),
+    and still proves root cannot be gained."""
+    nobody = pwd.getpwnam("nobody")
+    user = LaunchUser(name="nobody", uid=nobody.pw_uid, gid=nobody.pw_gid, home="/nonexistent")
+
+    def as_nobody() -> object:
+        os.setgroups([])
+        os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
+        os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+        before = [os.getresuid(), os.getresgid(), os.getgroups()]
+        become(user)
+        return before == [os.getresuid(), os.getresgid(), os.getgroups()]
+
+    assert in_child(as_nobody) == {"value": True}
+
+    def with_capability() -> object:
+        os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
+        launch_module.effective_capabilities = lambda: 1 << CAP_SETUID
+        become(user)
+        return "became"
+
+    found = str(in_child(with_capability).get("error"))
+    assert "LaunchError" in found and "may change user" in found
 
 
 def test_root_is_refused_before_anything_changes() -> None:

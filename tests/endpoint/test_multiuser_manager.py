@@ -1,5 +1,6 @@
 """The manager's decisions without root: privileges, mapping and rendering outcomes, the
-refusing user endpoint, the state file behind ``status``/``list``.
+owner-only manager of an ordinary account, the refusing user endpoint, the state file behind
+``status``/``list``.
 
 Starting user endpoints as real accounts is tests/integration/test_multi_user.py's.
 """
@@ -10,21 +11,27 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from farcall.endpoint import cli
+from farcall.endpoint.check import CheckReport, check_config
 from farcall.endpoint.config import EndpointConfig
 from farcall.endpoint.errors import EndpointError
 from farcall.endpoint.multiuser import manager as manager_module
+from farcall.endpoint.multiuser import privileges
 from farcall.endpoint.multiuser.manager import (
     ManagerEngine,
     RefusingEngine,
     UserEndpointManager,
     check_privileges,
+    own_account,
 )
+from farcall.endpoint.multiuser.owner import Owner
 from farcall.endpoint.multiuser.state import write_user_endpoints
+from farcall.endpoint.problems import ConfigProblems, Problem
 from farcall.errors import IdentityMappingError, UserEndpointError
 from farcall.protocol.channel import ResultMessage, StartUserEndpoint
 from harness.procs import wait_until
@@ -65,20 +72,56 @@ def site(tmp_path: Path) -> Path:
     return directory
 
 
-def make_manager(directory: Path, url: str = "http://127.0.0.1:9", **config: object
-                 ) -> UserEndpointManager:
+OWNER = Owner("mgr-0001", "id-ada", "ada")
+
+
+def make_manager(directory: Path, url: str = "http://127.0.0.1:9", privileged: bool = True,
+                 **config: object) -> UserEndpointManager:
     parsed = EndpointConfig.model_validate({"multi_user": True, **config})
-    return UserEndpointManager("site", directory, parsed, url)
+    return UserEndpointManager("site", directory, parsed, url, privileged=privileged,
+                               owner=None if privileged else OWNER)
 
 
-def test_the_manager_needs_root_or_the_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_root_or_both_capabilities_change_user_an_ordinary_account_does_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    setuid, setgid = 1 << privileges.CAP_SETUID, 1 << privileges.CAP_SETGID
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    monkeypatch.setattr(manager_module, "_effective_capabilities", lambda: 0)
-    with pytest.raises(EndpointError, match="must run as root .*CAP_SETUID"):
-        check_privileges()
-    monkeypatch.setattr(manager_module, "_effective_capabilities",
-                        lambda: (1 << manager_module.CAP_SETUID) | (1 << manager_module.CAP_SETGID))
-    check_privileges()
+    for caps, privileged in ((0, False), (setuid | setgid, True), (1 << 21, False)):
+        monkeypatch.setattr(privileges, "effective_capabilities", lambda c=caps: c)
+        assert check_privileges() is privileged
+    for caps, has, lacks in ((setuid, "CAP_SETUID", "CAP_SETGID"),
+                             (setgid, "CAP_SETGID", "CAP_SETUID")):
+        monkeypatch.setattr(privileges, "effective_capabilities", lambda c=caps: c)
+        with pytest.raises(EndpointError, match=f"has {has} but not {lacks}.*both"):
+            check_privileges()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(privileges, "effective_capabilities", lambda: 0)
+    assert check_privileges() is True
+
+
+def test_an_ordinary_accounts_manager_runs_its_owner_as_itself_without_mapping(site: Path) -> None:
+    (site / "identity_mapping.json").write_text("not even JSON")  # never read
+    manager = make_manager(site, privileged=False)
+    manager.begin()
+    try:
+        prepared = manager.prepare(frame("ada", {"workers": 2}))
+        assert prepared.user == own_account()
+        assert yaml.safe_load(prepared.config)["display_name"] == f"for {own_account().name}"
+    finally:
+        manager.shutdown(5)
+
+
+def test_an_ordinary_accounts_manager_refuses_everyone_but_its_owner(site: Path) -> None:
+    with pytest.raises(UserEndpointError) as raised:
+        make_manager(site, privileged=False).prepare(frame("bob"))
+    message = str(raised.value)
+    me = own_account().name
+    assert f"runs as the ordinary account {me}" in message and "its owner ada" in message
+    assert "bob (id-bob) cannot use it" in message and "as root with an identity mapping" in message
+    unknown = UserEndpointManager("site", site, EndpointConfig(), "http://127.0.0.1:9",
+                                  privileged=False)
+    with pytest.raises(UserEndpointError, match="cannot use it"):
+        unknown.prepare(frame("ada"))  # no owner known: no one is served
 
 
 def test_a_mapped_user_gets_the_rendered_config_with_what_the_manager_fixes(site: Path) -> None:
@@ -212,7 +255,8 @@ def test_a_user_endpoint_that_dies_before_connecting_is_reported_on_the_next_sta
     broker = FakeBroker()
     manager = UserEndpointManager(
         "site", site, EndpointConfig(multi_user=True, user_endpoint_idle_seconds=2,
-                                     heartbeat_period=0.2), broker.url, python="/bin/false")
+                                     heartbeat_period=0.2), broker.url, python="/bin/false",
+        privileged=True)
     start = frame("ada", endpoint_id=ENDPOINT_ID).model_copy(update={"credential": CREDENTIAL})
     try:
         manager.begin()
@@ -228,3 +272,91 @@ def test_a_user_endpoint_that_dies_before_connecting_is_reported_on_the_next_sta
     finally:
         manager.shutdown(5)
         broker.close()
+
+
+# ------------------------------------------------------------------ farcall-endpoint check
+
+
+def check(directory: Path, privileged: bool, monkeypatch: pytest.MonkeyPatch,
+          **config: object) -> CheckReport:
+    monkeypatch.setattr(manager_module, "check_privileges", lambda: privileged)
+    return check_config("site", EndpointConfig.model_validate(config), directory)
+
+
+def test_check_renders_the_template_with_the_schemas_defaults_and_builds_its_engine(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = json.loads((site / "user_config_schema.json").read_text())
+    schema["properties"]["workers"]["default"] = 3
+    (site / "user_config_schema.json").write_text(json.dumps(schema))
+    report = check(site, True, monkeypatch)
+    assert report.built["engine"] == "MultiUserManager" and report.built["schema"] == "yes"
+    assert report.built["identity mapping"] == str(site / "identity_mapping.json")
+    assert report.built["user endpoints"].endswith(
+        f'(engine ThreadPoolEngine, for {own_account().name} with {{"workers": 3}})')
+    assert report.warnings == []
+
+
+def test_check_says_when_the_template_needs_values_the_schema_requires(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = json.loads((site / "user_config_schema.json").read_text())
+    schema["required"] = ["workers"]
+    (site / "user_config_schema.json").write_text(json.dumps(schema))
+    report = check(site, True, monkeypatch)
+    assert "not rendered here: with no values sent" in report.built["user endpoints"]
+    assert "'workers' is a required property" in report.built["user endpoints"]
+
+
+def test_check_reports_every_problem_of_a_manager_at_once(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (site / "identity_mapping.json").write_text("[{}]")
+    (site / "user_environment.yaml").write_text("- a list\n")
+    (site / "user_config_template.yaml.j2").write_text("engine: {type: NoSuchEngine}\n")
+    (site / "other.json").write_text('{"type": "nonsense"}')
+    with pytest.raises(ConfigProblems) as raised:
+        check(site, True, monkeypatch, user_config_schema_path="other.json")
+    found = {p.key: p.message for p in raised.value.problems}
+    assert list(found) == ["identity_mapping_config_path", "user_config_schema_path",
+                           "user_environment.yaml", "user_config_template_path"]
+    assert "DATA_TYPE" in found["identity_mapping_config_path"]
+    assert "not a valid JSON Schema" in found["user_config_schema_path"]
+    assert "expected a mapping" in found["user_environment.yaml"]
+    assert "NoSuchEngine" in found["user_config_template_path"]
+
+
+def test_check_of_an_ordinary_accounts_manager_warns_that_the_mapping_is_not_read(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = check(site, False, monkeypatch, identity_mapping_config_path="/nowhere/map.json")
+    me = own_account()
+    assert report.built["runs user endpoints as"] == f"{me.name} (uid {me.uid}), for its owner only"
+    [warning] = report.warnings
+    assert warning.key == "identity_mapping_config_path" and "/nowhere/map.json is not read" in (
+        warning.message)
+    with pytest.raises(ConfigProblems, match="/nowhere/map.json does not exist"):
+        check(site, True, monkeypatch, identity_mapping_config_path="/nowhere/map.json")
+
+
+def test_a_rendered_configs_warnings_are_the_checks_naming_the_template(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    render = manager_module.render_user_config
+
+    def warned(*args: Any, **kwargs: Any) -> tuple[str, EndpointConfig]:
+        text, config = render(*args, **kwargs)
+        config._warnings = [Problem("engine.some_key", "farcall does this instead")]
+        return text, config
+
+    monkeypatch.setattr(manager_module, "render_user_config", warned)
+    report = check(site, True, monkeypatch)
+    assert [str(w) for w in report.warnings] == [
+        "user_config_template.yaml.j2: engine.some_key: farcall does this instead"]
+
+
+def test_an_account_without_a_password_entry_is_named_by_its_uid(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(uid: int) -> None:
+        raise KeyError(uid)
+
+    monkeypatch.setattr(manager_module.pwd, "getpwuid", missing)
+    monkeypatch.setenv("HOME", "/work/home")
+    me = own_account()
+    assert (me.name, me.uid, me.gid, me.home) == (str(os.getuid()), os.getuid(), os.getgid(),
+                                                  "/work/home")

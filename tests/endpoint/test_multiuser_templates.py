@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from farcall.endpoint.config import EndpointConfig
+from farcall.endpoint.config import MANAGER_KEYS, EndpointConfig
 from farcall.endpoint.errors import EndpointConfigError
 from farcall.endpoint.multiuser.identity import LocalUser
 from farcall.endpoint.multiuser.templates import (
@@ -34,6 +34,7 @@ engine:
   type: ProcessPoolEngine
   max_workers: {{ max_workers | default(1) }}
 """
+ENGINE = "engine: {type: ThreadPoolEngine}\n"
 
 
 def site(tmp_path: Path, template: str = TEMPLATE, schema: dict[str, Any] | None = None) -> Path:
@@ -106,7 +107,7 @@ def test_values_inside_a_quoted_string_fail_with_a_hint(tmp_path: Path) -> None:
     directory = site(tmp_path, 'display_name: "user {{ account }}"\n')
     with pytest.raises(UserConfigError, match=r"(?s)rendered invalid YAML.*\{\{ \"text \" ~ value \}\}"):
         render(directory, {"account": "abc"})
-    directory = site(tmp_path, 'display_name: {{ "user " ~ account }}\n')
+    directory = site(tmp_path, 'display_name: {{ "user " ~ account }}\n' + ENGINE)
     assert render(directory, {"account": "abc"})[1].display_name == "user abc"
 
 
@@ -163,7 +164,8 @@ def test_a_missing_template_says_where_to_write_it(tmp_path: Path) -> None:
 def test_the_manager_gives_the_local_account_and_its_own_config(tmp_path: Path) -> None:
     directory = site(
         tmp_path, "display_name: {{ parent_config.display_name ~ ':' ~ local_user }}\n"
-                  "endpoint_setup: {{ 'cd ' ~ local_home ~ ' ' ~ local_uid ~ ' ' ~ local_gid }}\n")
+                  "endpoint_setup: {{ 'cd ' ~ local_home ~ ' ' ~ local_uid ~ ' ' ~ local_gid }}\n"
+                  + ENGINE)
     _, config = render(directory, {})
     assert config.display_name == "site:alice"
     assert config.endpoint_setup == "cd /home/alice 1234 1234"
@@ -186,6 +188,51 @@ def test_a_template_may_not_set_what_the_manager_sets(tmp_path: Path, key: str) 
     value = {"broker_url": "http://127.0.0.1:1", "multi_user": "true"}.get(key, "1")
     with pytest.raises(UserConfigError, match=f"sets {key}, which the multi-user endpoint's manager sets"):
         render(site(tmp_path, TEMPLATE + f"{key}: {value}\n"), {"account": "a"})
+
+
+@pytest.mark.parametrize("key", sorted(set(MANAGER_KEYS) - set(FIXED_KEYS)))
+def test_a_template_may_not_set_the_managers_own_keys(tmp_path: Path, key: str) -> None:
+    value = {"pam": "{enable: false}", "public": "true", "force_mu_allow_same_user": "true"}.get(
+        key, "'1'")
+    with pytest.raises(UserConfigError, match=f"sets {key}, which apply to the multi-user "
+                                              "endpoint's manager only"):
+        render(site(tmp_path, TEMPLATE + f"{key}: {value}\n"), {"account": "a"})
+
+
+def test_a_template_without_an_engine_is_refused_with_every_other_problem(tmp_path: Path) -> None:
+    """Without an engine a config is a manager's (as in Globus Compute); a user endpoint needs
+    one, so the template must say which instead of getting a process pool silently."""
+    with pytest.raises(UserConfigError) as e:
+        render(site(tmp_path, "display_nme: {{ account }}\n"), {"account": "a"})
+    message = str(e.value)
+    assert "engine: missing" in message and "`engine: {type: ProcessPoolEngine}`" in message
+    assert "display_nme: unknown key" in message
+
+
+def test_the_template_and_schema_are_read_where_the_managers_config_says(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "site-files"
+    elsewhere.mkdir()
+    (elsewhere / "uep.yaml.j2").write_text(TEMPLATE.replace("{{ account }}", '{{ "x-" ~ account }}'))
+    (elsewhere / "uep.schema.json").write_text(json.dumps(SCHEMA))
+    directory = tmp_path / "manager"
+    directory.mkdir()
+    (directory / "user_config_template.yaml.j2").write_text("not: {{ used")
+    parent = EndpointConfig(user_config_template_path=str(elsewhere / "uep.yaml.j2"),
+                            user_config_schema_path="../site-files/uep.schema.json")
+    _, config = render_user_config(directory, {"account": "abc"}, USER, parent)
+    assert config.display_name == "x-abc"
+    with pytest.raises(UserConfigError, match="'account' is a required property"):
+        render_user_config(directory, {}, USER, parent)  # the schema over there applies
+    assert load_user_config_schema(directory, parent) == SCHEMA
+    gone = EndpointConfig(user_config_template_path="nowhere.j2",
+                          user_config_schema_path="nowhere.json")
+    with pytest.raises(EndpointConfigError, match=r"user_config_schema_path: .*nowhere.json does "
+                                                  "not exist"):
+        load_user_config_schema(directory, gone)
+    with pytest.raises(UserConfigError, match=r"user_config_template_path: .*nowhere.j2 does not "
+                                              "exist"):
+        render_user_config(directory, {}, USER, gone.model_copy(update={
+            "user_config_schema_path": None}))
 
 
 @pytest.mark.parametrize(("template", "says"), [

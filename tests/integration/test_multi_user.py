@@ -5,7 +5,9 @@ The manager runs ``farcall-endpoint start site`` from a venv every account can r
 submit with ``user_endpoint_config``; their tasks run as the accounts the identity mapping
 names, in user endpoints the manager starts, stops when idle, and replaces when they die.
 
-The tests share the site and run in file order (the last one stops the manager).
+The tests share the site and run in file order (the last one of the site stops its manager).
+The file ends with a manager that an ordinary account runs, from Globus Compute's default files
+(no engine section): it serves its owner alone, as that account.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 from farcall import Client
 from farcall.endpoint.registration import load_registration
 from farcall.errors import BrokerError, IdentityMappingError, TaskPending, UserEndpointError
+from harness import REPO
 from harness.procs import ManagedProcess, wait_until
 from harness.shared_venv import shared_venv
 from tests.integration.helpers import Broker, own_broker
@@ -455,3 +458,104 @@ def test_stopping_the_manager_stops_its_user_endpoints(site: Site) -> None:
     leftovers = [p.pid for p in psutil.process_iter(["uids"]) if p.info["uids"]
                  and p.info["uids"].real in accounts]
     assert leftovers == []
+
+
+# ------------------------------------------------------------------ a manager of an ordinary account
+
+GC_DEFAULT = REPO / "tests" / "endpoint" / "gc_configs" / "default"
+
+
+def test_an_ordinary_accounts_manager_from_globus_computes_default_files_serves_its_owner(
+        service_env: dict[str, str], tmp_path: Path) -> None:
+    """Globus Compute's default manager files (no engine section), started by a useradd account:
+    its owner's task runs as that account in a user endpoint the manager started (Parsl workers
+    from the default template); another user's task fails at once, naming the owner; the log
+    says in one line what the manager does, and that the identity mapping is not read."""
+    venv = shared_venv()
+    run = uuid.uuid4().hex[:6]
+    account = f"fcown{run}"
+    _useradd(account)
+    try:
+        entry = pwd.getpwnam(account)
+        home = Path(entry.pw_dir)
+        directory = home / ".farcall" / "endpoints" / "site"
+        directory.mkdir(parents=True)
+        for path in GC_DEFAULT.iterdir():
+            (directory / path.name).write_bytes(path.read_bytes())
+        config = yaml.safe_load((directory / "config.yaml").read_text())
+        assert "engine" not in config and "multi_user" not in config
+        config.update(heartbeat_period=1, stop_timeout=5)
+        (directory / "config.yaml").write_text(yaml.safe_dump(config))
+        for path in [home / ".farcall", *(home / ".farcall").rglob("*")]:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        with own_broker(service_env, tmp_path, "own-account",
+                        settings={"FARCALL_USER_ENDPOINT_START_SECONDS": "1"}) as broker:
+            owner_token = broker.create_user(f"owner-{run}")
+            other = Client(broker_url=broker.url, token=broker.create_user(f"other-{run}"))
+            env = dict(broker.env, FARCALL_HOME=str(home / ".farcall"), HOME=str(home),
+                       USER=account, LOGNAME=account, FARCALL_BROKER_URL=broker.url,
+                       FARCALL_TOKEN=owner_token)
+            manager = ManagedProcess(
+                "own-account manager",
+                ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
+                 str(venv / "bin" / "farcall-endpoint"), "start", "site"],
+                env, tmp_path / "manager.log", cwd=home).start()
+            owner = Client(broker_url=broker.url, token=owner_token)
+            try:
+                wait_until(lambda: load_registration(directory) is not None, 60,
+                           f"the manager to register\n{manager.output(3000)}")
+                registration = load_registration(directory)
+                assert registration is not None
+                manager_id = registration.endpoint_id
+                wait_until(lambda: owner.get_endpoint_status(manager_id)["status"] == "online",
+                           30, f"the manager online\n{manager.output(3000)}")
+                assert psutil.Process(manager.pid).uids().real == entry.pw_uid
+                owner.share_endpoint(manager_id, f"other-{run}")
+
+                def result(client: Client, task_id: str) -> Any:
+                    def done() -> tuple[str, Any] | None:
+                        try:
+                            return ("value", client.get_result(task_id))
+                        except TaskPending:
+                            return None
+                        except Exception as e:  # noqa: BLE001 - the task's own error
+                            return ("error", e)
+
+                    kind, value = wait_until(done, 90, f"task {task_id}\n{manager.output(4000)}",
+                                             interval=0.1)
+                    if kind == "error":
+                        raise value
+                    return value
+
+                function = owner.register_function(report, strategy="source")
+                task_id = owner.run("owner", endpoint_id=manager_id, function_id=function,
+                                    user_endpoint_config={})
+                found = result(owner, task_id)
+                assert (found["uid"], found["euid"], found["name"]) == (
+                    entry.pw_uid, entry.pw_uid, account)
+                assert owner.get_task(task_id)["endpoint_id"] != manager_id
+                assert not any(k.startswith("FARCALL_TOKEN") for k in found["environ"])
+
+                function = other.register_function(report, strategy="source")
+                refused = other.run("other", endpoint_id=manager_id, function_id=function,
+                                    user_endpoint_config={})
+                with pytest.raises(UserEndpointError) as raised:
+                    result(other, refused)
+                message = str(raised.value)
+                assert f"runs as the ordinary account {account}" in message
+                assert f"its owner owner-{run}" in message and f"other-{run}" in message
+
+                log = manager.output()
+                said = [line for line in log.splitlines() if "which cannot change user" in line]
+                assert len(said) == 1 and f"for its owner owner-{run} only" in said[0], log[-3000:]
+                assert "identity_mapping_config_path: this manager runs as the ordinary " \
+                       f"account {account}" in log
+                kept = json.loads((directory / "owner.json").read_text())
+                assert (kept["endpoint_id"], kept["username"]) == (manager_id, f"owner-{run}")
+            finally:
+                manager.stop(30)
+                owner.close()
+                other.close()
+    finally:
+        _userdel(account)

@@ -275,8 +275,9 @@ def cmd_render_user_config(args: argparse.Namespace) -> int:
         args.user_config = "{}"
     config = load_config(args.name)
     if not config.multi_user:
-        raise EndpointError(f"endpoint {args.name!r} is not a multi-user endpoint (its config.yaml "
-                            "does not say multi_user: true); see docs/multi-user.md")
+        raise EndpointError(f"endpoint {args.name!r} is not a multi-user endpoint: its config.yaml "
+                            "has an engine section, so it runs tasks itself (a manager's has none; "
+                            "see docs/multi-user.md)")
     try:
         values = json.loads(args.user_config)
     except ValueError as e:

@@ -52,6 +52,22 @@ RUNINFO_DIR = "runinfo"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
+class PamSettings(BaseModel):
+    """Globus Compute's ``pam`` section of a manager: ``enable`` (true when the section is
+    given) and ``service_name``. farcall opens no PAM session; it warns when enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable: bool = True
+    service_name: str = Field(default="globus-compute-endpoint", min_length=1)
+
+
+MANAGER_KEYS = ("identity_mapping_config_path", "audit_log_path", "user_endpoint_idle_seconds",
+                "user_config_template_path", "user_config_schema_path", "public", "pam",
+                "mu_child_ep_grace_period_s", "email", "force_mu_allow_same_user")
+"""``config.yaml`` keys of a multi-user endpoint's manager only (an error beside an engine)."""
+
+
 class EndpointConfig(BaseModel):
     """The contents of ``config.yaml``. Unknown keys are errors, so typos do not pass silently."""
 
@@ -63,7 +79,8 @@ class EndpointConfig(BaseModel):
     stop_timeout: float = Field(
         default=10.0, ge=0, description="seconds a stop lets running tasks finish"
     )
-    engine: dict[str, Any] = Field(default_factory=lambda: {"type": "ProcessPoolEngine"})
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="what runs the tasks; without it, a manager")
     allowed_functions: list[str] | None = Field(
         default=None, description="function ids this endpoint runs; None = any of its owner's"
     )
@@ -103,10 +120,13 @@ class EndpointConfig(BaseModel):
                                   "log_dir (default: the same file as stdout)")
 
     # A multi-user endpoint's manager (docs/multi-user.md): it runs no task itself; it starts a
-    # user endpoint, as the submitter's own Unix account, from the files beside config.yaml
-    # (USER_CONFIG_TEMPLATE, USER_CONFIG_SCHEMA, USER_ENVIRONMENT) and its identity mapping.
+    # user endpoint, as the submitter's own Unix account (as its own account when it does not run
+    # as root), from the files beside config.yaml (USER_CONFIG_TEMPLATE, USER_CONFIG_SCHEMA,
+    # USER_ENVIRONMENT) and its identity mapping. As in Globus Compute, a config.yaml without an
+    # engine section is a manager's. The keys below apply to a manager only (MANAGER_KEYS).
     multi_user: bool = Field(
-        default=False, description="run as a multi-user endpoint's manager (no engine of its own)")
+        default=False, description="run as a multi-user endpoint's manager (no engine of its own); "
+                                   "true whenever config.yaml has no engine section")
     identity_mapping_config_path: str | None = Field(
         default=None, description="the identity mapping (JSON, Globus Compute's formats); "
                                   "default: identity_mapping.json beside config.yaml")
@@ -116,6 +136,24 @@ class EndpointConfig(BaseModel):
     user_endpoint_idle_seconds: float = Field(
         default=300.0, gt=0, allow_inf_nan=False,
         description="seconds a user endpoint with no work keeps running before it stops")
+    user_config_template_path: str | None = Field(
+        default=None, min_length=1, description=f"the user endpoint config template; default: "
+                                                f"{USER_CONFIG_TEMPLATE} beside config.yaml")
+    user_config_schema_path: str | None = Field(
+        default=None, min_length=1, description=f"the JSON Schema of users' values; default: "
+                                                f"{USER_CONFIG_SCHEMA} beside config.yaml")
+    public: bool = Field(default=False, description="Globus Compute's listing to every user "
+                                                    "(warned: farcall lists by sharing)")
+    pam: PamSettings | None = Field(default=None, description="Globus Compute's PAM session "
+                                                              "(warned: farcall opens none)")
+    mu_child_ep_grace_period_s: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False,
+        description="Globus Compute's hold of a start request (warned: the broker asks again)")
+    email: str | None = Field(default=None, description="Globus Compute's contact address "
+                                                        "(warned: farcall publishes none)")
+    force_mu_allow_same_user: bool = Field(
+        default=False, description="Globus Compute's (deprecated) run-as-the-manager switch "
+                                   "(warned: a root manager never does)")
 
     _warnings: list[problems.Problem] = PrivateAttr(default_factory=list)
 
@@ -162,13 +200,70 @@ class EndpointConfig(BaseModel):
             raise ValueError("must be a number of seconds, 0 or more")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_engine_means_manager(cls, raw: Any) -> Any:
+        """As in Globus Compute: no ``engine`` section, a manager (``multi_user`` true)."""
+        if not isinstance(raw, dict) or "engine" in raw:
+            return raw
+        if raw.get("multi_user") is False:
+            problems.error("engine", (
+                "missing: a config.yaml without an engine section is a multi-user endpoint's "
+                "manager (as in Globus Compute), and this one says multi_user: false. For an "
+                "endpoint that runs tasks itself, add an engine section, for example "
+                "`engine: {type: ProcessPoolEngine}` (worker processes on this host); for a "
+                "manager, remove multi_user: false"))
+            return raw
+        return {**raw, "multi_user": True}
+
     @model_validator(mode="after")
     def _manager_has_no_engine(self) -> EndpointConfig:
         if self.multi_user and "engine" in self.model_fields_set:
             raise ValueError(
                 "multi_user: true runs no tasks itself, so it takes no engine section: move it "
                 f"into {USER_CONFIG_TEMPLATE}, which configures each user endpoint")
+        if not self.multi_user:
+            for key in MANAGER_KEYS:
+                if key in self.model_fields_set:
+                    problems.error(key, (
+                        "applies only to a multi-user endpoint's manager (a config.yaml without "
+                        "an engine section), and this endpoint has an engine section: remove "
+                        f"{key}, or make this a manager by moving the engine section into "
+                        f"{USER_CONFIG_TEMPLATE}"))
+        else:
+            self._warn_globus_manager_keys()
         return self
+
+    def _warn_globus_manager_keys(self) -> None:
+        """One warning for each Globus Compute manager key farcall takes but does not act on."""
+        if self.public:
+            problems.warn("public", (
+                "farcall lists an endpoint only to its owner and the users it is shared with; "
+                "the manager stays unlisted to others. Share it with each user who may use it "
+                "(Client.share_endpoint(endpoint_id, username))"))
+        if self.pam is not None and self.pam.enable:
+            problems.warn("pam", (
+                f"farcall opens no PAM session (service {self.pam.service_name!r}) for a user "
+                "endpoint: the manager starts it with setresgid/initgroups/setresuid, a cleared "
+                f"environment and {USER_ENVIRONMENT}'s variables, and PAM's account checks and "
+                "limits are not applied; refuse an account in the identity mapping instead"))
+        if self.mu_child_ep_grace_period_s is not None:
+            problems.warn("mu_child_ep_grace_period_s", (
+                "farcall keeps no start request: the broker asks the manager again while tasks "
+                "wait for a user endpoint that is not connected (every "
+                "FARCALL_USER_ENDPOINT_START_SECONDS), so a start that arrives as a user "
+                "endpoint stops is repeated"))
+        if self.email is not None:
+            problems.warn("email", (
+                "farcall publishes no contact address: users see the endpoint's display_name "
+                "and its owner (shared_by in Client.get_endpoints()); name a contact in "
+                "display_name if they need one"))
+        if self.force_mu_allow_same_user:
+            problems.warn("force_mu_allow_same_user", (
+                "a manager running as root never starts a user endpoint as root or as its own "
+                "account: a user mapped to either gets UserEndpointError. A manager run by an "
+                "ordinary account starts its owner's user endpoints as that account without "
+                "this key (docs/multi-user.md)"))
 
     @field_validator("engine")
     @classmethod

@@ -30,7 +30,8 @@ def manager_config(name: str, broker_url: str | None) -> str:
 # Written by `farcall-endpoint configure {name} --multi-user`. Edit it and the files beside it
 # (docs/multi-user.md), try the template with
 #   farcall-endpoint render-user-config {name} --user-config '{{"max_workers": 2}}' --user SOMEONE
-# then run `farcall-endpoint start {name}` as root. Unknown keys are errors.
+# then run `farcall-endpoint start {name}` as root (run by an ordinary account, it serves
+# only its owner, as that account). Unknown keys are errors.
 
 # Name shown to users in Client.get_endpoints().
 display_name: {name}
@@ -46,7 +47,8 @@ heartbeat_period: 10
 # On stop: seconds to let the user endpoints' running tasks finish.
 stop_timeout: 10
 
-# This endpoint is a manager: it runs no task itself (so it has no engine section).
+# This endpoint is a manager: it runs no task itself, so it has no engine section (as in
+# Globus Compute, a config.yaml without one is a manager's even without this key).
 # For each user who submits to it, it maps the user to a local account
 # ({IDENTITY_MAPPING}), renders {USER_CONFIG_TEMPLATE} with the values
 # the user sends (checked against {USER_CONFIG_SCHEMA}) and starts a user

@@ -18,3 +18,9 @@ class UserConfigError(EndpointConfigError):
 
     The message says which value (or which line of the template) and why.
     """
+
+
+class OwnerUnknown(EndpointError):
+    """A manager run by an ordinary account serves only its owner, and cannot learn who that
+    is: no token to ask the broker with, the token is not the owner's, or the broker did not
+    answer. The message says which, and what to run."""

@@ -1,13 +1,15 @@
 """Start one user endpoint as its user: ``python -m farcall.endpoint.multiuser.launch --spec-fd N``.
 
-The manager runs this as root, with only the fds it passes (the spec's pipe, the events pipe)
-and a minimal environment. In this order, and aborting at the first thing that fails:
+The manager runs this as root (or as its own ordinary account, for its owner), with only the
+fds it passes (the spec's pipe, the events pipe) and a minimal environment. In this order, and
+aborting at the first thing that fails:
 
 1. read the ``LaunchSpec`` (JSON, the credential in it) from the pipe ``--spec-fd``: the
    credential is never on a command line nor in a file anyone else can read;
-2. drop to the user for good: ``setresgid``, ``initgroups``, ``setresuid`` (groups before the
-   uid, which would forbid changing them after), then prove root cannot be regained
-   (``setuid(0)`` and ``setresuid(0, 0, 0)`` must fail with ``PermissionError``);
+2. become the user for good (``become``): from root, ``setresgid``, ``initgroups``,
+   ``setresuid`` (groups before the uid, which would forbid changing them after); when the user
+   is already this process's own ordinary account, nothing changes. Then prove root cannot be
+   (re)gained (``setuid(0)`` and ``setresuid(0, 0, 0)`` must fail with ``PermissionError``);
 3. ask for SIGTERM when the manager dies (so no user endpoint outlives it), umask 0077,
    an environment of the administrator's ``user_environment.yaml`` and HOME, USER, LOGNAME,
    SHELL, PATH only, the user's home as working directory;
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from farcall.endpoint.config import CONFIG_FILE
 from farcall.endpoint.multiuser.events import EVENTS_FD_VARIABLE
+from farcall.endpoint.multiuser.privileges import USER_CHANGE, effective_capabilities
 from farcall.endpoint.registration import Registration, save_registration
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -83,17 +86,45 @@ def drop_privileges(name: str, uid: int, gid: int) -> None:
     os.setresgid(gid, gid, gid)
     os.initgroups(name, gid)
     os.setresuid(uid, uid, uid)
+    _prove_no_root(uid, "after dropping to")
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise LaunchError(f"after the privilege drop the ids are uid {os.getresuid()} gid "
+                          f"{os.getresgid()}, not {uid}/{gid}: the user endpoint is not started")
+
+
+def stay_as_self(uid: int) -> None:
+    """The user endpoint of a manager run by an ordinary account runs as that account: check that
+    this process is it, with no way to another (no ``CAP_SETUID``/``CAP_SETGID``, a saved uid
+    that is its own, ``setuid(0)`` refused); ``LaunchError`` otherwise."""
+    if uid == 0 or os.getresuid() != (uid, uid, uid):
+        raise LaunchError(f"asked to run a user endpoint as this process's own account (uid "
+                          f"{uid}), but its ids are {os.getresuid()}: not started")
+    if effective_capabilities() & USER_CHANGE:
+        raise LaunchError(f"this process (uid {uid}) may change user (CAP_SETUID/CAP_SETGID), and "
+                          "a manager that may never starts a user endpoint as its own account: "
+                          "not started")
+    _prove_no_root(uid, "as")
+
+
+def become(user: LaunchUser) -> None:
+    """Drop to ``user`` from root, or stay when ``user`` is this process's own ordinary account
+    (a manager that cannot change user starts its owner's endpoints so); never ``setresuid`` or
+    ``initgroups`` for the account it already is."""
+    if os.geteuid() != 0 and user.uid == os.getuid():
+        stay_as_self(user.uid)
+    else:
+        drop_privileges(user.name, user.uid, user.gid)
+
+
+def _prove_no_root(uid: int, how: str) -> None:
     for attempt, call in (("setuid(0)", lambda: os.setuid(0)),
                           ("setresuid(0, 0, 0)", lambda: os.setresuid(0, 0, 0))):
         try:
             call()
         except PermissionError:
             continue
-        raise LaunchError(f"{attempt} succeeded after dropping to uid {uid}: the privilege drop "
-                          "did not hold, so the user endpoint is not started")
-    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
-        raise LaunchError(f"after the privilege drop the ids are uid {os.getresuid()} gid "
-                          f"{os.getresgid()}, not {uid}/{gid}: the user endpoint is not started")
+        raise LaunchError(f"{attempt} succeeded {how} uid {uid}: the privilege drop did not hold, "
+                          "so the user endpoint is not started")
 
 
 def die_with_parent(manager_pid: int) -> None:
@@ -152,7 +183,7 @@ def read_spec(fd: int) -> LaunchSpec:
 def launch(spec: LaunchSpec, python: str = sys.executable) -> None:
     """Steps 2 to 5 of this module's docstring; returns only by raising."""
     user = spec.user
-    drop_privileges(user.name, user.uid, user.gid)
+    become(user)
     die_with_parent(spec.manager_pid)
     os.umask(0o077)
     env = user_environment(spec, python)

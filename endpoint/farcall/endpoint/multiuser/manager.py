@@ -5,11 +5,13 @@ The manager is an agent that runs no task (``ManagerEngine``) and says in its
 ``StartUserEndpoint`` the broker sends it (tasks wait in that user endpoint's own queue):
 
 - a user endpoint of that id already running: nothing to do;
-- otherwise it maps the user's identities (``identity_mapping.json``, re-read when it changes),
-  looks the account up, refuses uid 0 and its own uid, checks the values against the schema,
-  renders ``user_config_template.yaml.j2`` and starts the user endpoint as that account
-  (``launch.py``: privileges dropped, credential on a pipe, an ordinary agent that stops after
-  ``user_endpoint_idle_seconds`` idle);
+- otherwise, run as root (``privileges.py``), it maps the user's identities
+  (``identity_mapping.json``, re-read when it changes), looks the account up, refuses uid 0 and
+  its own uid; run by an ordinary account, it takes only its owner (``owner.py``) and runs them
+  as its own account, with no identity mapping, as Globus Compute does. Then it checks the
+  values against the schema, renders ``user_config_template.yaml.j2`` and starts the user
+  endpoint as that account (``launch.py``: privileges dropped when it has them, credential on a
+  pipe, an ordinary agent that stops after ``user_endpoint_idle_seconds`` idle);
 - if any of that fails, it connects as that user endpoint itself (it has the credential) with a
   ``RefusingEngine``, which fails each of its tasks at once with ``IdentityMappingError`` or
   ``UserEndpointError`` saying what the administrator must fix, and stops when idle. The next
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import queue
 import selectors
 import signal
@@ -40,35 +43,49 @@ from typing import Any
 
 import yaml
 
-from farcall.endpoint import daemon, lockdown
+from farcall.endpoint import daemon, lockdown, problems
 from farcall.endpoint.agent import Agent
 from farcall.endpoint.config import (
     IDENTITY_MAPPING,
-    USER_CONFIG_TEMPLATE,
+    USER_ENVIRONMENT,
     EndpointConfig,
     parse_config,
 )
 from farcall.endpoint.embedded import BackgroundAgent
-from farcall.endpoint.engines import engine_class
+from farcall.endpoint.engines import build_engine, engine_class
 from farcall.endpoint.engines.base import Engine, EngineStatus, OnDone, OnStart
 from farcall.endpoint.errors import EndpointConfigError, EndpointError, EndpointRejected
 from farcall.endpoint.multiuser.environment import load_user_environment
+from farcall.endpoint.multiuser.errors import UserConfigError
 from farcall.endpoint.multiuser.events import AuditLog, parse_events
 from farcall.endpoint.multiuser.identity import IdentityMapper, LocalUser, local_user
 from farcall.endpoint.multiuser.launch import LaunchSpec, LaunchUser
+from farcall.endpoint.multiuser.owner import Owner, load_owner, resolve_owner
+from farcall.endpoint.multiuser.privileges import check_privileges
 from farcall.endpoint.multiuser.state import write_user_endpoints
-from farcall.endpoint.multiuser.templates import load_user_config_schema, render_user_config
+from farcall.endpoint.multiuser.templates import (
+    check_user_config,
+    load_user_config_schema,
+    manager_file,
+    render_user_config,
+    template_path,
+)
 from farcall.endpoint.outcomes import failed_result
-from farcall.endpoint.registration import confirm, ensure_registered, refused, stored_credential
+from farcall.endpoint.registration import (
+    confirm,
+    ensure_registered,
+    load_registration,
+    refused,
+    stored_credential,
+)
 from farcall.errors import IdentityMappingError, UserEndpointError
 from farcall.protocol.channel import StartUserEndpoint, TaskMessage, Welcome
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ManagerEngine", "RefusingEngine", "UserEndpointManager", "check_privileges", "start"]
+__all__ = ["ManagerEngine", "RefusingEngine", "UserEndpointManager", "check_manager",
+           "check_privileges", "start"]
 
-CAP_SETGID = 6
-CAP_SETUID = 7
 REFUSAL_IDLE_SECONDS = 5.0
 """A user endpoint answered by the manager (its user could not be mapped) disconnects after this
 long without tasks, so that the next start, with a mapping fixed meanwhile, checks again."""
@@ -79,34 +96,6 @@ STATE_WRITE_PERIOD = 1.0
 LAUNCH_LOGS = "user_endpoints"
 """The manager's directory for the launch's own messages (errors before the user's log exists)."""
 CHILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-# ------------------------------------------------------------------ privileges
-
-
-def _effective_capabilities() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def check_privileges() -> None:
-    """``EndpointError`` unless this process may become other users (root, or CAP_SETUID and
-    CAP_SETGID)."""
-    if os.geteuid() == 0:
-        return
-    caps = _effective_capabilities()
-    if caps & (1 << CAP_SETUID) and caps & (1 << CAP_SETGID):
-        return
-    raise EndpointError(
-        "a multi-user endpoint starts each user's endpoint as that user's own Unix account, so "
-        "its manager must run as root (or with the CAP_SETUID and CAP_SETGID capabilities); "
-        f"this process runs as uid {os.geteuid()} without them. Start it as root (see "
-        "docs/multi-user.md for a systemd unit), or set multi_user: false in config.yaml")
 
 
 # ------------------------------------------------------------------ engines
@@ -222,7 +211,8 @@ class UserEndpointManager:
     docstring). ``request_start`` is the agent's ``on_start_user_endpoint``."""
 
     def __init__(self, name: str, directory: Path, config: EndpointConfig, broker_url: str,
-                 *, endpoint_id: str = "", python: str = sys.executable) -> None:
+                 *, endpoint_id: str = "", python: str = sys.executable,
+                 privileged: bool | None = None, owner: Owner | None = None) -> None:
         self.name = name
         self.endpoint_id = endpoint_id
         """The manager's own id (what an external identity mapping program gets after ``-s``)."""
@@ -230,8 +220,13 @@ class UserEndpointManager:
         self.config = config
         self.broker_url = broker_url
         self.python = python
-        self.mapping_path = Path(config.identity_mapping_config_path or directory / IDENTITY_MAPPING)
-        self.schema = load_user_config_schema(directory)
+        self.privileged = check_privileges() if privileged is None else privileged
+        """Root (or the capabilities): users run as the accounts the identity mapping names.
+        Otherwise only ``owner`` is served, as this process's own account."""
+        self.owner = owner
+        self.mapping_path = manager_file(directory, config.identity_mapping_config_path,
+                                         IDENTITY_MAPPING)
+        self.schema = load_user_config_schema(directory, config)
         self._mapper: IdentityMapper | None = None
         self.audit = AuditLog(Path(config.audit_log_path)) if config.audit_log_path else None
         self._endpoints: dict[str, UserEndpoint] = {}
@@ -252,7 +247,15 @@ class UserEndpointManager:
     def begin(self) -> None:
         """Start the threads that launch and watch user endpoints."""
         (self.directory / LAUNCH_LOGS).mkdir(mode=0o700, exist_ok=True)
-        self.mapper()  # an invalid mapping file stops the start here, saying why
+        if self.privileged:
+            self.mapper()  # an invalid mapping file stops the start here, saying why
+        else:
+            me = own_account()
+            owner = self.owner.username if self.owner else "(unknown: it serves no one)"
+            log.info("multi-user endpoint %s runs as %s (uid %d), which cannot change user: it "
+                     "starts user endpoints as %s for its owner %s only, with no identity "
+                     "mapping (as Globus Compute does); run it as root to serve every user as "
+                     "their own account", self.name, me.name, me.uid, me.name, owner)
         self._watching.set()
         for target, name in ((self._start_loop, "farcall-starts"),
                              (self._watch_loop, "farcall-user-endpoints")):
@@ -360,9 +363,38 @@ class UserEndpointManager:
         self._launch(frame, prepared)
 
     def prepare(self, frame: StartUserEndpoint) -> Prepared:
-        """Map the user, look up the account and render the configuration, or say why not
-        (``IdentityMappingError``, ``UserEndpointError``)."""
+        """Map the user (or, run by an ordinary account, check it is the owner), look up the
+        account and render the configuration, or say why not (``IdentityMappingError``,
+        ``UserEndpointError``)."""
         who = f"{frame.username} ({frame.user_id})" if frame.username else frame.user_id
+        user = self._map(frame, who) if self.privileged else self._owner_account(frame, who)
+        values = frame.user_endpoint_config
+        try:
+            text, _ = render_user_config(self.directory, values, user, self.config)
+            environment = load_user_environment(self.directory)
+            config = self.child_config(text, environment)
+        except EndpointConfigError as e:
+            raise UserEndpointError(
+                f"multi-user endpoint {self.name} cannot start a user endpoint for {who} with "
+                f"user_endpoint_config {json.dumps(values)}: {e}") from None
+        return Prepared(user, config, environment)
+
+    def _owner_account(self, frame: StartUserEndpoint, who: str) -> LocalUser:
+        """This process's account, for the manager's owner alone (the manager cannot change
+        user, so anyone else would run as it)."""
+        me = own_account()
+        if self.owner is None or frame.user_id != self.owner.user_id:
+            owner = f"its owner {self.owner.username}" if self.owner else "its owner"
+            raise UserEndpointError(
+                f"multi-user endpoint {self.name} runs as the ordinary account {me.name}, not as "
+                f"root, so it runs tasks only for {owner}, as {me.name} (as Globus Compute "
+                f"does); user {who} cannot use it. Use an endpoint of your own, or ask its "
+                "administrator to run it as root with an identity mapping, which runs each user "
+                "as their own account (docs/multi-user.md)")
+        return me
+
+    def _map(self, frame: StartUserEndpoint, who: str) -> LocalUser:
+        """The account the identity mapping gives the user, never root or the manager's own."""
         try:
             name = self.mapper().map_identity(frame.identities)
         except Exception as e:  # noqa: BLE001 - an external program may fail in any way
@@ -386,16 +418,7 @@ class UserEndpointManager:
                 f"multi-user endpoint {self.name} maps user {who} to {user.name} (uid {user.uid}),"
                 " and it never runs a user endpoint as root or as its own account. The endpoint's "
                 f"administrator must map this user to their own account in {self.mapping_path}")
-        values = frame.user_endpoint_config
-        try:
-            text, _ = render_user_config(self.directory, values, user, self.config)
-            environment = load_user_environment(self.directory)
-            config = self.child_config(text, environment)
-        except EndpointConfigError as e:
-            raise UserEndpointError(
-                f"multi-user endpoint {self.name} cannot start a user endpoint for {who} with "
-                f"user_endpoint_config {json.dumps(values)}: {e}") from None
-        return Prepared(user, config, environment)
+        return user
 
     def child_config(self, rendered: str, environment: dict[str, str] | None = None) -> str:
         """The user endpoint's ``config.yaml``: the rendered template with what the manager
@@ -410,7 +433,7 @@ class UserEndpointManager:
             raise EndpointConfigError("the rendered template is not a mapping of keys")
         values.update(broker_url=self.broker_url,
                       idle_shutdown_seconds=self.config.user_endpoint_idle_seconds)
-        engine = values.setdefault("engine", {"type": "ProcessPoolEngine"}) if environment else None
+        engine = values.get("engine") if environment else None
         if environment and isinstance(engine, dict):
             options = engine_class(str(engine.get("type", "ProcessPoolEngine"))).Options
             if "worker_env_passthrough" in options.model_fields:
@@ -632,20 +655,105 @@ def _kill_group(pid: int) -> None:
 # ------------------------------------------------------------------ farcall-endpoint start
 
 
+def own_account() -> LocalUser:
+    """The account this process runs as (a uid without a password entry, as in some containers:
+    named by its number, at home in ``$HOME``)."""
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return LocalUser(str(os.getuid()), os.getuid(), os.getgid(),
+                         os.environ.get("HOME") or "/", "/bin/sh")
+    return LocalUser(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+
 def check_manager(name: str, directory: Path, config: EndpointConfig) -> dict[str, str]:
-    """``farcall-endpoint check`` for a manager: load what it would load at start (the identity
-    mapping, the user config template and schema), starting nothing; what it found."""
-    manager = UserEndpointManager(name, directory, config, "http://127.0.0.1", endpoint_id="")
-    return {"engine": ManagerEngine().name,
-            "user endpoints": f"rendered from {USER_CONFIG_TEMPLATE} for each user",
-            "schema": "yes" if manager.schema else "none"}
+    """``farcall-endpoint check`` for a manager: what ``start`` would load, starting nothing.
+
+    Run as root: the identity mapping. Always: the schema, ``user_environment.yaml``, and the
+    template rendered for this account with the schema's defaults (no values without a schema),
+    the result checked as a user endpoint's ``config.yaml`` and its engine built with
+    ``prepare()``. Each problem is recorded (``problems.error``), so all are reported together;
+    what was found is returned.
+    """
+    built = {"engine": ManagerEngine().name}
+    try:
+        privileged = check_privileges()
+    except EndpointError as e:
+        problems.error("", str(e))
+        privileged = True
+    me = own_account()
+    mapping = manager_file(directory, config.identity_mapping_config_path, IDENTITY_MAPPING)
+    if privileged:
+        built["runs user endpoints as"] = "the accounts the identity mapping gives"
+        try:
+            IdentityMapper(mapping)
+            built["identity mapping"] = str(mapping)
+        except EndpointConfigError as e:
+            problems.error("identity_mapping_config_path", str(e))
+    else:
+        built["runs user endpoints as"] = f"{me.name} (uid {me.uid}), for its owner only"
+        if config.identity_mapping_config_path:
+            problems.warn("identity_mapping_config_path", (
+                f"this manager runs as the ordinary account {me.name}, not as root, so it maps "
+                f"no identity and {mapping} is not read: it runs its owner's tasks only, as "
+                f"{me.name}. Run it as root for the identity mapping to apply"))
+    schema: dict[str, Any] | None = None
+    try:
+        schema = load_user_config_schema(directory, config)
+        built["schema"] = "none" if schema is None else "yes"
+        usable = True
+    except EndpointConfigError as e:
+        problems.error("user_config_schema_path", str(e))
+        usable = False
+    try:
+        load_user_environment(directory)
+    except EndpointConfigError as e:
+        problems.error(USER_ENVIRONMENT, str(e))
+    _check_template(directory, config, schema if usable else None, me, built)
+    return built
+
+
+def _check_template(directory: Path, config: EndpointConfig, schema: dict[str, Any] | None,
+                    user: LocalUser, built: dict[str, str]) -> None:
+    """Render the template for ``user`` with the schema's defaults (none without a usable
+    schema) and build its engine."""
+    path = template_path(directory, config)
+    built["user endpoints"] = f"rendered from {path}"
+    properties = (schema or {}).get("properties")
+    values = {key: spec["default"] for key, spec in (properties or {}).items()
+              if isinstance(spec, dict) and "default" in spec}
+    try:
+        check_user_config(schema, values)
+    except UserConfigError as e:
+        built["user endpoints"] += (f"; not rendered here: with no values sent, {e}. Try it with "
+                                    "values: farcall-endpoint render-user-config")
+        return
+    try:
+        _, rendered = render_user_config(directory, values, user, config, values_checked=True)
+        spec = rendered.engine_spec(directory)
+        made = build_engine(spec).prepare()
+    except EndpointConfigError as e:
+        problems.error("user_config_template_path", str(e))
+        return
+    for warning in rendered.warnings:
+        problems.warn(f"{path.name}: {warning.key}", warning.message)
+    shown = ", ".join(f"{k} {v}" for k, v in made.items())
+    built["user endpoints"] += f" ({shown}, for {user.name} with "
+    built["user endpoints"] += (f"{json.dumps(values)})" if values else "no values)")
 
 
 def start(name: str, directory: Path, config: EndpointConfig, broker_url: str, *,
           detach: bool = False, wait: float = 60.0, register_again: bool = False) -> int:
-    """``farcall-endpoint start NAME`` for a manager: in the foreground, or as a daemon."""
-    check_privileges()
+    """``farcall-endpoint start NAME`` for a manager: in the foreground, or as a daemon.
+
+    Run by an ordinary account, it learns its owner first (``owner.py``), while the operator's
+    token is still at hand: the detached daemon gets no token once the endpoint is registered.
+    """
+    privileged = check_privileges()
     if detach:
+        stored = load_registration(directory)
+        if not privileged and stored is not None and load_owner(directory, stored.endpoint_id) is None:
+            resolve_owner(directory, broker_url, stored.endpoint_id, name)
         started = daemon.start_detached(name, directory, wait, register_again=register_again)
         state = (f"as pid {started.pid}; not connected to the broker yet" if started.endpoint_id
                  is None else f"({started.endpoint_id}) as pid {started.pid}")
@@ -656,6 +764,8 @@ def start(name: str, directory: Path, config: EndpointConfig, broker_url: str, *
                                                   directory):
         registration = ensure_registered(directory, broker_url, config.display_name or name,
                                          register_again=register_again)
+        owner = None if privileged else resolve_owner(directory, broker_url,
+                                                      registration.endpoint_id, name)
         lockdown.drop_user_token()
 
         def on_welcome(welcome: Welcome) -> None:
@@ -663,7 +773,8 @@ def start(name: str, directory: Path, config: EndpointConfig, broker_url: str, *
             registration = confirm(directory, registration, welcome.broker_id)
 
         manager = UserEndpointManager(name, directory, config, broker_url,
-                                      endpoint_id=registration.endpoint_id)
+                                      endpoint_id=registration.endpoint_id,
+                                      privileged=privileged, owner=owner)
         agent = Agent(
             broker_url, registration.endpoint_id, registration.credential, ManagerEngine(),
             heartbeat_period=config.heartbeat_period, stop_timeout=config.stop_timeout,

@@ -2,7 +2,8 @@
 
 ``user_config_schema.json`` (a JSON Schema) says which values a user may send; the broker
 checks it at submission and the manager again here. ``user_config_template.yaml.j2`` is a
-Jinja2 template rendered with those values, under these rules:
+Jinja2 template rendered with those values (both files beside the manager's ``config.yaml``
+unless ``user_config_schema_path`` / ``user_config_template_path`` say where), under these rules:
 
 - Sandboxed (``ImmutableSandboxedEnvironment``): a template cannot reach Python internals
   (``''.__class__`` and the like is an error) nor change the values it is given.
@@ -18,8 +19,9 @@ Jinja2 template rendered with those values, under these rules:
   default, ``{{ partition | default("debug") }}``.
 - The manager sets ``RESERVED_NAMES`` (the local account and its own config); a user value with
   one of these names is refused.
-- The rendered file must be a valid single-user ``config.yaml`` that leaves ``FIXED_KEYS`` to
-  the manager.
+- The rendered file must be a valid single-user ``config.yaml``, with an ``engine`` section
+  (without one a config is a manager's), that leaves ``FIXED_KEYS`` to the manager and
+  ``MANAGER_KEYS`` to the manager's own config.
 """
 
 from __future__ import annotations
@@ -44,13 +46,20 @@ from jinja2 import (
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
 
-from farcall.endpoint.config import USER_CONFIG_SCHEMA, USER_CONFIG_TEMPLATE, EndpointConfig
-from farcall.endpoint.errors import EndpointConfigError, format_validation_error
+from farcall.endpoint import problems
+from farcall.endpoint.config import (
+    MANAGER_KEYS,
+    USER_CONFIG_SCHEMA,
+    USER_CONFIG_TEMPLATE,
+    EndpointConfig,
+)
+from farcall.endpoint.errors import EndpointConfigError, validation_problems
 from farcall.endpoint.multiuser.errors import UserConfigError
 from farcall.endpoint.multiuser.identity import LocalUser
 
 __all__ = ["FIXED_KEYS", "RESERVED_NAMES", "UserConfigError", "check_user_config",
-           "load_user_config_schema", "render_user_config", "shell_escape", "yaml_value"]
+           "load_user_config_schema", "manager_file", "render_user_config", "schema_path",
+           "shell_escape", "template_path", "yaml_value"]
 
 RESERVED_NAMES = {
     "local_user": "the local account's name",
@@ -72,16 +81,41 @@ SCHEMA_ROOT = "user_endpoint_config"
 # ------------------------------------------------------------------ the schema
 
 
-def load_user_config_schema(directory: Path) -> dict[str, Any] | None:
-    """``user_config_schema.json`` in ``directory``, checked as a JSON Schema; None if absent.
+def manager_file(directory: Path, configured: str | None, default: str) -> Path:
+    """Where a manager reads one of its files: the configured path (``~`` expanded; a relative
+    one is taken from the endpoint's ``directory``), else ``default`` beside ``config.yaml``."""
+    return Path(directory) / (Path(configured).expanduser() if configured else Path(default))
 
-    The schema's ``$schema`` picks the draft (default 2020-12). An invalid schema is an
-    ``EndpointConfigError`` naming the file.
+
+def template_path(directory: Path, config: EndpointConfig | None = None) -> Path:
+    """The user config template: ``user_config_template_path``, else the file beside config.yaml."""
+    return manager_file(directory, config.user_config_template_path if config else None,
+                        USER_CONFIG_TEMPLATE)
+
+
+def schema_path(directory: Path, config: EndpointConfig | None = None) -> Path:
+    """The user config schema: ``user_config_schema_path``, else the file beside config.yaml."""
+    return manager_file(directory, config.user_config_schema_path if config else None,
+                        USER_CONFIG_SCHEMA)
+
+
+def load_user_config_schema(directory: Path,
+                            config: EndpointConfig | None = None) -> dict[str, Any] | None:
+    """The manager's user config schema (``schema_path``), checked as a JSON Schema; None when
+    the default file is absent. A ``user_config_schema_path`` that names no file, or an invalid
+    schema, is an ``EndpointConfigError`` naming the file.
+
+    The schema's ``$schema`` picks the draft (default 2020-12).
     """
-    path = Path(directory) / USER_CONFIG_SCHEMA
+    path = schema_path(directory, config)
     try:
         text = path.read_text()
     except FileNotFoundError:
+        if config is not None and config.user_config_schema_path:
+            raise EndpointConfigError(
+                f"user_config_schema_path: {path} does not exist: write the JSON Schema of the "
+                "values users may send there, or remove the key (then "
+                f"{USER_CONFIG_SCHEMA} beside config.yaml is read, if present)") from None
         return None
     except OSError as e:
         raise EndpointConfigError(f"{path}: cannot be read: {e}") from None
@@ -222,33 +256,38 @@ def _template_variables(values: dict[str, Any], user: LocalUser,
 
 
 def render_user_config(directory: Path, values: dict[str, Any], user: LocalUser,
-                       parent: EndpointConfig) -> tuple[str, EndpointConfig]:
+                       parent: EndpointConfig, *,
+                       values_checked: bool = False) -> tuple[str, EndpointConfig]:
     """The user endpoint's ``config.yaml`` text for ``user`` and ``values``, and its parsed
     config; ``UserConfigError`` says which value, or which line of the template, and why.
 
-    ``values`` are checked against the schema in ``directory`` first (as the broker did).
+    The template and schema are the manager's (``parent``'s ``user_config_template_path`` and
+    ``user_config_schema_path``, else the files in ``directory``); ``values`` are checked
+    against the schema first (as the broker did), unless the caller did (``values_checked``).
     """
     directory = Path(directory)
-    check_user_config(load_user_config_schema(directory), values)
-    template_path = directory / USER_CONFIG_TEMPLATE
-    env = _environment(directory)
+    if not values_checked:
+        check_user_config(load_user_config_schema(directory, parent), values)
+    path = template_path(directory, parent)
+    env = _environment(path.parent)
     try:
-        template = env.get_template(USER_CONFIG_TEMPLATE)
+        template = env.get_template(path.name)
         text = template.render(_template_variables(values, user, parent))
     except TemplateNotFound:
-        raise UserConfigError(f"{template_path} does not exist: write the user endpoint's "
+        where = ("user_config_template_path: " if parent.user_config_template_path else "")
+        raise UserConfigError(f"{where}{path} does not exist: write the user endpoint's "
                               "config template there (see docs/multi-user.md)") from None
     except TemplateSyntaxError as e:
-        raise UserConfigError(f"{e.filename or template_path}, line {e.lineno}: {e.message}") from None
+        raise UserConfigError(f"{e.filename or path}, line {e.lineno}: {e.message}") from None
     except Exception as e:  # the template's own code failed: name its line
-        line = _template_line(sys.exc_info()[2], str(template_path))
-        where = f"{template_path}" + (f", line {line}" if line else "")
+        line = _template_line(sys.exc_info()[2], str(path))
+        where = f"{path}" + (f", line {line}" if line else "")
         hint = ""
         if isinstance(e, UndefinedError) and "unsafe" not in str(e):
             hint = (": the template uses a value that was not sent; make the schema require it, "
                     "or give it a default in the template ({{ name | default(...) }})")
         raise UserConfigError(f"{where}: {e}{hint}") from None
-    return text, parse_user_config(text, str(template_path))
+    return text, parse_user_config(text, str(path))
 
 
 def parse_user_config(text: str, source: str) -> EndpointConfig:
@@ -279,11 +318,30 @@ def parse_user_config(text: str, source: str) -> EndpointConfig:
             f"{source} sets {', '.join(fixed)}, which the multi-user endpoint's manager sets on "
             "every user endpoint: remove it from the template (the manager's own config.yaml "
             "holds broker_url and the idle time)")
-    try:
-        return EndpointConfig.model_validate(raw)
-    except ValidationError as e:
-        valid = [k for k in EndpointConfig.model_fields if k not in FIXED_KEYS]
+    manager_only = [k for k in MANAGER_KEYS if k in raw]
+    if manager_only:
+        raise UserConfigError(
+            f"{source} sets {', '.join(manager_only)}, which apply to the multi-user endpoint's "
+            "manager only: set them in the manager's config.yaml, not in the template")
+    with problems.collecting(problems.Report()) as report:
+        if "engine" not in raw:
+            report.error("engine", (
+                "missing: a user endpoint runs its user's tasks with an engine section (without "
+                "one, a config.yaml is a manager's, as in Globus Compute); add one to the "
+                "template, for example `engine: {type: ProcessPoolEngine}`"))
+        config = None
+        try:
+            config = EndpointConfig.model_validate(raw)
+        except ValidationError as e:
+            valid = [k for k in EndpointConfig.model_fields
+                     if k not in FIXED_KEYS and k not in MANAGER_KEYS]
+            for problem in validation_problems(e, "", valid):
+                report.error(problem.key, problem.message)
+        except EndpointConfigError as e:
+            report.error("", str(e))
+    if report.errors:
         raise UserConfigError(f"{source} rendered an invalid config: "
-                              f"{format_validation_error(e, '', valid)}") from None
-    except EndpointConfigError as e:
-        raise UserConfigError(f"{source} rendered an invalid config: {e}") from None
+                              + "; ".join(str(p) for p in report.errors))
+    assert config is not None
+    config._warnings = list(report.warnings)
+    return config
