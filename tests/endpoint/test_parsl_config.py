@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,15 @@ def test_the_listening_ports_helper_sees_a_listener() -> None:
         assert sock.getsockname()[1] in _listening_ports()
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("worker_init", [None, "", "  "])
+def test_a_blank_worker_init_puts_this_environment_on_path(worker_init: str | None) -> None:
+    """A Globus Compute template's ``{{ worker_init|default() }}`` renders blank: the job
+    still finds the worker pool of the endpoint's environment."""
+    from farcall.endpoint.engines.parsl_components import build_provider
+
+    provider = build_provider({"type": "LocalProvider", "worker_init": worker_init})
+    assert provider.worker_init == f"export PATH={Path(sys.executable).parent}:$PATH"
+    own = build_provider({"type": "LocalProvider", "worker_init": "module load x"})
+    assert own.worker_init == "module load x"

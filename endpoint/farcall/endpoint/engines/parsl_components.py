@@ -168,8 +168,9 @@ def build_launcher(spec: Mapping[str, Any]) -> Any:
 def build_provider(spec: Mapping[str, Any]) -> Any:
     """The provider (with its launcher) a checked ``engine.provider`` section describes.
 
-    Without a ``worker_init`` of its own, the job puts this interpreter's bin/ first on PATH,
-    where HTEX looks for its worker pool. ``EndpointConfigError`` says what to install (a
+    Without a ``worker_init`` of its own (absent, null or blank, as a Globus Compute template's
+    ``{{ worker_init|default() }}`` renders it), the job puts this interpreter's bin/ first on
+    PATH, where HTEX looks for its worker pool. ``EndpointConfigError`` says what to install (a
     missing package) or to write (a missing Kubernetes config, a refused value).
     """
     options = dict(spec)
@@ -177,7 +178,7 @@ def build_provider(spec: Mapping[str, Any]) -> Any:
     cls = component_class("provider", type_name)
     if (missing := missing_packages(type_name)) is not None:
         raise EndpointConfigError(f"{PROVIDER_KEY}.type: {missing}")
-    if "worker_init" in signature_keys(cls) and "worker_init" not in options:
+    if "worker_init" in signature_keys(cls) and not str(options.get("worker_init") or "").strip():
         options["worker_init"] = f"export PATH={Path(sys.executable).parent}:$PATH"
     if isinstance(options.get("launcher"), Mapping):
         options["launcher"] = build_launcher(options["launcher"])
