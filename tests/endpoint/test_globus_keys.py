@@ -85,6 +85,7 @@ def test_without_retries_a_lost_worker_fails_its_task(engines: Callable[..., Eng
         value_of(run(engine, die_once, str(tmp_path / "died")))
 
 
+@pytest.mark.slow
 def test_the_parsl_engine_runs_a_lost_task_again_and_names_its_run_dir_by_label(
     engines: Callable[..., Engine], tmp_path: Path
 ) -> None:
