@@ -409,6 +409,8 @@ MATRIX: dict[tuple[str, str], Row] = {
         Row(_fixed("/v1/endpoints/{endpoint}/sharing"), OWNER_ONLY, _sharing_check),
     ("POST", "/v1/endpoints/{endpoint_id}/credential"):
         Row(_fresh_endpoint("/credential"), OWNER_ONLY),
+    ("POST", "/v1/endpoints/{endpoint_id}/stop"):
+        Row(_fresh_endpoint("/stop"), OWNER_ONLY),
     ("POST", "/v1/endpoints/{endpoint_id}/leave"):
         Row(_fresh_endpoint("/leave"), LEAVE, _left_by_the_shared_user_only),
     ("DELETE", "/v1/endpoints/{endpoint_id}"): Row(_fresh_endpoint(""), OWNER_ONLY,
