@@ -323,3 +323,27 @@ def test_the_schema_s_own_draft_is_used(tmp_path: Path) -> None:
         "$schema": "https://json-schema.org/draft/2020-12/schema"}))
     with pytest.raises(EndpointConfigError, match="not a valid JSON Schema"):
         load_user_config_schema(tmp_path)
+
+
+def test_a_globus_compute_template_s_gc_variables_render(tmp_path: Path) -> None:
+    """A Globus Compute template reads the account through ``_GC.mapped_identity`` (or its
+    older top-level name) and the manager's config through ``_GC.parent_config``: it renders
+    unchanged, with the same facts as farcall's own names."""
+    root = LocalUser("root", 0, 0, "/root", "/bin/sh")
+    directory = site(tmp_path, """\
+display_name: {{ _GC.mapped_identity.local.uname ~ "@" ~ _GC.parent_config.display_name }}
+endpoint_setup: {{ "cd " ~ mapped_identity.local.dir ~ " && id -u " ~ _GC.mapped_identity.local.uid }}
+engine:
+  type: ProcessPoolEngine
+  max_workers: {{ _GC.mapped_identity.local.groups | length }}
+  worker_env:
+    WHO: {{ _GC.mapped_identity.globus.id }}
+    SHELL_OF_USER: {{ _GC.mapped_identity.local.shell }}
+    RUNTIME: {{ _GC.user_runtime.python_version | default("unknown") }}
+""")
+    _, config = render_user_config(directory, {}, root, PARENT, identity="user-7")
+    assert config.display_name == "root@site"
+    assert config.endpoint_setup == "cd /root && id -u 0"
+    assert config.engine["max_workers"] >= 1  # root's groups, from the password database
+    assert config.engine["worker_env"] == {"WHO": "user-7", "SHELL_OF_USER": "/bin/sh",
+                                           "RUNTIME": "unknown"}

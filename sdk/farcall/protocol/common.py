@@ -125,7 +125,8 @@ def check_resource_specification(spec: dict[str, Any] | None) -> dict[str, Any] 
                           "pass data as arguments, not in the resource specification")
 
 
-RESERVED_USER_CONFIG_NAMES = ("local_user", "local_uid", "local_gid", "local_home", "parent_config")
+RESERVED_USER_CONFIG_NAMES = ("local_user", "local_uid", "local_gid", "local_home", "parent_config",
+                              "_GC", "mapped_identity", "user_runtime")
 """Names a multi-user endpoint's manager gives its template itself (the local account, its own
 configuration): a ``user_endpoint_config`` may not use them."""
 

@@ -370,7 +370,8 @@ class UserEndpointManager:
         user = self._map(frame, who) if self.privileged else self._owner_account(frame, who)
         values = frame.user_endpoint_config
         try:
-            text, _ = render_user_config(self.directory, values, user, self.config)
+            text, _ = render_user_config(self.directory, values, user, self.config,
+                                         identity=frame.user_id)
             environment = load_user_environment(self.directory)
             config = self.child_config(text, environment)
         except EndpointConfigError as e:

@@ -27,6 +27,8 @@ unless ``user_config_schema_path`` / ``user_config_template_path`` say where), u
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import shlex
 import sys
 from pathlib import Path
@@ -67,6 +69,11 @@ RESERVED_NAMES = {
     "local_gid": "its primary gid",
     "local_home": "its home directory",
     "parent_config": "the manager's own config.yaml, as a mapping",
+    "_GC": "Globus Compute's names for the same: _GC.mapped_identity.local.uname, .uid, .gid, "
+           ".dir, .shell, .gecos, .groups, _GC.mapped_identity.globus.id, _GC.parent_config, "
+           "_GC.user_runtime",
+    "mapped_identity": "Globus Compute's older name for _GC.mapped_identity",
+    "user_runtime": "Globus Compute's older name for _GC.user_runtime (empty here)",
 }
 """Template variables the manager sets; a user value may not have these names."""
 FIXED_KEYS = ("broker_url", "multi_user", "identity_mapping_config_path", "audit_log_path",
@@ -249,21 +256,37 @@ def _template_line(tb: TracebackType | None, filename: str) -> int | None:
     return line
 
 
-def _template_variables(values: dict[str, Any], user: LocalUser,
-                        parent: EndpointConfig) -> dict[str, Any]:
+def _template_variables(values: dict[str, Any], user: LocalUser, parent: EndpointConfig,
+                        identity: str) -> dict[str, Any]:
+    """The user's values and the manager's own variables; a Globus Compute template's ``_GC``
+    namespace (and its older top-level names) holds the same facts under Globus Compute's
+    names, so such a template renders unchanged. ``user_runtime`` is empty: the broker does not
+    send the submitter's Python version."""
+    parent_config = parent.model_dump(mode="json")
+    try:
+        record = pwd.getpwnam(user.name)
+        gecos, groups = record.pw_gecos, os.getgrouplist(user.name, user.gid)
+    except (KeyError, OSError):  # not in the password database (a test's made-up account)
+        gecos, groups = "", [user.gid]
+    mapped = {"local": {"uname": user.name, "uid": user.uid, "gid": user.gid, "dir": user.home,
+                        "shell": user.shell, "gecos": gecos, "groups": groups},
+              "globus": {"id": identity}}
     return {**values, "local_user": user.name, "local_uid": user.uid, "local_gid": user.gid,
-            "local_home": user.home, "parent_config": parent.model_dump(mode="json")}
+            "local_home": user.home, "parent_config": parent_config,
+            "_GC": {"mapped_identity": mapped, "parent_config": parent_config, "user_runtime": {}},
+            "mapped_identity": mapped, "user_runtime": {}}
 
 
 def render_user_config(directory: Path, values: dict[str, Any], user: LocalUser,
-                       parent: EndpointConfig, *,
-                       values_checked: bool = False) -> tuple[str, EndpointConfig]:
+                       parent: EndpointConfig, *, values_checked: bool = False,
+                       identity: str = "") -> tuple[str, EndpointConfig]:
     """The user endpoint's ``config.yaml`` text for ``user`` and ``values``, and its parsed
     config; ``UserConfigError`` says which value, or which line of the template, and why.
 
     The template and schema are the manager's (``parent``'s ``user_config_template_path`` and
     ``user_config_schema_path``, else the files in ``directory``); ``values`` are checked
     against the schema first (as the broker did), unless the caller did (``values_checked``).
+    ``identity``: the submitter's identity on the broker (``_GC.mapped_identity.globus.id``).
     """
     directory = Path(directory)
     if not values_checked:
@@ -272,7 +295,7 @@ def render_user_config(directory: Path, values: dict[str, Any], user: LocalUser,
     env = _environment(path.parent)
     try:
         template = env.get_template(path.name)
-        text = template.render(_template_variables(values, user, parent))
+        text = template.render(_template_variables(values, user, parent, identity))
     except TemplateNotFound:
         where = ("user_config_template_path: " if parent.user_config_template_path else "")
         raise UserConfigError(f"{where}{path} does not exist: write the user endpoint's "
