@@ -119,6 +119,9 @@ def test_each_cluster_config_checks_and_builds_its_provider_and_launcher(
         assert f"\n  launcher: {launcher}" in done.stdout
     executor = "MPIExecutor" if raw["engine"]["type"] == "GlobusMPIEngine" else "HighThroughputExecutor"
     assert f"\n  executor: {executor}" in done.stdout
+    engine = raw["engine"]["type"]
+    farcall_engine = {"GlobusComputeEngine": "ParslEngine", "GlobusMPIEngine": "MPIEngine"}[engine]
+    assert f"\n  engine: {engine} (farcall's {farcall_engine})" in done.stdout
     assert kube.requests == [], "check called the Kubernetes API"
 
 

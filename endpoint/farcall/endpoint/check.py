@@ -58,7 +58,11 @@ def check_config(name: str, config: EndpointConfig, directory: Path) -> CheckRep
             else:
                 from farcall.endpoint.engines import build_engine
 
-                built = build_engine(config.engine_spec(directory)).prepare()
+                spec = config.engine_spec(directory)
+                built = build_engine(spec).prepare()
+                named = str(spec.get("type", built.get("engine")))
+                if named != built.get("engine"):  # an alias: GlobusComputeEngine is ParslEngine
+                    built["engine"] = f"{named} (farcall's {built['engine']})"
         except EndpointConfigError as e:
             report.errors.extend(getattr(e, "problems", None) or [problems.Problem("", str(e))])
     report.raise_if_errors(source)
