@@ -11,20 +11,10 @@ from typing import Any
 import psutil
 
 from bench import services
+from farcall.hardware import cpu_model
 
 PACKAGES = ("farcall", "parsl", "celery", "kombu", "redis", "dask", "distributed", "pika", "psutil",
             "uvicorn", "fastapi", "aio-pika", "dill", "cloudpickle")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _version(name: str) -> str | None:

@@ -24,7 +24,7 @@ def hardware_report(title: str = "farcall worker") -> str:
              f"platform: {platform.platform()}",
              f"python: {platform.python_version()} ({platform.python_implementation()})",
              f"cpus: {os.cpu_count()} on the machine, {_usable_cpus()} usable by this task",
-             f"cpu model: {_cpu_model() or platform.processor() or 'unknown'}",
+             f"cpu model: {cpu_model()}",
              f"memory: {_mem_total() or 'unknown'}",
              f"working directory: {os.getcwd()}"]
     for tool in TOOLS:
@@ -46,7 +46,8 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 0
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux's ``/proc/cpuinfo``, else what ``platform`` says)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -54,7 +55,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    return platform.processor() or "unknown"
 
 
 def _mem_total() -> str:
