@@ -11,6 +11,7 @@ import pytest
 from farcall.endpoint.embedded import BackgroundAgent
 from tests.endpoint.fake_broker import FakeBroker
 from tests.endpoint.helpers import Agents
+from tests.endpoint.kube_fake import FakeKubeAPI
 
 
 @pytest.fixture
@@ -35,3 +36,16 @@ def env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARCALL_")}
     env["FARCALL_HOME"] = str(tmp_path / "home")
     return env
+
+
+@pytest.fixture
+def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
+    """A stand-in Kubernetes API server, and this process's kube config pointing at it."""
+    with FakeKubeAPI() as server:
+        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        from kubernetes.config import kube_config
+
+        # The kubernetes package reads KUBECONFIG once, when first imported.
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        yield server

@@ -213,18 +213,6 @@ def test_short_tasks_share_parsl_tasks_and_a_crash_costs_only_its_own(
 # ------------------------------------------------------------------ Kubernetes
 
 
-@pytest.fixture
-def kube_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as server:
-        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        from kubernetes.config import kube_config
-
-        # The kubernetes package reads KUBECONFIG once, when first imported.
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        yield server
-
-
 def test_kubernetes_provider_asks_for_the_configured_pod(
     make_engine: Callable[..., ParslEngine], kube_api: FakeKubeAPI
 ) -> None:

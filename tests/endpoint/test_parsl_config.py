@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,23 +263,12 @@ def test_every_launcher_builds(name: str, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ prepare
 
 
-@pytest.fixture
-def kube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKubeAPI]:
-    with FakeKubeAPI() as server:
-        kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig")
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        from kubernetes.config import kube_config
-
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-        yield server
-
-
 def _listening_ports() -> set[int]:
     return {c.laddr.port for c in psutil.Process().net_connections("inet")
             if c.status == psutil.CONN_LISTEN}
 
 
-def test_prepare_builds_everything_and_starts_nothing(tmp_path: Path, kube: FakeKubeAPI) -> None:
+def test_prepare_builds_everything_and_starts_nothing(tmp_path: Path, kube_api: FakeKubeAPI) -> None:
     engine = build_engine({
         "type": "GlobusComputeEngine", "run_dir": str(tmp_path / "runinfo"),
         "address": {"type": "address_by_route"}, "encrypted": False,
@@ -293,7 +281,7 @@ def test_prepare_builds_everything_and_starts_nothing(tmp_path: Path, kube: Fake
     assert built["provider"].startswith("KubernetesProvider (namespace='science', image='python:3.12'")
     assert "launcher" not in built  # pods start their workers themselves
     assert built["address"].endswith("(address_by_route())")
-    assert kube.requests == []  # no pod asked for
+    assert kube_api.requests == []  # no pod asked for
     assert not (tmp_path / "runinfo").exists()
     assert psutil.Process().children(recursive=True) == children and _listening_ports() == ports
     assert engine.htex is None
